@@ -1,55 +1,316 @@
-"""Datasets as in-memory LightningDataModules: scikit-learn generators with controlled class imbalance."""
+"""Datasets as in-memory LightningDataModules: scikit-learn data with an exact, controlled class imbalance.
+
+Every single-label dataset goes through the same steps: per-class counts from a long-tail profile,
+subsampling to exactly those counts, a stratified train/val/test split, then standardisation fitted on
+the training split only. Batches are slices of whole tensors (no per-item `__getitem__` + collate).
+"""
 
 from __future__ import annotations
+
+import inspect
+import logging
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from sklearn.datasets import make_classification
+from sklearn import datasets as skdata
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 TASKS = ("multiclass", "multilabel", "binary")
+PROFILES = ("exponential", "step")
+SPLITS = ("train", "val", "test")
+
+log = logging.getLogger(__name__)
 
 
-def long_tail_counts(n_max: int, n_classes: int, imbalance_ratio: float, profile: str = "exponential") -> list[int]:
-    """Per-class sample counts with majority:minority = `imbalance_ratio`.
+# --- class counts -------------------------------------------------------------------------------------
 
-    exponential: n_c = n_max * rho^(-c/(C-1)) (the long-tailed-benchmark profile);
-    step: the first half of the classes get n_max, the rest n_max / rho.
+def profile_shares(n_classes: int, imbalance_ratio: float, profile: str = "exponential") -> np.ndarray:
+    """Relative class sizes s_c with s_0 = 1 and s_{C-1} = 1/rho (rho = `imbalance_ratio`).
+
+    exponential: s_c = rho^(-c/(C-1)) (the long-tailed-benchmark profile, e.g. CIFAR-LT);
+    step: s_c = 1 for the first ceil(C/2) classes and 1/rho for the rest. Class 0 is the head.
     """
-    if imbalance_ratio < 1:
+    if not imbalance_ratio >= 1:
         raise ValueError(f"data.imbalance_ratio must be >= 1 (majority:minority), got {imbalance_ratio}")
+    if n_classes < 2:
+        raise ValueError(f"data.n_classes must be >= 2, got {n_classes}")
+    rank = np.arange(n_classes)
     if profile == "exponential":
-        exponents = np.arange(n_classes) / max(n_classes - 1, 1)
-        counts = n_max * float(imbalance_ratio) ** (-exponents)
-    elif profile == "step":
-        counts = np.where(np.arange(n_classes) < (n_classes + 1) // 2, n_max, n_max / imbalance_ratio)
-    else:
-        raise ValueError(f"data.profile must be 'exponential' or 'step', got {profile!r}")
-    return [int(round(c)) for c in counts]
+        return float(imbalance_ratio) ** (-rank / (n_classes - 1))
+    if profile == "step":
+        return np.where(rank < (n_classes + 1) // 2, 1.0, 1.0 / imbalance_ratio)
+    raise ValueError(f"data.profile must be one of {', '.join(PROFILES)}, got {profile!r}")
 
+
+def long_tail_counts(n_max: float, n_classes: int, imbalance_ratio: float,
+                     profile: str = "exponential") -> list[int]:
+    """Per-class counts n_c = round(n_max * s_c), s_c from `profile_shares` (n_{C-1} = n_max / rho)."""
+    return [int(round(n_max * s)) for s in profile_shares(n_classes, imbalance_ratio, profile)]
+
+
+def counts_for_total(n_samples: int, n_classes: int, imbalance_ratio: float, profile: str) -> list[int]:
+    """Long-tail counts summing to about `n_samples`, anchored on the minority count.
+
+    n_min = round(n_samples / (rho * sum_c s_c)) and n_max = rho * n_min, so for an integer ratio the
+    head is exactly rho times the tail: n_0 / n_{C-1} = rho with no rounding error.
+    """
+    _check_positive_int("n_samples", n_samples)
+    shares = profile_shares(n_classes, imbalance_ratio, profile)
+    n_min = max(1, round(n_samples / (imbalance_ratio * shares.sum())))
+    return long_tail_counts(n_min * imbalance_ratio, n_classes, imbalance_ratio, profile)
+
+
+def counts_within(available: np.ndarray, imbalance_ratio: float, profile: str) -> list[int]:
+    """The largest long-tail counts a dataset with `available` samples per class can supply.
+
+    n_min = floor(min_c available_c / (rho * s_c)), n_max = rho * n_min; every n_c <= available_c.
+    """
+    shares = profile_shares(len(available), imbalance_ratio, profile)
+    n_min = int(np.floor(np.min(available / (imbalance_ratio * shares)) + 1e-9))
+    return long_tail_counts(n_min * imbalance_ratio, len(available), imbalance_ratio, profile)
+
+
+def check_min_count(counts: list[int], min_class_samples: int, imbalance_ratio: float) -> None:
+    """Refuse counts that leave a class with fewer than `min_class_samples` samples."""
+    _check_positive_int("min_class_samples", min_class_samples)
+    rarest = len(counts) - 1 - int(np.argmin(counts[::-1]))  # on ties, the tail class
+    if counts[rarest] < min_class_samples:
+        raise ValueError(
+            f"data.imbalance_ratio={imbalance_ratio} leaves class {rarest} with {counts[rarest]} samples, "
+            f"fewer than data.min_class_samples={min_class_samples}; lower the ratio or add samples "
+            f"(counts: {counts})")
+
+
+def subsample(y: np.ndarray, counts: list[int], rng: np.random.Generator) -> np.ndarray:
+    """Indices of exactly counts[c] rows of class c, drawn without replacement."""
+    return np.concatenate([rng.choice(np.flatnonzero(y == c), size=n, replace=False)
+                           for c, n in enumerate(counts)])
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
+
+
+# --- dataset builders: each returns (x, y) as numpy arrays ---------------------------------------------
+
+def classification(n_samples: int = 3000, n_features: int = 20, n_informative: int = 10, n_classes: int = 5,
+                   n_clusters_per_class: int = 2, class_sep: float = 1.0, imbalance_ratio: float = 10.0,
+                   profile: str = "exponential", min_class_samples: int = 10, seed: int = 0):
+    """sklearn's make_classification, subsampled to exact long-tail counts (`counts_for_total`).
+
+    No labels are flipped here (sklearn's flip_y would silently change the class proportions); label
+    noise is the separate, explicit `label_noise` of `build_datamodule`.
+    """
+    for name, value in (("n_features", n_features), ("n_informative", n_informative),
+                        ("n_clusters_per_class", n_clusters_per_class)):
+        _check_positive_int(name, value)
+    if n_informative > n_features:
+        raise ValueError(f"data.n_informative={n_informative} must be <= data.n_features={n_features}")
+    if n_classes * n_clusters_per_class > 2 ** n_informative:
+        raise ValueError(
+            f"data.n_classes * data.n_clusters_per_class = {n_classes} * {n_clusters_per_class} must be <= "
+            f"2**data.n_informative = {2 ** n_informative} (one hypercube vertex per cluster)")
+    counts = counts_for_total(n_samples, n_classes, imbalance_ratio, profile)
+    check_min_count(counts, min_class_samples, imbalance_ratio)
+    x, y = skdata.make_classification(
+        n_samples=max(counts) * n_classes, n_features=n_features, n_informative=n_informative, n_redundant=0,
+        n_classes=n_classes, n_clusters_per_class=n_clusters_per_class, class_sep=class_sep, flip_y=0.0,
+        random_state=seed)
+    keep = subsample(y, counts, np.random.default_rng(seed))
+    return x[keep], y[keep]
+
+
+def moons(n_samples: int = 1000, noise: float = 0.2, imbalance_ratio: float = 10.0,
+          min_class_samples: int = 10, seed: int = 0):
+    """Two interleaved half-circles in 2-D (class 0 the upper moon, the head), counts n_0 = rho * n_1."""
+    counts = counts_for_total(n_samples, 2, imbalance_ratio, "exponential")
+    check_min_count(counts, min_class_samples, imbalance_ratio)
+    return skdata.make_moons(n_samples=tuple(counts), noise=noise, random_state=seed)
+
+
+def circles(n_samples: int = 1000, noise: float = 0.1, factor: float = 0.5, imbalance_ratio: float = 10.0,
+            min_class_samples: int = 10, seed: int = 0):
+    """Two concentric circles in 2-D (class 0 the outer one, the head), counts n_0 = rho * n_1."""
+    if not 0 < factor < 1:
+        raise ValueError(f"data.factor (inner/outer radius) must be in (0, 1), got {factor}")
+    counts = counts_for_total(n_samples, 2, imbalance_ratio, "exponential")
+    check_min_count(counts, min_class_samples, imbalance_ratio)
+    return skdata.make_circles(n_samples=tuple(counts), noise=noise, factor=factor, random_state=seed)
+
+
+def blobs(n_samples: int = 1500, n_classes: int = 4, n_features: int = 2, cluster_std: float = 1.5,
+          imbalance_ratio: float = 10.0, profile: str = "exponential", counts: list[int] | None = None,
+          min_class_samples: int = 10, seed: int = 0):
+    """Isotropic Gaussian blobs, one per class, with per-class counts.
+
+    The counts are `counts` when given (n_samples, imbalance_ratio and profile are then unused),
+    otherwise the long-tail profile of `counts_for_total`.
+    """
+    _check_positive_int("n_features", n_features)
+    if counts is None:
+        counts = counts_for_total(n_samples, n_classes, imbalance_ratio, profile)
+    else:
+        counts = list(counts)
+        for c, n in enumerate(counts):
+            _check_positive_int(f"counts[{c}]", n)
+        if len(counts) < 2:
+            raise ValueError(f"data.counts needs one count per class for >= 2 classes, got {counts}")
+    check_min_count(counts, min_class_samples, imbalance_ratio)
+    return skdata.make_blobs(n_samples=counts, n_features=n_features, cluster_std=cluster_std,
+                             random_state=seed)
+
+
+def multilabel(n_samples: int = 2000, n_features: int = 20, n_classes: int = 8, n_labels: int = 2,
+               min_class_samples: int = 50, seed: int = 0):
+    """sklearn's make_multilabel_classification: `n_classes` labels, `n_labels` of them on average per sample.
+
+    The generator draws each label's prior at random, so label frequencies are naturally unequal; a draw
+    leaving a label with fewer than `min_class_samples` positives or negatives is redrawn from the same
+    seeded stream (deterministic per seed) so that every split can see both values of every label.
+    """
+    for name, value in (("n_samples", n_samples), ("n_features", n_features), ("n_labels", n_labels)):
+        _check_positive_int(name, value)
+    _check_positive_int("min_class_samples", min_class_samples)
+    if not 2 <= n_classes:
+        raise ValueError(f"data.n_classes (number of labels) must be >= 2, got {n_classes}")
+    if n_labels >= n_classes:
+        raise ValueError(f"data.n_labels (mean labels per sample) must be < data.n_classes={n_classes}, "
+                         f"got {n_labels}")
+    if 2 * min_class_samples > n_samples:
+        raise ValueError(f"data.n_samples={n_samples} cannot give every label data.min_class_samples="
+                         f"{min_class_samples} positives and as many negatives")
+    stream = np.random.RandomState(seed)
+    for _ in range(100):
+        x, y = skdata.make_multilabel_classification(
+            n_samples=n_samples, n_features=n_features, n_classes=n_classes, n_labels=n_labels,
+            allow_unlabeled=False, random_state=stream)
+        positives = y.sum(0)
+        if min(positives.min(), (n_samples - positives).min()) >= min_class_samples:
+            return x, y
+    raise ValueError(f"100 draws of {n_classes} labels over data.n_samples={n_samples} all left a label "
+                     f"with fewer than data.min_class_samples={min_class_samples} positives or negatives; "
+                     "use more samples, fewer labels or a lower minimum")
+
+
+def _bundled(loader):
+    def build(imbalance_ratio: float = 10.0, profile: str = "exponential", min_class_samples: int = 10,
+              seed: int = 0):
+        x, y = loader(return_X_y=True)
+        counts = counts_within(np.bincount(y), imbalance_ratio, profile)
+        check_min_count(counts, min_class_samples, imbalance_ratio)
+        keep = subsample(y, counts, np.random.default_rng(seed))
+        return x[keep], y[keep]
+
+    build.__name__ = loader.__name__.removeprefix("load_")
+    build.__doc__ = (f"scikit-learn's bundled `{build.__name__}` data (no download), subsampled to the "
+                     "largest long-tail counts it can supply (`counts_within`); class 0 is the head.")
+    return build
+
+
+DATASETS = {
+    "classification": (classification, "multiclass"),
+    "moons": (moons, "binary"),
+    "circles": (circles, "binary"),
+    "blobs": (blobs, "multiclass"),
+    "multilabel": (multilabel, "multilabel"),
+    "digits": (_bundled(skdata.load_digits), "multiclass"),
+    "wine": (_bundled(skdata.load_wine), "multiclass"),
+    "breast_cancer": (_bundled(skdata.load_breast_cancer), "binary"),
+}
+
+
+# --- splits, scaling, noise ----------------------------------------------------------------------------
+
+def split(x: np.ndarray, y: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict:
+    """Train/val/test arrays: stratified on the class for single-label y, plain random for multi-hot y."""
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must "
+                         "each be in (0, 1) with a sum below 1")
+    single = y.ndim == 1
+    x_rest, x_test, y_rest, y_test = train_test_split(
+        x, y, test_size=test_fraction, stratify=y if single else None, random_state=seed)
+    x_train, x_val, y_train, y_val = train_test_split(
+        x_rest, y_rest, test_size=val_fraction / (1 - test_fraction), stratify=y_rest if single else None,
+        random_state=seed)
+    return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+
+
+def standardize(splits: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """z = (x - mean_train) / std_train per feature, the statistics from the training split only.
+
+    Returns float32 features and int64 class indices (or float32 multi-hot rows).
+    """
+    scaler = StandardScaler().fit(splits["train"][0])
+    return {name: (torch.tensor(scaler.transform(x), dtype=torch.float32),
+                   torch.tensor(y, dtype=torch.long if y.ndim == 1 else torch.float32))
+            for name, (x, y) in splits.items()}
+
+
+def flip_labels(y: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
+    """A copy of `y` with exactly round(fraction * N) labels, chosen uniformly, moved to a uniformly
+    drawn *different* class (symmetric label noise)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"data.label_noise must be in [0, 1), got {fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(y), generator=generator)[:round(fraction * len(y))]
+    shift = torch.randint(1, num_classes, (len(rows),), generator=generator)
+    noisy = y.clone()
+    noisy[rows] = (y[rows] + shift) % num_classes
+    return noisy
+
+
+def check_splits(splits: dict, task: str, num_classes: int) -> None:
+    """Every class (label: positive and negative) must occur in every split, or metrics and weights break."""
+    for name, (_, y) in splits.items():
+        present = (y.sum(0) > 0) & (y.sum(0) < len(y)) if task == "multilabel" else \
+            torch.bincount(y, minlength=num_classes) > 0
+        if not present.all():
+            missing = torch.nonzero(~present).flatten().tolist()
+            kind = "labels" if task == "multilabel" else "classes"
+            raise ValueError(f"the {name} split lacks samples of {kind} {missing} (or has only positives); "
+                             "use more samples, a lower imbalance_ratio or larger split fractions")
+
+
+# --- the LightningDataModule ---------------------------------------------------------------------------
 
 class TensorDataModule(pl.LightningDataModule):
     """Train/val/test splits held as tensors; batches are slices of a shuffled index, no per-item collate."""
 
     def __init__(self, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], task: str, num_classes: int,
-                 batch_size: int = 128, seed: int = 0):
+                 batch_size: int = 128, seed: int = 0, name: str = ""):
         super().__init__()
-        self.splits, self.task, self.num_classes = splits, task, num_classes
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        _check_positive_int("batch_size", batch_size)
+        self.splits, self.task, self.num_classes, self.name = splits, task, num_classes, name
         self.batch_size, self.seed = batch_size, seed
         self.num_features = splits["train"][0].shape[1]
+
+    def counts(self, split: str) -> torch.Tensor:
+        """Samples per class in `split` (positives per label for multilabel data), int64, one per class."""
+        y = self.splits[split][1]
+        return y.sum(0).long() if self.task == "multilabel" else torch.bincount(y, minlength=self.num_classes)
 
     @property
     def class_counts(self) -> torch.Tensor:
         """Training-split count per class (positives per label for multilabel data)."""
-        y = self.splits["train"][1]
-        if self.task == "multilabel":
-            return y.sum(0).long()
-        return torch.bincount(y, minlength=self.num_classes)
+        return self.counts("train")
 
-    def _batches(self, split: str, shuffle: bool):
-        x, y = self.splits[split]
+    def describe(self) -> str:
+        """A small table: samples per class (positives per label) in each split."""
+        head = "label" if self.task == "multilabel" else "class"
+        rows = [f"{self.name or 'data'} ({self.task}), {head} counts per split:",
+                f"  {'split':<6}{'n':>7}  " + " ".join(f"{c:>6}" for c in range(self.num_classes))]
+        for split_name in SPLITS:
+            rows.append(f"  {split_name:<6}{len(self.splits[split_name][1]):>7}  "
+                        + " ".join(f"{n:>6}" for n in self.counts(split_name).tolist()))
+        return "\n".join(rows)
+
+    def _batches(self, split_name: str, shuffle: bool):
+        x, y = self.splits[split_name]
         return TensorBatches(x, y, self.batch_size, shuffle, self.seed)
 
     def train_dataloader(self):
@@ -73,61 +334,41 @@ class TensorBatches:
         return -(-len(self.x) // self.batch_size)
 
     def __iter__(self):
-        order = torch.randperm(len(self.x), generator=self.generator) if self.shuffle else None
-        for start in range(0, len(self.x), self.batch_size):
-            if order is None:
-                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
-            else:
-                index = order[start:start + self.batch_size]
-                yield self.x[index], self.y[index]
-
-
-def split_and_scale(x: np.ndarray, y: np.ndarray, val_fraction: float, test_fraction: float, seed: int):
-    """Stratified train/val/test split; the scaler is fitted on the training split only."""
-    stratify = y if y.ndim == 1 else None
-    x_rest, x_test, y_rest, y_test = train_test_split(
-        x, y, test_size=test_fraction, stratify=stratify, random_state=seed)
-    stratify = y_rest if y.ndim == 1 else None
-    x_train, x_val, y_train, y_val = train_test_split(
-        x_rest, y_rest, test_size=val_fraction / (1 - test_fraction), stratify=stratify, random_state=seed)
-    scaler = StandardScaler().fit(x_train)
-    target_dtype = torch.long if y.ndim == 1 else torch.float32
-    return {
-        name: (torch.tensor(scaler.transform(xs), dtype=torch.float32), torch.tensor(ys, dtype=target_dtype))
-        for name, xs, ys in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test))
-    }
-
-
-def classification(n_samples: int = 3000, n_features: int = 20, n_informative: int = 10, n_classes: int = 5,
-                   class_sep: float = 1.0, imbalance_ratio: float = 10.0, profile: str = "exponential",
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """make_classification, then per-class subsampling to an exact long-tail profile.
-
-    n_max is chosen so the counts sum to about `n_samples`; no labels are flipped (sklearn's flip_y
-    would silently change the class proportions).
-    """
-    if n_samples < 1:
-        raise ValueError(f"data.n_samples must be a positive integer, got {n_samples}")
-    shares = long_tail_counts(10**6, n_classes, imbalance_ratio, profile)
-    counts = [max(1, round(n_samples * s / sum(shares))) for s in shares]
-    x, y = make_classification(n_samples=max(counts) * n_classes, n_features=n_features,
-                               n_informative=n_informative, n_redundant=0, n_classes=n_classes,
-                               class_sep=class_sep, flip_y=0.0, weights=None, random_state=seed)
-    rng = np.random.default_rng(seed)
-    keep = np.concatenate([rng.choice(np.flatnonzero(y == c), size=n, replace=False) for c, n in enumerate(counts)])
-    return x[keep], y[keep]
-
-
-DATASETS = {"classification": (classification, "multiclass")}
+        if self.shuffle:
+            # One gather per epoch, then views: no per-sample Python work on the hot path.
+            order = torch.randperm(len(self.x), generator=self.generator)
+            x, y = self.x[order], self.y[order]
+        else:
+            x, y = self.x, self.y
+        for start in range(0, len(x), self.batch_size):
+            yield x[start:start + self.batch_size], y[start:start + self.batch_size]
 
 
 def build_datamodule(name: str, *, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2,
-                     batch_size: int = 128, **params) -> TensorDataModule:
-    """The dataset `name` (a key of DATASETS) generated with `params`, split, scaled and batched."""
+                     batch_size: int = 128, label_noise: float = 0.0, **params) -> TensorDataModule:
+    """The dataset `name` (a key of DATASETS) generated with `params`, split, scaled and batched.
+
+    `label_noise` > 0 flips that fraction of the *training* labels to another class (`flip_labels`);
+    val and test stay clean, and `class_counts` reports the noisy training counts the loss sees.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
     make, task = DATASETS[name]
+    accepted = set(inspect.signature(make).parameters) - {"seed"}
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise TypeError(f"dataset {name!r} has no parameter(s) {', '.join(unknown)}; it takes: "
+                        f"{', '.join(sorted(accepted))} (plus seed, val_fraction, test_fraction, batch_size"
+                        f"{', label_noise' if task != 'multilabel' else ''})")
     x, y = make(seed=seed, **params)
-    splits = split_and_scale(x, y, val_fraction, test_fraction, seed)
     num_classes = int(y.shape[1]) if y.ndim == 2 else int(y.max()) + 1
-    return TensorDataModule(splits, task, num_classes, batch_size=batch_size, seed=seed)
+    splits = standardize(split(x, y, val_fraction, test_fraction, seed))
+    if label_noise:
+        if task == "multilabel":
+            raise ValueError(f"data.label_noise is for single-label data; dataset {name!r} is multilabel")
+        x_train, y_train = splits["train"]
+        splits["train"] = (x_train, flip_labels(y_train, label_noise, num_classes, seed))
+    check_splits(splits, task, num_classes)
+    datamodule = TensorDataModule(splits, task, num_classes, batch_size=batch_size, seed=seed, name=name)
+    log.info("%s", datamodule.describe())
+    return datamodule

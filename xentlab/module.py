@@ -1,4 +1,9 @@
-"""The LightningModule: forward the model, apply the loss it was given, log metrics. No loss math here."""
+"""The LightningModule: forward the model, apply the loss it was given, log metrics and figures.
+
+No loss math here, and no loss registry: the loss object comes from `train.py`. Logged names are
+`<stage>/<metric>` (train/, val/, test/) so TensorBoard groups them; `hp/<metric>` are the final test
+metrics of the HParams session written when testing ends. Conventions: docs/metrics.md.
+"""
 
 from __future__ import annotations
 
@@ -6,39 +11,69 @@ from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
-import torchmetrics
+from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
+from torch.utils.tensorboard.summary import hparams
+
+from xentlab import functional as xF
+from xentlab import plots
+from xentlab.metrics import StageMetrics, loss_curve, per_label
+
+STAGES = ("train", "val", "test")
+CURVE_POINTS = 49
 
 
 class ClassifierModule(pl.LightningModule):
-    """Trains `model` with `loss(logits, target)`; logs `<stage>/loss` and `<stage>/accuracy` per epoch."""
+    """Trains `model` with `loss(logits, target)` and logs the metrics of `xentlab.metrics` per epoch.
+
+    Figures (confusion matrix, reliability diagram) and per-class PR curves go to TensorBoard every
+    `figure_every_n_epochs` validation epochs (0: only the last), at the last epoch and at test.
+    """
 
     def __init__(self, model: nn.Module, loss: nn.Module, *, task: str, num_classes: int,
-                 optimizer: Callable[..., torch.optim.Optimizer], run_params: dict | None = None):
+                 optimizer: Callable[..., torch.optim.Optimizer], run_params: dict | None = None,
+                 figure_every_n_epochs: int = 5):
         super().__init__()
+        if isinstance(figure_every_n_epochs, bool) or not isinstance(figure_every_n_epochs, int) \
+                or figure_every_n_epochs < 0:
+            raise ValueError(f"figure_every_n_epochs must be an integer >= 0, got {figure_every_n_epochs!r}")
         # The run's flattened config (loss and its parameters, dataset, imbalance ratio, seed, ...),
         # for the TensorBoard HParams view.
         self.run_params = dict(run_params or {})
         self.model, self.loss, self.task, self.num_classes = model, loss, task, num_classes
         self.optimizer_factory = optimizer
-        # micro average: plain accuracy (torchmetrics' multiclass default is macro, i.e. balanced).
-        self.accuracy = nn.ModuleDict({
-            f"{stage}_": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, average="micro")
-            for stage in ("train", "val", "test")
+        self.figure_every_n_epochs = figure_every_n_epochs
+        # ModuleDict keys may not shadow nn.Module.train, hence the trailing underscore.
+        self.metrics = nn.ModuleDict({
+            "train_": StageMetrics(task, num_classes, full=False),
+            "val_": StageMetrics(task, num_classes, keep_predictions=True),
+            "test_": StageMetrics(task, num_classes, keep_predictions=True),
         })
+        self._logit_grad_norm: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    # --- steps -------------------------------------------------------------------------------------
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
-        accuracy = self.accuracy[f"{stage}_"]  # ModuleDict keys may not shadow nn.Module.train
-        accuracy(logits, y)
+        if logits.requires_grad:
+            logits.register_hook(self._record_logit_grad)
+        self.metrics[f"{stage}_"].update(logits.detach(), y)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
-        self.log(f"{stage}/accuracy", accuracy, on_step=False, on_epoch=True)
         return loss
+
+    def _record_logit_grad(self, grad: torch.Tensor) -> None:
+        # N * mean_i ||dL/dx_i||: the per-sample push under a batch-mean loss, free of the batch size.
+        self._logit_grad_norm = grad.detach().float().norm(dim=1).mean() * grad.shape[0]
+
+    def on_after_backward(self) -> None:
+        if self._logit_grad_norm is not None:
+            self.log("train/logit_grad_norm", self._logit_grad_norm, on_step=True, on_epoch=False)
+            self._logit_grad_norm = None
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
@@ -51,3 +86,115 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.parameters())
+
+    # --- epoch ends: scalars, figures, the HParams session -----------------------------------------
+
+    def on_fit_start(self) -> None:
+        writer = self._writer()
+        datamodule = self.trainer.datamodule
+        if writer is not None and hasattr(datamodule, "describe"):
+            # Indented: TensorBoard's text plugin renders markdown, and this keeps the table's columns.
+            writer.add_text("data/class_counts", "    " + datamodule.describe().replace("\n", "\n    "), 0)
+        if writer is not None:
+            writer.add_image("loss_curves", plots.to_image(self._loss_curves_figure()), 0, dataformats="HWC")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_stage("train")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.metrics["val_"].reset()
+            return
+        epoch, every = self.current_epoch + 1, self.figure_every_n_epochs
+        last = epoch == self.trainer.max_epochs
+        self._log_stage("val", figures=last or (every > 0 and epoch % every == 0))
+
+    def on_test_epoch_end(self) -> None:
+        self._log_stage("test", figures=True)
+
+    def on_test_end(self) -> None:
+        # Per-class recalls would crowd the HParams table; loss values are not comparable across losses.
+        final = {f"hp/{name.removeprefix('test/')}": float(value)
+                 for name, value in self.trainer.callback_metrics.items()
+                 if name.startswith("test/") and not name.startswith(("test/recall_class_", "test/loss"))}
+        if self.logger is not None:
+            self.logger.log_metrics(final, step=self.global_step)
+        writer = self._writer()
+        if writer is None:
+            return
+        # Session summaries only, no per-run experiment summary (Lightning's log_hyperparams writes one):
+        # TensorBoard shows the first experiment summary it finds, so in a sweep mixing losses the other
+        # losses' parameters would vanish; without one it unites the hyperparameters of all runs.
+        _, start, end = hparams(hparam_values(self.run_params), final)
+        for summary in (start, end):
+            writer.file_writer.add_summary(summary, self.global_step)
+        writer.flush()
+
+    def _log_stage(self, stage: str, figures: bool = False) -> None:
+        metrics = self.metrics[f"{stage}_"]
+        values = metrics.compute()
+        minority = self._minority_class()
+        if minority is not None and f"recall_class_{minority}" in values:
+            values["minority_recall"] = values[f"recall_class_{minority}"]
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()})
+        if figures:
+            self._log_figures(stage, metrics)
+        metrics.reset()
+
+    def _minority_class(self) -> int | None:
+        """The training split's rarest class (label with the fewest positives), from the datamodule."""
+        counts = getattr(self.trainer.datamodule, "class_counts", None)
+        return None if counts is None else int(torch.as_tensor(counts).argmin())
+
+    # --- TensorBoard figures -----------------------------------------------------------------------
+
+    def _writer(self):
+        """The SummaryWriter on the process that writes (rank 0), else None."""
+        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            return self.logger.experiment
+        return None
+
+    def _log_figures(self, stage: str, metrics: StageMetrics) -> None:
+        # Collective: every rank gathers the predictions, only rank 0 draws.
+        confusion = metrics.confusion_matrix().cpu().numpy()
+        probs, target = (t.cpu() for t in metrics.predictions.compute())
+        bins = metrics.calibration.bins()
+        writer, step = self._writer(), self.global_step
+        if writer is None:
+            return
+        confusion_figure = (plots.multilabel_confusion_figure if self.task == "multilabel"
+                            else plots.confusion_matrix_figure)(confusion, title=f"{stage} confusion")
+        reliability = plots.reliability_figure(*(b.cpu().numpy() for b in bins), bins.ece,
+                                               title=f"{stage} reliability")
+        for tag, figure in (("confusion_matrix", confusion_figure), ("reliability", reliability)):
+            writer.add_image(f"{stage}/{tag}", plots.to_image(figure), step, dataformats="HWC")
+        for c in range(self.num_classes):
+            labels = target[:, c] > 0.5 if self.task == "multilabel" else target == c
+            writer.add_pr_curve(f"{stage}/pr_class_{c}", labels, probs[:, c], step)
+
+    def _loss_curves_figure(self):
+        """This run's loss next to CE and MSE (xentlab.functional) as functions of p(true class)."""
+        p = torch.linspace(0.01, 0.99, CURVE_POINTS)
+        minority = self._minority_class() or 0
+        kwargs = {"task": self.task, "num_classes": self.num_classes, "true_class": minority,
+                  "device": self.device}
+        # Multilabel: per label, where CE and MSE of the 2-way softmax are BCE and the binary Brier score.
+        wrap = per_label if self.task == "multilabel" else (lambda loss: loss)
+        curves = {"cross-entropy": loss_curve(wrap(xF.cross_entropy), p, **kwargs),
+                  "MSE on probabilities": loss_curve(wrap(xF.mse_loss), p, **kwargs),
+                  f"this run: {self.run_params.get('loss.name', type(self.loss).__name__)}":
+                      loss_curve(self.loss, p, **kwargs)}
+        title = "loss vs p(true), " + ("per label" if self.task == "multilabel" else f"class {minority}")
+        arrays = {name: (values.numpy(), grads.numpy()) for name, (values, grads) in curves.items()}
+        return plots.loss_curves_figure(p.numpy(), arrays, title=title)
+
+
+def hparam_values(params: dict) -> dict:
+    """Config values as the HParams plugin takes them: numbers, strings and booleans as they are,
+    None as "None" (so the column shows it), anything else as its string."""
+    def plain(value):
+        if value is None:
+            return "None"
+        return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+    return {key: plain(value) for key, value in params.items()}

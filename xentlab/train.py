@@ -5,25 +5,32 @@ Run `xentlab-train --help` for the config groups, or `xentlab-train -m loss=ce,f
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import os
 import time
 import traceback
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from xentlab.callbacks import FiniteLossCheck
 from xentlab.data import build_datamodule
 from xentlab.losses import build_loss
 from xentlab.models import build_model
 from xentlab.module import ClassifierModule
 
 METRICS_FILE = "metrics.json"
+CHECKPOINT_DIR = "checkpoints"
 # conf/ sits beside the package in the repository (installed editable by the scripts).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -32,12 +39,17 @@ def build_run(cfg: DictConfig, output_dir: Path) -> tuple[pl.Trainer, Classifier
     """Everything a run needs, built (and so validated) before the first training step."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(seed=cfg.seed, **cfg.data)
-    loss = build_loss(**cfg.loss, task=datamodule.task, class_counts=datamodule.class_counts)
+    loss = build_loss(**cfg.loss, task=datamodule.task, class_counts=datamodule.class_counts,
+                      num_examples=len(datamodule.splits["train"][1]))
     model = build_model(**cfg.model, in_features=datamodule.num_features, num_outputs=datamodule.num_classes)
     module = ClassifierModule(model, loss, task=datamodule.task, num_classes=datamodule.num_classes,
                               optimizer=instantiate(cfg.optimizer), run_params=flat_params(cfg))
     logger = TensorBoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
-    trainer = pl.Trainer(**cfg.trainer, logger=logger, default_root_dir=str(output_dir))
+    callbacks = [FiniteLossCheck()]
+    if cfg.trainer.get("enable_checkpointing", True):
+        # last.ckpt, refreshed every epoch, is what `ckpt_path=last` resumes from.
+        callbacks.append(ModelCheckpoint(dirpath=output_dir / CHECKPOINT_DIR, save_last=True))
+    trainer = pl.Trainer(**cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
     return trainer, module, datamodule
 
 
@@ -57,46 +69,131 @@ def flat_params(cfg: DictConfig) -> dict:
     return flat
 
 
-def train(cfg: DictConfig, output_dir: str | Path) -> dict:
-    """Fit on the training split, test on the held-out split, write `metrics.json`; return its content."""
+def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Fit on the training split, test on the held-out split, write `metrics.json`; return its content.
+
+    With `ckpt_path=last` an interrupted run continues from `<output_dir>/checkpoints/last.ckpt` (global
+    step, epoch, optimizer state and the TensorBoard curves carry on); a run whose `metrics.json` already
+    says it completed `trainer.max_epochs` epochs is not trained again, so a resumed sweep redoes only
+    its unfinished jobs. `overrides` (the job's command-line overrides) are stored for the report.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.ckpt_path == "last" and (done := finished_record(output_dir, cfg.trainer.max_epochs)) is not None:
+        return done
     started = time.time()
     trainer, module, datamodule = build_run(cfg, output_dir)
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     status = "interrupted" if trainer.interrupted else "completed"
     final = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if not trainer.interrupted:
         final.update({k: float(v) for k, v in trainer.test(module, datamodule=datamodule, verbose=False)[0].items()})
     record = {"status": status, "duration_s": round(time.time() - started, 3), "epochs": trainer.current_epoch,
-              "metrics": final}
-    write_record(output_dir, cfg, record)
+              "torch_threads": torch.get_num_threads(), "metrics": final}
+    return write_record(output_dir, cfg, record, overrides)
+
+
+def finished_record(output_dir: Path, max_epochs: int) -> dict | None:
+    """The run's `metrics.json` content if it records a completed run of `max_epochs` epochs, else None."""
+    try:
+        record = json.loads((output_dir / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("status") == "completed" and record.get("epochs") == max_epochs else None
+
+
+def write_record(output_dir: Path, cfg: DictConfig, record: dict, overrides=()) -> dict:
+    """metrics.json: the run's status and final metrics next to its overrides and the plain values of its config.
+
+    Written to a temporary file and renamed into place, so a report reading a sweep in progress never
+    sees half a file. Returns the record as written.
+    """
+    record = {**record, "overrides": list(overrides), "config": OmegaConf.to_container(cfg, resolve=True)}
+    staging = output_dir / f".{METRICS_FILE}.{os.getpid()}"
+    staging.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(staging, output_dir / METRICS_FILE)
     return record
 
 
-def write_record(output_dir: Path, cfg: DictConfig, record: dict) -> None:
-    """metrics.json: the run's status and final metrics next to the plain values of its config."""
-    record = {**record, "config": OmegaConf.to_container(cfg, resolve=True)}
-    (output_dir / METRICS_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+def unique_dir(base: str) -> str:
+    """`base`, or else `base_1`, `base_2`, ...: the first of these that did not exist, created here.
+
+    Backs the `${xentlab.unique_dir:...}` resolver of the run and sweep folders: two sweeps started in
+    the same second resolve `${now:...}` to the same path, and `mkdir` without `exist_ok` is atomic, so
+    each process claims its own folder. The resolver is cached per config and Hydra copies that cache
+    into every job's config (joblib and submitit jobs included), so a sweep resolves it once.
+    """
+    for attempt in itertools.count():
+        path = base if attempt == 0 else f"{base}_{attempt}"
+        try:
+            Path(path).mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+
+
+OmegaConf.register_new_resolver("xentlab.unique_dir", unique_dir, use_cache=True, replace=True)
+
+
+def threads_per_job(launcher: DictConfig, cpu_count: int) -> int | None:
+    """Intra-op threads per job so parallel jobs share the cores instead of oversubscribing them.
+
+    joblib: cpu_count // jobs, with jobs = n_jobs, or cpu_count + 1 + n_jobs for negative n_jobs (joblib's
+    rule, so the default -1 gives one thread per job); submitit: `cpus_per_task`, or 1 when unset (the
+    local executor starts every job at once). Any other launcher runs one job at a time: None, keep
+    torch's default.
+    """
+    if "n_jobs" in launcher:
+        jobs = launcher.n_jobs if launcher.n_jobs > 0 else cpu_count + 1 + launcher.n_jobs
+        return max(1, cpu_count // max(1, jobs))
+    if "cpus_per_task" in launcher:
+        return launcher.cpus_per_task or 1
+    return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which cgroups and `taskset` shrink)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def sweep_value(record: dict, objective: str, *, must_be_finite: bool) -> float:
+    """The value returned to the sweeper: the run's final `objective` metric, NaN when it is missing.
+
+    Sweepers that count failures themselves (Optuna) need an exception instead: hydra-optuna-sweeper 1.3
+    on optuna 2.x crashes the whole study on a NaN return, but records a raised job as a failed trial.
+    """
+    value = float(record["metrics"].get(objective, math.nan))
+    if must_be_finite and not math.isfinite(value):
+        raise ValueError(f"objective {objective!r} is {value} for this run; "
+                         f"metrics it reported: {', '.join(sorted(record['metrics'])) or 'none'}")
+    return value
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
-    logdir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else output_dir
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    logdir = Path(hydra_cfg.sweep.dir) if multirun else output_dir
+    threads = cfg.threads or threads_per_job(hydra_cfg.launcher, available_cpus())
+    if threads:
+        torch.set_num_threads(threads)
     print(f"[xentlab] logs: {output_dir}\n[xentlab] view: tensorboard --logdir {logdir}")
+    overrides = list(hydra_cfg.overrides.task)
+    raises_failures = "optuna" in str(hydra_cfg.sweeper.get("_target_", ""))
     try:
-        record = train(cfg, output_dir)
+        record = train(cfg, output_dir, overrides=overrides)
     except Exception as error:
-        if hydra_cfg.mode != RunMode.MULTIRUN:
+        if not multirun:
             raise
         # In a sweep one failing job must not stop the others: record it for the report and move on.
         write_record(output_dir, cfg, {"status": "failed", "error": f"{type(error).__name__}: {error}",
-                                       "traceback": traceback.format_exc(), "metrics": {}})
+                                       "traceback": traceback.format_exc(), "metrics": {}}, overrides)
         print(f"[xentlab] job failed: {type(error).__name__}: {error}")
-        return float("nan")
-    return record["metrics"].get(cfg.objective, float("nan"))
+        if raises_failures:
+            raise
+        return math.nan
+    return sweep_value(record, cfg.objective, must_be_finite=multirun and raises_failures)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,229 @@
-"""Built-in losses: thin nn.Module wrappers over xentlab.functional, registered by name."""
+"""The built-in losses: nn.Module wrappers over `xentlab.functional`, registered by name.
+
+The wrappers hold parameters only (per-class weights, alpha and pos_weight as buffers, so `.to(device)`
+and checkpoints carry them); the math is in `xentlab.functional`. Each loss's defaults live in
+`conf/loss/<name>.yaml`, the file Hydra composes for `loss=<name>` and `build_loss(name)` reads; the Python
+signatures default only the PyTorch conventions (`ignore_index`, `reduction`) and the backend choice.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from torch import nn
 
 from xentlab import functional as F
+from xentlab import weights
+from xentlab.kernels import BACKENDS
 from xentlab.losses.registry import register_loss
 
+Tensor = torch.Tensor
 
-@register_loss("ce", tasks=("multiclass", "binary"))
-class CrossEntropy(nn.Module):
-    """Cross-entropy on softmax logits (xentlab.functional.cross_entropy)."""
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "loss"
+SOFTMAX_TASKS = ("multiclass", "binary")
+POS_WEIGHT_RULES = ("balanced",)
 
-    def forward(self, logits, target):
-        return F.cross_entropy(logits, target)
+
+def builtin(name: str, tasks: tuple[str, ...]):
+    """register_loss with the defaults file conf/loss/<name>.yaml."""
+    return register_loss(name, tasks=tasks, config=CONF_DIR / f"{name}.yaml")
+
+
+class _Loss(nn.Module):
+    """The knobs every built-in shares; `reduction` is public so reductions can be checked and switched."""
+
+    _shown: tuple[str, ...] = ()  # scalar parameters for the repr (buffers print themselves)
+
+    def __init__(self, *, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        _choice("reduction", reduction, F.REDUCTIONS)
+        _choice("backend", backend, BACKENDS)
+        self.reduction, self.backend = reduction, backend
+
+    def extra_repr(self) -> str:
+        shown = [*self._shown, "reduction", "backend"]
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in shown)
+
+
+class _SoftmaxLoss(_Loss):
+    def __init__(self, *, ignore_index: int = -100, **common):
+        super().__init__(**common)
+        F._check_int("ignore_index", ignore_index)
+        self.ignore_index = ignore_index
+
+
+@builtin("ce", SOFTMAX_TASKS)
+class CrossEntropy(_SoftmaxLoss):
+    """Cross-entropy, l_i = lse(x_i) - x_{i,y_i}, averaged over the non-ignored rows (F.cross_entropy)."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(input, target, ignore_index=self.ignore_index, reduction=self.reduction,
+                               backend=self.backend)
+
+
+@builtin("weighted_ce", SOFTMAX_TASKS)
+class WeightedCrossEntropy(_SoftmaxLoss):
+    """Class-weighted cross-entropy, l_i = w[y_i] (lse(x_i) - x_{i,y_i}), `mean` dividing by sum_i w[y_i].
+
+    `weights` is a list of C values or a rule applied to the training split's class counts:
+    inverse_frequency (w_c ~ 1/n_c), sqrt_inverse (1/sqrt n_c) or effective_number ((1-beta)/(1-beta^n_c)),
+    normalised to sum_c w_c = C (xentlab.weights.class_weights).
+    """
+
+    def __init__(self, *, weights, beta: float, class_counts: Tensor | None = None, **common):
+        super().__init__(**common)
+        if weights is None:
+            raise ValueError(f"weighted_ce needs weights: a list of per-class values or one of "
+                             f"{weights_rules()}")
+        self.register_buffer("weight", class_vector("weights", weights, beta, class_counts))
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                               reduction=self.reduction, backend=self.backend)
+
+
+@builtin("label_smoothing", SOFTMAX_TASKS)
+class LabelSmoothingCrossEntropy(_SoftmaxLoss):
+    """Label-smoothed cross-entropy (PyTorch's convention): l_i = (1-eps)(lse_i - x_{i,y_i}) +
+    (eps/C) sum_c (lse_i - x_{i,c}) with eps = `smoothing`, the true class included in the eps/C share."""
+
+    _shown = ("smoothing",)
+
+    def __init__(self, *, smoothing: float, **common):
+        super().__init__(**common)
+        self.smoothing = F._check_real("smoothing", smoothing, 0.0, 1.0)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(input, target, ignore_index=self.ignore_index, reduction=self.reduction,
+                               label_smoothing=self.smoothing, backend=self.backend)
+
+
+@builtin("focal", SOFTMAX_TASKS)
+class FocalLoss(_SoftmaxLoss):
+    """Softmax focal loss (Lin et al. 2017), l_i = -a[y_i] (1 - p_{i,y_i})^gamma log p_{i,y_i}.
+
+    `alpha` is None (a = 1), a list of C values, or a class-weight rule over the training counts as for
+    weighted_ce; `mean` divides by sum_i a[y_i], so gamma=0 is weighted cross-entropy exactly.
+    """
+
+    _shown = ("gamma",)
+
+    def __init__(self, *, gamma: float, alpha, beta: float, class_counts: Tensor | None = None, **common):
+        super().__init__(**common)
+        self.gamma = F._check_real("gamma", gamma, 0.0, float("inf"))
+        self.register_buffer("alpha", class_vector("alpha", alpha, beta, class_counts))
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.focal_loss(input, target, gamma=self.gamma, alpha=self.alpha, ignore_index=self.ignore_index,
+                            reduction=self.reduction, backend=self.backend)
+
+
+@builtin("bce", ("multilabel", "binary", "multiclass"))
+class BinaryCrossEntropy(_Loss):
+    """Binary cross-entropy on logits, element-wise: l = -[pw_c t log sigmoid(x) + (1-t) log sigmoid(-x)].
+
+    Multi-hot (or soft) targets train every label independently; class-index targets (multiclass or
+    binary data) become one-hot rows, i.e. one-vs-rest. `pos_weight` is None, a list with one value per
+    label, or `balanced`: negatives/positives per label of the training split (pw_c = (N - n_c) / n_c).
+    """
+
+    def __init__(self, *, pos_weight, class_counts: Tensor | None = None, num_examples: int | None = None,
+                 **common):
+        super().__init__(**common)
+        self.register_buffer("pos_weight", _pos_weight(pos_weight, class_counts, num_examples))
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(input, binary_targets(input, target),
+                                                  pos_weight=self.pos_weight, reduction=self.reduction,
+                                                  backend=self.backend)
+
+
+@builtin("mse", SOFTMAX_TASKS)
+class MSELoss(_SoftmaxLoss):
+    """Squared error to the one-hot target, on softmax probabilities (`on: probs`) or on the raw logits
+    (`on: logits`, Hui & Belkin 2021); `mean` over the N*C elements of the non-ignored rows."""
+
+    _shown = ("on",)
+
+    def __init__(self, *, on: str, **common):
+        super().__init__(**common)
+        _choice("on", on, F.MSE_TARGETS)
+        self.on = on
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(input, target, ignore_index=self.ignore_index, reduction=self.reduction, on=self.on,
+                          backend=self.backend)
+
+
+# ---------------------------------------------------------------- parameters from configs and counts
+
+
+def weights_rules() -> str:
+    return " | ".join(weights.METHODS)
+
+
+def class_vector(name: str, value, beta: float, class_counts: Tensor | None) -> Tensor | None:
+    """A per-class weight vector from a config value: None, an explicit sequence of C numbers, or the name
+    of a weights.class_weights rule applied to the training split's class counts."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in weights.METHODS:
+            raise ValueError(f"{name} must be a list of per-class values or one of {weights_rules()}, "
+                             f"got {value!r}")
+        return weights.class_weights(_needs_counts(name, value, class_counts), value, beta=beta)
+    return _float_vector(name, value)
+
+
+def _pos_weight(value, class_counts: Tensor | None, num_examples: int | None) -> Tensor | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in POS_WEIGHT_RULES:
+            raise ValueError(f"pos_weight must be a list of per-label values or one of {POS_WEIGHT_RULES}, "
+                             f"got {value!r}")
+        counts = _needs_counts("pos_weight", value, class_counts)
+        if num_examples is None:
+            raise ValueError(f"pos_weight={value!r} needs num_examples, the training split's size, next to "
+                             f"its class counts (build the loss with build_loss or xentlab-train)")
+        return weights.pos_weight_from_counts(counts, int(num_examples))
+    return _float_vector("pos_weight", value)
+
+
+def _needs_counts(name: str, rule: str, class_counts: Tensor | None) -> Tensor:
+    if class_counts is None:
+        raise ValueError(f"{name}={rule!r} is derived from the training split's class counts, which were "
+                         f"not given; pass them as class_counts (build_loss and xentlab-train do) or give "
+                         f"explicit values")
+    return torch.as_tensor(class_counts)
+
+
+def _float_vector(name: str, value) -> Tensor:
+    try:
+        vector = torch.as_tensor(value, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{name} must be a sequence of numbers, got {value!r}") from error
+    if vector.dim() != 1 or vector.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence (one value per class), got {value!r}")
+    return vector
+
+
+def binary_targets(input: Tensor, target: Tensor) -> Tensor:
+    """Targets for element-wise BCE: multi-hot/soft targets as given; class indices (N,) as one-hot rows over
+    the input's C columns (one-vs-rest), or as a column when the input is a single logit per row."""
+    if target.dtype.is_floating_point or target.dim() == input.dim():
+        return target
+    if input.dim() == 2 and input.shape[1] == 1:
+        return target.reshape(-1, 1).to(input.dtype)
+    n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+    bad = (target < 0) | (target >= n_classes)
+    if bool(bad.any()):
+        raise ValueError(f"target contains class index {target[bad][0].item()}, outside [0, {n_classes}) "
+                         f"for C={n_classes} classes")
+    return nn.functional.one_hot(target.long(), n_classes).movedim(-1, 1).to(input.dtype)
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")

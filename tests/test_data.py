@@ -1,0 +1,198 @@
+"""Datasets: exact imbalance, stratified splits, a scaler that never sees val/test, fast batches, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from xentlab.data import (
+    DATASETS,
+    SPLITS,
+    TensorBatches,
+    build_datamodule,
+    counts_for_total,
+    flip_labels,
+    long_tail_counts,
+    split,
+    standardize,
+)
+from xentlab.train import CONFIG_DIR
+
+DATA_CONFIGS = sorted(Path(CONFIG_DIR, "data").glob("*.yaml"))
+
+
+def total_counts(datamodule) -> list[int]:
+    return sum(datamodule.counts(s) for s in SPLITS).tolist()
+
+
+def expected_profile(n_max: float, n_classes: int, rho: float, profile: str) -> list[int]:
+    """The issue's formulas, written out independently of xentlab.data."""
+    if profile == "exponential":
+        return [round(n_max * rho ** (-c / (n_classes - 1))) for c in range(n_classes)]
+    return [n_max if c < (n_classes + 1) // 2 else round(n_max / rho) for c in range(n_classes)]
+
+
+@pytest.mark.parametrize("config", DATA_CONFIGS, ids=lambda p: p.stem)
+def test_every_data_config_builds_a_datamodule(config):
+    params = OmegaConf.to_container(OmegaConf.load(config))
+    datamodule = build_datamodule(seed=1, **params)
+    assert params["name"] in DATASETS and datamodule.name == config.stem
+    x, y = datamodule.splits["train"]
+    assert x.dtype == torch.float32 and x.shape[1] == datamodule.num_features
+    assert datamodule.class_counts.shape == (datamodule.num_classes,)
+    if datamodule.task == "multilabel":
+        assert y.dtype == torch.float32 and y.shape[1] == datamodule.num_classes
+        assert set(y.unique().tolist()) == {0.0, 1.0}
+    else:
+        assert y.dtype == torch.int64 and int(y.max()) == datamodule.num_classes - 1
+    assert datamodule.task == ("binary" if config.stem in ("moons", "circles", "breast_cancer") else
+                               "multilabel" if config.stem == "multilabel" else "multiclass")
+    for name in SPLITS:  # every class (label) in every split, so per-class metrics are defined
+        assert (datamodule.counts(name) > 0).all(), name
+
+
+@pytest.mark.parametrize("profile", ["exponential", "step"])
+@pytest.mark.parametrize("rho", [1, 10, 100])
+def test_classification_counts_match_the_requested_imbalance_exactly(rho, profile):
+    datamodule = build_datamodule("classification", n_samples=3000, n_classes=5, imbalance_ratio=rho,
+                                  profile=profile, seed=0)
+    counts = total_counts(datamodule)
+    assert counts == expected_profile(counts[0], 5, rho, profile)
+    assert counts[0] == rho * counts[-1]  # majority:minority exactly rho, not just after rounding
+    assert abs(sum(counts) - 3000) <= rho * 5  # n_samples is honoured up to the minority count's rounding
+
+
+@pytest.mark.parametrize(("name", "rho"), [("digits", 10), ("wine", 5), ("breast_cancer", 10),
+                                          ("breast_cancer", 1)])
+def test_bundled_datasets_get_the_largest_exact_profile_they_can_supply(name, rho):
+    from sklearn import datasets as skdata
+
+    available = np.bincount(getattr(skdata, f"load_{name}")(return_X_y=True)[1])
+    counts = total_counts(build_datamodule(name, imbalance_ratio=rho, seed=0))
+    assert counts == expected_profile(counts[0], len(available), rho, "exponential")
+    assert counts[0] == rho * counts[-1]
+    assert all(n <= a for n, a in zip(counts, available, strict=True))
+    # One more minority sample would need more than some class has.
+    bigger = expected_profile((counts[-1] + 1) * rho, len(available), rho, "exponential")
+    assert any(n > a for n, a in zip(bigger, available, strict=True))
+
+
+@pytest.mark.parametrize("name", ["moons", "circles"])
+def test_two_moons_and_circles_put_rho_times_more_samples_in_class_0(name):
+    counts = total_counts(build_datamodule(name, n_samples=550, imbalance_ratio=10, seed=0))
+    assert counts == [500, 50]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_multilabel_draws_give_every_label_positives_and_negatives(seed):
+    datamodule = build_datamodule("multilabel", n_samples=600, min_class_samples=40, seed=seed)
+    positives = np.array(total_counts(datamodule))
+    assert positives.min() >= 40 and (600 - positives).min() >= 40
+    assert len(set(positives.tolist())) > 1  # the generator's unequal label frequencies are kept
+
+
+def test_blobs_take_explicit_per_class_counts():
+    datamodule = build_datamodule("blobs", counts=[300, 60, 20], seed=0)
+    assert total_counts(datamodule) == [300, 60, 20] and datamodule.num_classes == 3
+
+
+def test_splits_are_stratified():
+    datamodule = build_datamodule("classification", n_samples=3000, imbalance_ratio=10, seed=3)
+    totals = np.array(total_counts(datamodule))
+    for name, fraction in (("train", 0.6), ("val", 0.2), ("test", 0.2)):
+        assert np.all(np.abs(datamodule.counts(name).numpy() - fraction * totals) <= 1.5), name
+
+
+def test_the_scaler_is_fitted_on_the_training_split_only():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(3.0, 2.0, size=(500, 4)), rng.integers(0, 3, size=500)
+    raw = split(x, y, 0.2, 0.2, seed=0)
+    scaled = standardize(raw)
+    x_train = scaled["train"][0].double()
+    assert torch.allclose(x_train.mean(0), torch.zeros(4, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(x_train.std(0, unbiased=False), torch.ones(4, dtype=torch.float64), atol=1e-5)
+    # Wild test (and val) rows change nothing in how the other splits are scaled.
+    for leaked in ("test", "val"):
+        poisoned = dict(raw)
+        poisoned[leaked] = (raw[leaked][0] * 1000 + 1e6, raw[leaked][1])
+        rescaled = standardize(poisoned)
+        for name in set(SPLITS) - {leaked}:
+            assert torch.equal(rescaled[name][0], scaled[name][0]), (leaked, name)
+
+
+def test_label_noise_flips_exactly_that_fraction_of_training_labels_only():
+    y = torch.arange(1000) % 4
+    noisy = flip_labels(y, 0.25, 4, seed=0)
+    assert int((noisy != y).sum()) == 250 and noisy.min() >= 0 and noisy.max() < 4
+    clean = build_datamodule("classification", n_samples=1000, seed=0)
+    dirty = build_datamodule("classification", n_samples=1000, seed=0, label_noise=0.3)
+    changed = int((clean.splits["train"][1] != dirty.splits["train"][1]).sum())
+    assert changed == round(0.3 * len(clean.splits["train"][1]))
+    for name in ("val", "test"):
+        assert torch.equal(clean.splits[name][1], dirty.splits[name][1])
+    assert not torch.equal(clean.class_counts, dirty.class_counts)  # the loss sees the noisy counts
+    assert torch.equal(dirty.class_counts, torch.bincount(dirty.splits["train"][1]))
+
+
+def test_batches_are_slices_covering_each_sample_once_per_epoch():
+    x, y = torch.arange(10.0).reshape(10, 1), torch.arange(10)
+    ordered = list(TensorBatches(x, y, batch_size=4, shuffle=False, seed=0))
+    assert [len(b[1]) for b in ordered] == [4, 4, 2]
+    # Views of the stored tensors: no per-sample copy, no collate.
+    assert all(bx.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for bx, _ in ordered)
+    shuffled = TensorBatches(x, y, batch_size=4, shuffle=True, seed=0)
+    epochs = [torch.cat([by for _, by in shuffled]) for _ in range(2)]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(10))
+        assert torch.equal(torch.cat([bx for bx, _ in shuffled]).flatten().long().sort().values, y)
+    assert not torch.equal(epochs[0], epochs[1])  # reshuffled every epoch
+    assert len(shuffled) == 3
+
+
+def test_counts_for_total_anchors_on_the_minority():
+    assert counts_for_total(3000, 5, 10, "exponential") == long_tail_counts(1390, 5, 10, "exponential")
+    assert long_tail_counts(1000, 3, 100, "exponential") == [1000, 100, 10]
+    assert long_tail_counts(100, 5, 4, "step") == [100, 100, 100, 25, 25]
+
+
+@pytest.mark.parametrize(("name", "params", "fragments"), [
+    ("classification", {"n_samples": -5}, ["n_samples", "-5"]),
+    ("classification", {"imbalance_ratio": 0.5}, ["imbalance_ratio", "0.5"]),
+    ("classification", {"profile": "linear"}, ["profile", "linear", "exponential"]),
+    ("classification", {"n_informative": 25, "n_features": 20}, ["n_informative=25", "n_features=20"]),
+    ("classification", {"n_informative": 2, "n_classes": 5}, ["2**data.n_informative", "5 * 2"]),
+    ("classification", {"n_samples": 400, "imbalance_ratio": 100},
+     ["imbalance_ratio=100", "min_class_samples=10"]),
+    ("wine", {"imbalance_ratio": 100}, ["imbalance_ratio=100", "class 2", "min_class_samples"]),
+    ("digits", {"imbalance_ratio": 10, "min_class_samples": 0}, ["min_class_samples", "0"]),
+    ("moons", {"val_fraction": 0.5, "test_fraction": 0.5}, ["val_fraction=0.5", "sum below 1"]),
+    ("multilabel", {"n_labels": 8, "n_classes": 8}, ["n_labels", "8"]),
+    ("multilabel", {"label_noise": 0.1}, ["label_noise", "multilabel"]),
+    ("multilabel", {"n_samples": 50, "min_class_samples": 30}, ["n_samples=50", "min_class_samples=30"]),
+    ("classification", {"label_noise": 1.5}, ["label_noise", "1.5"]),
+    ("imagenet", {}, ["imagenet", "classification", "digits"]),
+])
+def test_invalid_parameters_fail_before_training_saying_why(name, params, fragments):
+    with pytest.raises(ValueError) as error:
+        build_datamodule(name, seed=0, **params)
+    for fragment in fragments:
+        assert fragment in str(error.value), (fragment, str(error.value))
+
+
+def test_unknown_parameter_names_the_valid_ones():
+    with pytest.raises(TypeError, match="n_informative.*wine|wine.*n_informative"):
+        build_datamodule("wine", n_informative=3)
+
+
+def test_split_counts_are_described_for_the_start_up_log(caplog):
+    with caplog.at_level("INFO", logger="xentlab.data"):
+        datamodule = build_datamodule("wine", imbalance_ratio=5, seed=0)
+    text = datamodule.describe()
+    for name in SPLITS:
+        row = next(line for line in text.splitlines() if line.strip().startswith(name))
+        assert row.split()[2:] == [str(n) for n in datamodule.counts(name).tolist()]
+    assert text in caplog.text

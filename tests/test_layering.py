@@ -1,0 +1,59 @@
+"""Data flows one way: config → registry → loss → LightningModule → logger/report. Walk the imports."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import xentlab
+
+PACKAGE = Path(xentlab.__file__).parent
+FRAMEWORKS = ("hydra", "omegaconf", "pytorch_lightning", "lightning", "tensorboard")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every absolute module name a file imports, at any depth (lazy imports inside functions count too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def offending(path: Path, forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(n for n in imported_modules(path) if any(n == f or n.startswith(f + ".") for f in forbidden))
+
+
+CORE = sorted((PACKAGE / "kernels").glob("*.py")) + [PACKAGE / "functional.py", PACKAGE / "weights.py"]
+
+
+@pytest.mark.parametrize("path", CORE, ids=lambda p: p.relative_to(PACKAGE).as_posix())
+def test_math_core_knows_no_framework_and_no_registry(path):
+    if not path.exists():
+        pytest.fail(f"{path} is missing")
+    assert offending(path, (*FRAMEWORKS, "xentlab.losses", "xentlab.module", "xentlab.train", "xentlab.data")) == []
+
+
+def test_module_gets_its_loss_from_train_not_the_registry():
+    assert offending(PACKAGE / "module.py", ("xentlab.losses", "xentlab.train", "hydra")) == []
+
+
+def test_report_reads_files_not_live_objects():
+    report = PACKAGE / "report.py"
+    if not report.exists():
+        pytest.skip("xentlab/report.py not written yet")
+    assert offending(report, ("xentlab.train", "xentlab.module", "xentlab.losses", "pytorch_lightning", "torch")) == []
+
+
+def test_importing_xentlab_never_imports_triton():
+    code = ("import sys, xentlab, xentlab.functional, xentlab.losses, xentlab.train; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,178 @@
+"""Metrics agree with scikit-learn on fixed predictions; calibration bins, loss curves, figures, grad norm."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchmetrics
+from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
+
+from xentlab import functional as xF
+from xentlab import plots
+from xentlab.metrics import N_BINS, StageMetrics, bin_index, loss_curve, per_label
+from xentlab.module import ClassifierModule
+
+
+def fixed_predictions(n: int, c: int, seed: int, multilabel: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, generator=generator) * 2
+    if multilabel:
+        target = (torch.rand(n, c, generator=generator) < torch.linspace(0.1, 0.6, c)).float()
+        return logits + 2 * (target - 0.5), target
+    target = torch.multinomial(torch.linspace(1.0, 0.1, c), n, replacement=True, generator=generator)
+    return logits + 1.5 * torch.nn.functional.one_hot(target, c), target
+
+
+def computed(task, logits, target, chunks=3):
+    metrics = StageMetrics(task, logits.shape[1], keep_predictions=True)
+    for part_logits, part_target in zip(logits.chunk(chunks), target.chunk(chunks), strict=True):  # streaming
+        metrics.update(part_logits, part_target)
+    return metrics, metrics.compute()
+
+
+def sklearn_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> float:
+    """ECE from sklearn's calibration_curve (uniform bins) weighted by the bin populations."""
+    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=n_bins, strategy="uniform")
+    edges = np.linspace(0, 1, n_bins + 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], confidence), minlength=n_bins)
+    counts = counts[counts > 0]
+    return float(np.sum(counts / counts.sum() * np.abs(accuracy - mean_confidence)))
+
+
+@pytest.mark.parametrize("num_classes", [2, 5])
+def test_single_label_metrics_agree_with_sklearn(num_classes):
+    logits, target = fixed_predictions(600, num_classes, seed=num_classes)
+    _, values = computed("multiclass", logits, target)
+    probs = torch.softmax(logits.double(), 1).numpy()
+    y, predicted = target.numpy(), probs.argmax(1)
+    assert values["accuracy"] == pytest.approx(skm.accuracy_score(y, predicted), abs=1e-6)
+    assert values["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, predicted), abs=1e-6)
+    assert values["balanced_accuracy"] != pytest.approx(values["accuracy"], abs=1e-3)  # imbalanced on purpose
+    assert values["macro_f1"] == pytest.approx(skm.f1_score(y, predicted, average="macro"), abs=1e-6)
+    recalls = skm.recall_score(y, predicted, average=None)
+    for c in range(num_classes):
+        assert values[f"recall_class_{c}"] == pytest.approx(recalls[c], abs=1e-6)
+    assert values["nll"] == pytest.approx(skm.log_loss(y, probs, labels=range(num_classes)), rel=1e-5)
+    assert values["brier"] == pytest.approx(
+        skm.brier_score_loss(y, probs, labels=range(num_classes), scale_by_half=False), rel=1e-5)
+    assert values["ece"] == pytest.approx(sklearn_ece(probs.max(1), (predicted == y).astype(float)), abs=1e-6)
+
+
+def test_ece_matches_torchmetrics_top_label_15_bins():
+    logits, target = fixed_predictions(500, 4, seed=7)
+    _, values = computed("multiclass", logits, target)
+    reference = torchmetrics.classification.MulticlassCalibrationError(4, n_bins=15, norm="l1")
+    assert values["ece"] == pytest.approx(float(reference(torch.softmax(logits, 1), target)), abs=1e-6)
+
+
+def test_multilabel_metrics_agree_with_sklearn():
+    logits, target = fixed_predictions(500, 6, seed=11, multilabel=True)
+    _, values = computed("multilabel", logits, target)
+    probs = torch.sigmoid(logits.double()).numpy()
+    y, predicted = target.numpy().astype(int), (probs >= 0.5).astype(int)
+    assert values["micro_f1"] == pytest.approx(skm.f1_score(y, predicted, average="micro"), abs=1e-6)
+    assert values["macro_f1"] == pytest.approx(skm.f1_score(y, predicted, average="macro"), abs=1e-6)
+    assert values["map"] == pytest.approx(skm.average_precision_score(y, probs, average="macro"), abs=1e-5)
+    assert values["hamming_loss"] == pytest.approx(skm.hamming_loss(y, predicted), abs=1e-6)
+    assert values["exact_match"] == pytest.approx(skm.accuracy_score(y, predicted), abs=1e-6)
+    balanced = np.mean([skm.balanced_accuracy_score(y[:, j], predicted[:, j]) for j in range(6)])
+    assert values["balanced_accuracy"] == pytest.approx(balanced, abs=1e-6)
+    recalls = skm.recall_score(y, predicted, average=None)
+    for j in range(6):
+        assert values[f"recall_class_{j}"] == pytest.approx(recalls[j], abs=1e-6)
+    flat_y, flat_p = y.ravel(), probs.ravel()
+    assert values["nll"] == pytest.approx(skm.log_loss(flat_y, flat_p), rel=1e-5)
+    assert values["brier"] == pytest.approx(skm.brier_score_loss(flat_y, flat_p), rel=1e-5)
+    correct = ((flat_p >= 0.5) == flat_y).astype(float)
+    assert values["ece"] == pytest.approx(sklearn_ece(np.maximum(flat_p, 1 - flat_p), correct), abs=1e-6)
+
+
+@pytest.mark.parametrize(("task", "c"), [("multiclass", 4), ("multilabel", 3)])
+def test_confusion_matrix_agrees_with_sklearn(task, c):
+    logits, target = fixed_predictions(300, c, seed=5, multilabel=task == "multilabel")
+    metrics, _ = computed(task, logits, target)
+    matrix = metrics.confusion_matrix().numpy()
+    if task == "multilabel":
+        predicted = (torch.sigmoid(logits) >= 0.5).int().numpy()
+        expected = skm.multilabel_confusion_matrix(target.int().numpy(), predicted)
+    else:
+        expected = skm.confusion_matrix(target.numpy(), logits.argmax(1).numpy(), labels=range(c))
+    np.testing.assert_array_equal(matrix, expected)
+
+
+def test_reset_forgets_the_previous_epoch():
+    logits, target = fixed_predictions(200, 3, seed=2)
+    metrics, first = computed("multiclass", logits, target)
+    metrics.reset()
+    metrics.update(logits[:50], target[:50])
+    assert metrics.compute()["accuracy"] == pytest.approx(
+        skm.accuracy_score(target[:50].numpy(), logits[:50].argmax(1).numpy()), abs=1e-6)
+    assert len(metrics.predictions.compute()[1]) == 50
+
+
+def test_calibration_bins_are_left_closed_and_the_last_includes_one():
+    confidence = torch.tensor([0.0, 1 / 30, 1 / 15, 0.5, 14 / 15 - 1e-6, 14 / 15, 1.0])
+    assert bin_index(confidence).tolist() == [0, 0, 1, 7, 13, 14, 14]
+
+
+def test_loss_curves_reproduce_cross_entropy_and_mse_in_closed_form():
+    p, c = torch.tensor([0.1, 0.5, 0.9]), 4
+    ce, ce_grad = loss_curve(xF.cross_entropy, p, task="multiclass", num_classes=c, true_class=2)
+    torch.testing.assert_close(ce, -p.log(), atol=1e-5, rtol=1e-5)
+    rest = (1 - p) / (c - 1)
+    torch.testing.assert_close(ce_grad, ((1 - p) ** 2 + (c - 1) * rest ** 2).sqrt(), atol=1e-5, rtol=1e-5)
+    mse, _ = loss_curve(xF.mse_loss, p, task="multiclass", num_classes=c, true_class=2)
+    torch.testing.assert_close(mse, ((1 - p) ** 2 + (c - 1) * rest ** 2) / c, atol=1e-5, rtol=1e-5)
+    # The LOSSES.md anchor values: p_true -> -log p.
+    assert loss_curve(xF.cross_entropy, torch.tensor([0.01]), task="multiclass", num_classes=3)[0].item() == \
+        pytest.approx(4.605, abs=1e-3)
+
+
+def test_per_label_turns_softmax_losses_into_their_sigmoid_forms():
+    logits, target = fixed_predictions(40, 5, seed=3, multilabel=True)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    torch.testing.assert_close(per_label(xF.cross_entropy)(logits, target), bce, atol=1e-5, rtol=1e-5)
+    brier = ((torch.sigmoid(logits) - target) ** 2).mean()
+    torch.testing.assert_close(per_label(xF.mse_loss)(logits, target), brier, atol=1e-6, rtol=1e-5)
+    p = torch.tensor([0.2, 0.7])
+    values, grads = loss_curve(torch.nn.functional.binary_cross_entropy_with_logits, p, task="multilabel",
+                               num_classes=5)
+    torch.testing.assert_close(values, -p.log(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads, 1 - p, atol=1e-5, rtol=1e-5)  # d(-log sigmoid x)/dx per label
+
+
+def test_logit_gradient_norm_is_the_mean_per_sample_push_and_leaves_the_loss_alone():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 4)
+    loss = torch.nn.CrossEntropyLoss()
+    module = ClassifierModule(model, loss, task="multiclass", num_classes=4, optimizer=torch.optim.SGD)
+    module.log = lambda *args, **kwargs: None  # no trainer attached
+    x, y = torch.randn(16, 3), torch.randint(0, 4, (16,))
+    value = module._step((x, y), "train")
+    value.backward()
+    expected = (torch.softmax(model(x), 1) - torch.nn.functional.one_hot(y, 4)).norm(dim=1).mean()
+    assert float(module._logit_grad_norm) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert float(value.detach()) == pytest.approx(float(loss(model(x), y).detach()), rel=1e-6)
+    grads_with_hook = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss(model(x), y).backward()
+    for with_hook, plain in zip(grads_with_hook, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(with_hook, plain)
+
+
+def test_figures_render_to_rgb_images():
+    rng = np.random.default_rng(0)
+    curves = {"ce": (np.arange(9.0), np.ones(9)), "mse": (np.ones(9), np.ones(9))}
+    images = [
+        plots.to_image(plots.confusion_matrix_figure(rng.integers(0, 50, (4, 4)))),
+        plots.to_image(plots.multilabel_confusion_figure(rng.integers(0, 50, (3, 2, 2)))),
+        plots.to_image(plots.reliability_figure(np.linspace(0.05, 0.95, 15), np.linspace(0, 1, 15) ** 2,
+                                                rng.integers(0, 30, 15), 0.12)),
+        plots.to_image(plots.loss_curves_figure(np.linspace(0.01, 0.99, 9), curves)),
+    ]
+    for image in images:
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+        assert image.shape[0] > 100 and image.shape[1] > 100
+        assert len(np.unique(image.reshape(-1, 3), axis=0)) > 10  # drawn, not blank

@@ -1,0 +1,111 @@
+"""A real third-party loss: examples/xentlab-plugin-example is pip-installed into this environment, then found
+by `xentlab losses`, trained as `loss=poly1` (its YAML comes through its Hydra search-path plugin, so a
+run that composes proves Hydra lists it among the loss choices), swept beside a built-in, and its own tests
+(which use check_loss) pass."""
+
+from __future__ import annotations
+
+import fcntl
+import importlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import tomllib
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "xentlab-plugin-example"
+DIST = "xentlab-plugin-example"
+TINY = ["data.n_samples=600", "model.hidden_sizes=[16]", "trainer.max_epochs=1"]
+
+
+def installed_matches_source() -> bool:
+    """True when the installed distribution has the example's version, entry points and exact source files."""
+    try:
+        dist = importlib.metadata.distribution(DIST)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
+    wanted = {(group, name, value) for group, points in project["entry-points"].items()
+              for name, value in points.items()}
+    installed_points = {(e.group, e.name, e.value) for e in dist.entry_points}
+    if dist.version != project["version"] or installed_points != wanted:
+        return False
+    sources = [p for p in (EXAMPLE / "src").rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    for source in sources:
+        installed = Path(dist.locate_file(source.relative_to(EXAMPLE / "src")))
+        if not installed.is_file() or installed.read_bytes() != source.read_bytes():
+            return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def installed_plugin(tmp_path_factory):
+    """pip-installs the example (non-editable, from a copy, so the source tree stays clean) unless this exact
+    version is installed already; a file lock keeps parallel test workers from installing at once."""
+    lock_path = Path(tempfile.gettempdir()) / f"xentlab-plugin-install-{abs(hash(sys.prefix))}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not installed_matches_source():
+            copy = tmp_path_factory.mktemp("plugin") / EXAMPLE.name
+            shutil.copytree(EXAMPLE, copy, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build",
+                                                                          "tests"))
+            subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                            "--no-index", "--quiet", "--force-reinstall", str(copy)],
+                           check=True, capture_output=True, text=True, timeout=300)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    importlib.invalidate_caches()
+    assert installed_matches_source()
+    return DIST
+
+
+def run(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", "COLUMNS": "200"}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def script(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def test_xentlab_losses_lists_the_plugin_with_its_distribution(installed_plugin, tmp_path):
+    result = run([script("xentlab"), "losses"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    (row,) = [line for line in result.stdout.splitlines() if " poly1 " in line]
+    assert "multiclass, binary" in row and "epsilon=1.0" in row and installed_plugin in row
+    for name in ("ce", "weighted_ce", "label_smoothing", "focal", "bce", "mse"):
+        assert f" {name} " in result.stdout
+    assert "failed to load" not in result.stdout
+
+
+def test_a_one_epoch_run_with_the_plugin_and_its_own_config(installed_plugin, tmp_path):
+    result = run([script("xentlab-train"), "loss=poly1", "loss.epsilon=2.5", *TINY], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = tmp_path.glob("outputs/*/*/metrics.json")
+    record = json.loads(metrics.read_text())
+    assert record["status"] == "completed" and record["epochs"] == 1
+    assert record["config"]["loss"] == {"name": "poly1", "epsilon": 2.5}
+
+
+def test_a_multirun_mixes_a_builtin_and_the_plugin(installed_plugin, tmp_path):
+    result = run([script("xentlab-train"), "-m", "loss=ce,poly1", *TINY], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    paths = tmp_path.glob("outputs/multirun/*/*/*/metrics.json")
+    records = {p.parent.name: json.loads(p.read_text()) for p in paths}
+    assert sorted(records) == [f"data.n_samples=600,loss={loss},model.hidden_sizes=[16],trainer.max_epochs=1"
+                               for loss in ("ce", "poly1")]
+    for record in records.values():
+        assert record["status"] == "completed", record.get("error")
+        assert record["metrics"]["test/loss"] == record["metrics"]["test/loss"]  # not NaN
+
+
+def test_the_plugins_own_tests_pass(installed_plugin, tmp_path):
+    result = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
+                 tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout

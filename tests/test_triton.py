@@ -1,0 +1,369 @@
+"""The Triton backend against the plain-PyTorch reference.
+
+Without a CUDA device the kernels run in Triton's CPU interpreter. TRITON_INTERPRET=1 must be in the
+environment before `triton` is first imported (Triton decorates its own `tl.sum`, `tl.cdiv`, ... at import,
+and our kernels when xentlab.kernels.triton_xent is imported), so this module sets it before importing
+anything from Triton; if Triton was already imported without it, the interpreter tests are skipped with that
+reason. With a CUDA device the same tests run on the GPU, plus the GPU-only ones at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton", reason="triton is not installed: the Triton backend is not testable")
+
+from xentlab import functional  # noqa: E402
+from xentlab.kernels import reference  # noqa: E402
+from xentlab.kernels import triton_xent as tx  # noqa: E402
+
+if not ON_GPU and not tx._INTERPRETED:
+    pytest.skip("no CUDA device, and triton was imported before TRITON_INTERPRET=1 could be set; run with "
+                "TRITON_INTERPRET=1 in the environment", allow_module_level=True)
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+REDUCTIONS = ["mean", "sum", "none"]
+# "short": whole rows in one tile, 4 rows per program (the last block part empty); "long": rows walked in
+# blocks of 8 columns (the last one partial), 4 rows per block, one program looping over both row blocks.
+PATHS = {"short": {"rows": 4}, "long": {"one_block": False, "block_c": 8, "rows": 4, "max_programs": 1}}
+# The long-row path shares all dtype handling with the short one; float32 covers it within the time budget.
+SOFTMAX_PARAMS = [(path, dtype) for path in PATHS for dtype in DTYPES if path == "short" or dtype == torch.float32]
+N, C = 7, 11
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (none present)")
+
+
+def _wdtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inputs(dtype, n=N, c=C, seed=0):
+    """Logits with a wide spread of probabilities; index targets with one row ignored (-100)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=gen) * 3).to(dtype)
+    y = torch.randint(0, c, (n,), generator=gen)
+    y[n // 2] = -100
+    w = torch.rand(c, generator=gen).to(_wdtype(dtype)) + 0.5
+    probs = torch.softmax(torch.randn(n, c, generator=gen), 1).to(dtype)
+    soft = torch.rand(n, c, generator=gen).to(dtype)
+    to = lambda t: t.to(DEVICE)  # noqa: E731
+    return to(x), to(y), to(w), to(probs), to(soft)
+
+
+def _softmax_cases():
+    """(id, function name, builder of the arguments after `input`)."""
+    return [
+        ("ce", "cross_entropy", lambda y, w, p, s, r: (y, None, -100, r, 0.0)),
+        ("ce_weight", "cross_entropy", lambda y, w, p, s, r: (y, w, -100, r, 0.0)),
+        ("ce_smooth", "cross_entropy", lambda y, w, p, s, r: (y, None, -100, r, 0.1)),
+        ("ce_weight_smooth_ignore1", "cross_entropy",
+         lambda y, w, p, s, r: (torch.where(y < 0, 1, y), w, 1, r, 0.3)),
+        ("ce_probs", "cross_entropy", lambda y, w, p, s, r: (p, None, -100, r, 0.0)),
+        ("ce_probs_weight_smooth", "cross_entropy", lambda y, w, p, s, r: (p, w, -100, r, 0.2)),
+        ("focal_alpha", "focal_loss", lambda y, w, p, s, r: (y, 2.0, w, -100, r)),
+        ("focal_gamma_half", "focal_loss", lambda y, w, p, s, r: (y, 0.5, None, -100, r)),
+        ("mse_probs", "mse_loss", lambda y, w, p, s, r: (y, -100, r, "probs")),
+        ("mse_probs_soft", "mse_loss", lambda y, w, p, s, r: (p, -100, r, "probs")),
+        ("mse_logits", "mse_loss", lambda y, w, p, s, r: (y, -100, r, "logits")),
+        ("mse_logits_soft", "mse_loss", lambda y, w, p, s, r: (p, -100, r, "logits")),
+    ]
+
+
+def _sigmoid_cases():
+    return [
+        ("bce", "binary_cross_entropy_with_logits", lambda y, w, p, s, r: (s, None, None, r)),
+        ("bce_weight_pos", "binary_cross_entropy_with_logits", lambda y, w, p, s, r: (s, w, 2 * w, r)),
+        ("bce_row_weight", "binary_cross_entropy_with_logits",
+         lambda y, w, p, s, r: ((s > 0.5).to(s.dtype), w[:N, None], None, r)),
+        ("sigmoid_focal", "sigmoid_focal_loss", lambda y, w, p, s, r: (s, 0.25, 2.0, r)),
+        ("sigmoid_focal_noalpha", "sigmoid_focal_loss", lambda y, w, p, s, r: ((s > 0.5).to(s.dtype), -1.0, 0.5, r)),
+    ]
+
+
+def _tolerance(dtype):
+    return {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+
+
+def _assert_close(actual, expected, dtype, what):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    tol = _tolerance(dtype)
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol * (scale + 1e-3), msg=what)
+
+
+def _run(fn, x, args, grad_out):
+    x = x.detach().clone().requires_grad_()
+    loss = fn(x, *args)
+    (grad,) = torch.autograd.grad(loss, x, grad_out)
+    return loss.detach(), grad
+
+
+def _compare(name, x, args, dtype, what):
+    """Loss and gradient of the Triton function vs the reference, with a non-trivial grad_output."""
+    gen = torch.Generator().manual_seed(1)
+    probe = getattr(reference, name)(x, *args)
+    grad_out = (torch.rand(probe.shape, generator=gen) + 0.5).to(probe.dtype).to(DEVICE)
+    ref_loss, ref_grad = _run(getattr(reference, name), x, args, grad_out)
+    loss, grad = _run(getattr(tx, name), x, args, grad_out)
+    _assert_close(loss, ref_loss, dtype, f"{what}: loss")
+    _assert_close(grad, ref_grad, dtype, f"{what}: gradient")
+
+
+@pytest.mark.parametrize("case", _softmax_cases(), ids=lambda c: c[0])
+@pytest.mark.parametrize(("path", "dtype"), SOFTMAX_PARAMS, ids=lambda v: str(v).replace("torch.", ""))
+def test_softmax_family_matches_reference(case, path, dtype, monkeypatch):
+    for key, value in PATHS[path].items():
+        monkeypatch.setitem(tx._TUNING, key, value)
+    case_id, name, build = case
+    x, y, w, p, s = _inputs(dtype)
+    for reduction in REDUCTIONS:
+        _compare(name, x, build(y, w, p, s, reduction), dtype, f"{case_id}/{reduction}")
+
+
+@pytest.mark.parametrize("case", _sigmoid_cases(), ids=lambda c: c[0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+def test_sigmoid_family_matches_reference(case, dtype):
+    case_id, name, build = case
+    x, y, w, p, s = _inputs(dtype)
+    w = w[:C]
+    for reduction in REDUCTIONS:
+        _compare(name, x, build(y, w, p, s, reduction), dtype, f"{case_id}/{reduction}")
+
+
+# ------------------------------------------------------------------------------- contract numbers, edges
+
+
+def test_losses_md_numbers():
+    x = torch.tensor([[2.0, 1.0, 0.1], [0.0, 5.0, 0.2]], device=DEVICE, requires_grad=True)
+    y = torch.tensor([0, 1], device=DEVICE)
+    loss = tx.cross_entropy(x, y, None, -100, "mean", 0.0)
+    loss.backward()
+    assert round(loss.item(), 4) == 0.2159
+    expected = (torch.softmax(x.detach(), 1) - torch.nn.functional.one_hot(y, 3)) / 2
+    torch.testing.assert_close(x.grad, expected)
+    x = torch.tensor([[2.0, 1.0], [2.0, 1.0]], device=DEVICE, requires_grad=True)
+    w = torch.tensor([1.0, 10.0], device=DEVICE)
+    loss = tx.cross_entropy(x, torch.tensor([1, 1], device=DEVICE), w, -100, "mean", 0.0)
+    loss.backward()
+    assert round(loss.item(), 4) == 1.3133
+    torch.testing.assert_close(x.grad, torch.tensor([[0.3655, -0.3655]] * 2, device=DEVICE), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("p_true", [0.9, 0.5, 0.1, 0.01])
+def test_true_class_probability_to_nll(p_true):
+    x = torch.tensor([[0.0, float(torch.log(torch.tensor(p_true / (1 - p_true))))]], device=DEVICE)
+    loss = tx.cross_entropy(x, torch.tensor([1], device=DEVICE), None, -100, "mean", 0.0)
+    assert abs(loss.item() + torch.log(torch.tensor(p_true)).item()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("path", PATHS)
+def test_huge_logits_stay_finite(dtype, path, monkeypatch):
+    for key, value in PATHS[path].items():
+        monkeypatch.setitem(tx._TUNING, key, value)
+    x = torch.tensor([[1e4, -1e4, 0.0, 5.0, -1e4, 1e4, 3.0, 0.0, 1.0]] * 3, dtype=dtype, device=DEVICE)
+    y = torch.tensor([1, 0, 3], device=DEVICE)
+    for name, args in [("cross_entropy", (y, None, -100, "mean", 0.1)), ("focal_loss", (y, 0.5, None, -100, "sum")),
+                       ("mse_loss", (y, -100, "mean", "probs"))]:
+        loss, grad = _run(getattr(tx, name), x, args, None)
+        assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), name
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # 1/0 and 0*inf make the nan, by design
+def test_all_ignored_and_empty_batches():
+    x = torch.randn(3, 4, device=DEVICE)
+    ignored = torch.full((3,), -100, device=DEVICE)
+    loss, grad = _run(tx.cross_entropy, x, (ignored, None, -100, "mean", 0.1), None)
+    assert torch.isnan(loss) and (grad == 0).all()
+    loss, grad = _run(tx.focal_loss, x, (ignored, 2.0, None, -100, "sum"), None)
+    assert loss.item() == 0 and (grad == 0).all()
+    empty = torch.empty(0, 4, device=DEVICE)
+    no_target = torch.empty(0, dtype=torch.int64, device=DEVICE)
+    for reduction in REDUCTIONS:
+        grad_out = torch.empty(0, device=DEVICE) if reduction == "none" else torch.ones((), device=DEVICE)
+        loss, grad = _run(tx.cross_entropy, empty, (no_target, None, -100, reduction, 0.0), grad_out)
+        assert grad.shape == (0, 4), reduction
+        assert {"mean": loss.isnan(), "sum": loss == 0, "none": loss.shape == (0,)}[reduction], reduction
+    loss, grad = _run(tx.binary_cross_entropy_with_logits, empty, (empty, None, None, "mean"), None)
+    assert torch.isnan(loss) and grad.shape == (0, 4)
+
+
+def test_focal_gamma_below_one_is_finite_at_certainty_and_gamma_zero_is_weighted_ce():
+    x = torch.tensor([[100.0, 0.0, 0.0], [0.0, 1.0, 2.0]], device=DEVICE)  # p_y == 1 exactly in float32
+    y = torch.tensor([0, 2], device=DEVICE)
+    loss, grad = _run(tx.focal_loss, x, (y, 0.5, None, -100, "mean"), None)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and (grad[0] == 0).all()
+    x, y, w, _, _ = _inputs(torch.float64)
+    focal = _run(tx.focal_loss, x, (y, 0.0, w, -100, "mean"), None)
+    ce = _run(tx.cross_entropy, x, (y, w, -100, "mean", 0.0), None)
+    for a, b in zip(focal, ce):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_mean_denominator_spans_several_partial_blocks():
+    x, _, w, _, _ = _inputs(torch.float32, n=2500, c=3)
+    y = torch.arange(2500, device=DEVICE) % 4 - 1  # every fourth row ignored (-1)
+    _compare("cross_entropy", x, (y, w, -1, "mean", 0.0), torch.float32, "2500 rows")
+
+
+# --------------------------------------------------------------------------- autograd and in-place
+
+
+def test_leaf_grad_takes_the_saved_gradient_without_a_copy(monkeypatch):
+    pointers = []
+    save = tx._saved_gradient
+    monkeypatch.setattr(tx, "_saved_gradient", lambda ctx, x, grad, spec: (pointers.append(grad.data_ptr()),
+                                                                            save(ctx, x, grad, spec)))
+    x, y, _, _, _ = _inputs(torch.float32)
+    x.requires_grad_()
+    tx.cross_entropy(x, y, None, -100, "mean", 0.0).backward()
+    assert x.grad.data_ptr() == pointers[-1]
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "binary_cross_entropy_with_logits"])
+def test_retained_graph_backward_twice_is_exact(name):
+    x, y, _, _, s = _inputs(torch.float32)
+    args = (y, None, -100, "mean", 0.1) if name == "cross_entropy" else (s, None, None, "mean")
+    _, unit = _run(getattr(reference, name), x, args, None)
+    x = x.clone().requires_grad_()
+    loss = getattr(tx, name)(x, *args)
+    first = torch.autograd.grad(loss, x, torch.tensor(2.0, device=DEVICE), retain_graph=True)[0].clone()
+    second = torch.autograd.grad(loss, x, torch.tensor(0.5, device=DEVICE))[0]
+    torch.testing.assert_close(first, 2 * unit)
+    torch.testing.assert_close(second, 0.5 * unit)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("name", ["cross_entropy", "binary_cross_entropy_with_logits"])
+def test_inplace_backward_writes_the_gradient_into_the_logits(name, reduction):
+    x, y, w, _, s = _inputs(torch.float32)
+    args = (y, w, -100, reduction, 0.1) if name == "cross_entropy" else (s, w, None, reduction)
+    grad_out = torch.full((N,) if name == "cross_entropy" else (N, C), 0.7, device=DEVICE)
+    grad_out = grad_out if reduction == "none" else grad_out.new_tensor(0.7)
+    ref_loss, ref_grad = _run(getattr(reference, name), x, args, grad_out)
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1.0
+    loss = getattr(tx, name)(logits, *args, inplace_backward=True)
+    loss.backward(grad_out)
+    torch.testing.assert_close(loss.detach(), ref_loss)
+    torch.testing.assert_close(leaf.grad, ref_grad)
+    torch.testing.assert_close(logits.detach(), ref_grad)  # the logits' storage now holds the gradient
+
+
+def test_inplace_backward_is_guarded():
+    x, y, _, _, _ = _inputs(torch.float32)
+    leaf = x.clone().requires_grad_()
+    with pytest.raises(ValueError, match="leaf tensor"):
+        tx.cross_entropy(leaf, y, None, -100, "mean", 0.0, inplace_backward=True)
+    logits = leaf * 1.0
+    other = (logits * logits).sum()  # saves the logits, which the in-place loss then overwrites
+    with tx.use_inplace_backward():
+        loss = functional.cross_entropy(logits, y, backend="triton")
+    assert logits._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other).backward()
+    fresh = leaf * 1.0
+    tx.cross_entropy(fresh, y, None, -100, "mean", 0.0)  # default: a new gradient buffer
+    assert fresh._version == 0
+
+
+# ------------------------------------------------------------------------------ through functional
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_functional_dispatch_with_spatial_inputs(reduction):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 3, 2, generator=gen).to(DEVICE)
+    y = torch.randint(0, 5, (2, 3, 2), generator=gen).to(DEVICE)
+    soft = torch.rand(2, 5, 3, 2, generator=gen).to(DEVICE)
+    calls = [("cross_entropy", (y,), {"label_smoothing": 0.1, "reduction": reduction}),
+             ("focal_loss", (y,), {"reduction": reduction}),
+             ("mse_loss", (y,), {"reduction": reduction}),
+             ("binary_cross_entropy_with_logits", (soft,), {"reduction": reduction}),
+             ("sigmoid_focal_loss", (soft,), {"reduction": reduction})]
+    for name, args, kwargs in calls:
+        fn = getattr(functional, name)
+        got = _run(lambda v, *a: fn(v, *a, **kwargs, backend="triton"), x, args, None if reduction != "none"
+                   else torch.ones_like(fn(x, *args, **kwargs, backend="reference")))
+        want = _run(lambda v, *a: fn(v, *a, **kwargs, backend="reference"), x, args, None if reduction != "none"
+                    else torch.ones_like(fn(x, *args, **kwargs, backend="reference")))
+        for a, b, what in zip(got, want, ("loss", "gradient")):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6, msg=f"{name}/{reduction}: {what}")
+
+
+# ------------------------------------------------------------------- without the interpreter (subprocess)
+
+_NO_INTERPRETER = textwrap.dedent("""
+    import json, sys, torch, triton
+    import xentlab.kernels.triton_xent as tx
+    out = {"interpreted": tx._INTERPRETED, "compiled": []}
+    try:
+        tx.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), None, -100, "mean", 0.0)
+    except ValueError as err:
+        out["error"] = str(err)
+    if sys.argv[1] == "compile" and "nvidia" in triton.backends.backends:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, make_backend
+        from triton.runtime.jit import create_function_from_signature
+        calls, target = [], GPUTarget("cuda", 90, 32)
+        backend = make_backend(target)
+        tx._check_input = lambda x, inplace: None
+        tx._launch = lambda kernel, grid, warps, *args, **meta: calls.append((kernel, warps, args, meta))
+        bf = torch.bfloat16
+        x, w = torch.randn(4, 40, dtype=bf, requires_grad=True), torch.rand(40)
+        y, p = torch.randint(0, 40, (4,)), torch.rand(4, 40, dtype=bf)
+        tx.cross_entropy(x, y, w, -100, "mean", 0.1).backward()
+        tx.cross_entropy(x, p, None, -100, "mean", 0.0)
+        tx.mse_loss(x, y, -100, "none", "probs").sum().backward()
+        tx.binary_cross_entropy_with_logits(x, p, w, w, "mean")
+        tx.sigmoid_focal_loss(x, p, 0.25, 2.0, "none").sum().backward()
+        long = torch.randn(2, 40000, dtype=bf, requires_grad=True)
+        tx.focal_loss(long, torch.tensor([1, 39999]), 2.0, None, -100, "mean")
+        for kernel, warps, args, meta in calls:
+            bind = create_function_from_signature(kernel.signature, kernel.params, backend)
+            bound, spec, opts = bind(*args, num_warps=warps, **meta)
+            options, signature, constexprs, attrs = kernel._pack_args(backend, opts, bound, spec, opts)
+            triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+            out["compiled"].append(kernel.fn.__name__)
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def no_interpreter():
+    """Runs the module in a fresh interpreter without TRITON_INTERPRET: the CPU refusal, then sm_90 compiles."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    mode = "compile" if not ON_GPU else "error-only"
+    done = subprocess.run([sys.executable, "-c", _NO_INTERPRETER, mode], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a CUDA machine CPU tensors are still refused, but this runs the CPU check")
+def test_cpu_tensors_without_interpreter_raise_a_clear_error(no_interpreter):
+    assert not no_interpreter["interpreted"]
+    assert "needs CUDA tensors" in no_interpreter["error"] and "TRITON_INTERPRET=1" in no_interpreter["error"]
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels are compiled and run by the other tests")
+def test_kernels_compile_for_sm90_ahead_of_time(no_interpreter):
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend to compile with")
+    assert set(no_interpreter["compiled"]) == {"_softmax_family_kernel", "_denominator_kernel", "_rescale_kernel",
+                                               "_sigmoid_family_kernel"}
+    assert len(no_interpreter["compiled"]) >= 10

@@ -1,0 +1,283 @@
+"""The loss API: PyTorch-style functions that check every argument, flatten, and dispatch to a backend.
+
+All validation lives here and runs before any kernel, so a bad target is a ValueError naming the value, never
+a device-side assert. Inputs (N, C, d1, ...) follow PyTorch's class-dimension-1 convention for the softmax
+family; they are flattened to (N*d1*..., C) rows and `reduction="none"` outputs are reshaped back. The
+semantics are those of LOSSES.md; `backend` is "auto" | "fused" | "triton" | "reference".
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from xentlab.kernels import get_backend
+
+Tensor = torch.Tensor
+
+REDUCTIONS = ("none", "mean", "sum")
+MSE_TARGETS = ("probs", "logits")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, *, backend: str = "auto") -> Tensor:
+    """Cross-entropy with `torch.nn.functional.cross_entropy`'s semantics. Index targets: l_i = (1-eps) w[y_i]
+    (lse_i - x_iy) + (eps/C) sum_c w_c (lse_i - x_ic), rows with y_i == ignore_index contribute nothing, and
+    `mean` divides by sum of w[y_i] over the other rows. Probability targets (the input's shape and dtype):
+    l_i = -sum_c w_c t'_ic log p_ic with t' = (1-eps) t + eps/C, and `mean` divides by the number of rows."""
+    n_classes = _check_softmax_input(input)
+    _check_reduction(reduction)
+    _check_int("ignore_index", ignore_index)
+    eps = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
+    weight = _class_vector("weight", weight, n_classes, input)
+    target = _softmax_target(target, input, ignore_index, allow_probs=True)
+    out = get_backend(backend, input).cross_entropy(
+        _rows(input), target, weight, ignore_index, reduction, eps)
+    return _unflatten_rows(out, input, reduction)
+
+
+def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, alpha: Tensor | None = None,
+               ignore_index: int = -100, reduction: str = "mean", *, backend: str = "auto") -> Tensor:
+    """Softmax focal loss (Lin et al. 2017), l_i = -a[y_i] (1 - p_iy)^gamma log p_iy with p = softmax(x) and a
+    per-class alpha (1 when absent). `mean` divides by the sum of a[y_i] over non-ignored rows, so gamma=0
+    equals cross_entropy(weight=alpha) exactly."""
+    n_classes = _check_softmax_input(input)
+    _check_reduction(reduction)
+    _check_int("ignore_index", ignore_index)
+    gamma = _check_real("gamma", gamma, 0.0, math.inf)
+    alpha = _class_vector("alpha", alpha, n_classes, input)
+    target = _softmax_target(target, input, ignore_index, allow_probs=False)
+    out = get_backend(backend, input).focal_loss(_rows(input), target, gamma, alpha, ignore_index, reduction)
+    return _unflatten_rows(out, input, reduction)
+
+
+def mse_loss(input: Tensor, target: Tensor, ignore_index: int = -100, reduction: str = "mean", *,
+             on: str = "probs", backend: str = "auto") -> Tensor:
+    """Squared error against the one-hot (or probability) target: sum (pred - onehot(y))^2 with pred =
+    softmax(x) (on="probs", the default) or the raw logits (on="logits", Hui & Belkin 2021). Ignored rows are
+    zero and `mean` divides by (non-ignored rows) * C, i.e. F.mse_loss over the kept rows."""
+    n_classes = _check_softmax_input(input)
+    _check_reduction(reduction)
+    _check_int("ignore_index", ignore_index)
+    if on not in MSE_TARGETS:
+        raise ValueError(f"on must be one of {MSE_TARGETS}, got {on!r}")
+    target = _softmax_target(target, input, ignore_index, allow_probs=True)
+    out = get_backend(backend, input).mse_loss(_rows(input), target, ignore_index, reduction, on)
+    if reduction != "none" or input.dim() == 2:
+        return out
+    if input.dim() == 1:
+        return out.reshape(n_classes)
+    return out.reshape(input.shape[0], *input.shape[2:], n_classes).movedim(-1, 1)
+
+
+def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tensor | None = None,
+                                     pos_weight: Tensor | None = None, reduction: str = "mean", *,
+                                     backend: str = "auto") -> Tensor:
+    """Element-wise BCE on logits with `F.binary_cross_entropy_with_logits`'s semantics: l = -weight [pos_weight
+    t log sigmoid(x) + (1-t) log sigmoid(-x)], soft targets in [0, 1], `mean` over all elements. weight
+    broadcasts to the input; pos_weight is a scalar or one value per entry of the input's last dimension."""
+    _check_float_input(input)
+    _check_reduction(reduction)
+    target = _binary_target(target, input)
+    weight = _elementwise_weight(weight, input)
+    pos_weight = _pos_weight(pos_weight, input)
+    out = get_backend(backend, input).binary_cross_entropy_with_logits(
+        _elements(input), target, weight, pos_weight, reduction)
+    return out.reshape(input.shape) if reduction == "none" else out
+
+
+def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                       reduction: str = "mean", *, backend: str = "auto") -> Tensor:
+    """`torchvision.ops.sigmoid_focal_loss`: alpha_t (1 - p_t)^gamma BCE(x, t) with p = sigmoid(x),
+    p_t = p t + (1-p)(1-t) and alpha_t = alpha t + (1-alpha)(1-t); alpha < 0 disables the alpha term."""
+    _check_float_input(input)
+    _check_reduction(reduction)
+    alpha = _check_real("alpha", alpha, -math.inf, 1.0)
+    gamma = _check_real("gamma", gamma, 0.0, math.inf)
+    target = _binary_target(target, input)
+    out = get_backend(backend, input).sigmoid_focal_loss(_elements(input), target, alpha, gamma, reduction)
+    return out.reshape(input.shape) if reduction == "none" else out
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def _check_float_input(input) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"input dtype must be one of float16, bfloat16, float32, float64, got {input.dtype}")
+
+
+def _check_softmax_input(input) -> int:
+    """Checks a (C,) or (N, C, d1, ...) logits tensor and returns C."""
+    _check_float_input(input)
+    if input.dim() == 0:
+        raise ValueError("input must have a class dimension: shape (C,) or (N, C, d1, ...), got a 0-d tensor")
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if n_classes < 1:
+        raise ValueError(f"input must have at least one class (C >= 1), got shape {tuple(input.shape)}")
+    return n_classes
+
+
+def _check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+
+
+def _check_real(name: str, value, low: float, high: float) -> float:
+    """A finite real number in [low, high] (NaN and infinities never are), returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(float(value)) and low <= float(value) <= high):
+        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def _check_weights(name: str, values: Tensor) -> None:
+    if values.dtype.is_complex or values.dtype == torch.bool:
+        raise TypeError(f"{name} must be real-valued, got dtype {values.dtype}")
+    bad = ~torch.isfinite(values) | (values < 0)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be finite and >= 0, got {values[bad].flatten()[0].item()}")
+
+
+def _class_vector(name: str, value, n_classes: int, input: Tensor) -> Tensor | None:
+    """A per-class weight/alpha: a length-C tensor or sequence of finite values >= 0, as the compute dtype."""
+    if value is None:
+        return None
+    if not isinstance(value, Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be a tensor or a sequence of numbers, got {value!r}") from err
+    if tuple(value.shape) != (n_classes,):
+        raise ValueError(f"{name} must have shape (C,) = ({n_classes},), got {tuple(value.shape)}")
+    _check_weights(name, value)
+    return value.to(device=input.device, dtype=_compute_dtype(input)).contiguous()
+
+
+def _compute_dtype(input: Tensor) -> torch.dtype:
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def _softmax_target(target, input: Tensor, ignore_index: int, allow_probs: bool) -> Tensor:
+    """Validates class indices (shape of input without the class dim) or probabilities (input's shape/dtype)
+    and returns them flattened like the input rows."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    if target.dtype.is_floating_point and allow_probs:
+        return _probability_target(target, input, ignore_index)
+    index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        kinds = "class indices (an integer tensor)" + (" or probabilities" if allow_probs else "")
+        raise TypeError(f"target must hold {kinds}; got dtype {target.dtype} with shape {tuple(target.shape)}")
+    if target.shape != index_shape:
+        raise ValueError(f"class-index target must have shape {tuple(index_shape)} for input of shape "
+                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    target = target.reshape(-1).to(torch.int64)
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if bool(bad.any()):
+        raise ValueError(f"target contains class index {target[bad][0].item()}, outside [0, {n_classes}) "
+                         f"for C={n_classes} classes and not ignore_index={ignore_index}")
+    return target
+
+
+def _probability_target(target: Tensor, input: Tensor, ignore_index: int) -> Tensor:
+    if target.shape != input.shape:
+        raise ValueError(f"probability target must have the input's shape {tuple(input.shape)}, got "
+                         f"{tuple(target.shape)} (class indices must be an integer tensor)")
+    if target.dtype != input.dtype:
+        raise TypeError(f"probability target dtype {target.dtype} must match the input dtype {input.dtype}")
+    if ignore_index >= 0:
+        raise ValueError(f"ignore_index applies to class-index targets only and must stay negative with "
+                         f"probability targets, got {ignore_index}")
+    return _rows(target)
+
+
+def _binary_target(target, input: Tensor) -> Tensor:
+    """Same shape as the input, values in [0, 1]; integer/bool multi-hot targets are converted to the input
+    dtype."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.shape != input.shape:
+        raise ValueError(f"target shape {tuple(target.shape)} must equal input shape {tuple(input.shape)}")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    if target.dtype.is_complex:
+        raise TypeError(f"target must be real-valued, got dtype {target.dtype}")
+    bad = ~((target >= 0) & (target <= 1))
+    if bool(bad.any()):
+        raise ValueError(f"binary targets must be in [0, 1], got {target[bad][0].item()}")
+    return _elements(target.to(input.dtype))
+
+
+def _elementwise_weight(weight, input: Tensor) -> Tensor | None:
+    """A weight broadcastable to the input, finite and >= 0, returned broadcastable to the (rows, K) view."""
+    if weight is None:
+        return None
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    try:
+        shape = torch.broadcast_shapes(weight.shape, input.shape)
+    except RuntimeError:
+        shape = None
+    if shape != input.shape:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not broadcast to input shape "
+                         f"{tuple(input.shape)}")
+    _check_weights("weight", weight)
+    weight = weight.to(device=input.device, dtype=_compute_dtype(input))
+    return weight if input.dim() == 2 else _elements(weight.expand(input.shape))
+
+
+def _pos_weight(pos_weight, input: Tensor) -> Tensor | None:
+    """One positive-class weight per entry of the input's last dimension (a scalar is repeated)."""
+    if pos_weight is None:
+        return None
+    if not isinstance(pos_weight, Tensor):
+        raise TypeError(f"pos_weight must be a torch.Tensor, got {type(pos_weight).__name__}")
+    n_labels = input.shape[-1] if input.dim() > 0 else 1
+    if pos_weight.dim() > 1 or pos_weight.numel() not in (1, n_labels):
+        raise ValueError(f"pos_weight must be a scalar or have shape ({n_labels},) (the input's last "
+                         f"dimension), got {tuple(pos_weight.shape)}")
+    _check_weights("pos_weight", pos_weight)
+    pos_weight = pos_weight.to(device=input.device, dtype=_compute_dtype(input))
+    return pos_weight.reshape(-1).expand(n_labels).contiguous()
+
+
+# ---------------------------------------------------------------- flattening
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(C,) -> (1, C); (N, C) as is; (N, C, d1, ...) -> (N*d1*..., C), contiguous."""
+    if t.dim() == 1:
+        return t.reshape(1, -1).contiguous()
+    if t.dim() > 2:
+        t = t.movedim(1, -1).reshape(-1, t.shape[1])
+    return t.contiguous()
+
+
+def _unflatten_rows(out: Tensor, input: Tensor, reduction: str) -> Tensor:
+    if reduction != "none":
+        return out
+    if input.dim() == 1:
+        return out.reshape(())
+    return out.reshape(input.shape[:1] + input.shape[2:])
+
+
+def _elements(t: Tensor) -> Tensor:
+    """Element-wise losses keep row-major order: view as (rows, last dim); a 0-d tensor is one element."""
+    if t.dim() == 2:
+        return t.contiguous()
+    return t.reshape(-1, t.shape[-1] if t.dim() > 0 else 1).contiguous()

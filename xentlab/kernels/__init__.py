@@ -1,0 +1,32 @@
+"""Backend choice for the loss kernels: "auto" | "fused" | "triton" | "reference".
+
+Every backend module exposes the same five functions (cross_entropy, focal_loss, mse_loss,
+binary_cross_entropy_with_logits, sigmoid_focal_loss) over already-validated, flattened (N, C) arguments.
+Triton is imported only when the Triton backend is actually chosen, so importing xentlab never needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("auto", "fused", "triton", "reference")
+
+
+def triton_available() -> bool:
+    """True when the `triton` package can be imported; it is located, not imported, to keep imports lazy."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def get_backend(name: str, input: torch.Tensor) -> ModuleType:
+    """The backend module for `name`: "auto" picks Triton for CUDA inputs when Triton is importable and the
+    fused CPU path otherwise; "fused", "triton" and "reference" pick that module outright."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        name = "triton" if input.is_cuda and triton_available() else "fused"
+    module = {"fused": "fused", "triton": "triton_xent", "reference": "reference"}[name]
+    return importlib.import_module(f"{__name__}.{module}")

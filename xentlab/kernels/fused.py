@@ -1,0 +1,402 @@
+"""The CPU fast path: one autograd.Function whose forward sweeps the logits once, in row chunks.
+
+Each chunk's row statistic (the softmax, i.e. exp(x - lse)) is computed once, in float32 (float64 for float64
+inputs), and the loss and the closed-form gradient of LOSSES.md come out of that same chunk while it is still
+in cache. For `mean`/`sum` the gradient is written during the forward pass into one logits-sized buffer, the
+only thing saved; backward hands it over untouched when grad_output is 1 (autograd then adopts it as .grad
+without a copy). For `none` the forward saves only the logits and backward re-sweeps them, because the
+gradient depends on the per-row/per-element grad_output. No softmax is ever kept beyond that buffer.
+
+Chunk temporaries live in a small per-thread workspace reused across calls (a few x `_CHUNK_ELEMS` elements):
+fresh chunk-sized allocations cost page faults on every call, which on CPU can take longer than the math.
+Peak extra memory is therefore the one logits-sized buffer plus that constant workspace.
+
+Double backward is not supported: the Function is once-differentiable and raises a RuntimeError saying so.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+Tensor = torch.Tensor
+
+# Elements per row chunk: a chunk's float32 buffers stay inside a core's L2 cache.
+_CHUNK_ELEMS = 1 << 16
+# Below this many classes PyTorch's row-softmax kernel is dominated by per-row overhead; compose it instead.
+_SMALL_C = 64
+_local = threading.local()
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _workspace(slots: int, elems: int, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+    """`slots` flat scratch buffers of `elems` elements, cached per thread, dtype and device."""
+    cache = _local.__dict__.setdefault("workspace", {})
+    buf = cache.get((dtype, device))
+    if buf is None or buf.numel() < slots * elems:
+        buf = cache[(dtype, device)] = torch.empty(max(slots, 1) * elems, dtype=dtype, device=device)
+    return [buf[i * elems:(i + 1) * elems] for i in range(slots)]
+
+
+def workspace_bytes() -> int:
+    """Bytes held by this thread's cached chunk workspace (reported by the CPU benchmark)."""
+    cache = getattr(_local, "workspace", {})
+    return sum(b.numel() * b.element_size() for b in cache.values())
+
+
+class _FusedLoss(torch.autograd.Function):
+    """Drives a chunk kernel: forward sweeps once (loss, and the gradient for mean/sum); backward either
+    returns that gradient (times grad_output) or, for `none`, re-sweeps the saved logits with grad_output."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, kernel, reduction: str) -> Tensor:
+        ctx.kernel, ctx.reduction = kernel, reduction
+        want_grad = ctx.needs_input_grad[0]
+        if reduction == "none" or not want_grad:
+            ctx.save_for_backward(input if reduction == "none" else None)
+            loss = _sweep(kernel, input, None, None)
+            if reduction != "none":
+                loss = loss.sum() / kernel.denominator() if reduction == "mean" else loss.sum()
+            return loss.to(input.dtype)
+        cdt = _compute_dtype(input.dtype)
+        denominator = kernel.denominator().to(cdt) if reduction == "mean" else None
+        if denominator is None:
+            scale = torch.ones((), dtype=cdt, device=input.device)
+        else:  # an empty or all-ignored batch has a NaN mean loss but a zero gradient, as in PyTorch
+            scale = torch.where(denominator > 0, 1 / denominator, 0.0)
+        grad = torch.empty_like(input)
+        total = _sweep(kernel, input, scale, grad)
+        ctx.save_for_backward(grad)
+        return (total if denominator is None else total / denominator).to(input.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        (saved,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            grad = torch.empty_like(saved)
+            _sweep(ctx.kernel, saved, grad_output.to(_compute_dtype(saved.dtype)), grad)
+            return grad, None, None
+        if bool(grad_output == 1):
+            return saved, None, None
+        return saved * grad_output.to(saved.dtype), None, None
+
+
+def _sweep(kernel, x: Tensor, scale: Tensor | None, grad: Tensor | None) -> Tensor:
+    """Runs `kernel.chunk` over row chunks. Without `scale` it returns the full loss ((N,) per row or (N, C)
+    per element); with `scale` it writes scale * gradient into `grad` and returns the summed loss."""
+    n, c = x.shape
+    cdt = _compute_dtype(x.dtype)
+    step = max(1, _CHUNK_ELEMS // max(c, 1))
+    convert = x.dtype != cdt
+    slots = _workspace(kernel.slots + 1 + convert, min(step, max(n, 1)) * c, cdt, x.device)
+    losses = None if scale is not None else torch.empty((n, c) if kernel.elementwise else (n,), dtype=cdt,
+                                                       device=x.device)
+    total = torch.zeros((), dtype=cdt, device=x.device)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        ws = [s[:(rows.stop - start) * c].view(-1, c) for s in slots]
+        xc = ws.pop().copy_(x[rows]) if convert else x[rows]
+        in_place = grad is not None and grad.dtype == cdt
+        spare = ws.pop()
+        out = grad[rows] if in_place else spare
+        part = kernel.chunk(xc, rows, out, ws, scale if scale is None or scale.dim() == 0 else scale[rows])
+        if scale is None:
+            losses[rows] = part
+        else:
+            total += part.sum()
+            if not in_place:
+                grad[rows] = out
+    return total if losses is None else losses
+
+
+def _softmax(x: Tensor, out: Tensor) -> Tensor:
+    if x.shape[1] >= _SMALL_C:
+        return torch.softmax(x, 1, out=out)
+    torch.sub(x, x.amax(1, keepdim=True), out=out).exp_()
+    return out.div_(out.sum(1, keepdim=True))
+
+
+def _log_softmax(x: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+    if x.shape[1] >= _SMALL_C:
+        return torch.log_softmax(x, 1, out=out)
+    torch.sub(x, x.amax(1, keepdim=True), out=out)
+    return out.sub_(torch.exp(out, out=scratch).sum(1, keepdim=True).log_())
+
+
+def _log_true_class(p: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """p[y] and log p[y]; where p[y] is too small for its log to be accurate, log p[y] = x[y] - logsumexp(x)."""
+    pt = p.gather(1, y).squeeze(1)
+    logpt = pt.log()
+    tiny = pt < torch.finfo(pt.dtype).tiny * 2**24
+    if bool(tiny.any()):
+        xs = x[tiny]
+        logpt[tiny] = xs.gather(1, y[tiny]).squeeze(1) - torch.logsumexp(xs, 1)
+    return pt, logpt
+
+
+@dataclass(eq=False)
+class _SoftmaxIndex:
+    """Cross-entropy (gamma None) or softmax focal loss with class-index targets.
+
+    target has ignored rows sent to class 0; w_y is the true class's weight (alpha for focal), 0 on ignored
+    rows. Per row the gradient is coef * p - [c == y] coef_y - smooth * w (the last only with label
+    smoothing), all times the row's scale."""
+
+    target: Tensor
+    valid: Tensor
+    w_y: Tensor
+    weight: Tensor | None
+    eps: float
+    gamma: float | None
+    elementwise = False
+    slots = 0
+
+    def denominator(self) -> Tensor:
+        return self.w_y.sum()
+
+    def chunk(self, x, rows, out, ws, s):
+        p = _softmax(x, out)
+        y, valid, w_y = self.target[rows, None], self.valid[rows], self.w_y[rows]
+        pt, logpt = _log_true_class(p, x, y)
+        if self.gamma is None:
+            loss, coef, coef_y, smooth = self._cross_entropy_terms(x, y, logpt, valid, w_y)
+        else:
+            loss, coef = self._focal_terms(pt, logpt, w_y)
+            coef_y, smooth = coef, None
+        if s is not None:  # s: 0-d, or (rows,) in the backward of reduction="none"
+            if smooth is None:
+                p.mul_((coef * s)[:, None])
+            elif self.weight is None:
+                torch.addcmul(-(smooth * s)[:, None], p, (coef * s)[:, None], out=p)
+            else:
+                p.mul_((coef * s)[:, None]).addr_(smooth * s, self.weight, alpha=-1)
+            p.scatter_add_(1, y, -(coef_y * s)[:, None])
+        return torch.where(valid, loss, 0.0)
+
+    def _cross_entropy_terms(self, x, y, logpt, valid, w_y):
+        if self.eps == 0:
+            return w_y * -logpt, w_y, w_y, None
+        eps, n_classes = self.eps, x.shape[1]
+        # sum_c w_c log p_c = sum_c w_c x_c - W lse, with lse = x_y - log p_y from the true class
+        lse = x.gather(1, y).squeeze(1) - logpt
+        if self.weight is None:
+            total_w, row_sum = n_classes, x.sum(1) - n_classes * lse
+        else:
+            total_w = self.weight.sum()
+            row_sum = x @ self.weight - total_w * lse
+        smooth = valid.to(x.dtype) * (eps / n_classes)
+        loss = (1 - eps) * w_y * -logpt - smooth * row_sum
+        return loss, (1 - eps) * w_y + smooth * total_w, (1 - eps) * w_y, smooth
+
+    def _focal_terms(self, pt, logpt, a_y):
+        # s = a_y (1-pt)^g [1 - g pt log(pt) / (1-pt)]: (1-pt)^(g-1) is never formed, so g < 1 stays finite
+        # as pt -> 1, where log(pt) / (1-pt) -> -1.
+        gamma = self.gamma
+        one_minus_pt = (1 - pt).clamp_(min=0)
+        modulator = one_minus_pt.pow(gamma)
+        ratio = torch.where(one_minus_pt > 0, logpt / one_minus_pt, -1.0)
+        loss = a_y * modulator * -logpt
+        return loss, a_y * (modulator * (1 - gamma * pt * ratio))
+
+
+def _index_kernel(target, weight, ignore_index, eps, gamma, cdt) -> _SoftmaxIndex:
+    valid = target != ignore_index
+    y = torch.where(valid, target, 0)
+    w_y = valid.to(cdt) if weight is None else weight[y] * valid
+    return _SoftmaxIndex(y, valid, w_y, weight, eps, gamma)
+
+
+@dataclass(eq=False)
+class _SoftmaxProbs:
+    """Cross-entropy against probability targets t' = (1-eps) t + eps/C: l = -sum_c w_c t'_c log p_c, whose
+    gradient is p * sum_c(w_c t'_c) - w * t'."""
+
+    target: Tensor
+    weight: Tensor | None
+    eps: float
+    elementwise = False
+    slots = 1
+
+    def denominator(self) -> Tensor:
+        return torch.tensor(float(self.target.shape[0]), device=self.target.device)
+
+    def chunk(self, x, rows, out, ws, s):
+        (wt,) = ws
+        logp = _log_softmax(x, out, wt)
+        torch.mul(self.target[rows], 1 - self.eps, out=wt).add_(self.eps / x.shape[1])
+        if self.weight is not None:
+            wt.mul_(self.weight)
+        loss = -torch.linalg.vecdot(wt, logp)
+        if s is not None:
+            s = s[:, None] if s.dim() == 1 else s
+            p = logp.exp_()
+            p.mul_(wt.sum(1, keepdim=True) * s).addcmul_(wt, s, value=-1)
+        return loss
+
+
+def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
+    """Cross-entropy with PyTorch's semantics (index or probability targets, weight, ignore_index, label
+    smoothing): l_i = (1-eps) w[y_i] (lse_i - x_iy) + (eps/C) sum_c w_c (lse_i - x_ic); see LOSSES.md."""
+    cdt = _compute_dtype(input.dtype)
+    weight = None if weight is None else weight.to(cdt)
+    if target.dtype.is_floating_point:
+        kernel = _SoftmaxProbs(target, weight, label_smoothing)
+    else:
+        kernel = _index_kernel(target, weight, ignore_index, label_smoothing, None, cdt)
+    return _FusedLoss.apply(input, kernel, reduction)
+
+
+def focal_loss(input, target, gamma, alpha, ignore_index, reduction):
+    """Softmax focal loss l_i = -a[y_i] (1 - p_iy)^gamma log p_iy, `mean` over the sum of a[y_i]; the
+    gradient is s_i (p_i - onehot(y_i)) with s_i = a[y_i] [(1-pt)^g - g pt (1-pt)^(g-1) log pt]."""
+    cdt = _compute_dtype(input.dtype)
+    alpha = None if alpha is None else alpha.to(cdt)
+    kernel = _index_kernel(target, alpha, ignore_index, 0.0, float(gamma), cdt)
+    return _FusedLoss.apply(input, kernel, reduction)
+
+
+@dataclass(eq=False)
+class _Mse:
+    """Squared error e = pred - goal, pred = softmax(x) (probs) or x (logits). Through the softmax,
+    dL/dx = p * (g - sum_k g_k p_k) with g = 2 e * scale. Ignored rows have e = 0 and leave the count."""
+
+    target: Tensor
+    valid: Tensor | None
+    all_valid: bool
+    on: str
+    n_classes: int
+    elementwise = True
+    slots = 1
+
+    def denominator(self) -> Tensor:
+        rows = self.target.shape[0] if self.valid is None else self.valid.sum()
+        return torch.as_tensor(rows * self.n_classes, device=self.target.device)
+
+    def chunk(self, x, rows, out, ws, s):
+        (err,) = ws
+        pred = _softmax(x, out) if self.on == "probs" else x
+        if self.valid is None:
+            torch.sub(pred, self.target[rows], out=err)
+        else:
+            valid = self.valid[rows, None].to(x.dtype)
+            err.copy_(pred).scatter_add_(1, self.target[rows, None], -valid)
+            if not self.all_valid:
+                err.mul_(valid)
+        if s is None:
+            return err.square_()
+        loss = torch.linalg.vecdot(err, err)
+        g = err.mul_(2 * s)  # s: 0-d, or (rows, C) in the backward of reduction="none"
+        if self.on == "probs":
+            out.mul_(g.sub_(torch.linalg.vecdot(g, out)[:, None]))
+        else:
+            out.copy_(g)
+        return loss
+
+
+def mse_loss(input, target, ignore_index, reduction, on):
+    """Elementwise (pred - onehot(y))^2 with pred = softmax(x) (on="probs") or x (on="logits"), or against a
+    probability target; `mean` divides by (non-ignored rows) * C."""
+    if target.dtype.is_floating_point:
+        kernel = _Mse(target, None, True, on, input.shape[1])
+    else:
+        valid = target != ignore_index
+        kernel = _Mse(torch.where(valid, target, 0), valid, bool(valid.all()), on, input.shape[1])
+    return _FusedLoss.apply(input, kernel, reduction)
+
+
+def _softplus(x: Tensor, out: Tensor) -> Tensor:
+    # Above the threshold log1p(exp(x)) equals x to the dtype's precision, so nothing is lost.
+    return torch._C._nn.softplus(x, 1, 40.0 if x.dtype == torch.float64 else 20.0, out=out)
+
+
+@dataclass(eq=False)
+class _Bce:
+    """l = w [(pw t + 1 - t) softplus(x) - pw t x], whose gradient is w [sigmoid(x) (pw t + 1 - t) - pw t]."""
+
+    target: Tensor
+    weight: Tensor | None
+    pos_weight: Tensor | None
+    elementwise = True
+    slots = 2
+
+    def denominator(self) -> Tensor:
+        return torch.tensor(float(self.target.numel()), device=self.target.device)
+
+    def chunk(self, x, rows, out, ws, s):
+        loss, k = ws
+        t = self.target[rows]
+        w = None if self.weight is None else self.weight.expand(self.target.shape)[rows]
+        _softplus(x, loss)
+        if self.pos_weight is None:
+            loss.addcmul_(t, x, value=-1)
+        else:  # k = pw t + 1 - t multiplies softplus(x); pw t multiplies x
+            torch.mul(t, self.pos_weight - 1, out=k).add_(1)
+            loss.mul_(k).addcmul_(t * self.pos_weight, x, value=-1)
+        if w is not None:
+            loss.mul_(w)
+        if s is None:
+            return loss
+        g = torch.sigmoid(x, out=out)
+        if self.pos_weight is None:
+            g.sub_(t)
+        else:
+            g.mul_(k).addcmul_(t, self.pos_weight, value=-1)
+        g.mul_(s if w is None else w * s)
+        return loss.sum(1)
+
+
+def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):
+    """PyTorch's BCE-with-logits, l = -w [pw t log sigmoid(x) + (1-t) log sigmoid(-x)], mean over elements."""
+    cdt = _compute_dtype(input.dtype)
+    weight = None if weight is None else weight.to(cdt)
+    pos_weight = None if pos_weight is None else pos_weight.to(cdt)
+    return _FusedLoss.apply(input, _Bce(target, weight, pos_weight), reduction)
+
+
+@dataclass(eq=False)
+class _SigmoidFocal:
+    """torchvision's sigmoid focal loss ce * m^g * alpha_t, m = 1 - p_t = s(x)(1-t) + s(-x) t formed without
+    cancellation; dL/dx = alpha_t [(s - t) m^g + g m^g (ce/m) s(x) s(-x) (1 - 2t)], where ce/m -> 1 as m -> 0."""
+
+    target: Tensor
+    alpha: float
+    gamma: float
+    elementwise = True
+    slots = 3
+
+    def denominator(self) -> Tensor:
+        return torch.tensor(float(self.target.numel()), device=self.target.device)
+
+    def chunk(self, x, rows, out, ws, s):
+        ce, sig_neg, m = ws
+        t = self.target[rows]
+        _softplus(x, ce).addcmul_(t, x, value=-1)
+        sig = torch.sigmoid(x, out=out)
+        torch.sigmoid(torch.neg(x, out=sig_neg), out=sig_neg)
+        torch.addcmul(sig, sig, t, value=-1, out=m).addcmul_(sig_neg, t)
+        modulator = m.pow(self.gamma)
+        alpha_t = None if self.alpha < 0 else (2 * self.alpha - 1) * t + (1 - self.alpha)
+        loss = ce * modulator
+        if alpha_t is not None:
+            loss.mul_(alpha_t)
+        if s is None:
+            return loss
+        # gamma m^(gamma-1) ce is formed as gamma m^gamma (ce/m), with ce/m -> 1 where m -> 0
+        ratio = ce.div_(m).masked_fill_(m == 0, 1.0)
+        ratio.mul_(modulator).mul_(sig).mul_(sig_neg).mul_(1 - 2 * t)
+        g = sig.sub_(t).mul_(modulator).add_(ratio, alpha=self.gamma)
+        g.mul_(s if alpha_t is None else alpha_t * s)
+        return loss.sum(1)
+
+
+def sigmoid_focal_loss(input, target, alpha, gamma, reduction):
+    """torchvision.ops.sigmoid_focal_loss: alpha_t (1 - p_t)^gamma BCE(x, t), mean over all elements."""
+    return _FusedLoss.apply(input, _SigmoidFocal(target, float(alpha), float(gamma)), reduction)

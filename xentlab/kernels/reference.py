@@ -1,0 +1,107 @@
+"""Every loss as a plain PyTorch composition: the test oracle, never the fast path.
+
+Autograd differentiates these compositions, so they check the closed-form gradients of the fused and Triton
+backends. Arithmetic runs in float32 for 16/32-bit inputs and float64 for float64 inputs; the result is cast
+back to the input dtype. Arguments arrive validated and flattened to (N, C) (see `xentlab.functional`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _reduce(loss: Tensor, reduction: str, denominator: Tensor | float) -> Tensor:
+    if reduction == "none":
+        return loss
+    return loss.sum() / denominator if reduction == "mean" else loss.sum()
+
+
+def _index_rows(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int):
+    """log_softmax, the valid-row mask, the class index with ignored rows sent to class 0, and w[y] (0 if ignored)."""
+    logp = torch.log_softmax(x.to(_compute_dtype(x)), dim=1)
+    valid = target != ignore_index
+    y = torch.where(valid, target, 0)
+    w_y = valid.to(logp.dtype) if weight is None else weight.to(logp.dtype)[y] * valid
+    return logp, valid, y, w_y
+
+
+def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
+    """l_i = (1-eps) w[y_i] (lse_i - x_iy) + (eps/C) sum_c w_c (lse_i - x_ic); `mean` divides by sum of w[y_i]
+    over non-ignored rows. Probability targets: l_i = -sum_c w_c t'_ic log p_ic with t' = (1-eps) t + eps/C,
+    and `mean` divides by N."""
+    if target.dtype.is_floating_point:
+        return _cross_entropy_probs(input, target, weight, reduction, label_smoothing)
+    logp, valid, y, w_y = _index_rows(input, target, weight, ignore_index)
+    n_classes = logp.shape[1]
+    nll = -logp.gather(1, y[:, None]).squeeze(1)
+    smooth = -(logp if weight is None else logp * weight.to(logp.dtype)).sum(1)
+    loss = (1 - label_smoothing) * w_y * nll + (label_smoothing / n_classes) * smooth
+    loss = torch.where(valid, loss, 0.0)
+    return _reduce(loss, reduction, w_y.sum()).to(input.dtype)
+
+
+def _cross_entropy_probs(input, target, weight, reduction, label_smoothing):
+    logp = torch.log_softmax(input.to(_compute_dtype(input)), dim=1)
+    smoothed = target.to(logp.dtype) * (1 - label_smoothing) + label_smoothing / logp.shape[1]
+    if weight is not None:
+        smoothed = smoothed * weight.to(logp.dtype)
+    loss = -(smoothed * logp).sum(1)
+    return _reduce(loss, reduction, logp.shape[0]).to(input.dtype)
+
+
+def focal_loss(input, target, gamma, alpha, ignore_index, reduction):
+    """Softmax focal loss l_i = -a[y_i] (1 - p_iy)^gamma log p_iy; `mean` divides by the sum of a[y_i] over
+    non-ignored rows, so gamma=0 is weighted cross-entropy."""
+    logp, valid, y, a_y = _index_rows(input, target, alpha, ignore_index)
+    logpt = logp.gather(1, y[:, None]).squeeze(1)
+    loss = -a_y * (1 - logpt.exp()) ** gamma * logpt
+    loss = torch.where(valid, loss, 0.0)
+    return _reduce(loss, reduction, a_y.sum()).to(input.dtype)
+
+
+def mse_loss(input, target, ignore_index, reduction, on):
+    """Squared error between softmax(x) (on="probs") or x (on="logits") and the one-hot or probability target;
+    ignored rows are zero and `mean` divides by (non-ignored rows) * C."""
+    x = input.to(_compute_dtype(input))
+    pred = torch.softmax(x, dim=1) if on == "probs" else x
+    if target.dtype.is_floating_point:
+        goal, valid = target.to(x.dtype), torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    else:
+        valid = target != ignore_index
+        goal = F.one_hot(torch.where(valid, target, 0), x.shape[1]).to(x.dtype)
+    loss = torch.where(valid[:, None], (pred - goal) ** 2, 0.0)
+    return _reduce(loss, reduction, valid.sum() * x.shape[1]).to(input.dtype)
+
+
+def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):
+    """l = -weight [pos_weight t log sigmoid(x) + (1-t) log sigmoid(-x)], the mean taken over all elements."""
+    x = input.to(_compute_dtype(input))
+    t = target.to(x.dtype)
+    positive = t * F.logsigmoid(x)
+    if pos_weight is not None:
+        positive = positive * pos_weight.to(x.dtype)
+    loss = -(positive + (1 - t) * F.logsigmoid(-x))
+    if weight is not None:
+        loss = loss * weight.to(x.dtype)
+    return _reduce(loss, reduction, loss.numel()).to(input.dtype)
+
+
+def sigmoid_focal_loss(input, target, alpha, gamma, reduction):
+    """torchvision.ops.sigmoid_focal_loss, written out: ce * (1 - p_t)^gamma * alpha_t with
+    p_t = p t + (1-p)(1-t) and alpha_t = alpha t + (1-alpha)(1-t) (alpha < 0 disables it)."""
+    x = input.to(_compute_dtype(input))
+    t = target.to(x.dtype)
+    p = torch.sigmoid(x)
+    ce_loss = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce_loss * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    return _reduce(loss, reduction, loss.numel()).to(input.dtype)

@@ -1,0 +1,259 @@
+"""Evaluation metrics for imbalanced classification, built on torchmetrics; conventions in docs/metrics.md.
+
+`StageMetrics` holds one stage's (train / val / test) streaming metrics and returns plain
+`name -> float` dicts; per-class vectors are expanded to `recall_class_<c>`. The scores torchmetrics
+lacks (NLL, Brier, binned calibration) are small `torchmetrics.Metric`s here, so they sync across
+processes like the rest. Metrics use torch's own log-softmax, never the losses under study.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+from torchmetrics import classification as tmc
+
+N_BINS = 15
+
+
+def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """softmax(logits) over classes for single-label tasks, sigmoid(logits) per label for multilabel."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)
+
+
+def top_label(probs: torch.Tensor, target: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, correct) of each decision: the top class for single-label data, each (sample, label)
+    pair's 0/1 decision for multilabel data (confidence max(p, 1 - p), threshold 0.5)."""
+    if task == "multilabel":
+        p, t = probs.flatten(), target.flatten()
+        return torch.maximum(p, 1 - p), ((p >= 0.5) == (t >= 0.5)).float()
+    confidence, predicted = probs.max(dim=1)
+    return confidence, (predicted == target).float()
+
+
+class Reliability(NamedTuple):
+    """Per-bin mean confidence, accuracy (fraction correct) and count; empty bins hold 0."""
+
+    confidence: torch.Tensor
+    accuracy: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def ece(self) -> float:
+        """ECE = sum_b (n_b / N) * |accuracy_b - confidence_b|."""
+        total = self.count.sum()
+        if not total:
+            return float("nan")
+        return float((self.count / total * (self.accuracy - self.confidence).abs()).sum())
+
+
+def bin_index(confidence: torch.Tensor, n_bins: int = N_BINS) -> torch.Tensor:
+    """Equal-width bin of each confidence: bin k = [k/B, (k+1)/B), the last bin closed at 1."""
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=confidence.dtype, device=confidence.device)[1:-1]
+    return torch.bucketize(confidence, edges, right=True)
+
+
+class CalibrationBins(torchmetrics.Metric):
+    """Streaming reliability bins on top-label confidence (B equal-width bins); `compute` gives ECE."""
+
+    full_state_update = False
+
+    def __init__(self, task: str, n_bins: int = N_BINS, **kwargs):
+        super().__init__(**kwargs)
+        self.task, self.n_bins = task, n_bins
+        for name in ("confidence_sum", "correct_sum", "count"):
+            self.add_state(name, torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        confidence, correct = top_label(probs, target, self.task)
+        index = bin_index(confidence, self.n_bins)
+        self.confidence_sum.index_add_(0, index, confidence.double())
+        self.correct_sum.index_add_(0, index, correct.double())
+        self.count.index_add_(0, index, torch.ones_like(confidence, dtype=torch.float64))
+
+    def bins(self) -> Reliability:
+        """The bins so far (mean confidence, accuracy, count per bin)."""
+        safe = self.count.clamp(min=1)
+        return Reliability(self.confidence_sum / safe, self.correct_sum / safe, self.count)
+
+    def compute(self) -> torch.Tensor:
+        return torch.tensor(self.bins().ece)
+
+
+class MeanScore(torchmetrics.Metric):
+    """A mean of per-item scores kept as a running (sum, count); subclasses define `scores`."""
+
+    full_state_update = False
+
+    def __init__(self, task: str, **kwargs):
+        super().__init__(**kwargs)
+        self.task = task
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        total, n = self.scores(logits.float(), target)
+        self.total += total.double()
+        self.n += n
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.n
+
+
+class NegativeLogLikelihood(MeanScore):
+    """NLL = mean_i -log p_i,y_i (softmax), or for multilabel the mean over all N*L elements of
+    -[t log s + (1-t) log(1-s)], s = sigmoid(logit); both from logits, stably."""
+
+    def scores(self, logits, target):
+        if self.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(logits, target.float(), reduction="sum"), target.numel()
+        return F.cross_entropy(logits, target, reduction="sum"), len(target)
+
+
+class BrierScore(MeanScore):
+    """Brier = mean_i sum_c (p_i,c - [c == y_i])^2 (the original multi-class form, range [0, 2]); for
+    multilabel the mean over all N*L elements of (s - t)^2 (the binary form, range [0, 1])."""
+
+    def scores(self, logits, target):
+        if self.task == "multilabel":
+            return ((torch.sigmoid(logits) - target.float()) ** 2).sum(), target.numel()
+        one_hot = F.one_hot(target, logits.shape[1]).float()
+        return ((torch.softmax(logits, dim=1) - one_hot) ** 2).sum(), len(target)
+
+
+class Predictions(torchmetrics.Metric):
+    """Every probability row and target of the stage, concatenated (for PR curves and confusion matrices)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("probs", [], dist_reduce_fx="cat")
+        self.add_state("target", [], dist_reduce_fx="cat")
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        self.probs.append(probs)
+        self.target.append(target)
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cat = torchmetrics.utilities.dim_zero_cat
+        return cat(self.probs), cat(self.target)
+
+
+def _probability_metrics(task: str, num_classes: int, full: bool) -> dict[str, torchmetrics.Metric]:
+    # torchmetrics' multiclass default is average="macro"; every average is spelled out on purpose.
+    if task == "multilabel":
+        light = {"hamming_loss": tmc.MultilabelHammingDistance(num_classes, average="micro")}
+        more = {"micro_f1": tmc.MultilabelF1Score(num_classes, average="micro"),
+                "macro_f1": tmc.MultilabelF1Score(num_classes, average="macro"),
+                "map": tmc.MultilabelAveragePrecision(num_classes, average="macro"),
+                "exact_match": tmc.MultilabelExactMatch(num_classes),
+                "recall": tmc.MultilabelRecall(num_classes, average="none"),
+                "specificity": tmc.MultilabelSpecificity(num_classes, average="none")}
+    else:
+        light = {"accuracy": tmc.MulticlassAccuracy(num_classes, average="micro"),
+                 "balanced_accuracy": tmc.MulticlassAccuracy(num_classes, average="macro")}
+        more = {"macro_f1": tmc.MulticlassF1Score(num_classes, average="macro"),
+                "recall": tmc.MulticlassRecall(num_classes, average="none")}
+    return {**light, **more} if full else light
+
+
+class StageMetrics(nn.Module):
+    """One stage's metrics. `full=False` keeps the cheap ones (for training steps); `keep_predictions`
+    also stores probabilities and targets for PR curves and the confusion matrix."""
+
+    def __init__(self, task: str, num_classes: int, *, full: bool = True, keep_predictions: bool = False):
+        super().__init__()
+        self.task, self.num_classes = task, num_classes
+        self.on_probs = nn.ModuleDict(_probability_metrics(task, num_classes, full))
+        self.on_logits = nn.ModuleDict(
+            {"nll": NegativeLogLikelihood(task), "brier": BrierScore(task)} if full else {})
+        self.calibration = CalibrationBins(task) if full else None
+        self.predictions = Predictions() if keep_predictions else None
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        probs = probabilities(logits, self.task)
+        target_int = target.long() if self.task == "multilabel" else target
+        for metric in self.on_probs.values():
+            metric.update(probs, target_int)
+        for metric in self.on_logits.values():
+            metric.update(logits, target)
+        if self.calibration is not None:
+            self.calibration.update(probs, target)
+        if self.predictions is not None:
+            self.predictions.update(probs, target)
+
+    def compute(self) -> dict[str, float]:
+        """name -> value; `recall` becomes `recall_class_<c>`, and for multilabel data
+        balanced_accuracy = mean_l (recall_l + specificity_l) / 2."""
+        values = {name: metric.compute() for name, metric in {**self.on_probs, **self.on_logits}.items()}
+        if self.calibration is not None:
+            values["ece"] = self.calibration.compute()
+        if "specificity" in values:
+            values["balanced_accuracy"] = ((values["recall"] + values.pop("specificity")) / 2).mean()
+        out = {}
+        for name, value in values.items():
+            if name == "recall":
+                out.update({f"recall_class_{c}": float(v) for c, v in enumerate(value)})
+            else:
+                out[name] = float(value)
+        return out
+
+    def confusion_matrix(self) -> torch.Tensor:
+        """(C, C) counts, rows = true class; for multilabel (L, 2, 2) per label, [[TN, FP], [FN, TP]]."""
+        probs, target = self.predictions.compute()
+        if self.task == "multilabel":
+            return tmc.MultilabelConfusionMatrix(self.num_classes).to(probs.device)(probs, target.long())
+        return tmc.MulticlassConfusionMatrix(self.num_classes).to(probs.device)(probs, target)
+
+    def reset(self) -> None:
+        for metric in self.modules():
+            if isinstance(metric, torchmetrics.Metric):
+                metric.reset()
+
+
+def loss_curve(loss: Callable, p_true: torch.Tensor, *, task: str, num_classes: int, true_class: int = 0,
+               device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, gradient size) of one sample as functions of its true-class probability p.
+
+    Single-label: logits x_y = log p, x_c = log((1 - p) / (C - 1)) for c != y, so softmax(x)_y = p and
+    the rest share 1 - p evenly; target y = `true_class`; gradient size ||d loss / d x||_2. Multilabel:
+    all L logits = log(p / (1 - p)), every label positive, so each sigmoid is p; for a loss averaged over
+    labels the gradient size sqrt(L) * ||d loss / d x||_2 is the RMS over labels of d loss_l / d x_l.
+    Each point is its own batch of one.
+    """
+    values, grads = [], []
+    for p in p_true.double().tolist():
+        if task == "multilabel":
+            row = torch.full((1, num_classes), math.log(p / (1 - p)), device=device)
+            target = torch.ones(1, num_classes, device=device)
+        else:
+            row = torch.full((1, num_classes), math.log((1 - p) / (num_classes - 1)), device=device)
+            row[0, true_class] = math.log(p)
+            target = torch.tensor([true_class], device=device)
+        row.requires_grad_(True)
+        with torch.enable_grad():
+            value = loss(row, target)
+            (grad,) = torch.autograd.grad(value, row)
+        values.append(float(value.detach()))
+        grads.append(float(grad.norm()) * (math.sqrt(num_classes) if task == "multilabel" else 1.0))
+    return torch.tensor(values), torch.tensor(grads)
+
+
+def per_label(softmax_loss: Callable) -> Callable:
+    """`softmax_loss` applied to each label as the 2-way problem logits [0, x_l], class t_l.
+
+    softmax([0, x])_1 = sigmoid(x), so cross_entropy becomes binary cross-entropy and mse_loss on
+    probabilities the binary Brier score (1 - sigmoid(x))^2 for a positive label; averaged over N*L.
+    """
+    def loss(input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        pairs = torch.stack([torch.zeros_like(input), input], dim=-1).reshape(-1, 2)
+        return softmax_loss(pairs, target.reshape(-1).long())
+
+    return loss

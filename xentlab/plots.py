@@ -1,0 +1,94 @@
+"""Matplotlib figures for TensorBoard: confusion matrix, reliability diagram, loss vs true-class probability.
+
+Figures are built with matplotlib's object API (no pyplot, no global state, no GUI backend) and
+rendered to HWC uint8 arrays with `to_image`, ready for `SummaryWriter.add_image(..., dataformats="HWC")`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 80
+
+
+def to_image(figure: Figure) -> np.ndarray:
+    """The figure rasterised with Agg as an (H, W, 3) uint8 array."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def confusion_matrix_figure(matrix: np.ndarray, title: str = "confusion matrix") -> Figure:
+    """Heatmap of the row-normalised confusion matrix M_ij / sum_j M_ij (rows: true class), so the
+    diagonal is per-class recall whatever the class sizes; cells are annotated with raw counts."""
+    matrix = np.asarray(matrix, dtype=float)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    n = len(matrix)
+    figure = Figure(figsize=(1.2 + 0.45 * max(n, 4), 1.0 + 0.45 * max(n, 4)), dpi=DPI)
+    ax = figure.add_subplot()
+    image = ax.imshow(rates, vmin=0, vmax=1, cmap="Blues")
+    figure.colorbar(image, ax=ax, fraction=0.046, label="fraction of true class")
+    if n <= 20:
+        for i, j in np.ndindex(n, n):
+            ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted class", ylabel="true class", title=title, xticks=range(n), yticks=range(n))
+    return figure
+
+
+def multilabel_confusion_figure(matrices: np.ndarray, title: str = "per-label confusion") -> Figure:
+    """Per-label rates from (L, 2, 2) counts [[TN, FP], [FN, TP]]: one row per label with
+    TNR = TN/(TN+FP), FPR, FNR, TPR = TP/(TP+FN) (recall), annotated with the counts."""
+    matrices = np.asarray(matrices, dtype=float)
+    counts = matrices.reshape(len(matrices), 4)
+    rates = (matrices / np.maximum(matrices.sum(axis=2, keepdims=True), 1)).reshape(len(matrices), 4)
+    figure = Figure(figsize=(4.5, 1.0 + 0.35 * len(matrices)), dpi=DPI)
+    ax = figure.add_subplot()
+    ax.imshow(rates, vmin=0, vmax=1, cmap="Blues", aspect="auto")
+    for i, j in np.ndindex(*rates.shape):
+        ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=8,
+                color="white" if rates[i, j] > 0.5 else "black")
+    ax.set(xticks=range(4), xticklabels=["TN", "FP", "FN", "TP"], yticks=range(len(matrices)),
+           ylabel="label", title=title)
+    return figure
+
+
+def reliability_figure(confidence: np.ndarray, accuracy: np.ndarray, count: np.ndarray, ece: float,
+                       title: str = "reliability") -> Figure:
+    """Reliability diagram: per equal-width confidence bin, accuracy against the diagonal (perfect
+    calibration), the gap to each bin's mean confidence shaded; below, how many samples fall in each bin."""
+    confidence, accuracy, count = (np.asarray(a, dtype=float) for a in (confidence, accuracy, count))
+    n_bins = len(count)
+    centers = (np.arange(n_bins) + 0.5) / n_bins
+    filled = count > 0
+    figure = Figure(figsize=(4.5, 5.0), dpi=DPI)
+    top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(centers[filled], accuracy[filled], width=1 / n_bins, edgecolor="black", label="accuracy")
+    top.bar(centers[filled], confidence[filled] - accuracy[filled], bottom=accuracy[filled], width=1 / n_bins,
+            color="red", alpha=0.3, label="gap to confidence")
+    top.plot([0, 1], [0, 1], "k--", linewidth=1)
+    top.set(ylim=(0, 1), ylabel="accuracy", title=f"{title} (ECE {ece:.3f}, {n_bins} bins)")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.bar(centers, count, width=1 / n_bins, color="gray")
+    bottom.set(xlim=(0, 1), xlabel="top-label confidence", ylabel="samples")
+    # Fixed margins: tight_layout would draw the figure twice, doubling its cost.
+    figure.subplots_adjust(left=0.16, right=0.96, top=0.93, bottom=0.1, hspace=0.08)
+    return figure
+
+
+def loss_curves_figure(p_true: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndarray]],
+                       title: str = "loss vs true-class probability") -> Figure:
+    """Each named loss against p_true (left) and the norm of its gradient w.r.t. the logits (right):
+    the push a sample gets at each confidence; `curves` maps name -> (loss values, gradient norms)."""
+    figure = Figure(figsize=(8.0, 3.6), dpi=DPI)
+    left, right = figure.subplots(1, 2)
+    for name, (values, grads) in curves.items():
+        left.plot(p_true, values, label=name)
+        right.plot(p_true, grads, label=name)
+    left.set(xlabel="p(true class)", ylabel="loss", title=title)
+    right.set(xlabel="p(true class)", ylabel="||d loss / d logits||", title="gradient norm")
+    left.legend(fontsize=8)
+    figure.subplots_adjust(left=0.08, right=0.98, top=0.9, bottom=0.15, wspace=0.25)
+    return figure
