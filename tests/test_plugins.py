@@ -6,6 +6,7 @@ run that composes proves Hydra lists it among the loss choices), swept beside a 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib
 import importlib.metadata
 import json
@@ -48,7 +49,9 @@ def installed_matches_source() -> bool:
 def installed_plugin(tmp_path_factory):
     """pip-installs the example (non-editable, from a copy, so the source tree stays clean) unless this exact
     version is installed already; a file lock keeps parallel test workers from installing at once."""
-    lock_path = Path(tempfile.gettempdir()) / f"xentlab-plugin-install-{abs(hash(sys.prefix))}.lock"
+    # One lock per environment; hashlib, because str hashes differ between processes.
+    environment = hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]
+    lock_path = Path(tempfile.gettempdir()) / f"xentlab-plugin-install-{environment}.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not installed_matches_source():

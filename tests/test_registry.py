@@ -79,6 +79,14 @@ def test_a_different_class_under_a_taken_name_is_an_error_naming_both(isolated_r
         register_loss("focal")(CountingLoss)
 
 
+def test_a_redefinition_of_the_same_class_replaces_it(isolated_registry):
+    first = type("Redefined", (CountingLoss,), {"__module__": __name__})
+    second = type("Redefined", (CountingLoss,), {"__module__": __name__})
+    register_loss("test_redefined")(first)
+    register_loss("test_redefined")(second)
+    assert get_loss("test_redefined").cls is second
+
+
 @pytest.mark.parametrize(("kwargs", "error", "fragment"), [
     ({"tasks": ("multiclass", "regression")}, ValueError, "regression"),
     ({"tasks": ()}, ValueError, "non-empty subset"),
@@ -103,7 +111,7 @@ def test_an_unknown_name_lists_the_registered_names_and_the_closest_match():
 
 
 def test_a_task_mismatch_names_the_losses_that_fit():
-    with pytest.raises(ValueError, match=r"'mse' does not support multilabel data.*for multilabel data: .*bce"):
+    with pytest.raises(ValueError, match=r"'mse' does not support multilabel data.*multilabel data: .*bce"):
         build_loss("mse", task="multilabel")
     with pytest.raises(ValueError, match="unknown task 'regression'"):
         build_loss("ce", task="regression")
@@ -231,7 +239,7 @@ def fake_plugins(tmp_path, monkeypatch, isolated_registry):
     """A distribution `xl-fake-plugins` on sys.path with one good and three broken entry points."""
     modules = {
         "xl_fake_good": GOOD_PLUGIN,
-        "xl_fake_broken": "raise ImportError('needs libfoo, which is not installed')\n",
+        "xl_fake_broken": "raise ImportError('needs [libfoo], which is not installed')\n",
         "xl_fake_empty": "VALUE = 1\n",
     }
     for module, source in modules.items():
@@ -256,7 +264,7 @@ def test_plugins_are_discovered_and_broken_ones_reported_and_skipped(fake_plugin
     broken = {b.entry_point.split(" = ")[0]: b for b in registry.broken_plugins()}
     assert {"broken", "empty", "missing"} <= set(broken)
     assert all(broken[name].distribution == "xl-fake-plugins" for name in ("broken", "empty", "missing"))
-    assert broken["broken"].error == "ImportError: needs libfoo, which is not installed"
+    assert broken["broken"].error == "ImportError: needs [libfoo], which is not installed"
     assert "registered no loss" in broken["empty"].error
     assert "NoSuchLoss" in broken["missing"].error
     assert "ce" in [e.name for e in list_losses()]  # the built-ins are untouched
@@ -268,7 +276,7 @@ def test_xentlab_losses_shows_plugins_and_failures(fake_plugins, capsys, monkeyp
         registry.discover(refresh=True)
     assert cli.main(["losses"]) == 0
     out = capsys.readouterr().out
-    for fragment in ["xl_fake_good", "xl-fake-plugins", "failed to load", "needs libfoo", "gamma=2.0",
+    for fragment in ["xl_fake_good", "xl-fake-plugins", "failed to load", "needs [libfoo]", "gamma=2.0",
                      "multilabel, binary, multiclass", "built-in", *BUILTIN_TASKS]:
         assert fragment in out, fragment
 

@@ -1,4 +1,4 @@
-"""Sweeps: real multiruns through joblib and submitit (then the report), failing jobs, resume, unique folders."""
+"""Sweeps: real multiruns via joblib, submitit and Optuna, then the report; failing jobs; resume; folders."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def sweep(args: list[str], cwd: Path, timeout: float = 240) -> tuple[subprocess.
     """Run `xentlab-train -m ...` in `cwd`; return the process and its (single) sweep folder."""
     script = Path(sys.executable).with_name("xentlab-train")
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([str(script), "-m", *TINY, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run([str(script), "-m", *TINY, *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (sweep_dir,) = (cwd / "outputs" / "multirun").glob("*/*")
     return result, sweep_dir
@@ -61,8 +61,8 @@ def assert_one_failed_one_reported(sweep_dir: Path, result: subprocess.Completed
 
 
 def test_joblib_sweep_with_a_failing_job_then_report(tmp_path):
-    result, sweep_dir = sweep(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "data.imbalance_ratio=10,0.5"],
-                              tmp_path)
+    result, sweep_dir = sweep(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                               "data.imbalance_ratio=10,0.5"], tmp_path)
     completed = assert_one_failed_one_reported(sweep_dir, result)
     # Two parallel jobs share the cores: cores // 2 intra-op threads each, never more.
     assert completed["torch_threads"] == max(1, available_cpus() // 2)
@@ -107,14 +107,16 @@ def test_resume_from_last_checkpoint_continues_the_curves(tmp_path):
 
     resumed = train(composed("trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
     assert resumed["status"] == "completed" and resumed["epochs"] == 2
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2 * steps_per_epoch
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] \
+        == 2 * steps_per_epoch
     # One curve across both sessions: the second epoch's point comes after the first, not at step 0 again.
     assert train_loss_steps(tmp_path) == [steps_per_epoch - 1, 2 * steps_per_epoch - 1]
 
     # A job that already finished is not trained again when a sweep is resumed.
     written = (tmp_path / "metrics.json").stat().st_mtime_ns
     again = train(composed("trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
-    assert again["metrics"] == resumed["metrics"] and (tmp_path / "metrics.json").stat().st_mtime_ns == written
+    assert again["metrics"] == resumed["metrics"]
+    assert (tmp_path / "metrics.json").stat().st_mtime_ns == written
 
 
 def test_nan_loss_stops_the_run_with_a_clear_error(tmp_path):

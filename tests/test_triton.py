@@ -9,6 +9,8 @@ reason. With a CUDA device the same tests run on the GPU, plus the GPU-only ones
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import subprocess
 import sys
@@ -38,7 +40,8 @@ REDUCTIONS = ["mean", "sum", "none"]
 # blocks of 8 columns (the last one partial), 4 rows per block, one program looping over both row blocks.
 PATHS = {"short": {"rows": 4}, "long": {"one_block": False, "block_c": 8, "rows": 4, "max_programs": 1}}
 # The long-row path shares all dtype handling with the short one; float32 covers it within the time budget.
-SOFTMAX_PARAMS = [(path, dtype) for path in PATHS for dtype in DTYPES if path == "short" or dtype == torch.float32]
+SOFTMAX_PARAMS = [(path, dtype) for path in PATHS for dtype in DTYPES
+                  if path == "short" or dtype == torch.float32]
 N, C = 7, 11
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (none present)")
 
@@ -86,7 +89,8 @@ def _sigmoid_cases():
         ("bce_row_weight", "binary_cross_entropy_with_logits",
          lambda y, w, p, s, r: ((s > 0.5).to(s.dtype), w[:N, None], None, r)),
         ("sigmoid_focal", "sigmoid_focal_loss", lambda y, w, p, s, r: (s, 0.25, 2.0, r)),
-        ("sigmoid_focal_noalpha", "sigmoid_focal_loss", lambda y, w, p, s, r: ((s > 0.5).to(s.dtype), -1.0, 0.5, r)),
+        ("sigmoid_focal_noalpha", "sigmoid_focal_loss",
+         lambda y, w, p, s, r: ((s > 0.5).to(s.dtype), -1.0, 0.5, r)),
     ]
 
 
@@ -98,7 +102,8 @@ def _assert_close(actual, expected, dtype, what):
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
     tol = _tolerance(dtype)
     scale = expected.double().abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol * (scale + 1e-3), msg=what)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol * (scale + 1e-3),
+                               msg=what)
 
 
 def _run(fn, x, args, grad_out):
@@ -156,7 +161,8 @@ def test_losses_md_numbers():
     loss = tx.cross_entropy(x, torch.tensor([1, 1], device=DEVICE), w, -100, "mean", 0.0)
     loss.backward()
     assert round(loss.item(), 4) == 1.3133
-    torch.testing.assert_close(x.grad, torch.tensor([[0.3655, -0.3655]] * 2, device=DEVICE), atol=1e-4, rtol=0)
+    expected = torch.tensor([[0.3655, -0.3655]] * 2, device=DEVICE)
+    torch.testing.assert_close(x.grad, expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("p_true", [0.9, 0.5, 0.1, 0.01])
@@ -173,8 +179,8 @@ def test_huge_logits_stay_finite(dtype, path, monkeypatch):
         monkeypatch.setitem(tx._TUNING, key, value)
     x = torch.tensor([[1e4, -1e4, 0.0, 5.0, -1e4, 1e4, 3.0, 0.0, 1.0]] * 3, dtype=dtype, device=DEVICE)
     y = torch.tensor([1, 0, 3], device=DEVICE)
-    for name, args in [("cross_entropy", (y, None, -100, "mean", 0.1)), ("focal_loss", (y, 0.5, None, -100, "sum")),
-                       ("mse_loss", (y, -100, "mean", "probs"))]:
+    for name, args in [("cross_entropy", (y, None, -100, "mean", 0.1)),
+                       ("focal_loss", (y, 0.5, None, -100, "sum")), ("mse_loss", (y, -100, "mean", "probs"))]:
         loss, grad = _run(getattr(tx, name), x, args, None)
         assert torch.isfinite(loss).all() and torch.isfinite(grad).all(), name
 
@@ -206,7 +212,7 @@ def test_focal_gamma_below_one_is_finite_at_certainty_and_gamma_zero_is_weighted
     x, y, w, _, _ = _inputs(torch.float64)
     focal = _run(tx.focal_loss, x, (y, 0.0, w, -100, "mean"), None)
     ce = _run(tx.cross_entropy, x, (y, w, -100, "mean", 0.0), None)
-    for a, b in zip(focal, ce):
+    for a, b in zip(focal, ce, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -292,12 +298,12 @@ def test_functional_dispatch_with_spatial_inputs(reduction):
              ("binary_cross_entropy_with_logits", (soft,), {"reduction": reduction}),
              ("sigmoid_focal_loss", (soft,), {"reduction": reduction})]
     for name, args, kwargs in calls:
-        fn = getattr(functional, name)
-        got = _run(lambda v, *a: fn(v, *a, **kwargs, backend="triton"), x, args, None if reduction != "none"
-                   else torch.ones_like(fn(x, *args, **kwargs, backend="reference")))
-        want = _run(lambda v, *a: fn(v, *a, **kwargs, backend="reference"), x, args, None if reduction != "none"
-                    else torch.ones_like(fn(x, *args, **kwargs, backend="reference")))
-        for a, b, what in zip(got, want, ("loss", "gradient")):
+        results = []
+        for backend in ("triton", "reference"):
+            call = functools.partial(getattr(functional, name), **kwargs, backend=backend)
+            grad_out = None if reduction != "none" else torch.ones_like(call(x, *args))
+            results.append(_run(call, x, args, grad_out))
+        for a, b, what in zip(*results, ("loss", "gradient"), strict=True):
             torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6, msg=f"{name}/{reduction}: {what}")
 
 
@@ -333,7 +339,8 @@ _NO_INTERPRETER = textwrap.dedent("""
             bind = create_function_from_signature(kernel.signature, kernel.params, backend)
             bound, spec, opts = bind(*args, num_warps=warps, **meta)
             options, signature, constexprs, attrs = kernel._pack_args(backend, opts, bound, spec, opts)
-            triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+            source = ASTSource(kernel, signature, constexprs, attrs)
+            triton.compile(source, target=target, options=options.__dict__)
             out["compiled"].append(kernel.fn.__name__)
     print(json.dumps(out))
 """)
@@ -341,20 +348,18 @@ _NO_INTERPRETER = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def no_interpreter():
-    """Runs the module in a fresh interpreter without TRITON_INTERPRET: the CPU refusal, then sm_90 compiles."""
+    """The module in a fresh process without TRITON_INTERPRET: the CPU refusal, then sm_90 compiles."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     mode = "compile" if not ON_GPU else "error-only"
-    done = subprocess.run([sys.executable, "-c", _NO_INTERPRETER, mode], capture_output=True, text=True, env=env,
-                          cwd=root, timeout=300)
+    done = subprocess.run([sys.executable, "-c", _NO_INTERPRETER, mode], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    import json
-
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(ON_GPU, reason="on a CUDA machine CPU tensors are still refused, but this runs the CPU check")
+@pytest.mark.skipif(ON_GPU, reason="checked on CPU-only machines (the subprocess needs no GPU)")
 def test_cpu_tensors_without_interpreter_raise_a_clear_error(no_interpreter):
     assert not no_interpreter["interpreted"]
     assert "needs CUDA tensors" in no_interpreter["error"] and "TRITON_INTERPRET=1" in no_interpreter["error"]
@@ -364,6 +369,75 @@ def test_cpu_tensors_without_interpreter_raise_a_clear_error(no_interpreter):
 def test_kernels_compile_for_sm90_ahead_of_time(no_interpreter):
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this triton build has no NVIDIA backend to compile with")
-    assert set(no_interpreter["compiled"]) == {"_softmax_family_kernel", "_denominator_kernel", "_rescale_kernel",
-                                               "_sigmoid_family_kernel"}
+    kernels = {"_softmax_family_kernel", "_denominator_kernel", "_rescale_kernel", "_sigmoid_family_kernel"}
+    assert set(no_interpreter["compiled"]) == kernels
     assert len(no_interpreter["compiled"]) >= 10
+
+
+# ---------------------------------------------------------------------------------------- GPU only
+
+
+@gpu_only
+@pytest.mark.parametrize(("n", "c", "dtype"), [(16, 128256, torch.bfloat16), (32, 32000, torch.bfloat16),
+                                               (256, 1000, torch.bfloat16), (4096, 10, torch.float32)])
+def test_gpu_default_configurations_match_reference(n, c, dtype):
+    x, y, w, p, s = _inputs(dtype, n=n, c=c)
+    calls = [("cross_entropy", (y, None, -100, "mean", 0.0)), ("cross_entropy", (y, w, -100, "sum", 0.1)),
+             ("cross_entropy", (p, None, -100, "mean", 0.0)), ("focal_loss", (y, 2.0, w, -100, "mean")),
+             ("mse_loss", (y, -100, "mean", "probs")),
+             ("binary_cross_entropy_with_logits", (s, w, w, "mean"))]
+    for name, args in calls:
+        _compare(name, x, args, dtype, f"{name} {n}x{c}")
+
+
+@gpu_only
+def test_gpu_auto_backend_picks_triton():
+    from xentlab.kernels import get_backend
+
+    assert get_backend("auto", torch.zeros(1, 2, device="cuda")) is tx
+
+
+@gpu_only
+@pytest.mark.parametrize("name", ["cross_entropy", "sigmoid_focal_loss"])
+def test_gpu_forward_and_backward_capture_in_a_cuda_graph(name):
+    x, y, w, _, s = _inputs(torch.bfloat16, n=512, c=1000)
+    args = (y, w, -100, "mean", 0.1) if name == "cross_entropy" else (s, 0.25, 2.0, "mean")
+    static = x.clone().requires_grad_()
+    fn = getattr(tx, name)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles the kernels) outside the capture
+        for _ in range(2):
+            static.grad = None
+            fn(static, *args).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    static.grad = None
+    with torch.cuda.graph(graph):
+        loss = fn(static, *args)
+        loss.backward()
+    fresh, *_ = _inputs(torch.bfloat16, n=512, c=1000, seed=5)
+    with torch.no_grad():
+        static.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_loss, ref_grad = _run(getattr(reference, name), fresh, args, None)
+    _assert_close(loss.detach(), ref_loss, torch.bfloat16, "graph loss")
+    _assert_close(static.grad, ref_grad, torch.bfloat16, "graph gradient")
+
+
+@gpu_only
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gpu_peak_extra_memory_is_at_most_one_gradient(inplace):
+    x, y, _, _, _ = _inputs(torch.bfloat16, n=1024, c=32000)
+    logits = x.clone().requires_grad_().clone()  # a non-leaf, as the in-place variant requires
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = tx.cross_entropy(logits, y, None, -100, "mean", 0.1, inplace_backward=inplace)
+    (grad,) = torch.autograd.grad(loss, logits)  # the loss's own memory, no .grad accumulation
+    assert (grad.data_ptr() == logits.data_ptr()) == inplace
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    small = 1 << 20  # per-row losses, partial sums, scalars
+    assert extra <= (0 if inplace else x.numel() * x.element_size()) + small

@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 class ReportCallback(Callback):
-    """Hydra callback (`hydra.callbacks.report` in conf/hydra/default.yaml): writes and prints the sweep report.
+    """Hydra callback (`hydra.callbacks.report`, conf/hydra/default.yaml): writes and prints the sweep report.
 
     Runs in the process that launched the sweep, after every job returned, whatever the launcher. A report
     that cannot be written is logged, never raised: the jobs' results are already on disk and

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -19,10 +20,10 @@ def losses_command(args: argparse.Namespace) -> int:
     table.add_column("parameters (defaults)", overflow="fold")
     table.add_column("source", no_wrap=True)
     for entry in list_losses():
-        params = ", ".join(f"{key}={value}" for key, value in entry.parameters().items())
+        params = escape(", ".join(f"{key}={value}" for key, value in entry.parameters().items()))
         if entry.hooks:
             params += f" [dim](+ {', '.join(entry.hooks)})[/dim]"
-        table.add_row(entry.name, ", ".join(entry.tasks), params, entry.source)
+        table.add_row(escape(entry.name), ", ".join(entry.tasks), params, escape(entry.source))
     console.print(table)
     broken = broken_plugins()
     if broken:
@@ -30,7 +31,7 @@ def losses_command(args: argparse.Namespace) -> int:
         for column in ("entry point", "distribution", "error"):
             failed.add_column(column, overflow="fold")
         for plugin in broken:
-            failed.add_row(plugin.entry_point, plugin.distribution, plugin.error)
+            failed.add_row(*map(escape, (plugin.entry_point, plugin.distribution, plugin.error)))
         console.print(failed)
     console.print("Train with one: `xentlab-train loss=<name> loss.<parameter>=<value>`; with any importable "
                   "class: `loss=custom loss._target_=pkg.module.Class`.")

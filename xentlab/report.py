@@ -421,7 +421,8 @@ def plot_metric_vs_ratio(report: Report, path: Path) -> Path | None:
     for ax, metric in zip(axes, report.metrics, strict=False):
         for name, members in lines.items():
             reported = [g for g in members if metric.key in g.stats]
-            points = sorted(((float(ratios[id(g)]), g.stats[metric.key]) for g in reported), key=lambda p: p[0])
+            points = sorted(((float(ratios[id(g)]), g.stats[metric.key]) for g in reported),
+                            key=lambda point: point[0])
             if points:
                 ax.errorbar([x for x, _ in points], [s.mean for _, s in points], capsize=3, marker="o",
                             yerr=[error_bar(s) for _, s in points], label=name)
@@ -434,7 +435,8 @@ def plot_metric_vs_ratio(report: Report, path: Path) -> Path | None:
     for ax in spare:
         ax.axis("off")
     handles, labels = axes[0].get_legend_handles_labels()
-    (spare[0] if spare else axes[0]).legend(handles, labels, fontsize="small", loc="center" if spare else "best")
+    holder = spare[0] if spare else axes[0]  # the empty panel, when there is one, holds the legend
+    holder.legend(handles, labels, fontsize="small", loc="center" if spare else "best")
     figure.savefig(path, dpi=110)
     return path
 

@@ -33,6 +33,8 @@ LEARNING_RATES = (0.5, 0.05)
 
 @dataclass(frozen=True)
 class CheckResult:
+    """One check's outcome: what it measured when it passed, what went wrong when it failed."""
+
     name: str
     passed: bool
     detail: str
@@ -91,7 +93,7 @@ def check_loss(loss_or_name: nn.Module | str, *, task: str = "multiclass", num_c
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     num_classes = _num_classes(loss_or_name, task, num_classes)
     loss, label = _loss_module(loss_or_name, task, num_classes, params)
-    loss = loss.to(device)
+    loss = copy.deepcopy(loss).to(device)  # the caller's module stays where it was
     generator = torch.Generator().manual_seed(seed)
     toy = _ToyData(task, num_classes, torch.device(device), generator)
     # The toy tensors are tiny: intra-op threads only add hand-off latency, which on a busy 2-core machine

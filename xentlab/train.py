@@ -35,7 +35,8 @@ CHECKPOINT_DIR = "checkpoints"
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def build_run(cfg: DictConfig, output_dir: Path) -> tuple[pl.Trainer, ClassifierModule, pl.LightningDataModule]:
+def build_run(cfg: DictConfig, output_dir: Path) \
+        -> tuple[pl.Trainer, ClassifierModule, pl.LightningDataModule]:
     """Everything a run needs, built (and so validated) before the first training step."""
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(seed=cfg.seed, **cfg.data)
@@ -63,7 +64,8 @@ def flat_params(cfg: DictConfig) -> dict:
             if isinstance(value, dict):
                 walk(value, f"{name}.")
             else:
-                flat[name] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+                plain = isinstance(value, (int, float, str, bool)) or value is None
+                flat[name] = value if plain else str(value)
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return flat
@@ -87,9 +89,10 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     status = "interrupted" if trainer.interrupted else "completed"
     final = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if not trainer.interrupted:
-        final.update({k: float(v) for k, v in trainer.test(module, datamodule=datamodule, verbose=False)[0].items()})
-    record = {"status": status, "duration_s": round(time.time() - started, 3), "epochs": trainer.current_epoch,
-              "torch_threads": torch.get_num_threads(), "metrics": final}
+        tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        final.update({k: float(v) for k, v in tested.items()})
+    record = {"status": status, "duration_s": round(time.time() - started, 3),
+              "epochs": trainer.current_epoch, "torch_threads": torch.get_num_threads(), "metrics": final}
     return write_record(output_dir, cfg, record, overrides)
 
 
@@ -103,7 +106,7 @@ def finished_record(output_dir: Path, max_epochs: int) -> dict | None:
 
 
 def write_record(output_dir: Path, cfg: DictConfig, record: dict, overrides=()) -> dict:
-    """metrics.json: the run's status and final metrics next to its overrides and the plain values of its config.
+    """metrics.json: the run's status and final metrics, its overrides and the plain values of its config.
 
     Written to a temporary file and renamed into place, so a report reading a sweep in progress never
     sees half a file. Returns the record as written.

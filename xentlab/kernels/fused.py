@@ -11,7 +11,8 @@ Chunk temporaries live in a small per-thread workspace reused across calls (a fe
 fresh chunk-sized allocations cost page faults on every call, which on CPU can take longer than the math.
 Peak extra memory is therefore the one logits-sized buffer plus that constant workspace.
 
-Double backward is not supported: the Function is once-differentiable and raises a RuntimeError saying so.
+Double backward is not supported: differentiating the gradient again raises a RuntimeError saying so
+(backend="reference" is plain autograd and supports it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 Tensor = torch.Tensor
 
@@ -77,16 +77,36 @@ class _FusedLoss(torch.autograd.Function):
         return (total if denominator is None else total / denominator).to(input.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: Tensor):
-        (saved,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            grad = torch.empty_like(saved)
-            _sweep(ctx.kernel, saved, grad_output.to(_compute_dtype(saved.dtype)), grad)
-            return grad, None, None
-        if bool(grad_output == 1):
-            return saved, None, None
-        return saved * grad_output.to(saved.dtype), None, None
+        with torch.no_grad():
+            grad = _input_gradient(ctx, grad_output)
+        if torch.is_grad_enabled():  # create_graph=True: make a later differentiation of `grad` fail loudly
+            grad = _NoDoubleBackward.apply(grad.detach().requires_grad_())
+        return grad, None, None
+
+
+def _input_gradient(ctx, grad_output: Tensor) -> Tensor:
+    (saved,) = ctx.saved_tensors
+    if ctx.reduction == "none":
+        grad = torch.empty_like(saved)
+        _sweep(ctx.kernel, saved, grad_output.to(_compute_dtype(saved.dtype)), grad)
+        return grad
+    if bool(grad_output == 1):
+        return saved
+    return saved * grad_output.to(saved.dtype)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a first-order gradient whose own backward raises: the fused losses are once-differentiable."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor) -> Tensor:
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise RuntimeError("xentlab's fused losses are once-differentiable: double backward (differentiating a "
+                           "gradient taken with create_graph=True) is not supported; use backend='reference'")
 
 
 def _sweep(kernel, x: Tensor, scale: Tensor | None, grad: Tensor | None) -> Tensor:

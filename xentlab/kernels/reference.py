@@ -61,7 +61,9 @@ def focal_loss(input, target, gamma, alpha, ignore_index, reduction):
     non-ignored rows, so gamma=0 is weighted cross-entropy."""
     logp, valid, y, a_y = _index_rows(input, target, alpha, ignore_index)
     logpt = logp.gather(1, y[:, None]).squeeze(1)
-    loss = -a_y * (1 - logpt.exp()) ** gamma * logpt
+    # the clamp keeps autograd's (1-pt)^(gamma-1) finite at pt = 1 for gamma < 1; the value moves by < tiny^gamma
+    one_minus_pt = (1 - logpt.exp()).clamp(min=torch.finfo(logp.dtype).tiny)
+    loss = -a_y * one_minus_pt**gamma * logpt
     loss = torch.where(valid, loss, 0.0)
     return _reduce(loss, reduction, a_y.sum()).to(input.dtype)
 

@@ -40,7 +40,9 @@ logits are destroyed: after the forward (the backward, for `reduction="none"`) `
 version counter is bumped, so any other autograd use of those logits (an op that saved them) raises
 PyTorch's "modified by an inplace operation" error instead of computing with garbage. Use it only on logits
 that are an intermediate result nothing else reads afterwards (typically the output of the last linear
-layer); a leaf tensor that requires grad is refused, since its `.grad` would alias its own data.
+layer); a leaf tensor that requires grad is refused, since its `.grad` would alias its own data. (If the
+logits are a view, `loss.backward()` works but `torch.autograd.grad(loss, view)` does not: PyTorch gives a
+view whose data changed in place a new grad_fn.)
 
 Importing this module imports Triton; `xentlab` imports it only when the Triton backend is chosen. Set
 TRITON_INTERPRET=1 *before this module is first imported* (Triton reads it when `@triton.jit` decorates the
@@ -53,7 +55,7 @@ import contextlib
 import contextvars
 import functools
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -82,18 +84,19 @@ _UP_ROW = tl.constexpr(1)
 _UP_ELEM = tl.constexpr(2)
 _NEG_INF = tl.constexpr(float("-inf"))
 
-# Largest next_power_of_2(C) kept whole in registers, by element size; longer rows are walked in blocks. Set so
-# ptxas (sm_90) reports no spills for plain cross-entropy: 32768 columns at 16 warps already spill.
+# Largest next_power_of_2(C) kept whole in registers, by element size; longer rows are walked in blocks.
+# Set so ptxas (sm_90) reports no spills for plain cross-entropy: 32768 columns at 16 warps already spill.
 _ONE_BLOCK_LIMIT = {2: 16384, 4: 16384, 8: 4096}
 _LONG_BLOCK = {2: 8192, 4: 4096, 8: 2048}
 _TILE = 4096  # elements per program for short rows: several rows share a program when C is small
 _LONG_PROGRAMS_PER_SM = 2
 _RESCALE_BLOCK = 8192
-# Launch-configuration overrides: keys of `_SoftmaxConfig` plus "max_programs" (grid cap). Empty in normal use;
-# tests set it to force the long-row path at tiny C, scripts/bench_gpu.py --tune to try configurations.
+# Launch-configuration overrides: keys of `_SoftmaxConfig` plus "max_programs" (grid cap). Empty in normal
+# use; tests set it to force the long-row path at tiny C, scripts/bench_gpu.py --tune to try configurations.
 _TUNING: dict = {}
 
-_inplace_default: contextvars.ContextVar[bool] = contextvars.ContextVar("xentlab_inplace_backward", default=False)
+_inplace_default: contextvars.ContextVar[bool] = contextvars.ContextVar("xentlab_inplace_backward",
+                                                                        default=False)
 
 
 @contextlib.contextmanager
@@ -131,18 +134,49 @@ def _pow(base, gamma):
 
 
 @triton.jit
+def _row_setup(X, stride_xn, Y, stride_yn, W, U, stride_un, stride_uc, rows, N, ignore_index, inv,
+               LOSS: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+               UPSTREAM: tl.constexpr, ACC: tl.constexpr):
+    """Per row: the class index y (0 where ignored), which rows count, w[y], x[y], grad_output[y] and the
+    gradient scale k (1/denominator, or the per-row grad_output, and 0 for ignored rows)."""
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    one = tl.full(rows.shape, 1.0, ACC)
+    y = tl.zeros(rows.shape, tl.int64)
+    valid = row_ok
+    w_y, x_y, u_y = one, one * 0.0, one
+    if not PROB_TARGET:
+        y = tl.load(Y + rows64 * stride_yn, mask=row_ok, other=ignore_index)
+        valid = row_ok & (y != ignore_index)
+        y = tl.where(valid, y, 0)
+        if HAS_WEIGHT:
+            w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
+        if LOSS != _MSE_LOGITS:  # gathered before any store: G may alias X
+            x_y = tl.load(X + rows64 * stride_xn + y, mask=valid, other=0.0).to(ACC)
+        if UPSTREAM == _UP_ELEM:
+            u_y = tl.load(U + rows64 * stride_un + y * stride_uc, mask=valid, other=0.0).to(ACC)
+    k = tl.where(valid, inv, 0.0)  # ignored rows: zero gradient even when the denominator is 0
+    if UPSTREAM == _UP_ROW:
+        k = tl.where(valid, tl.load(U + rows64 * stride_un, mask=valid, other=0.0).to(ACC), 0.0)
+    elif UPSTREAM == _UP_ELEM:
+        k = tl.where(valid, 1.0, 0.0)
+    return rows64, row_ok, y, valid, w_y, x_y, u_y, k
+
+
+@triton.jit
 def _load_block(X, stride_xn, Y, stride_yn, stride_yc, W, U, stride_un, stride_uc, rows64, row_ok, y, cols, C,
                 eps, LOSS: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                 SMOOTH: tl.constexpr, UPSTREAM: tl.constexpr, ACC: tl.constexpr):
     """A [ROWS, BLOCK_C] block: logits (-inf past the row end for the softmax losses), target t (one-hot or
-    probabilities, smoothed when SMOOTH), class weights w (0 past the row end) and element-wise grad_output u."""
+    probabilities, smoothed when SMOOTH), class weights w (0 past the row end), element-wise grad_output u."""
     col_ok = cols < C
     ok = row_ok[:, None] & col_ok[None, :]
+    cols64 = cols.to(tl.int64)[None, :]  # strided targets or upstream may pass 2**31 elements
     x = tl.load(X + rows64[:, None] * stride_xn + cols[None, :], mask=ok, other=0.0).to(ACC)
     if LOSS != _MSE_LOGITS:
         x = tl.where(col_ok[None, :], x, _NEG_INF)
     if PROB_TARGET:
-        t = tl.load(Y + rows64[:, None] * stride_yn + cols[None, :] * stride_yc, mask=ok, other=0.0).to(ACC)
+        t = tl.load(Y + rows64[:, None] * stride_yn + cols64 * stride_yc, mask=ok, other=0.0).to(ACC)
         if SMOOTH:
             t = tl.where(col_ok[None, :], t * (1.0 - eps) + eps / C, 0.0)
     else:
@@ -152,7 +186,7 @@ def _load_block(X, stride_xn, Y, stride_yn, stride_yc, W, U, stride_un, stride_u
     else:
         w = tl.where(col_ok, 1.0, 0.0).to(ACC)[None, :]
     if UPSTREAM == _UP_ELEM:
-        u = tl.load(U + rows64[:, None] * stride_un + cols[None, :] * stride_uc, mask=ok, other=0.0).to(ACC)
+        u = tl.load(U + rows64[:, None] * stride_un + cols64 * stride_uc, mask=ok, other=0.0).to(ACC)
     else:
         u = tl.full([1, 1], 1.0, ACC)
     return x, t, w, u, col_ok
@@ -194,7 +228,8 @@ def _accumulate(m, s, e1, e2, a1, a2, x, t, w, u, col_ok, LOSS: tl.constexpr, PR
 def _row_terms(m, s, e1, e2, a1, a2, x_y, w_y, u_y, eps, gamma, C, LOSS: tl.constexpr,
                PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr):
     """From the row sums: lse, the row loss, and the epilogue coefficients, so that
-    grad = k (c_p p - c_y t - c_b beta) for CE and focal, and grad = 2 k p (u (p - t) - g) for MSE on probs."""
+    grad = k (c_p p - c_y t - c_b beta) for CE and focal, and grad = 2 k p (u (p - t) - g) for MSE on probs.
+    """
     zero = tl.zeros_like(s)
     lse, loss, c_p, c_y, c_b, g = zero, zero, zero, zero, zero, zero
     if LOSS != _MSE_LOGITS:
@@ -286,59 +321,42 @@ def _softmax_family_kernel(
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, DEN_BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     """Loss and gradient of the softmax family for blocks of ROWS rows; programs loop over row blocks. The
-    mean denominator is den_count times the sum of DEN[:n_den] (the latter only when DEN_BLOCK > 0)."""
+    mean denominator is den_count times the sum of DEN[:n_den] (the latter only when DEN_BLOCK > 0). Scalar
+    reductions store one partial sum per program (in a fixed order, so the total is deterministic)."""
     eps = _param(eps_hi, eps_lo, ACC)
     gamma = _param(gamma_hi, gamma_lo, ACC)
     inv = 1.0 / tl.cast(den_count, ACC)
     if DEN_BLOCK > 0:
         part = tl.arange(0, DEN_BLOCK)
         inv = inv / tl.sum(tl.load(DEN + part, mask=part < n_den, other=0.0).to(ACC), 0)
+    total = inv * 0.0
     for block in range(tl.program_id(0), tl.cdiv(N, ROWS), tl.num_programs(0)):
         rows = block * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < N
-        rows64 = rows.to(tl.int64)
-        one = tl.full([ROWS], 1.0, ACC)
-        y = tl.zeros([ROWS], tl.int64)
-        valid = row_ok
-        w_y, x_y, u_y = one, one * 0.0, one
-        if not PROB_TARGET:
-            y = tl.load(Y + rows64 * stride_yn, mask=row_ok, other=ignore_index)
-            valid = row_ok & (y != ignore_index)
-            y = tl.where(valid, y, 0)
-            if HAS_WEIGHT:
-                w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
-            if LOSS != _MSE_LOGITS:  # gathered before any store: G may alias X
-                x_y = tl.load(X + rows64 * stride_xn + y, mask=valid, other=0.0).to(ACC)
-            if UPSTREAM == _UP_ELEM:
-                u_y = tl.load(U + rows64 * stride_un + y * stride_uc, mask=valid, other=0.0).to(ACC)
-        k = tl.where(valid, inv, 0.0)  # ignored rows: zero gradient even when the denominator is 0
-        if UPSTREAM == _UP_ROW:
-            k = tl.where(valid, tl.load(U + rows64 * stride_un, mask=valid, other=0.0).to(ACC), 0.0)
-        elif UPSTREAM == _UP_ELEM:
-            k = tl.where(valid, 1.0, 0.0)
-
-        m, s = tl.full([ROWS], _NEG_INF, ACC), one * 0.0
+        rows64, row_ok, y, valid, w_y, x_y, u_y, k = _row_setup(
+            X, stride_xn, Y, stride_yn, W, U, stride_un, stride_uc, rows, N, ignore_index, inv, LOSS,
+            PROB_TARGET, HAS_WEIGHT, UPSTREAM, ACC)
+        m, s = tl.full([ROWS], _NEG_INF, ACC), tl.zeros([ROWS], ACC)
         e1, e2, a1, a2 = s, s, s, s
         if ONE_BLOCK:  # the whole row stays in registers: the logits are read once
             cols = tl.arange(0, BLOCK_C)
-            x, t, w, u, col_ok = _load_block(X, stride_xn, Y, stride_yn, stride_yc, W, U, stride_un, stride_uc,
-                                             rows64, row_ok, y, cols, C, eps, LOSS, PROB_TARGET, HAS_WEIGHT,
-                                             SMOOTH, UPSTREAM, ACC)
+            x, t, w, u, col_ok = _load_block(X, stride_xn, Y, stride_yn, stride_yc, W, U, stride_un,
+                                             stride_uc, rows64, row_ok, y, cols, C, eps, LOSS, PROB_TARGET,
+                                             HAS_WEIGHT, SMOOTH, UPSTREAM, ACC)
             if LOSS != _MSE_LOGITS:
-                m, s, e1, e2, a1, a2 = _accumulate(m, s, e1, e2, a1, a2, x, t, w, u, col_ok, LOSS, PROB_TARGET,
-                                                   SMOOTH)
+                m, s, e1, e2, a1, a2 = _accumulate(m, s, e1, e2, a1, a2, x, t, w, u, col_ok, LOSS,
+                                                   PROB_TARGET, SMOOTH)
         elif LOSS != _MSE_LOGITS:
             for start in range(0, C, BLOCK_C):
                 cols = start + tl.arange(0, BLOCK_C)
                 x, t, w, u, col_ok = _load_block(X, stride_xn, Y, stride_yn, stride_yc, W, U, stride_un,
-                                                 stride_uc, rows64, row_ok, y, cols, C, eps, LOSS, PROB_TARGET,
-                                                 HAS_WEIGHT, SMOOTH, UPSTREAM, ACC)
-                m, s, e1, e2, a1, a2 = _accumulate(m, s, e1, e2, a1, a2, x, t, w, u, col_ok, LOSS, PROB_TARGET,
-                                                   SMOOTH)
+                                                 stride_uc, rows64, row_ok, y, cols, C, eps, LOSS,
+                                                 PROB_TARGET, HAS_WEIGHT, SMOOTH, UPSTREAM, ACC)
+                m, s, e1, e2, a1, a2 = _accumulate(m, s, e1, e2, a1, a2, x, t, w, u, col_ok, LOSS,
+                                                   PROB_TARGET, SMOOTH)
         lse, loss, c_p, c_y, c_b, g = _row_terms(m, s, e1, e2, a1, a2, x_y, w_y, u_y, eps, gamma, C, LOSS,
                                                  PROB_TARGET, HAS_WEIGHT, SMOOTH)
 
-        err_sum = one * 0.0
+        err_sum = tl.zeros([ROWS], ACC)
         if ONE_BLOCK:
             grad, err = _epilogue(x, t, w, u, lse, k, c_p, c_y, c_b, g, LOSS, PROB_TARGET, SMOOTH)
             err_sum = _store_block(G, L, rows64, stride_xn, cols, C, row_ok, col_ok, valid, grad, err,
@@ -348,16 +366,21 @@ def _softmax_family_kernel(
             for i in range(n_blocks):  # backwards: the blocks read last are the likeliest still in L2
                 cols = (n_blocks - 1 - i) * BLOCK_C + tl.arange(0, BLOCK_C)
                 x, t, w, u, col_ok = _load_block(X, stride_xn, Y, stride_yn, stride_yc, W, U, stride_un,
-                                                 stride_uc, rows64, row_ok, y, cols, C, eps, LOSS, PROB_TARGET,
-                                                 HAS_WEIGHT, SMOOTH, UPSTREAM, ACC)
+                                                 stride_uc, rows64, row_ok, y, cols, C, eps, LOSS,
+                                                 PROB_TARGET, HAS_WEIGHT, SMOOTH, UPSTREAM, ACC)
                 grad, err = _epilogue(x, t, w, u, lse, k, c_p, c_y, c_b, g, LOSS, PROB_TARGET, SMOOTH)
                 err_sum += _store_block(G, L, rows64, stride_xn, cols, C, row_ok, col_ok, valid, grad, err,
                                         WRITE_GRAD, LOSS_OUT)
+        if LOSS == _MSE_PROBS or LOSS == _MSE_LOGITS:
+            loss = err_sum
+        # times inv outside the where: an all-ignored batch gives 0 * inf = nan for `mean`, as PyTorch does
+        loss = tl.where(valid, loss, 0.0) * inv
         if LOSS_OUT == _OUT_ROW:
-            if LOSS == _MSE_PROBS or LOSS == _MSE_LOGITS:
-                loss = err_sum
-            # times inv outside the where: an all-ignored batch gives 0 * inf = nan for `mean`, as PyTorch
-            tl.store(L + rows64, (tl.where(valid, loss, 0.0) * inv).to(L.dtype.element_ty), mask=row_ok)
+            tl.store(L + rows64, loss.to(L.dtype.element_ty), mask=row_ok)
+        elif LOSS_OUT == _OUT_PARTIAL:
+            total += tl.sum(loss, 0)
+    if LOSS_OUT == _OUT_PARTIAL:
+        tl.store(L + tl.program_id(0), total)
 
 
 @triton.jit
@@ -401,7 +424,7 @@ def _sigmoid_family_kernel(
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = (rows < N)[:, None] & (cols < C)[None, :]
-    r, c = rows[:, None], cols[None, :]
+    r, c = rows[:, None], cols.to(tl.int64)[None, :]
     x = tl.load(X + r * stride_xn + c, mask=ok, other=0.0).to(ACC)
     t = tl.load(T + r * stride_tn + c * stride_tc, mask=ok, other=0.0).to(ACC)
     z = tl.exp(-tl.abs(x))
@@ -471,7 +494,7 @@ class _SoftmaxConfig(NamedTuple):
 
 
 def _launch(kernel, grid, num_warps, *args, **meta):
-    # The single place kernels are launched from (tests swap it to record launches for ahead-of-time compiles).
+    # The one place kernels are launched from (tests swap it to record launches for ahead-of-time compiles).
     kernel[grid](*args, num_warps=num_warps, **meta)
 
 
@@ -484,12 +507,16 @@ def _acc(x: Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
+def _acc_torch(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _warps(tile: int) -> int:
     # about 16 elements per thread: more costs registers (spills at small C), fewer costs bytes in flight
     return min(16, max(4, tile // 512))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -505,23 +532,26 @@ def _softmax_config(n_cols: int, elem_size: int) -> _SoftmaxConfig:
     return config._replace(**{k: v for k, v in _TUNING.items() if k in _SoftmaxConfig._fields})
 
 
-def _grid_size(x: Tensor, n_blocks: int, one_block: bool) -> int:
+def _softmax_launch(x: Tensor) -> tuple[_SoftmaxConfig, int]:
+    """The configuration and the grid size; long rows cap the grid at a few programs per SM."""
+    n, c = x.shape
+    config = _softmax_config(c, x.element_size())
+    n_blocks = triton.cdiv(n, config.rows)
     cap = _TUNING.get("max_programs")
-    if cap is None and x.is_cuda and not one_block:
-        cap = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-        cap *= _LONG_PROGRAMS_PER_SM
-    return min(n_blocks, cap) if cap else n_blocks
+    if cap is None and x.is_cuda and not config.one_block:
+        cap = _sm_count(x.device.index) * _LONG_PROGRAMS_PER_SM  # a CUDA tensor's device has an index
+    return config, min(n_blocks, cap) if cap else n_blocks
 
 
 def _check_input(x: Tensor, inplace: bool) -> None:
     if not x.is_cuda and not _INTERPRETED:
         raise ValueError(
-            f"the triton backend needs CUDA tensors, got a tensor on {x.device}; use backend='fused' on the CPU, "
-            "or set TRITON_INTERPRET=1 before xentlab.kernels.triton_xent is first imported to run the kernels "
-            "in Triton's CPU interpreter")
+            f"the triton backend needs CUDA tensors, got a tensor on {x.device}; use backend='fused' on the "
+            "CPU, or set TRITON_INTERPRET=1 before triton and xentlab.kernels.triton_xent are first imported "
+            "to run the kernels in Triton's CPU interpreter")
     if inplace and x.is_leaf and x.requires_grad:
-        raise ValueError("inplace_backward=True needs logits produced by an operation, got a leaf tensor that "
-                         "requires grad (its .grad would alias its own data)")
+        raise ValueError("inplace_backward=True needs logits produced by an operation, got a leaf tensor "
+                         "that requires grad (its .grad would alias its own data)")
 
 
 def _inplace(flag: bool | None) -> bool:
@@ -534,39 +564,39 @@ def _scalar_loss(parts: Tensor, count: int, reduction: str, dtype: torch.dtype) 
     return parts.sum().to(dtype)
 
 
-def _denominator(target: Tensor, weight: Tensor | None, ignore_index: int, acc) -> tuple[Tensor, int, int]:
+def _denominator(x: Tensor, target: Tensor, weight: Tensor | None,
+                 ignore_index: int) -> tuple[Tensor, int, int]:
     """Per-block partial sums of w[y] (or of the non-ignored count), for the main kernel to add up."""
     n = target.shape[0]
     block = max(1024, triton.next_power_of_2(triton.cdiv(n, 1024)))
     parts = triton.cdiv(n, block)
-    out = torch.empty(parts, dtype=torch.float64 if acc == tl.float64 else torch.float32, device=target.device)
+    out = torch.empty(parts, dtype=_acc_torch(x), device=x.device)
     _launch(_denominator_kernel, (parts,), 4, target, target.stride(0), target if weight is None else weight,
-            out, n, ignore_index, HAS_WEIGHT=weight is not None, BLOCK=block, ACC=acc)
+            out, n, ignore_index, HAS_WEIGHT=weight is not None, BLOCK=block, ACC=_acc(x))
     return out, parts, triton.next_power_of_2(parts)
 
 
-def _launch_softmax(x: Tensor, target: Tensor, weight: Tensor | None, spec: _Spec, *, grad: Tensor | None = None,
-                    loss: Tensor | None = None, loss_out=_OUT_NONE, upstream: Tensor | None = None) -> None:
+def _launch_softmax(x: Tensor, target: Tensor, weight: Tensor | None, spec: _Spec, *,
+                    grad: Tensor | None = None, loss: Tensor | None = None, loss_out=_OUT_NONE,
+                    upstream: Tensor | None = None) -> None:
     """One launch of the softmax-family kernel (plus the denominator pre-kernel for an index-target mean)."""
     n, c = x.shape
     if n == 0:
         return
     acc, prob = _acc(x), target.is_floating_point()
-    config = _softmax_config(c, x.element_size())
+    config, grid = _softmax_launch(x)
     den, n_den, den_block, den_count = x, 0, 0, 1
     if spec.reduction == "mean" and upstream is None:
         if prob:
             den_count = n * c if spec.loss in (_MSE_PROBS, _MSE_LOGITS) else n
         else:
             den_weight = weight if spec.loss in (_CE, _FOCAL) else None
-            den, n_den, den_block = _denominator(target, den_weight, spec.ignore_index, acc)
+            den, n_den, den_block = _denominator(x, target, den_weight, spec.ignore_index)
             den_count = c if spec.loss in (_MSE_PROBS, _MSE_LOGITS) else 1
     up_mode = _UP_NONE if upstream is None else _UP_ROW if upstream.dim() == 1 else _UP_ELEM
     up_strides = (0, 0) if upstream is None else (tuple(upstream.stride()) + (0,))[:2]
     t_strides = (tuple(target.stride()) + (0,))[:2]
-    n_blocks = triton.cdiv(n, config.rows)
-    grid = (_grid_size(x, n_blocks, config.one_block),)
-    _launch(_softmax_family_kernel, grid, config.num_warps,
+    _launch(_softmax_family_kernel, (grid,), config.num_warps,
             x, x.stride(0), target, *t_strides, x if weight is None else weight,
             x if upstream is None else upstream, *up_strides, x if grad is None else grad,
             x if loss is None else loss, den, n_den, den_count, n, c, spec.ignore_index,
@@ -582,10 +612,11 @@ def _sigmoid_grid(n: int, c: int) -> tuple[tuple[int, int], int, int]:
     return (triton.cdiv(n, rows), triton.cdiv(c, block_c)), rows, block_c
 
 
-def _launch_sigmoid(x: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None, spec: _Spec, *,
-                    grad: Tensor | None = None, loss: Tensor | None = None, loss_out=_OUT_NONE,
-                    upstream: Tensor | None = None) -> None:
-    """One launch of the sigmoid-family kernel; weight and pos_weight are broadcast to (N, C) as stride-0 views."""
+def _launch_sigmoid(x: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None,
+                    spec: _Spec, *, grad: Tensor | None = None, loss: Tensor | None = None,
+                    loss_out=_OUT_NONE, upstream: Tensor | None = None) -> None:
+    """One launch of the sigmoid-family kernel; weight and pos_weight are broadcast to (N, C) as stride-0
+    views."""
     n, c = x.shape
     if n * c == 0:
         return
@@ -604,7 +635,7 @@ def _launch_sigmoid(x: Tensor, target: Tensor, weight: Tensor | None, pos_weight
 
 
 def _rescale(grad: Tensor, grad_output: Tensor, applied: Tensor) -> None:
-    """grad *= grad_output / applied on the device (a no-op pass when that is 1); then applied = grad_output."""
+    """grad *= grad_output / applied on the device (no memory pass when that is 1); applied = grad_output."""
     n = grad.numel()
     if n:
         blocks = triton.cdiv(n, _RESCALE_BLOCK)
@@ -621,8 +652,7 @@ def _saved_gradient(ctx, x: Tensor, grad: Tensor, spec: _Spec) -> None:
     if spec.inplace:
         torch.autograd.graph.increment_version(x)
     ctx.save_for_backward(grad)
-    ctx.applied = torch.ones((), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                             device=x.device)
+    ctx.applied = torch.ones((), dtype=_acc_torch(x), device=x.device)
 
 
 # ----------------------------------------------------------------------------------------- autograd glue
@@ -636,14 +666,15 @@ class _SoftmaxFamily(torch.autograd.Function):
         if spec.reduction == "none":
             per_element = spec.loss in (_MSE_PROBS, _MSE_LOGITS)
             loss = x.new_empty((n, c) if per_element else (n,))
-            _launch_softmax(x, target, weight, spec, loss=loss, loss_out=_OUT_ELEM if per_element else _OUT_ROW)
+            _launch_softmax(x, target, weight, spec, loss=loss,
+                            loss_out=_OUT_ELEM if per_element else _OUT_ROW)
             ctx.save_for_backward(x, target, weight)
             return loss
         grad = x if spec.inplace else torch.empty_like(x)
-        rows = torch.empty(n, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
-        _launch_softmax(x, target, weight, spec, grad=grad, loss=rows, loss_out=_OUT_ROW)
+        parts = torch.empty(_softmax_launch(x)[1], dtype=_acc_torch(x), device=x.device)
+        _launch_softmax(x, target, weight, spec, grad=grad, loss=parts, loss_out=_OUT_PARTIAL)
         _saved_gradient(ctx, x, grad, spec)
-        return _scalar_loss(rows, n, spec.reduction, x.dtype)
+        return _scalar_loss(parts, n, spec.reduction, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -671,8 +702,7 @@ class _SigmoidFamily(torch.autograd.Function):
             return loss
         grad = x if spec.inplace else torch.empty_like(x)
         grid, _, _ = _sigmoid_grid(*x.shape)
-        parts = torch.zeros(grid[0] * grid[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                            device=x.device)
+        parts = torch.zeros(grid[0] * grid[1], dtype=_acc_torch(x), device=x.device)
         _launch_sigmoid(x, target, weight, pos_weight, spec, grad=grad, loss=parts, loss_out=_OUT_PARTIAL)
         _saved_gradient(ctx, x, grad, spec)
         return _scalar_loss(parts, x.numel(), spec.reduction, x.dtype)
@@ -693,15 +723,17 @@ class _SigmoidFamily(torch.autograd.Function):
 
 
 def _apply_softmax(x, target, weight, spec: _Spec, inplace_backward):
-    spec = _Spec(**{**spec.__dict__, "inplace": _inplace(inplace_backward)})
+    # the kernels assume unit column strides for the logits and the class weights (no-ops when contiguous)
+    spec = replace(spec, inplace=_inplace(inplace_backward))
     _check_input(x, spec.inplace)
-    return _SoftmaxFamily.apply(x, target, weight, spec)
+    weight = None if weight is None else weight.contiguous()
+    return _SoftmaxFamily.apply(x.contiguous(), target, weight, spec)
 
 
 def _apply_sigmoid(x, target, weight, pos_weight, spec: _Spec, inplace_backward):
-    spec = _Spec(**{**spec.__dict__, "inplace": _inplace(inplace_backward)})
+    spec = replace(spec, inplace=_inplace(inplace_backward))
     _check_input(x, spec.inplace)
-    return _SigmoidFamily.apply(x, target, weight, pos_weight, spec)
+    return _SigmoidFamily.apply(x.contiguous(), target, weight, pos_weight, spec)
 
 
 # -------------------------------------------------------------------------------------------- public API
@@ -717,9 +749,10 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
 
 
 def focal_loss(input, target, gamma, alpha, ignore_index, reduction, *, inplace_backward=None):
-    """Softmax focal loss l_i = -a[y_i] (1 - p_iy)^gamma log p_iy in one launch, `mean` over the sum of a[y_i] on
-    kept rows; gradient s_i (p_i - onehot_y) with s_i = a[y_i] [(1-pt)^gamma - gamma pt (1-pt)^(gamma-1) log pt],
-    where 1 - pt is summed over the other classes and the (1-pt)^(gamma-1) log pt factor stays finite as pt -> 1."""
+    """Softmax focal loss l_i = -a[y_i] (1 - p_iy)^gamma log p_iy in one launch, `mean` over the sum of
+    a[y_i] on kept rows; gradient s_i (p_i - onehot_y) with s_i = a[y_i] [(1-pt)^gamma - gamma pt
+    (1-pt)^(gamma-1) log pt], where 1 - pt is summed over the other classes and the (1-pt)^(gamma-1) log pt
+    factor stays finite as pt -> 1."""
     spec = _Spec(int(_FOCAL), reduction, ignore_index=int(ignore_index), gamma=float(gamma))
     return _apply_softmax(input, target, alpha, spec, inplace_backward)
 

@@ -75,7 +75,7 @@ class WeightedCrossEntropy(_SoftmaxLoss):
         super().__init__(**common)
         if weights is None:
             raise ValueError(f"weighted_ce needs weights: a list of per-class values or one of "
-                             f"{weights_rules()}")
+                             f"{_weights_rules()}")
         self.register_buffer("weight", class_vector("weights", weights, beta, class_counts))
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -159,7 +159,7 @@ class MSELoss(_SoftmaxLoss):
 # ---------------------------------------------------------------- parameters from configs and counts
 
 
-def weights_rules() -> str:
+def _weights_rules() -> str:
     return " | ".join(weights.METHODS)
 
 
@@ -170,7 +170,7 @@ def class_vector(name: str, value, beta: float, class_counts: Tensor | None) -> 
         return None
     if isinstance(value, str):
         if value not in weights.METHODS:
-            raise ValueError(f"{name} must be a list of per-class values or one of {weights_rules()}, "
+            raise ValueError(f"{name} must be a list of per-class values or one of {_weights_rules()}, "
                              f"got {value!r}")
         return weights.class_weights(_needs_counts(name, value, class_counts), value, beta=beta)
     return _float_vector(name, value)

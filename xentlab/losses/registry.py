@@ -93,8 +93,9 @@ def register_loss(name: str, *, tasks=("multiclass",), config: str | Path | None
 
     `config` is the YAML file holding the loss's parameter defaults (the same file Hydra composes as
     `loss=<name>`); `build_loss(name)` fills missing parameters from it. Registering the same class again
-    under its name is a no-op (Hydra's joblib launcher re-imports in reused workers); a different class
-    under a taken name is a ValueError naming both.
+    under its name is a no-op (Hydra's joblib launcher reuses worker processes), a re-definition of it (same
+    module and qualified name) replaces it, and any other class under a taken name is a ValueError naming
+    both.
     """
     if not isinstance(name, str) or not name or name != name.strip():
         raise ValueError(f"loss name must be a non-empty string without surrounding spaces, got {name!r}")
@@ -106,11 +107,15 @@ def register_loss(name: str, *, tasks=("multiclass",), config: str | Path | None
             raise TypeError(f"loss {name!r} must be an nn.Module subclass, got {cls!r}")
         with _LOCK:
             taken = _STATE.losses.get(name)
-            if taken is not None and taken.cls is not cls:
+            if taken is not None and taken.cls is cls:
+                return cls
+            # A class of the same qualified name is the same class defined again (importlib.reload, a
+            # notebook cell run twice): the new definition replaces the old one.
+            if taken is not None and _qualname(taken.cls) != _qualname(cls):
                 raise ValueError(f"loss name {name!r} is taken by {_qualname(taken.cls)} ({taken.source}); "
                                  f"cannot register {_qualname(cls)} under it")
-            if taken is None:
-                _STATE.losses[name] = LossEntry(name, cls, tasks, config, _default_source(cls))
+            source = taken.source if taken is not None else _default_source(cls)
+            _STATE.losses[name] = LossEntry(name, cls, tasks, config, source)
         return cls
 
     return decorate

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from xentlab_poly import Poly1CrossEntropy
 
 from xentlab import functional as F
 from xentlab.losses import build_loss, get_loss
 from xentlab.testing import check_loss
-from xentlab_poly import Poly1CrossEntropy
 
 
 @pytest.mark.parametrize("task", ["multiclass", "binary"])

@@ -28,7 +28,7 @@ class Poly1CrossEntropy(nn.Module):
         if reduction not in F.REDUCTIONS:
             raise ValueError(f"reduction must be one of {F.REDUCTIONS}, got {reduction!r}")
         if epsilon < -1:
-            raise ValueError(f"epsilon must be >= -1 (below that the loss rewards wrong answers), got {epsilon}")
+            raise ValueError(f"epsilon must be >= -1 (below, the loss rewards wrong answers), got {epsilon}")
         self.epsilon, self.ignore_index, self.reduction = float(epsilon), ignore_index, reduction
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

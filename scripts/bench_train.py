@@ -1,0 +1,142 @@
+"""Training and sweep speed: a xentlab run against a bare PyTorch loop, and a sweep sequential vs joblib.
+
+    python scripts/bench_train.py [--samples 20000] [--epochs 20] [--repeats 3] [--skip-sweeps]
+
+1. Overhead. In one process, with the same torch threads: `xentlab.train.train` (Lightning fit with
+   validation every epoch, test, TensorBoard logging and figures, checkpoints, metrics.json) against a
+   bare loop doing the same arithmetic with the same data module, model, loss object, optimizer, batch
+   size and epochs: train steps, a validation pass (loss + accuracy) per epoch and a test pass. Both
+   sides build their data and model inside the timed region. Best of `--repeats` alternating runs, after
+   one untimed warm-up of each, since the minimum is the figure least disturbed by other processes.
+   Prints xentlab / bare.
+2. Sweeps. `xentlab-train -m experiment=compare_losses` (18 jobs) as a subprocess with the basic
+   (sequential) launcher and with `hydra/launcher=joblib`, wall time of the whole command, report included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from rich.console import Console
+from rich.table import Table
+
+from xentlab.data import build_datamodule
+from xentlab.losses import build_loss
+from xentlab.models import build_model
+from xentlab.train import CONFIG_DIR, available_cpus, train
+
+
+def config(samples: int, epochs: int):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[f"data.n_samples={samples}", f"trainer.max_epochs={epochs}"])
+
+
+def bare_loop(cfg) -> float:
+    """Seconds for the plain-PyTorch equivalent of one xentlab run (data and model built inside)."""
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    data = build_datamodule(seed=cfg.seed, **cfg.data)
+    loss_fn = build_loss(**cfg.loss, task=data.task, class_counts=data.class_counts,
+                         num_examples=len(data.splits["train"][1]))
+    model = build_model(**cfg.model, in_features=data.num_features, num_outputs=data.num_classes)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    for _ in range(cfg.trainer.max_epochs):
+        model.train()
+        for x, y in data.train_dataloader():
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+        evaluate(model, loss_fn, data.val_dataloader())
+    evaluate(model, loss_fn, data.test_dataloader())
+    return time.perf_counter() - started
+
+
+@torch.no_grad()
+def evaluate(model, loss_fn, batches) -> tuple[float, float]:
+    model.eval()
+    total, correct, seen = 0.0, 0, 0
+    for x, y in batches:
+        logits = model(x)
+        total += float(loss_fn(logits, y)) * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    return total / seen, correct / seen
+
+
+def xentlab_run(cfg) -> float:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        train(cfg, out)
+    return time.perf_counter() - started
+
+
+def overhead(samples: int, epochs: int, repeats: int) -> tuple[float, float]:
+    """Best-of-`repeats` seconds for (xentlab run, bare loop)."""
+    warm = config(samples=400, epochs=1)
+    xentlab_run(warm), bare_loop(warm)
+    cfg = config(samples, epochs)
+    ours, bare = [], []
+    for _ in range(repeats):
+        ours.append(xentlab_run(cfg))
+        bare.append(bare_loop(cfg))
+    return min(ours), min(bare)
+
+
+def sweep_seconds(extra: list[str]) -> float:
+    script = Path(sys.executable).with_name("xentlab-train")
+    with tempfile.TemporaryDirectory() as cwd:
+        started = time.perf_counter()
+        subprocess.run([str(script), "-m", "experiment=compare_losses", *extra], cwd=cwd, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        return time.perf_counter() - started
+
+
+def machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{model}, {available_cpus()} CPUs available, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}, load average {load:.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=20000)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-sweeps", action="store_true")
+    args = parser.parse_args()
+    console = Console()
+    console.print(machine())
+    table = Table(title="xentlab training speed", title_justify="left")
+    for column in ("measure", "seconds", "ratio", "goal"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    ours, bare = overhead(args.samples, args.epochs, args.repeats)
+    table.add_row(f"xentlab run, {args.epochs} epochs on {args.samples} samples", f"{ours:.2f}", "", "")
+    table.add_row("bare PyTorch loop, same work", f"{bare:.2f}", f"{ours / bare:.2f}×", "≤ 1.5×")
+    if not args.skip_sweeps:
+        sequential = sweep_seconds([])
+        parallel = sweep_seconds(["hydra/launcher=joblib"])
+        table.add_row("compare_losses sweep (18 jobs), sequential", f"{sequential:.1f}", "", "")
+        table.add_row("compare_losses sweep, joblib", f"{parallel:.1f}", f"{sequential / parallel:.2f}× faster",
+                      "≥ 1.6×, < 120 s")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

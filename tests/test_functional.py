@@ -1,0 +1,488 @@
+"""xentlab.functional against PyTorch/torchvision: values and gradients, every option, every backend on CPU.
+
+Parity cases come from tests/_cases.py so that backend suites (tests/test_triton.py) can reuse them.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _cases import (
+    BACKENDS,
+    LOW_PRECISION,
+    REDUCTIONS,
+    TOLERANCES,
+    check_parity,
+    make_binary_target,
+    make_index_target,
+    make_logits,
+    make_prob_target,
+    make_weight,
+    torch_bce,
+    torch_cross_entropy,
+    torch_focal_loss,
+    torch_mse_loss,
+    torchvision_sigmoid_focal_loss,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+from xentlab import functional as XF
+from xentlab import kernels
+from xentlab.kernels import fused
+
+N, C = 23, 7  # small and odd so that nothing lines up with a chunk or a vector width by luck
+IGN = -100
+
+
+@pytest.fixture(params=[5, None], ids=["tiny-chunks", "default-chunks"])
+def chunking(request, monkeypatch):
+    """Runs a test once with 5-element row chunks, so every multi-chunk path of the fused backend runs."""
+    if request.param is not None:
+        monkeypatch.setattr(fused, "_CHUNK_ELEMS", request.param)
+
+
+# ---------------------------------------------------------------- parity, every option combination
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("ignore", [False, True], ids=["all-rows", "ignore-rows"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_cross_entropy_matches_pytorch(kind, weighted, ignore, label_smoothing, reduction, backend):
+    x = make_logits(N, C)
+    weight = make_weight(C) if weighted else None
+    if kind == "index":
+        target, ignore_index = make_index_target(N, C, ignore_index=IGN if ignore else None), IGN
+    else:  # ignore_index must stay negative with probabilities and then changes nothing
+        target, ignore_index = make_prob_target(N, C), -1 if ignore else IGN
+    kwargs = dict(weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    check_parity(lambda x: XF.cross_entropy(x, target, **kwargs, backend=backend),
+                 lambda x: torch_cross_entropy(x, target, **kwargs), x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ignore", [False, True], ids=["all-rows", "ignore-rows"])
+@pytest.mark.parametrize("with_alpha", [False, True], ids=["no-alpha", "alpha"])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_loss_matches_cross_entropy_composition(gamma, with_alpha, ignore, reduction, backend):
+    x, target = make_logits(N, C), make_index_target(N, C, ignore_index=IGN if ignore else None)
+    kwargs = dict(gamma=gamma, alpha=make_weight(C) if with_alpha else None, ignore_index=IGN, reduction=reduction)
+    check_parity(lambda x: XF.focal_loss(x, target, **kwargs, backend=backend),
+                 lambda x: torch_focal_loss(x, target, **kwargs), x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("ignore", [False, True], ids=["all-rows", "ignore-rows"])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("on", ["probs", "logits"])
+def test_mse_loss_matches_pytorch(on, kind, ignore, reduction, backend):
+    x = make_logits(N, C)
+    target = make_index_target(N, C, ignore_index=IGN if ignore else None) if kind == "index" \
+        else make_prob_target(N, C)
+    check_parity(lambda x: XF.mse_loss(x, target, IGN, reduction, on=on, backend=backend),
+                 lambda x: torch_mse_loss(x, target, IGN, reduction, on=on), x)
+
+
+BCE_WEIGHTS = {
+    "none": lambda: None,
+    "per-class": lambda: make_weight(C),
+    "per-row": lambda: make_weight(N)[:, None],
+    "expanded": lambda: make_weight(C)[None, :].expand(N, C),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("with_pos_weight", [False, True], ids=["no-pos-weight", "pos-weight"])
+@pytest.mark.parametrize("weight_kind", list(BCE_WEIGHTS))
+def test_bce_with_logits_matches_pytorch(weight_kind, with_pos_weight, soft, reduction, backend):
+    x, target = make_logits(N, C), make_binary_target(N, C, soft=soft)
+    weight, pos_weight = BCE_WEIGHTS[weight_kind](), make_weight(C, seed=9) if with_pos_weight else None
+    check_parity(lambda x: XF.binary_cross_entropy_with_logits(x, target, weight, pos_weight, reduction,
+                                                               backend=backend),
+                 lambda x: torch_bce(x, target, weight, pos_weight, reduction), x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("alpha", [0.25, -1.0])
+def test_sigmoid_focal_loss_matches_torchvision(alpha, gamma, soft, reduction, backend):
+    x, target = make_logits(N, C), make_binary_target(N, C, soft=soft)
+    check_parity(lambda x: XF.sigmoid_focal_loss(x, target, alpha, gamma, reduction, backend=backend),
+                 lambda x: torchvision_sigmoid_focal_loss(x, target, alpha, gamma, reduction), x)
+
+
+# ---------------------------------------------------------------- dtypes, shapes, chunking
+
+LOSS_CASES = {
+    "ce": (lambda x, y, **kw: XF.cross_entropy(x, y, make_weight(x.shape[1]), IGN, label_smoothing=0.1, **kw),
+           lambda x, y: torch_cross_entropy(x, y, make_weight(x.shape[1]), IGN, label_smoothing=0.1), "index"),
+    "ce-probs": (lambda x, y, **kw: XF.cross_entropy(x, y, **kw), torch_cross_entropy, "probs"),
+    "focal": (lambda x, y, **kw: XF.focal_loss(x, y, 2.0, make_weight(x.shape[1]), **kw),
+              lambda x, y: torch_focal_loss(x, y, 2.0, make_weight(x.shape[1])), "index"),
+    "mse": (lambda x, y, **kw: XF.mse_loss(x, y, **kw), torch_mse_loss, "index"),
+    "mse-logits": (lambda x, y, **kw: XF.mse_loss(x, y, on="logits", **kw),
+                   lambda x, y: torch_mse_loss(x, y, on="logits"), "index"),
+    "bce": (lambda x, y, **kw: XF.binary_cross_entropy_with_logits(x, y, pos_weight=make_weight(x.shape[1]), **kw),
+            lambda x, y: torch_bce(x, y, pos_weight=make_weight(x.shape[1])), "binary"),
+    "sigmoid-focal": (lambda x, y, **kw: XF.sigmoid_focal_loss(x, y, **kw),
+                      lambda x, y: torchvision_sigmoid_focal_loss(x, y, reduction="mean"), "binary"),
+}
+
+
+def make_target(kind: str, n: int, c: int, dtype, ignore: bool = True):
+    if kind == "index":
+        return make_index_target(n, c, ignore_index=IGN if ignore else None)
+    if kind == "probs":
+        return make_prob_target(n, c, dtype)
+    return make_binary_target(n, c, dtype, soft=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("loss", list(LOSS_CASES))
+def test_low_precision_inputs_match_float64_truth(loss, dtype, backend, chunking):
+    ours, truth, kind = LOSS_CASES[loss]
+    n, c = 64, 101  # C above and below fused._SMALL_C run different softmax paths; see also N, C
+    for n, c in ((n, c), (N, C)):
+        x = make_logits(n, c, dtype)
+        target = make_target(kind, n, c, dtype)
+        check_parity(lambda x: ours(x, target, backend=backend), lambda x: truth(x, target), x, scale=0.37)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_dimension_one_convention(backend):
+    x = make_logits(4, C).reshape(2, 2, C).movedim(-1, 1).contiguous()  # (N=2, C, d=2)
+    x4 = make_logits(12, C).reshape(2, 3, 2, C).movedim(-1, 1).contiguous()  # (N=2, C, 3, 2)
+    y4 = make_index_target(12, C, ignore_index=IGN).reshape(2, 3, 2)
+    check_parity(lambda x: XF.cross_entropy(x, y4, reduction="none", label_smoothing=0.1, backend=backend),
+                 lambda x: torch_cross_entropy(x, y4, reduction="none", label_smoothing=0.1), x4)
+    t4 = make_prob_target(12, C).reshape(2, 3, 2, C).movedim(-1, 1)
+    check_parity(lambda x: XF.cross_entropy(x, t4, backend=backend), lambda x: torch_cross_entropy(x, t4), x4)
+    flat = lambda t: t.movedim(1, -1).reshape(-1, C)  # noqa: E731
+    check_parity(lambda x: XF.focal_loss(x, y4, reduction="none", backend=backend),
+                 lambda x: torch_focal_loss(flat(x), y4.reshape(-1), reduction="none").reshape(2, 3, 2), x4)
+    check_parity(lambda x: XF.mse_loss(x, y4, reduction="none", backend=backend),
+                 lambda x: torch_mse_loss(flat(x), y4.reshape(-1), reduction="none").reshape(2, 3, 2, C)
+                 .movedim(-1, 1), x4)
+    t = make_binary_target(4, C).reshape(2, 2, C).movedim(-1, 1)
+    per_example = make_weight(2)[:, None, None]
+    check_parity(lambda x: XF.binary_cross_entropy_with_logits(x, t, per_example, reduction="none", backend=backend),
+                 lambda x: torch_bce(x, t, per_example, reduction="none"), x)
+    check_parity(lambda x: XF.sigmoid_focal_loss(x, t, reduction="sum", backend=backend),
+                 lambda x: torchvision_sigmoid_focal_loss(x, t, reduction="sum"), x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unbatched_and_one_logit_inputs(backend):
+    x = make_logits(1, C)[0]
+    for reduction in REDUCTIONS:
+        check_parity(lambda x: XF.cross_entropy(x, torch.tensor(3), reduction=reduction, backend=backend),
+                     lambda x: torch_cross_entropy(x, torch.tensor(3), reduction=reduction), x)
+    check_parity(lambda x: XF.mse_loss(x, torch.tensor(3), reduction="none", backend=backend),
+                 lambda x: torch_mse_loss(x[None], torch.tensor([3]), reduction="none")[0], x)
+    logit, t = make_logits(N, 1)[:, 0], make_binary_target(N, 1)[:, 0]  # binary task, one logit per example
+    check_parity(lambda x: XF.binary_cross_entropy_with_logits(x, t, pos_weight=torch.tensor([3.0]),
+                                                               reduction="none", backend=backend),
+                 lambda x: torch_bce(x, t, pos_weight=torch.tensor([3.0]), reduction="none"), logit)
+
+
+# ---------------------------------------------------------------- gradients: gradcheck, scaling, double backward
+
+GRADCHECK_CASES = {
+    "ce": lambda x, r: XF.cross_entropy(x, make_index_target(6, 5, ignore_index=IGN), make_weight(5), IGN, r,
+                                        0.3, backend="fused"),
+    "ce-probs": lambda x, r: XF.cross_entropy(x, make_prob_target(6, 5), make_weight(5), reduction=r,
+                                              label_smoothing=0.3, backend="fused"),
+    "focal": lambda x, r: XF.focal_loss(x, make_index_target(6, 5, ignore_index=IGN), 2.0, make_weight(5),
+                                        reduction=r, backend="fused"),
+    "focal-gamma-0.5": lambda x, r: XF.focal_loss(x, make_index_target(6, 5), 0.5, reduction=r, backend="fused"),
+    "mse": lambda x, r: XF.mse_loss(x, make_index_target(6, 5, ignore_index=IGN), reduction=r, backend="fused"),
+    "mse-probs-target": lambda x, r: XF.mse_loss(x, make_prob_target(6, 5), reduction=r, backend="fused"),
+    "mse-logits": lambda x, r: XF.mse_loss(x, make_index_target(6, 5), reduction=r, on="logits",
+                                           backend="fused"),
+    "bce": lambda x, r: XF.binary_cross_entropy_with_logits(x, make_binary_target(6, 5, soft=True),
+                                                            make_weight(5), make_weight(5, seed=7), r,
+                                                            backend="fused"),
+    "sigmoid-focal": lambda x, r: XF.sigmoid_focal_loss(x, make_binary_target(6, 5), 0.25, 2.0, r,
+                                                        backend="fused"),
+    "sigmoid-focal-soft-gamma-0.5": lambda x, r: XF.sigmoid_focal_loss(x, make_binary_target(6, 5, soft=True),
+                                                                       -1.0, 0.5, r, backend="fused"),
+}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("loss", list(GRADCHECK_CASES))
+def test_fused_gradcheck_float64(loss, reduction):
+    x = make_logits(6, 5, scale=1.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: GRADCHECK_CASES[loss](x, reduction), (x,))
+
+
+@pytest.mark.parametrize("loss", list(GRADCHECK_CASES))
+def test_fused_double_backward_raises_clearly(loss):
+    x = make_logits(6, 5).requires_grad_()
+    (g,) = torch.autograd.grad(GRADCHECK_CASES[loss](x, "mean"), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once-differentiable.*backend='reference'"):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scaled_grad_output_and_retained_graph(backend):
+    x = make_logits(N, C, torch.float32).requires_grad_()
+    target = make_index_target(N, C, ignore_index=IGN)
+    loss = XF.cross_entropy(x, target, label_smoothing=0.1, backend=backend)
+    (once,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (scaled,) = torch.autograd.grad(0.37 * loss, x, retain_graph=True)
+    (again,) = torch.autograd.grad(loss, x)  # the saved gradient was not modified in place
+    assert_close(scaled, 0.37 * once)
+    assert_close(again, once, rtol=0, atol=0)
+
+
+def test_no_grad_forward_equals_training_forward():
+    x = make_logits(N, C, torch.float32)
+    target = make_index_target(N, C, ignore_index=IGN)
+    with torch.no_grad():
+        evaluated = XF.focal_loss(x, target, backend="fused")
+    trained = XF.focal_loss(x.clone().requires_grad_(), target, backend="fused")
+    assert_close(evaluated, trained.detach())
+
+
+# ---------------------------------------------------------------- random shapes, dtypes and parameters
+
+
+@st.composite
+def loss_problems(draw):
+    dtype = draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16]))
+    c = draw(st.integers(1, 2000))
+    n = draw(st.integers(0, min(300, 30000 // c)))
+    loss = draw(st.sampled_from(list(LOSS_CASES)))
+    reduction = draw(st.sampled_from(REDUCTIONS))
+    chunk = draw(st.sampled_from([None, 97, 4096]))
+    seed = draw(st.integers(0, 2**16))
+    return dtype, n, c, loss, reduction, chunk, seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(loss_problems(), st.floats(0.0, 1.0), st.floats(0.0, 4.0))
+def test_fused_matches_reference_on_random_problems(problem, label_smoothing, gamma):
+    dtype, n, c, loss, reduction, chunk, seed = problem
+    x = make_logits(n, c, dtype, seed=seed)
+    kind = LOSS_CASES[loss][2]
+    target = make_target(kind, n, c, dtype)
+    call = {
+        "ce": lambda x, b: XF.cross_entropy(x, target, make_weight(c), IGN, reduction, label_smoothing, backend=b),
+        "focal": lambda x, b: XF.focal_loss(x, target, gamma, make_weight(c), IGN, reduction, backend=b),
+        "sigmoid-focal": lambda x, b: XF.sigmoid_focal_loss(x, target, 0.25, gamma, reduction, backend=b),
+    }.get(loss, lambda x, b: LOSS_CASES[loss][0](x, target, reduction=reduction, backend=b))
+    old = fused._CHUNK_ELEMS
+    fused._CHUNK_ELEMS = chunk or old
+    try:  # the float64 "truth" here is the reference backend run on the same dtype
+        check_parity(partial(call, b="fused"), lambda x: call(x.to(dtype), "reference").double(), x,
+                     tol=TOLERANCES[dtype] if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-5))
+    finally:
+        fused._CHUNK_ELEMS = old
+
+
+# ---------------------------------------------------------------- LOSSES.md numbers and corner cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_numbers_of_losses_md(backend):
+    x = torch.tensor([[2.0, 1.0, 0.1], [0.0, 5.0, 0.2]], requires_grad=True)
+    loss = XF.cross_entropy(x, torch.tensor([0, 1]), backend=backend)
+    loss.backward()
+    assert round(loss.item(), 4) == 0.2159
+    assert_close(x.grad, (torch.softmax(x.detach(), 1) - torch.eye(3)[[0, 1]]) / 2)
+
+    x = torch.tensor([[2.0, 1.0], [2.0, 1.0]], requires_grad=True)
+    loss = XF.cross_entropy(x, torch.tensor([1, 1]), weight=torch.tensor([1.0, 10.0]), backend=backend)
+    loss.backward()
+    assert round(loss.item(), 4) == 1.3133
+    assert_close(x.grad, torch.tensor([[0.3655, -0.3655]] * 2), atol=1e-4, rtol=0)
+
+    for p_true, expected in [(0.9, 0.105), (0.5, 0.693), (0.1, 2.303), (0.01, 4.605)]:
+        logits = torch.tensor([[math.log(p_true), math.log(1 - p_true)]])
+        assert round(XF.cross_entropy(logits, torch.tensor([0]), backend=backend).item(), 3) == expected
+
+
+EXTREME = torch.tensor([[1e4, -1e4, 0.0, 1.0],  # one huge logit, the true class
+                        [-1e4, 1e4, 0.0, 1.0],  # one huge logit, a wrong class
+                        [1e4, 1e4, -1e4, -1e4],
+                        [0.0, 0.0, 1e4, 0.0]])
+EXTREME_CASES = {
+    "ce": lambda x, b: XF.cross_entropy(x, torch.tensor([0, 0, 2, 2]), backend=b),
+    "ce-smoothed-weighted": lambda x, b: XF.cross_entropy(x, torch.tensor([0, 0, 2, IGN]), torch.ones(4),
+                                                          label_smoothing=0.1, backend=b),
+    "ce-probs": lambda x, b: XF.cross_entropy(x, torch.full((4, 4), 0.25, dtype=x.dtype), backend=b),
+    "focal": lambda x, b: XF.focal_loss(x, torch.tensor([0, 0, 2, 2]), backend=b),
+    "mse": lambda x, b: XF.mse_loss(x, torch.tensor([0, 0, 2, 2]), backend=b),
+    "mse-logits": lambda x, b: XF.mse_loss(x, torch.tensor([0, 0, 2, 2]), on="logits", backend=b),
+    "bce": lambda x, b: XF.binary_cross_entropy_with_logits(x, torch.eye(4, dtype=x.dtype),
+                                                            pos_weight=torch.full((4,), 2.0), backend=b),
+    "sigmoid-focal": lambda x, b: XF.sigmoid_focal_loss(x, torch.eye(4, dtype=x.dtype), backend=b),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("loss", list(EXTREME_CASES))
+def test_extreme_logits_give_finite_loss_and_gradient(loss, dtype, backend):
+    if loss == "mse-logits" and dtype == torch.float16:
+        pytest.skip("(1e4 - 1)^2 ~ 1e8 is beyond float16's range (65504): the true loss itself overflows")
+    x = EXTREME.to(dtype).clone().requires_grad_()
+    value = EXTREME_CASES[loss](x, backend)
+    value.backward()
+    assert torch.isfinite(value).all() and torch.isfinite(x.grad).all(), (value, x.grad)
+    if dtype == torch.float32:  # and right, not merely finite
+        truth = EXTREME_CASES[loss](EXTREME.double(), "reference")
+        assert_close(value.double(), truth, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("gamma", [0.1, 0.5, 0.9])
+def test_focal_gamma_below_one_stays_finite_as_pt_goes_to_one(gamma, dtype):
+    x = torch.tensor([[60.0, 0.0, 0.0], [16.0, 0.0, 0.0], [8.0, 0.0, 0.0], [1e4, 0.0, -1e4]], dtype=dtype)
+    for loss in (lambda x: XF.focal_loss(x, torch.zeros(4, dtype=torch.long), gamma, backend="fused"),
+                 lambda x: XF.sigmoid_focal_loss(x, torch.ones_like(x), 0.25, gamma, backend="fused"),
+                 lambda x: XF.sigmoid_focal_loss(-x, torch.zeros_like(x), -1, gamma, backend="fused")):
+        xg = x.clone().requires_grad_()
+        value = loss(xg)
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(xg.grad).all(), (value, xg.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_focal_with_gamma_zero_is_weighted_cross_entropy_exactly(reduction, backend):
+    x = make_logits(N, C, torch.float32).requires_grad_()
+    target, weight = make_index_target(N, C, ignore_index=IGN), make_weight(C).float()
+    ce = XF.cross_entropy(x, target, weight, IGN, reduction, backend=backend)
+    focal = XF.focal_loss(x, target, 0.0, weight, IGN, reduction, backend=backend)
+    g = torch.rand(ce.shape)
+    assert torch.equal(focal, ce)
+    (g_focal,), (g_ce,) = torch.autograd.grad(focal, x, g), torch.autograd.grad(ce, x, g)
+    assert torch.equal(g_focal, g_ce)
+
+
+EMPTY_CASES = {  # (ours, PyTorch) on x, with an empty batch or every row ignored
+    "ce": (lambda x, y, r, b: XF.cross_entropy(x, y, reduction=r, backend=b),
+           lambda x, y, r: F.cross_entropy(x, y, reduction=r)),
+    "ce-weighted-smoothed": (
+        lambda x, y, r, b: XF.cross_entropy(x, y, torch.arange(1.0, 4.0), reduction=r, label_smoothing=0.1,
+                                            backend=b),
+        lambda x, y, r: F.cross_entropy(x, y, torch.arange(1.0, 4.0), reduction=r, label_smoothing=0.1)),
+    "mse": (lambda x, y, r, b: XF.mse_loss(x, y, reduction=r, backend=b),
+            lambda x, y, r: F.mse_loss(torch.softmax(x, 1)[y >= 0], F.one_hot(y[y >= 0], 3).float(), reduction=r)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("batch", ["empty", "all-ignored"])
+@pytest.mark.parametrize("loss", list(EMPTY_CASES))
+def test_empty_and_all_ignored_batches_behave_as_pytorch(loss, batch, reduction, backend):
+    n = 0 if batch == "empty" else 4
+    x, y = make_logits(n, 3, torch.float32), torch.full((n,), IGN)
+    ours, theirs = EMPTY_CASES[loss]
+    a = check_parity(lambda x: ours(x, y, reduction, backend), lambda x: theirs(x.float(), y, reduction).double(),
+                     x)[0]
+    assert a.isnan() if reduction == "mean" else a == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batches_of_every_loss(backend):
+    x = torch.zeros(0, 4, requires_grad=True)
+    y, t = torch.zeros(0, dtype=torch.long), torch.zeros(0, 4)
+    for fn in (partial(XF.cross_entropy, x, y), partial(XF.cross_entropy, x, t), partial(XF.focal_loss, x, y),
+               partial(XF.mse_loss, x, y), partial(XF.binary_cross_entropy_with_logits, x, t),
+               partial(XF.sigmoid_focal_loss, x, t)):
+        assert fn(backend=backend).isnan()
+        assert fn(reduction="sum", backend=backend) == 0
+        none = fn(reduction="none", backend=backend)
+        assert none.shape[0] == 0
+        (grad,) = torch.autograd.grad(fn(reduction="sum", backend=backend), x)
+        assert grad.shape == x.shape
+
+
+# ---------------------------------------------------------------- argument checks
+
+X = make_logits(4, 3, torch.float32)
+Y = torch.tensor([0, 1, 2, 1])
+T = make_binary_target(4, 3, torch.float32)
+
+ERRORS = [
+    (lambda: XF.cross_entropy(X, torch.tensor([0, 1, 3, 1])), ValueError, r"class index 3.*\[0, 3\).*C=3"),
+    (lambda: XF.cross_entropy(X, torch.tensor([0, -1, 2, 1])), ValueError, r"class index -1"),
+    (lambda: XF.focal_loss(X, torch.tensor([0, 7, 2, 1])), ValueError, r"class index 7"),
+    (lambda: XF.mse_loss(X, torch.tensor([0, 1, 2, 5])), ValueError, r"class index 5"),
+    (lambda: XF.cross_entropy(X, Y[:3]), ValueError, r"shape \(4,\)"),
+    (lambda: XF.cross_entropy(X, Y.float()), ValueError, r"class indices must be an integer tensor"),
+    (lambda: XF.cross_entropy(X, Y.bool()), TypeError, r"class indices"),
+    (lambda: XF.cross_entropy(X, make_prob_target(4, 3)), TypeError, r"float64 must match the input dtype"),
+    (lambda: XF.cross_entropy(X, make_prob_target(4, 3).float()[:, :2]), ValueError, r"input's shape"),
+    (lambda: XF.cross_entropy(X, make_prob_target(4, 3).float(), ignore_index=0), ValueError, r"negative"),
+    (lambda: XF.cross_entropy(X, Y, label_smoothing=1.5), ValueError, r"label_smoothing.*\[0.0, 1.0\].*1.5"),
+    (lambda: XF.cross_entropy(X, Y, label_smoothing=float("nan")), ValueError, r"label_smoothing"),
+    (lambda: XF.cross_entropy(X, Y, label_smoothing="0.1"), TypeError, r"label_smoothing"),
+    (lambda: XF.cross_entropy(X, Y, weight=torch.ones(4)), ValueError, r"weight.*\(3,\).*\(4,\)"),
+    (lambda: XF.cross_entropy(X, Y, weight=torch.tensor([1.0, -1.0, 1.0])), ValueError, r"weight.*-1"),
+    (lambda: XF.cross_entropy(X, Y, weight=torch.tensor([1.0, float("nan"), 1.0])), ValueError, r"weight.*nan"),
+    (lambda: XF.cross_entropy(X, Y, weight=torch.tensor([1.0, float("inf"), 1.0])), ValueError, r"weight.*inf"),
+    (lambda: XF.cross_entropy(X, Y, weight="heavy"), TypeError, r"weight"),
+    (lambda: XF.cross_entropy(X, Y, reduction="avg"), ValueError, r"reduction.*'none', 'mean', 'sum'.*'avg'"),
+    (lambda: XF.cross_entropy(X, Y, ignore_index=1.5), TypeError, r"ignore_index"),
+    (lambda: XF.cross_entropy(X, Y, backend="cuda"), ValueError, r"backend.*'auto', 'fused', 'triton'"),
+    (lambda: XF.cross_entropy(X.long(), Y), TypeError, r"input dtype"),
+    (lambda: XF.cross_entropy(X.numpy(), Y), TypeError, r"input must be a torch.Tensor"),
+    (lambda: XF.cross_entropy(torch.tensor(1.0), Y), ValueError, r"class dimension"),
+    (lambda: XF.cross_entropy(torch.zeros(4, 0), Y), ValueError, r"at least one class"),
+    (lambda: XF.focal_loss(X, Y, gamma=-1.0), ValueError, r"gamma.*-1.0"),
+    (lambda: XF.focal_loss(X, Y, alpha=[1.0, 2.0]), ValueError, r"alpha.*\(3,\)"),
+    (lambda: XF.focal_loss(X, Y, alpha=torch.tensor([1.0, float("nan"), 1.0])), ValueError, r"alpha.*nan"),
+    (lambda: XF.focal_loss(X, make_prob_target(4, 3).float()), TypeError, r"class indices"),
+    (lambda: XF.mse_loss(X, Y, on="softmax"), ValueError, r"on must be one of.*'softmax'"),
+    (lambda: XF.binary_cross_entropy_with_logits(X, torch.full_like(T, 1.5)), ValueError, r"\[0, 1\], got 1.5"),
+    (lambda: XF.binary_cross_entropy_with_logits(X, T - 1), ValueError, r"\[0, 1\], got -"),
+    (lambda: XF.binary_cross_entropy_with_logits(X, T[:, :2]), ValueError, r"target shape"),
+    (lambda: XF.binary_cross_entropy_with_logits(X, T, weight=torch.ones(2)), ValueError, r"broadcast"),
+    (lambda: XF.binary_cross_entropy_with_logits(X, T, weight=torch.full((3,), float("nan"))), ValueError,
+     r"weight.*nan"),
+    (lambda: XF.binary_cross_entropy_with_logits(X, T, pos_weight=torch.ones(4)), ValueError, r"pos_weight.*\(3,\)"),
+    (lambda: XF.binary_cross_entropy_with_logits(X, T, pos_weight=-torch.ones(3)), ValueError, r"pos_weight.*-1"),
+    (lambda: XF.sigmoid_focal_loss(X, T, alpha=1.5), ValueError, r"alpha.*1.5"),
+    (lambda: XF.sigmoid_focal_loss(X, T, gamma=-0.1), ValueError, r"gamma.*-0.1"),
+    (lambda: XF.sigmoid_focal_loss(X, T, reduction=None), ValueError, r"reduction"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", ERRORS, ids=[f"error-{i}" for i in range(len(ERRORS))])
+def test_bad_arguments_raise_before_any_kernel(call, error, message, monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel was selected before the arguments were checked")
+
+    if "backend" not in message:
+        monkeypatch.setattr("xentlab.functional.get_backend", no_kernel)
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_backend_choice():
+    cpu = torch.zeros(2, 3)
+    assert kernels.get_backend("auto", cpu) is fused
+    assert kernels.get_backend("fused", cpu) is fused
+    assert kernels.get_backend("reference", cpu).__name__ == "xentlab.kernels.reference"
+    with pytest.raises(ValueError, match="'auto', 'fused', 'triton', 'reference'.*'gpu'"):
+        kernels.get_backend("gpu", cpu)
