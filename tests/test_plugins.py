@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -58,9 +59,10 @@ def installed_plugin(tmp_path_factory):
             copy = tmp_path_factory.mktemp("plugin") / EXAMPLE.name
             shutil.copytree(EXAMPLE, copy, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build",
                                                                           "tests"))
-            subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-                            "--no-index", "--quiet", "--force-reinstall", str(copy)],
-                           check=True, capture_output=True, text=True, timeout=300)
+            pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                                  "--no-index", "--quiet", "--force-reinstall", str(copy)],
+                                 capture_output=True, text=True, timeout=300)
+            assert pip.returncode == 0, f"pip could not install {EXAMPLE}:\n{pip.stderr}"
         fcntl.flock(lock, fcntl.LOCK_UN)
     importlib.invalidate_caches()
     assert installed_matches_source()
@@ -98,13 +100,11 @@ def test_a_one_epoch_run_with_the_plugin_and_its_own_config(installed_plugin, tm
 def test_a_multirun_mixes_a_builtin_and_the_plugin(installed_plugin, tmp_path):
     result = run([script("xentlab-train"), "-m", "loss=ce,poly1", *TINY], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    paths = tmp_path.glob("outputs/multirun/*/*/*/metrics.json")
-    records = {p.parent.name: json.loads(p.read_text()) for p in paths}
-    assert sorted(records) == [f"data.n_samples=600,loss={loss},model.hidden_sizes=[16],trainer.max_epochs=1"
-                               for loss in ("ce", "poly1")]
-    for record in records.values():
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/multirun/**/metrics.json")]
+    assert sorted(r["config"]["loss"]["name"] for r in records) == ["ce", "poly1"]
+    for record in records:
         assert record["status"] == "completed", record.get("error")
-        assert record["metrics"]["test/loss"] == record["metrics"]["test/loss"]  # not NaN
+        assert math.isfinite(record["metrics"]["test/loss"])
 
 
 def test_the_plugins_own_tests_pass(installed_plugin, tmp_path):

@@ -1,4 +1,4 @@
-"""The Triton backend against the plain-PyTorch reference.
+"""The Triton backend against PyTorch/torchvision ground truth (tests/_cases.py) and its own contracts.
 
 Without a CUDA device the kernels run in Triton's CPU interpreter. TRITON_INTERPRET=1 must be in the
 environment before `triton` is first imported (Triton decorates its own `tl.sum`, `tl.cdiv`, ... at import,
@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,8 +26,9 @@ if not ON_GPU and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton backend is not testable")
 
+import _cases as cases  # noqa: E402
+
 from xentlab import functional  # noqa: E402
-from xentlab.kernels import reference  # noqa: E402
 from xentlab.kernels import triton_xent as tx  # noqa: E402
 
 if not ON_GPU and not tx._INTERPRETED:
@@ -46,64 +48,88 @@ N, C = 7, 11
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (none present)")
 
 
-def _wdtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _data(dtype, n=N, c=C):
+    """Inputs from tests/_cases.py, on the CPU: logits, index targets with rows ignored (-100, or 1), class
+    weights in the compute dtype, probability targets, soft and hard binary targets."""
+    return SimpleNamespace(
+        x=cases.make_logits(n, c, dtype), y=cases.make_index_target(n, c, ignore_index=-100),
+        y1=cases.make_index_target(n, c, ignore_index=1),
+        w=cases.make_weight(c).to(torch.float64 if dtype == torch.float64 else torch.float32),
+        probs=cases.make_prob_target(n, c, dtype), soft=cases.make_binary_target(n, c, dtype, soft=True),
+        hard=cases.make_binary_target(n, c, dtype))
 
 
-def _inputs(dtype, n=N, c=C, seed=0):
-    """Logits with a wide spread of probabilities; index targets with one row ignored (-100)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n, c, generator=gen) * 3).to(dtype)
-    y = torch.randint(0, c, (n,), generator=gen)
-    y[n // 2] = -100
-    w = torch.rand(c, generator=gen).to(_wdtype(dtype)) + 0.5
-    probs = torch.softmax(torch.randn(n, c, generator=gen), 1).to(dtype)
-    soft = torch.rand(n, c, generator=gen).to(dtype)
-    to = lambda t: t.to(DEVICE)  # noqa: E731
-    return to(x), to(y), to(w), to(probs), to(soft)
+def _on_device(fn, *args, **kwargs):
+    """fn on DEVICE for CPU-held arguments, the result brought back (autograd follows both transfers)."""
+    def move(a):
+        return a.to(DEVICE) if isinstance(a, torch.Tensor) else a
+
+    return lambda x: fn(move(x), *map(move, args), **kwargs).cpu()
 
 
-def _softmax_cases():
-    """(id, function name, builder of the arguments after `input`)."""
-    return [
-        ("ce", "cross_entropy", lambda y, w, p, s, r: (y, None, -100, r, 0.0)),
-        ("ce_weight", "cross_entropy", lambda y, w, p, s, r: (y, w, -100, r, 0.0)),
-        ("ce_smooth", "cross_entropy", lambda y, w, p, s, r: (y, None, -100, r, 0.1)),
-        ("ce_weight_smooth_ignore1", "cross_entropy",
-         lambda y, w, p, s, r: (torch.where(y < 0, 1, y), w, 1, r, 0.3)),
-        ("ce_probs", "cross_entropy", lambda y, w, p, s, r: (p, None, -100, r, 0.0)),
-        ("ce_probs_weight_smooth", "cross_entropy", lambda y, w, p, s, r: (p, w, -100, r, 0.2)),
-        ("focal_alpha", "focal_loss", lambda y, w, p, s, r: (y, 2.0, w, -100, r)),
-        ("focal_gamma_half", "focal_loss", lambda y, w, p, s, r: (y, 0.5, None, -100, r)),
-        ("mse_probs", "mse_loss", lambda y, w, p, s, r: (y, -100, r, "probs")),
-        ("mse_probs_soft", "mse_loss", lambda y, w, p, s, r: (p, -100, r, "probs")),
-        ("mse_logits", "mse_loss", lambda y, w, p, s, r: (y, -100, r, "logits")),
-        ("mse_logits_soft", "mse_loss", lambda y, w, p, s, r: (p, -100, r, "logits")),
-    ]
+# The ground truth of each backend function; it takes the same positional arguments (and makes them float64).
+TRUTH = {"cross_entropy": cases.torch_cross_entropy, "focal_loss": cases.torch_focal_loss,
+         "mse_loss": cases.torch_mse_loss, "binary_cross_entropy_with_logits": cases.torch_bce,
+         "sigmoid_focal_loss": cases.torchvision_sigmoid_focal_loss}
 
 
-def _sigmoid_cases():
-    return [
-        ("bce", "binary_cross_entropy_with_logits", lambda y, w, p, s, r: (s, None, None, r)),
-        ("bce_weight_pos", "binary_cross_entropy_with_logits", lambda y, w, p, s, r: (s, w, 2 * w, r)),
-        ("bce_row_weight", "binary_cross_entropy_with_logits",
-         lambda y, w, p, s, r: ((s > 0.5).to(s.dtype), w[:N, None], None, r)),
-        ("sigmoid_focal", "sigmoid_focal_loss", lambda y, w, p, s, r: (s, 0.25, 2.0, r)),
-        ("sigmoid_focal_noalpha", "sigmoid_focal_loss",
-         lambda y, w, p, s, r: ((s > 0.5).to(s.dtype), -1.0, 0.5, r)),
-    ]
+def _softmax_case(case_id, d, r):
+    """(function name, its arguments after the logits)."""
+    return {
+        "ce": ("cross_entropy", (d.y, None, -100, r, 0.0)),
+        "ce_weight": ("cross_entropy", (d.y, d.w, -100, r, 0.0)),
+        "ce_smooth": ("cross_entropy", (d.y, None, -100, r, 0.1)),
+        "ce_weight_smooth_ignore1": ("cross_entropy", (d.y1, d.w, 1, r, 0.3)),
+        "ce_probs": ("cross_entropy", (d.probs, None, -100, r, 0.0)),
+        "ce_probs_weight_smooth": ("cross_entropy", (d.probs, d.w, -100, r, 0.2)),
+        "focal_alpha": ("focal_loss", (d.y, 2.0, d.w, -100, r)),
+        "focal_gamma_half": ("focal_loss", (d.y, 0.5, None, -100, r)),
+        "mse_probs": ("mse_loss", (d.y, -100, r, "probs")),
+        "mse_probs_soft": ("mse_loss", (d.probs, -100, r, "probs")),
+        "mse_logits": ("mse_loss", (d.y, -100, r, "logits")),
+        "mse_logits_soft": ("mse_loss", (d.probs, -100, r, "logits")),
+    }[case_id]
 
 
-def _tolerance(dtype):
-    return {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+def _sigmoid_case(case_id, d, r):
+    return {
+        "bce": ("binary_cross_entropy_with_logits", (d.soft, None, None, r)),
+        "bce_weight_pos": ("binary_cross_entropy_with_logits", (d.hard, d.w, 2 * d.w, r)),
+        "bce_row_weight": ("binary_cross_entropy_with_logits", (d.soft, d.w[:N, None], None, r)),
+        "sigmoid_focal": ("sigmoid_focal_loss", (d.soft, 0.25, 2.0, r)),
+        "sigmoid_focal_noalpha": ("sigmoid_focal_loss", (d.hard, -1.0, 0.5, r)),
+    }[case_id]
 
 
-def _assert_close(actual, expected, dtype, what):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    tol = _tolerance(dtype)
-    scale = expected.double().abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol * (scale + 1e-3),
-                               msg=what)
+SOFTMAX_CASES = ["ce", "ce_weight", "ce_smooth", "ce_weight_smooth_ignore1", "ce_probs",
+                 "ce_probs_weight_smooth", "focal_alpha", "focal_gamma_half", "mse_probs", "mse_probs_soft",
+                 "mse_logits", "mse_logits_soft"]
+SIGMOID_CASES = ["bce", "bce_weight_pos", "bce_row_weight", "sigmoid_focal", "sigmoid_focal_noalpha"]
+
+
+def _parity(case, d, scale=0.7):
+    """Value and gradient against the float64 ground truth (grad_output `scale` for scalar losses)."""
+    name, args = case
+    ours = _on_device(getattr(tx, name), *args)
+    cases.check_parity(ours, lambda v: TRUTH[name](v, *args), d.x, scale=scale)
+
+
+@pytest.mark.parametrize("case_id", SOFTMAX_CASES)
+@pytest.mark.parametrize(("path", "dtype"), SOFTMAX_PARAMS, ids=lambda v: str(v).replace("torch.", ""))
+def test_softmax_family_matches_pytorch(case_id, path, dtype, monkeypatch):
+    for key, value in PATHS[path].items():
+        monkeypatch.setitem(tx._TUNING, key, value)
+    d = _data(dtype)
+    for reduction in REDUCTIONS:
+        _parity(_softmax_case(case_id, d, reduction), d)
+
+
+@pytest.mark.parametrize("case_id", SIGMOID_CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
+def test_sigmoid_family_matches_pytorch(case_id, dtype):
+    d = _data(dtype)
+    for reduction in REDUCTIONS:
+        _parity(_sigmoid_case(case_id, d, reduction), d)
 
 
 def _run(fn, x, args, grad_out):
@@ -111,38 +137,6 @@ def _run(fn, x, args, grad_out):
     loss = fn(x, *args)
     (grad,) = torch.autograd.grad(loss, x, grad_out)
     return loss.detach(), grad
-
-
-def _compare(name, x, args, dtype, what):
-    """Loss and gradient of the Triton function vs the reference, with a non-trivial grad_output."""
-    gen = torch.Generator().manual_seed(1)
-    probe = getattr(reference, name)(x, *args)
-    grad_out = (torch.rand(probe.shape, generator=gen) + 0.5).to(probe.dtype).to(DEVICE)
-    ref_loss, ref_grad = _run(getattr(reference, name), x, args, grad_out)
-    loss, grad = _run(getattr(tx, name), x, args, grad_out)
-    _assert_close(loss, ref_loss, dtype, f"{what}: loss")
-    _assert_close(grad, ref_grad, dtype, f"{what}: gradient")
-
-
-@pytest.mark.parametrize("case", _softmax_cases(), ids=lambda c: c[0])
-@pytest.mark.parametrize(("path", "dtype"), SOFTMAX_PARAMS, ids=lambda v: str(v).replace("torch.", ""))
-def test_softmax_family_matches_reference(case, path, dtype, monkeypatch):
-    for key, value in PATHS[path].items():
-        monkeypatch.setitem(tx._TUNING, key, value)
-    case_id, name, build = case
-    x, y, w, p, s = _inputs(dtype)
-    for reduction in REDUCTIONS:
-        _compare(name, x, build(y, w, p, s, reduction), dtype, f"{case_id}/{reduction}")
-
-
-@pytest.mark.parametrize("case", _sigmoid_cases(), ids=lambda c: c[0])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda v: str(v).replace("torch.", ""))
-def test_sigmoid_family_matches_reference(case, dtype):
-    case_id, name, build = case
-    x, y, w, p, s = _inputs(dtype)
-    w = w[:C]
-    for reduction in REDUCTIONS:
-        _compare(name, x, build(y, w, p, s, reduction), dtype, f"{case_id}/{reduction}")
 
 
 # ------------------------------------------------------------------------------- contract numbers, edges
@@ -187,7 +181,7 @@ def test_huge_logits_stay_finite(dtype, path, monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # 1/0 and 0*inf make the nan, by design
 def test_all_ignored_and_empty_batches():
-    x = torch.randn(3, 4, device=DEVICE)
+    x = cases.make_logits(3, 4, torch.float32).to(DEVICE)
     ignored = torch.full((3,), -100, device=DEVICE)
     loss, grad = _run(tx.cross_entropy, x, (ignored, None, -100, "mean", 0.1), None)
     assert torch.isnan(loss) and (grad == 0).all()
@@ -204,22 +198,26 @@ def test_all_ignored_and_empty_batches():
     assert torch.isnan(loss) and grad.shape == (0, 4)
 
 
+def _on(d):
+    return SimpleNamespace(**{k: v.to(DEVICE) for k, v in vars(d).items()})
+
+
 def test_focal_gamma_below_one_is_finite_at_certainty_and_gamma_zero_is_weighted_ce():
     x = torch.tensor([[100.0, 0.0, 0.0], [0.0, 1.0, 2.0]], device=DEVICE)  # p_y == 1 exactly in float32
     y = torch.tensor([0, 2], device=DEVICE)
     loss, grad = _run(tx.focal_loss, x, (y, 0.5, None, -100, "mean"), None)
     assert torch.isfinite(loss) and torch.isfinite(grad).all() and (grad[0] == 0).all()
-    x, y, w, _, _ = _inputs(torch.float64)
-    focal = _run(tx.focal_loss, x, (y, 0.0, w, -100, "mean"), None)
-    ce = _run(tx.cross_entropy, x, (y, w, -100, "mean", 0.0), None)
+    d = _on(_data(torch.float64))
+    focal = _run(tx.focal_loss, d.x, (d.y, 0.0, d.w, -100, "mean"), None)
+    ce = _run(tx.cross_entropy, d.x, (d.y, d.w, -100, "mean", 0.0), None)
     for a, b in zip(focal, ce, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_mean_denominator_spans_several_partial_blocks():
-    x, _, w, _, _ = _inputs(torch.float32, n=2500, c=3)
-    y = torch.arange(2500, device=DEVICE) % 4 - 1  # every fourth row ignored (-1)
-    _compare("cross_entropy", x, (y, w, -1, "mean", 0.0), torch.float32, "2500 rows")
+    d = _data(torch.float32, n=2500, c=3)
+    y = torch.arange(2500) % 4 - 1  # every fourth row ignored (-1)
+    _parity(("cross_entropy", (y, d.w, -1, "mean", 0.0)), d)
 
 
 # --------------------------------------------------------------------------- autograd and in-place
@@ -230,18 +228,24 @@ def test_leaf_grad_takes_the_saved_gradient_without_a_copy(monkeypatch):
     save = tx._saved_gradient
     monkeypatch.setattr(tx, "_saved_gradient", lambda ctx, x, grad, spec: (pointers.append(grad.data_ptr()),
                                                                             save(ctx, x, grad, spec)))
-    x, y, _, _, _ = _inputs(torch.float32)
-    x.requires_grad_()
-    tx.cross_entropy(x, y, None, -100, "mean", 0.0).backward()
+    d = _on(_data(torch.float32))
+    x = d.x.requires_grad_()
+    tx.cross_entropy(x, d.y, None, -100, "mean", 0.0).backward()
     assert x.grad.data_ptr() == pointers[-1]
+
+
+def _loss_args(name, d, reduction):
+    if name == "cross_entropy":
+        return (d.y, d.w, -100, reduction, 0.1)
+    return (d.soft, d.w, None, reduction)
 
 
 @pytest.mark.parametrize("name", ["cross_entropy", "binary_cross_entropy_with_logits"])
 def test_retained_graph_backward_twice_is_exact(name):
-    x, y, _, _, s = _inputs(torch.float32)
-    args = (y, None, -100, "mean", 0.1) if name == "cross_entropy" else (s, None, None, "mean")
-    _, unit = _run(getattr(reference, name), x, args, None)
-    x = x.clone().requires_grad_()
+    d = _on(_data(torch.float32))
+    args = _loss_args(name, d, "mean")
+    _, unit = _run(getattr(tx, name), d.x, args, None)
+    x = d.x.clone().requires_grad_()
     loss = getattr(tx, name)(x, *args)
     first = torch.autograd.grad(loss, x, torch.tensor(2.0, device=DEVICE), retain_graph=True)[0].clone()
     second = torch.autograd.grad(loss, x, torch.tensor(0.5, device=DEVICE))[0]
@@ -252,34 +256,34 @@ def test_retained_graph_backward_twice_is_exact(name):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("name", ["cross_entropy", "binary_cross_entropy_with_logits"])
 def test_inplace_backward_writes_the_gradient_into_the_logits(name, reduction):
-    x, y, w, _, s = _inputs(torch.float32)
-    args = (y, w, -100, reduction, 0.1) if name == "cross_entropy" else (s, w, None, reduction)
-    grad_out = torch.full((N,) if name == "cross_entropy" else (N, C), 0.7, device=DEVICE)
-    grad_out = grad_out if reduction == "none" else grad_out.new_tensor(0.7)
-    ref_loss, ref_grad = _run(getattr(reference, name), x, args, grad_out)
-    leaf = x.clone().requires_grad_()
+    d = _on(_data(torch.float32))
+    args = _loss_args(name, d, reduction)
+    probe = getattr(tx, name)(d.x, *args)
+    grad_out = torch.rand_like(probe) + 0.5
+    want_loss, want_grad = _run(getattr(tx, name), d.x, args, grad_out)
+    leaf = d.x.clone().requires_grad_()
     logits = leaf * 1.0
     loss = getattr(tx, name)(logits, *args, inplace_backward=True)
     loss.backward(grad_out)
-    torch.testing.assert_close(loss.detach(), ref_loss)
-    torch.testing.assert_close(leaf.grad, ref_grad)
-    torch.testing.assert_close(logits.detach(), ref_grad)  # the logits' storage now holds the gradient
+    torch.testing.assert_close(loss.detach(), want_loss)
+    torch.testing.assert_close(leaf.grad, want_grad)
+    torch.testing.assert_close(logits.detach(), want_grad)  # the logits' storage now holds the gradient
 
 
 def test_inplace_backward_is_guarded():
-    x, y, _, _, _ = _inputs(torch.float32)
-    leaf = x.clone().requires_grad_()
+    d = _on(_data(torch.float32))
+    leaf = d.x.clone().requires_grad_()
     with pytest.raises(ValueError, match="leaf tensor"):
-        tx.cross_entropy(leaf, y, None, -100, "mean", 0.0, inplace_backward=True)
+        tx.cross_entropy(leaf, d.y, None, -100, "mean", 0.0, inplace_backward=True)
     logits = leaf * 1.0
     other = (logits * logits).sum()  # saves the logits, which the in-place loss then overwrites
     with tx.use_inplace_backward():
-        loss = functional.cross_entropy(logits, y, backend="triton")
+        loss = functional.cross_entropy(logits, d.y, backend="triton")
     assert logits._version > 0
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (loss + other).backward()
     fresh = leaf * 1.0
-    tx.cross_entropy(fresh, y, None, -100, "mean", 0.0)  # default: a new gradient buffer
+    tx.cross_entropy(fresh, d.y, None, -100, "mean", 0.0)  # default: a new gradient buffer
     assert fresh._version == 0
 
 
@@ -380,14 +384,11 @@ def test_kernels_compile_for_sm90_ahead_of_time(no_interpreter):
 @gpu_only
 @pytest.mark.parametrize(("n", "c", "dtype"), [(16, 128256, torch.bfloat16), (32, 32000, torch.bfloat16),
                                                (256, 1000, torch.bfloat16), (4096, 10, torch.float32)])
-def test_gpu_default_configurations_match_reference(n, c, dtype):
-    x, y, w, p, s = _inputs(dtype, n=n, c=c)
-    calls = [("cross_entropy", (y, None, -100, "mean", 0.0)), ("cross_entropy", (y, w, -100, "sum", 0.1)),
-             ("cross_entropy", (p, None, -100, "mean", 0.0)), ("focal_loss", (y, 2.0, w, -100, "mean")),
-             ("mse_loss", (y, -100, "mean", "probs")),
-             ("binary_cross_entropy_with_logits", (s, w, w, "mean"))]
-    for name, args in calls:
-        _compare(name, x, args, dtype, f"{name} {n}x{c}")
+def test_gpu_default_configurations_match_pytorch(n, c, dtype):
+    d = _data(dtype, n=n, c=c)
+    for case_id in ["ce", "ce_weight_smooth_ignore1", "ce_probs", "focal_alpha", "mse_probs"]:
+        _parity(_softmax_case(case_id, d, "mean"), d, scale=1.0)
+    _parity(_sigmoid_case("bce_weight_pos", d, "sum"), d, scale=1.0)
 
 
 @gpu_only
@@ -400,10 +401,10 @@ def test_gpu_auto_backend_picks_triton():
 @gpu_only
 @pytest.mark.parametrize("name", ["cross_entropy", "sigmoid_focal_loss"])
 def test_gpu_forward_and_backward_capture_in_a_cuda_graph(name):
-    x, y, w, _, s = _inputs(torch.bfloat16, n=512, c=1000)
-    args = (y, w, -100, "mean", 0.1) if name == "cross_entropy" else (s, 0.25, 2.0, "mean")
-    static = x.clone().requires_grad_()
+    d, fresh = _on(_data(torch.bfloat16, n=512, c=1000)), cases.make_logits(512, 1000, torch.bfloat16, seed=9)
+    args = _loss_args(name, d, "mean") if name == "cross_entropy" else (d.soft, 0.25, 2.0, "mean")
     fn = getattr(tx, name)
+    static = d.x.clone().requires_grad_()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up (compiles the kernels) outside the capture
@@ -416,20 +417,20 @@ def test_gpu_forward_and_backward_capture_in_a_cuda_graph(name):
     with torch.cuda.graph(graph):
         loss = fn(static, *args)
         loss.backward()
-    fresh, *_ = _inputs(torch.bfloat16, n=512, c=1000, seed=5)
     with torch.no_grad():
-        static.copy_(fresh)
+        static.copy_(fresh.to(DEVICE))
     graph.replay()
     torch.cuda.synchronize()
-    ref_loss, ref_grad = _run(getattr(reference, name), fresh, args, None)
-    _assert_close(loss.detach(), ref_loss, torch.bfloat16, "graph loss")
-    _assert_close(static.grad, ref_grad, torch.bfloat16, "graph gradient")
+    want_loss, want_grad = _run(fn, fresh.to(DEVICE), args, None)  # eager, on the same new logits
+    torch.testing.assert_close(loss.detach(), want_loss)
+    torch.testing.assert_close(static.grad, want_grad)
 
 
 @gpu_only
 @pytest.mark.parametrize("inplace", [False, True])
 def test_gpu_peak_extra_memory_is_at_most_one_gradient(inplace):
-    x, y, _, _, _ = _inputs(torch.bfloat16, n=1024, c=32000)
+    d = _on(_data(torch.bfloat16, n=1024, c=32000))
+    x, y = d.x, d.y
     logits = x.clone().requires_grad_().clone()  # a non-leaf, as the in-place variant requires
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()

@@ -21,13 +21,20 @@ def entropy(p: Tensor, dim: int = -1) -> Tensor:
 def cross_entropy_between(p: Tensor, q: Tensor, dim: int = -1) -> Tensor:
     """H(P, Q) = -sum_c p_c log q_c along `dim`, with 0 log q = 0 (even for q = 0); +inf where p > 0 = q."""
     _check_pair(p, q)
-    return -torch.xlogy(p, q).sum(dim)
+    return -torch.xlogy(p, _where_p_positive(p, q)).sum(dim)
 
 
 def kl_divergence(p: Tensor, q: Tensor, dim: int = -1) -> Tensor:
-    """KL(P || Q) = sum_c p_c (log p_c - log q_c) along `dim`, with 0 terms where p_c = 0; +inf where p > 0 = q."""
+    """KL(P || Q) = sum_c p_c (log p_c - log q_c) along `dim`; terms with p_c = 0 are 0, and p > 0 = q gives
+    +inf."""
     _check_pair(p, q)
-    return (-torch.special.entr(p) - torch.xlogy(p, q)).sum(dim)
+    return (-torch.special.entr(p) - torch.xlogy(p, _where_p_positive(p, q))).sum(dim)
+
+
+def _where_p_positive(p: Tensor, q: Tensor) -> Tensor:
+    # q where p > 0, else 1: terms with p = 0 are 0 either way, but autograd through log(q) at q = 0 would
+    # give 0 * inf = NaN for q's gradient there
+    return torch.where(p > 0, q, torch.ones_like(q))
 
 
 def _check(name: str, t) -> None:

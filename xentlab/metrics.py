@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 from torchmetrics import classification as tmc
+from torchmetrics.functional import classification as tmf
 
 N_BINS = 15
 
@@ -209,8 +210,8 @@ class StageMetrics(nn.Module):
         """(C, C) counts, rows = true class; for multilabel (L, 2, 2) per label, [[TN, FP], [FN, TP]]."""
         probs, target = self.predictions.compute()
         if self.task == "multilabel":
-            return tmc.MultilabelConfusionMatrix(self.num_classes).to(probs.device)(probs, target.long())
-        return tmc.MulticlassConfusionMatrix(self.num_classes).to(probs.device)(probs, target)
+            return tmf.multilabel_confusion_matrix(probs, target.long(), self.num_classes)
+        return tmf.multiclass_confusion_matrix(probs, target, self.num_classes)
 
     def reset(self) -> None:
         for metric in self.modules():
