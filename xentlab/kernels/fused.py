@@ -191,12 +191,11 @@ class _SoftmaxIndex:
             loss, coef = self._focal_terms(pt, logpt, w_y)
             coef_y, smooth = coef, None
         if s is not None:  # s: 0-d, or (rows,) in the backward of reduction="none"
-            if smooth is None:
-                p.mul_((coef * s)[:, None])
-            elif self.weight is None:
-                torch.addcmul(-(smooth * s)[:, None], p, (coef * s)[:, None], out=p)
-            else:
-                p.mul_((coef * s)[:, None]).addr_(smooth * s, self.weight, alpha=-1)
+            p.mul_((coef * s)[:, None])
+            if smooth is not None and self.weight is None:
+                p.sub_((smooth * s)[:, None])
+            elif smooth is not None:
+                p.addr_(smooth * s, self.weight, alpha=-1)
             p.scatter_add_(1, y, -(coef_y * s)[:, None])
         return torch.where(valid, loss, 0.0)
 
