@@ -57,7 +57,8 @@ CASES = {
     "bce": (F.binary_cross_entropy_with_logits,
             lambda x, t: XF.binary_cross_entropy_with_logits(x, t, backend="fused"), "multihot", None),
     "sigmoid focal": (eager_sigmoid_focal,
-                      lambda x, t: XF.sigmoid_focal_loss(x, t, gamma=GAMMA, backend="fused"), "multihot", None),
+                      lambda x, t: XF.sigmoid_focal_loss(x, t, gamma=GAMMA, backend="fused"), "multihot",
+                      None),
 }
 
 
@@ -137,7 +138,8 @@ def machine() -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+    threads = torch.get_num_threads()
+    return f"{model}, {threads} threads, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def main():

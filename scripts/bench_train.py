@@ -1,6 +1,6 @@
 """Training and sweep speed: a xentlab run against a bare PyTorch loop, and a sweep sequential vs joblib.
 
-    python scripts/bench_train.py [--samples 20000] [--epochs 20] [--repeats 3] [--skip-sweeps]
+    python scripts/bench_train.py [--samples 20000] [--epochs 20] [--repeats 3] [--threads N] [--skip-sweeps]
 
 1. Overhead. In one process, with the same torch threads: `xentlab.train.train` (Lightning fit with
    validation every epoch, test, TensorBoard logging and figures, checkpoints, metrics.json) against a
@@ -119,8 +119,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for part 1 (default: torch's)")
     parser.add_argument("--skip-sweeps", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     console = Console()
     console.print(machine())
     table = Table(title="xentlab training speed", title_justify="left")

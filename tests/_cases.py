@@ -44,7 +44,7 @@ def make_prob_target(n: int, c: int, dtype=torch.float64, *, seed: int = 2) -> t
     return torch.softmax(2 * torch.randn(n, c, generator=generator(seed), dtype=torch.float64), 1).to(dtype)
 
 
-def make_binary_target(n: int, c: int, dtype=torch.float64, *, soft: bool = False, seed: int = 3) -> torch.Tensor:
+def make_binary_target(n: int, c: int, dtype=torch.float64, *, soft: bool = False, seed: int = 3):
     u = torch.rand(n, c, generator=generator(seed), dtype=torch.float64)
     return (u if soft else (u < 0.3).double()).to(dtype)
 

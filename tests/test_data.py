@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from xentlab.data import (
@@ -151,6 +153,16 @@ def test_batches_are_slices_covering_each_sample_once_per_epoch():
         assert torch.equal(torch.cat([bx for bx, _ in shuffled]).flatten().long().sort().values, y)
     assert not torch.equal(epochs[0], epochs[1])  # reshuffled every epoch
     assert len(shuffled) == 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_samples=st.integers(10, 20000), n_classes=st.integers(2, 12), rho=st.integers(1, 200),
+       profile=st.sampled_from(["exponential", "step"]))
+def test_long_tail_profile_holds_for_any_size(n_samples, n_classes, rho, profile):
+    counts = counts_for_total(n_samples, n_classes, rho, profile)
+    assert counts == expected_profile(counts[0], n_classes, rho, profile)
+    assert counts[0] == rho * counts[-1] and min(counts) == counts[-1] >= 1
+    assert counts == sorted(counts, reverse=True)
 
 
 def test_counts_for_total_anchors_on_the_minority():

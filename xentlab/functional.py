@@ -76,9 +76,10 @@ def mse_loss(input: Tensor, target: Tensor, ignore_index: int = -100, reduction:
 def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tensor | None = None,
                                      pos_weight: Tensor | None = None, reduction: str = "mean", *,
                                      backend: str = "auto") -> Tensor:
-    """Element-wise BCE on logits with `F.binary_cross_entropy_with_logits`'s semantics: l = -weight [pos_weight
-    t log sigmoid(x) + (1-t) log sigmoid(-x)], soft targets in [0, 1], `mean` over all elements. weight
-    broadcasts to the input; pos_weight is a scalar or one value per entry of the input's last dimension."""
+    """Element-wise BCE on logits with `F.binary_cross_entropy_with_logits`'s semantics:
+    l = -weight [pos_weight t log sigmoid(x) + (1-t) log sigmoid(-x)], soft targets in [0, 1], `mean` over
+    all elements. weight broadcasts to the input; pos_weight is a scalar or one value per entry of the input's
+    last dimension (the label dimension)."""
     _check_float_input(input)
     _check_reduction(reduction)
     target = _binary_target(target, input)
@@ -181,7 +182,7 @@ def _softmax_target(target, input: Tensor, ignore_index: int, allow_probs: bool)
     index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         kinds = "class indices (an integer tensor)" + (" or probabilities" if allow_probs else "")
-        raise TypeError(f"target must hold {kinds}; got dtype {target.dtype} with shape {tuple(target.shape)}")
+        raise TypeError(f"target must hold {kinds}; got dtype {target.dtype}, shape {tuple(target.shape)}")
     if target.shape != index_shape:
         raise ValueError(f"class-index target must have shape {tuple(index_shape)} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")

@@ -19,7 +19,6 @@ from xentlab import functional as xF
 from xentlab import plots
 from xentlab.metrics import StageMetrics, loss_curve, per_label
 
-STAGES = ("train", "val", "test")
 CURVE_POINTS = 49
 
 

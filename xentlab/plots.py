@@ -26,7 +26,7 @@ def confusion_matrix_figure(matrix: np.ndarray, title: str = "confusion matrix")
     matrix = np.asarray(matrix, dtype=float)
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     n = len(matrix)
-    figure = Figure(figsize=(1.2 + 0.45 * max(n, 4), 1.0 + 0.45 * max(n, 4)), dpi=DPI)
+    figure = Figure(figsize=(2.2 + 0.45 * max(n, 4), 1.4 + 0.45 * max(n, 4)), dpi=DPI)
     ax = figure.add_subplot()
     image = ax.imshow(rates, vmin=0, vmax=1, cmap="Blues")
     figure.colorbar(image, ax=ax, fraction=0.046, label="fraction of true class")
@@ -35,6 +35,7 @@ def confusion_matrix_figure(matrix: np.ndarray, title: str = "confusion matrix")
             ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=8,
                     color="white" if rates[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted class", ylabel="true class", title=title, xticks=range(n), yticks=range(n))
+    figure.subplots_adjust(left=0.12, right=0.84, top=0.9, bottom=0.15)
     return figure
 
 
@@ -52,6 +53,7 @@ def multilabel_confusion_figure(matrices: np.ndarray, title: str = "per-label co
                 color="white" if rates[i, j] > 0.5 else "black")
     ax.set(xticks=range(4), xticklabels=["TN", "FP", "FN", "TP"], yticks=range(len(matrices)),
            ylabel="label", title=title)
+    figure.subplots_adjust(left=0.15, right=0.95, top=0.88, bottom=0.1)
     return figure
 
 
@@ -67,7 +69,7 @@ def reliability_figure(confidence: np.ndarray, accuracy: np.ndarray, count: np.n
     top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.bar(centers[filled], accuracy[filled], width=1 / n_bins, edgecolor="black", label="accuracy")
     top.bar(centers[filled], confidence[filled] - accuracy[filled], bottom=accuracy[filled], width=1 / n_bins,
-            color="red", alpha=0.3, label="gap to confidence")
+            fill=False, hatch="//", edgecolor="red", label="gap to mean confidence")
     top.plot([0, 1], [0, 1], "k--", linewidth=1)
     top.set(ylim=(0, 1), ylabel="accuracy", title=f"{title} (ECE {ece:.3f}, {n_bins} bins)")
     top.legend(loc="upper left", fontsize=8)

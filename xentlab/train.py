@@ -44,7 +44,8 @@ def build_run(cfg: DictConfig, output_dir: Path) \
                       num_examples=len(datamodule.splits["train"][1]))
     model = build_model(**cfg.model, in_features=datamodule.num_features, num_outputs=datamodule.num_classes)
     module = ClassifierModule(model, loss, task=datamodule.task, num_classes=datamodule.num_classes,
-                              optimizer=instantiate(cfg.optimizer), run_params=flat_params(cfg))
+                              optimizer=instantiate(cfg.optimizer), run_params=flat_params(cfg),
+                              figure_every_n_epochs=cfg.figure_every_n_epochs)
     logger = TensorBoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
     callbacks = [FiniteLossCheck()]
     if cfg.trainer.get("enable_checkpointing", True):

@@ -44,7 +44,8 @@ def pos_weight_from_counts(positives: Tensor | Sequence[float], total: int) -> T
     it; a label that is always positive gets 0."""
     n = _counts(positives, "label")
     if isinstance(total, bool) or not isinstance(total, int) or total < n.max().item():
-        raise ValueError(f"total must be an int >= every positive count (max {n.max().item():g}), got {total!r}")
+        raise ValueError(f"total must be an int >= every positive count (max {n.max().item():g}), "
+                         f"got {total!r}")
     return ((total - n) / n).to(torch.float32)
 
 
@@ -55,7 +56,8 @@ def _counts(counts, kind: str) -> Tensor:
         raise TypeError(f"counts must be real numbers, got dtype {values.dtype}")
     values = values.to(torch.float64)
     if values.dim() != 1 or values.numel() == 0:
-        raise ValueError(f"counts must be a non-empty 1-D sequence (one per {kind}), got shape {tuple(values.shape)}")
+        raise ValueError(f"counts must be a non-empty 1-D sequence (one per {kind}), "
+                         f"got shape {tuple(values.shape)}")
     bad = ~torch.isfinite(values) | (values < 0)
     if bool(bad.any()):
         index = int(bad.nonzero()[0])
@@ -63,5 +65,6 @@ def _counts(counts, kind: str) -> Tensor:
     zero = values == 0
     if bool(zero.any()):
         index = int(zero.nonzero()[0])
-        raise ValueError(f"{kind} {index} has count 0: every {kind} needs at least one example to get a weight")
+        raise ValueError(f"{kind} {index} has count 0: every {kind} needs at least one example to get "
+                         f"a weight")
     return values

@@ -21,7 +21,6 @@ import threading
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
@@ -97,7 +96,7 @@ def _input_gradient(ctx, grad_output: Tensor) -> Tensor:
 
 
 class _NoDoubleBackward(torch.autograd.Function):
-    """Identity on a first-order gradient whose own backward raises: the fused losses are once-differentiable."""
+    """Identity on a first-order gradient whose backward raises: the fused losses are once-differentiable."""
 
     @staticmethod
     def forward(ctx, grad: Tensor) -> Tensor:
@@ -105,8 +104,9 @@ class _NoDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _):
-        raise RuntimeError("xentlab's fused losses are once-differentiable: double backward (differentiating a "
-                           "gradient taken with create_graph=True) is not supported; use backend='reference'")
+        raise RuntimeError("xentlab's fused losses are once-differentiable: double backward (differentiating "
+                           "a gradient taken with create_graph=True) is not supported; "
+                           "use backend='reference'")
 
 
 def _sweep(kernel, x: Tensor, scale: Tensor | None, grad: Tensor | None) -> Tensor:
@@ -151,7 +151,7 @@ def _log_softmax(x: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
 
 
 def _log_true_class(p: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """p[y] and log p[y]; where p[y] is too small for its log to be accurate, log p[y] = x[y] - logsumexp(x)."""
+    """p[y] and log p[y]; where p[y] is too small for an accurate log, log p[y] = x[y] - logsumexp(x)."""
     pt = p.gather(1, y).squeeze(1)
     logpt = pt.log()
     tiny = pt < torch.finfo(pt.dtype).tiny * 2**24
@@ -332,7 +332,7 @@ def mse_loss(input, target, ignore_index, reduction, on):
 
 def _softplus(x: Tensor, out: Tensor) -> Tensor:
     # Above the threshold log1p(exp(x)) equals x to the dtype's precision, so nothing is lost.
-    return torch._C._nn.softplus(x, 1, 40.0 if x.dtype == torch.float64 else 20.0, out=out)
+    return torch.ops.aten.softplus.out(x, 1, 40.0 if x.dtype == torch.float64 else 20.0, out=out)
 
 
 @dataclass(eq=False)
@@ -381,8 +381,9 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
 
 @dataclass(eq=False)
 class _SigmoidFocal:
-    """torchvision's sigmoid focal loss ce * m^g * alpha_t, m = 1 - p_t = s(x)(1-t) + s(-x) t formed without
-    cancellation; dL/dx = alpha_t [(s - t) m^g + g m^g (ce/m) s(x) s(-x) (1 - 2t)], where ce/m -> 1 as m -> 0."""
+    """torchvision's sigmoid focal loss ce * m^g * alpha_t, with m = 1 - p_t = s(x)(1-t) + s(-x) t formed
+    without cancellation; dL/dx = alpha_t [(s - t) m^g + g m^g (ce/m) s(x) s(-x) (1 - 2t)], where ce/m -> 1
+    as m -> 0."""
 
     target: Tensor
     alpha: float

@@ -24,7 +24,7 @@ def _reduce(loss: Tensor, reduction: str, denominator: Tensor | float) -> Tensor
 
 
 def _index_rows(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int):
-    """log_softmax, the valid-row mask, the class index with ignored rows sent to class 0, and w[y] (0 if ignored)."""
+    """log_softmax, the valid-row mask, class indices with ignored rows sent to 0, and w[y] (0 if ignored)."""
     logp = torch.log_softmax(x.to(_compute_dtype(x)), dim=1)
     valid = target != ignore_index
     y = torch.where(valid, target, 0)
@@ -61,7 +61,7 @@ def focal_loss(input, target, gamma, alpha, ignore_index, reduction):
     non-ignored rows, so gamma=0 is weighted cross-entropy."""
     logp, valid, y, a_y = _index_rows(input, target, alpha, ignore_index)
     logpt = logp.gather(1, y[:, None]).squeeze(1)
-    # the clamp keeps autograd's (1-pt)^(gamma-1) finite at pt = 1 for gamma < 1; the value moves by < tiny^gamma
+    # the clamp keeps autograd's (1-pt)^(gamma-1) finite at pt = 1 for gamma < 1; the value moves < tiny^g
     one_minus_pt = (1 - logpt.exp()).clamp(min=torch.finfo(logp.dtype).tiny)
     loss = -a_y * one_minus_pt**gamma * logpt
     loss = torch.where(valid, loss, 0.0)

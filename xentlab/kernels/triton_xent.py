@@ -20,12 +20,14 @@ before the gradient is stored in the input dtype. Python float parameters travel
 so float64 runs keep ~48 bits of them (Triton's CPU interpreter passes Python floats as float32).
 
 Reductions and the backward run without host synchronisation, so forward and backward can be captured in a
-CUDA graph. The `mean` denominator is computed on the device: a small pre-kernel sums w[y] (or counts the
-non-ignored rows) into per-block partials that every program of the main kernel adds up in a fixed order,
-so results are deterministic; the gradient is stored already divided by it, and the per-row losses are
-summed by `torch.sum`. The backward launches a kernel that reads grad_output on the device and rescales the
-saved gradient in place only when the factor differs from 1, so `loss.backward()` costs one launch whose
-programs exit at once: no memory pass, no copy. The scale already applied is kept on the device, so a second
+CUDA graph. The `mean` denominator is computed on the device: a small pre-kernel (reading only the targets)
+sums w[y], or counts the non-ignored rows, into per-block partials that every program of the main kernel
+adds up in a fixed order; the gradient is stored already divided by it, each program stores one partial sum
+of its rows' losses, and `torch.sum` adds those up, so results are deterministic (no atomics).
+
+The backward launches a kernel that reads grad_output on the device and rescales the saved gradient in
+place only when the factor differs from 1, so `loss.backward()` costs one launch whose programs exit at
+once: no memory pass, no copy, no host sync. The scale already applied is kept on the device, so a second
 backward through a retained graph is still exact (but a gradient returned by the first
 `torch.autograd.grad(..., retain_graph=True)` is the same buffer and is rescaled by the second). The saved
 gradient is released after the backward, so autograd hands it to a leaf's `.grad` without copying. With
@@ -44,9 +46,10 @@ layer); a leaf tensor that requires grad is refused, since its `.grad` would ali
 logits are a view, `loss.backward()` works but `torch.autograd.grad(loss, view)` does not: PyTorch gives a
 view whose data changed in place a new grad_fn.)
 
-Importing this module imports Triton; `xentlab` imports it only when the Triton backend is chosen. Set
-TRITON_INTERPRET=1 *before this module is first imported* (Triton reads it when `@triton.jit` decorates the
-kernels) to run the kernels on CPU tensors in Triton's interpreter; otherwise CPU tensors are refused.
+Importing this module imports Triton; `xentlab` imports it only when the Triton backend is chosen. To run
+the kernels on CPU tensors in Triton's interpreter, set TRITON_INTERPRET=1 before `triton` is first imported
+in the process (Triton reads it when `@triton.jit` decorates its own library and these kernels; note that
+pytorch_lightning imports triton); otherwise CPU tensors are refused with a ValueError.
 """
 
 from __future__ import annotations
