@@ -127,7 +127,7 @@ def _fresh(x0: torch.Tensor, inplace: bool) -> torch.Tensor:
     return leaf.clone() if inplace else leaf
 
 
-def time_ms(step: Callable[[], None], prepare: Callable[[], object], reps: int, warmup: int,
+def time_ms(step: Callable[[object], None], prepare: Callable[[], object], reps: int, warmup: int,
             flush: torch.Tensor) -> float:
     """Median milliseconds of `step(prepared)` between CUDA events; L2 flushed before each repetition."""
     events = []

@@ -148,7 +148,7 @@ def test_two_sweeps_started_in_the_same_second_get_separate_folders(tmp_path, mo
     ({"n_jobs": 16}, 8, 1),
     ({"cpus_per_task": 3}, 8, 3),     # submitit
     ({"cpus_per_task": None}, 8, 1),
-    ({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}, 8, None),
+    ({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}, 8, 1),  # one job at a time
 ])
 def test_threads_per_job(launcher, cpus, expected):
     assert threads_per_job(OmegaConf.create(launcher), cpus) == expected

@@ -3,9 +3,8 @@
 Without a CUDA device the kernels run in Triton's CPU interpreter. TRITON_INTERPRET=1 must be in the
 environment before `triton` is first imported (Triton decorates its own `tl.sum`, `tl.cdiv`, ... at import,
 and our kernels when xentlab.kernels.triton_xent is imported), so this module sets it before importing
-anything from Triton. If Triton was already imported without it (pytorch_lightning imports it, so any test
-module collected earlier may have), the tests here skip and one test re-runs this file in a fresh process
-with TRITON_INTERPRET=1. With a CUDA device the same tests run on the GPU, plus the GPU-only ones at the end.
+anything from Triton (tests/conftest.py does the same for the whole session, because pytorch_lightning
+imports triton too). With a CUDA device the same tests run on the GPU, plus the GPU-only ones at the end.
 """
 
 from __future__ import annotations
@@ -28,30 +27,13 @@ if not ON_GPU and "triton" not in sys.modules:
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton backend is not testable")
 
 import _cases as cases  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from xentlab import functional  # noqa: E402
 from xentlab.kernels import triton_xent as tx  # noqa: E402
 
-IN_PROCESS = ON_GPU or (tx._INTERPRETED and isinstance(triton.language.sum, InterpretedFunction))
-FRESH_PROCESS_REASON = ("no CUDA device and triton was imported before TRITON_INTERPRET=1 could be set: "
-                        "these tests run in a fresh process (test_this_file_in_a_fresh_interpreter_process)")
-
-
-@pytest.fixture(autouse=True)
-def _needs_a_device_or_the_interpreter(request):
-    if not IN_PROCESS and request.node.originalname != "test_this_file_in_a_fresh_interpreter_process":
-        pytest.skip(FRESH_PROCESS_REASON)
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the kernels run in this process (a CUDA device or the interpreter)")
-def test_this_file_in_a_fresh_interpreter_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
-                          capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1],
-                          timeout=900)
-    print(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:])
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+if not ON_GPU and not tx._INTERPRETED:
+    pytest.skip("no CUDA device, and triton was imported before TRITON_INTERPRET=1 was set "
+                "(see tests/conftest.py)", allow_module_level=True)
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -382,8 +364,6 @@ _NO_INTERPRETER = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def no_interpreter():
     """The module in a fresh process without TRITON_INTERPRET: the CPU refusal, then sm_90 compiles."""
-    if not IN_PROCESS:
-        pytest.skip(FRESH_PROCESS_REASON)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])

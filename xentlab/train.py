@@ -139,20 +139,21 @@ def unique_dir(base: str) -> str:
 OmegaConf.register_new_resolver("xentlab.unique_dir", unique_dir, use_cache=True, replace=True)
 
 
-def threads_per_job(launcher: DictConfig, cpu_count: int) -> int | None:
-    """Intra-op threads per job so parallel jobs share the cores instead of oversubscribing them.
+def threads_per_job(launcher: DictConfig, cpu_count: int) -> int:
+    """torch intra-op threads for one job when `threads` is null, so parallel jobs share the cores.
 
     joblib: cpu_count // jobs, with jobs = n_jobs, or cpu_count + 1 + n_jobs for negative n_jobs (joblib's
     rule, so the default -1 gives one thread per job); submitit: `cpus_per_task`, or 1 when unset (the
-    local executor starts every job at once). Any other launcher runs one job at a time: None, keep
-    torch's default.
+    local executor starts every job at once). One job at a time (a single run, the basic launcher): 1.
+    The models here are small enough that a second thread gains nothing, and on two busy cores it
+    costs 15-20x per step (OpenMP threads wait for each other; see docs/benchmarks.md).
     """
     if "n_jobs" in launcher:
         jobs = launcher.n_jobs if launcher.n_jobs > 0 else cpu_count + 1 + launcher.n_jobs
         return max(1, cpu_count // max(1, jobs))
     if "cpus_per_task" in launcher:
         return launcher.cpus_per_task or 1
-    return None
+    return 1
 
 
 def available_cpus() -> int:
@@ -179,9 +180,10 @@ def main(cfg: DictConfig) -> float:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     logdir = Path(hydra_cfg.sweep.dir) if multirun else output_dir
-    threads = cfg.threads or threads_per_job(hydra_cfg.launcher, available_cpus())
-    if threads:
-        torch.set_num_threads(threads)
+    if cfg.threads is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int)
+                                    or cfg.threads < 1):
+        raise ValueError(f"threads must be a positive integer or null (automatic), got {cfg.threads!r}")
+    torch.set_num_threads(cfg.threads or threads_per_job(hydra_cfg.launcher, available_cpus()))
     print(f"[xentlab] logs: {output_dir}\n[xentlab] view: tensorboard --logdir {logdir}")
     overrides = list(hydra_cfg.overrides.task)
     raises_failures = "optuna" in str(hydra_cfg.sweeper.get("_target_", ""))

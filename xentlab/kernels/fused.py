@@ -389,28 +389,31 @@ class _SigmoidFocal:
     alpha: float
     gamma: float
     elementwise = True
-    slots = 3
+    slots = 5
 
     def denominator(self) -> Tensor:
         return torch.tensor(float(self.target.numel()), device=self.target.device)
 
     def chunk(self, x, rows, out, ws, s):
-        ce, sig_neg, m = ws
+        ce, sig_neg, m, modulator, loss = ws
         t = self.target[rows]
         _softplus(x, ce).addcmul_(t, x, value=-1)
         sig = torch.sigmoid(x, out=out)
         torch.sigmoid(torch.neg(x, out=sig_neg), out=sig_neg)
         torch.addcmul(sig, sig, t, value=-1, out=m).addcmul_(sig_neg, t)
-        modulator = m.pow(self.gamma)
-        alpha_t = None if self.alpha < 0 else (2 * self.alpha - 1) * t + (1 - self.alpha)
-        loss = ce * modulator
-        if alpha_t is not None:
+        torch.pow(m, self.gamma, out=modulator)
+        torch.mul(ce, modulator, out=loss)
+        alpha_t = None
+        if self.alpha >= 0:
+            # alpha_t is needed after sig_neg only, so it reuses that buffer
+            alpha_t = torch.mul(t, 2 * self.alpha - 1, out=sig_neg if s is None else None).add_(1 - self.alpha)
             loss.mul_(alpha_t)
         if s is None:
             return loss
         # gamma m^(gamma-1) ce is formed as gamma m^gamma (ce/m), with ce/m -> 1 where m -> 0
         ratio = ce.div_(m).masked_fill_(m == 0, 1.0)
-        ratio.mul_(modulator).mul_(sig).mul_(sig_neg).mul_(1 - 2 * t)
+        ratio.mul_(modulator).mul_(sig).mul_(sig_neg)
+        ratio.addcmul_(ratio, t, value=-2)  # times (1 - 2t)
         g = sig.sub_(t).mul_(modulator).add_(ratio, alpha=self.gamma)
         g.mul_(s if alpha_t is None else alpha_t * s)
         return loss.sum(1)
