@@ -7,9 +7,9 @@ only thing saved; backward hands it over untouched when grad_output is 1 (autogr
 without a copy). For `none` the forward saves only the logits and backward re-sweeps them, because the
 gradient depends on the per-row/per-element grad_output. No softmax is ever kept beyond that buffer.
 
-Chunk temporaries live in a small per-thread workspace reused across calls (a few x `_CHUNK_ELEMS` elements):
-fresh chunk-sized allocations cost page faults on every call, which on CPU can take longer than the math.
-Peak extra memory is therefore the one logits-sized buffer plus that constant workspace.
+Chunk temporaries live in a per-thread workspace reused across calls (at most a few x `_CHUNK_ELEMS`
+elements): fresh chunk-sized allocations cost page faults on every call, which on CPU can take longer than the
+math. Peak extra memory is therefore the one logits-sized buffer plus that bounded workspace.
 
 Double backward is not supported: differentiating the gradient again raises a RuntimeError saying so
 (backend="reference" is plain autograd and supports it).
@@ -24,8 +24,11 @@ import torch
 
 Tensor = torch.Tensor
 
-# Elements per row chunk: large enough that per-op overhead is small, small enough to stay in L2/L3 cache.
-_CHUNK_ELEMS = 1 << 18
+# Elements per row chunk: large enough that per-op overhead (dispatch, waking the intra-op threads) is small
+# next to the math, small enough for a chunk's buffers to stay in cache. Inputs larger than 4 x
+# _MIN_CHUNK_ELEMS are cut into at least 4 chunks, so chunk temporaries stay well below the logits' size.
+_CHUNK_ELEMS = 1 << 20
+_MIN_CHUNK_ELEMS = 1 << 16
 # Below this many classes PyTorch's row-softmax kernel is dominated by per-row overhead; compose it instead.
 _SMALL_C = 64
 _local = threading.local()
@@ -114,7 +117,7 @@ def _sweep(kernel, x: Tensor, scale: Tensor | None, grad: Tensor | None) -> Tens
     per element); with `scale` it writes scale * gradient into `grad` and returns the summed loss."""
     n, c = x.shape
     cdt = _compute_dtype(x.dtype)
-    step = max(1, _CHUNK_ELEMS // max(c, 1))
+    step = max(1, min(_CHUNK_ELEMS, max(_MIN_CHUNK_ELEMS, n * c // 4)) // c)
     convert = x.dtype != cdt
     in_place = grad is not None and grad.dtype == cdt  # the gradient is computed right in its final place
     slots = _workspace(kernel.slots + (not in_place) + convert, min(step, max(n, 1)) * c, cdt, x.device)
@@ -403,20 +406,18 @@ class _SigmoidFocal:
         torch.addcmul(sig, sig, t, value=-1, out=m).addcmul_(sig_neg, t)
         torch.pow(m, self.gamma, out=modulator)
         torch.mul(ce, modulator, out=loss)
-        alpha_t = None
-        if self.alpha >= 0:
-            # alpha_t is needed after sig_neg only, so it reuses that buffer
-            alpha_t = torch.mul(t, 2 * self.alpha - 1, out=sig_neg if s is None else None).add_(1 - self.alpha)
+        if s is not None:
+            # gamma m^(gamma-1) ce is formed as gamma m^gamma (ce/m), with ce/m -> 1 where m -> 0
+            ratio = ce.div_(m).masked_fill_(m == 0, 1.0)
+            ratio.mul_(modulator).mul_(sig).mul_(sig_neg)
+            ratio.addcmul_(ratio, t, value=-2)  # times (1 - 2t)
+            sig.sub_(t).mul_(modulator).add_(ratio, alpha=self.gamma).mul_(s)
+        if self.alpha >= 0:  # alpha_t = alpha t + (1-alpha)(1-t) reuses sig_neg's buffer, no longer needed
+            alpha_t = torch.mul(t, 2 * self.alpha - 1, out=sig_neg).add_(1 - self.alpha)
             loss.mul_(alpha_t)
-        if s is None:
-            return loss
-        # gamma m^(gamma-1) ce is formed as gamma m^gamma (ce/m), with ce/m -> 1 where m -> 0
-        ratio = ce.div_(m).masked_fill_(m == 0, 1.0)
-        ratio.mul_(modulator).mul_(sig).mul_(sig_neg)
-        ratio.addcmul_(ratio, t, value=-2)  # times (1 - 2t)
-        g = sig.sub_(t).mul_(modulator).add_(ratio, alpha=self.gamma)
-        g.mul_(s if alpha_t is None else alpha_t * s)
-        return loss.sum(1)
+            if s is not None:
+                out.mul_(alpha_t)
+        return loss if s is None else loss.sum(1)
 
 
 def sigmoid_focal_loss(input, target, alpha, gamma, reduction):
