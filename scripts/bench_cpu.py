@@ -1,17 +1,22 @@
 """CPU benchmark: forward+backward time and peak extra memory, fused path vs PyTorch eager.
 
-    python scripts/bench_cpu.py [--repeats 15] [--threads 2] [--markdown docs/bench_cpu.md]
+    python scripts/bench_cpu.py [--repeats 15] [--threads 2] [--shapes 8192x1000 ...] [--markdown out.md]
 
 For each shape and loss it times `loss = f(x, target); loss.backward()` (median of `--repeats` runs after
 warm-up) and measures the peak of extra CPU memory during one such step: the running sum of every allocation
 minus every free that PyTorch's CPU allocator reports to the profiler (`profile_memory=True`), taken from the
 moment x.grad is None until backward returns. That counts each temporary, saved tensor and the final x.grad,
 for both sides alike. Eager baselines are `F.cross_entropy` and the usual PyTorch compositions.
+
+Timings on a shared machine are only meaningful when it is otherwise idle: the fused path runs many short
+parallel ops per call, and each waits for both intra-op threads, so a busy second core slows it far more than
+eager's few long ops. The load average at start and end is printed with the table for that reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -99,9 +104,9 @@ def peak_extra_bytes(fn, x, target) -> int:
     return peak
 
 
-def run(repeats: int):
+def run(repeats: int, shapes):
     rows = []
-    for shape in SHAPES:
+    for shape in shapes:
         for name, (eager, fused, kind, goal) in CASES.items():
             x, target = make_inputs(shape, kind)
             t_eager, t_fused = median_times(eager, fused, x, target, repeats)
@@ -142,15 +147,24 @@ def machine() -> str:
     return f"{model}, {threads} threads, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def load() -> str:
+    return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shapes", nargs="+", default=[f"{n}x{c}" for n, c in SHAPES], help="NxC ...")
     parser.add_argument("--markdown", help="also write the table as markdown to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = list(format_rows(run(args.repeats)))
-    table = Table(*HEADER, title=f"fused vs eager, forward+backward, float32 — {machine()}")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    before = load()
+    rows = list(format_rows(run(args.repeats, shapes)))
+    after = load()
+    table = Table(*HEADER, title=f"fused vs eager, forward+backward, float32 — {machine()}",
+                  caption=f"{before} at start, {after} at end")
     for row in rows:
         table.add_row(*row)
     Console(width=200).print(table)
@@ -158,7 +172,7 @@ def main():
         lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         with open(args.markdown, "w") as f:
-            f.write(f"Machine: {machine()}\n\n" + "\n".join(lines) + "\n")
+            f.write(f"Machine: {machine()}; {before} at start, {after} at end\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

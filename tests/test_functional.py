@@ -204,6 +204,23 @@ def test_unbatched_and_one_logit_inputs(backend):
                  lambda x: torch_bce(x, t, pos_weight=torch.tensor([3.0]), reduction="none"), logit)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_may_be_a_real_class_and_targets_may_be_any_integer_type(backend):
+    x, target = make_logits(N, C), make_index_target(N, C).to(torch.int32)
+    check_parity(lambda x: XF.cross_entropy(x, target, ignore_index=2, label_smoothing=0.1, backend=backend),
+                 lambda x: torch_cross_entropy(x, target.long(), ignore_index=2, label_smoothing=0.1), x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_integer_and_bool_multi_hot_targets_count_as_their_float_values(backend):
+    x, target = make_logits(N, C), make_binary_target(N, C)
+    expected = XF.binary_cross_entropy_with_logits(x, target, backend=backend)
+    for as_int in (target.long(), target.bool()):
+        assert_close(XF.binary_cross_entropy_with_logits(x, as_int, backend=backend), expected)
+        assert_close(XF.sigmoid_focal_loss(x, as_int, backend=backend),
+                     XF.sigmoid_focal_loss(x, target, backend=backend))
+
+
 # ---------------------------------------------------------------- gradcheck, scaled grad, double backward
 
 GRADCHECK_CASES = {

@@ -114,7 +114,7 @@ class Verdict:
         head = f"{where}{self.metric.label} ({better} is better): {self.best.label} {a.text()}"
         if margin == 0:
             return f"{head} ties with {self.runner_up.label}."
-        relative = f", {100 * margin / abs(b.mean):.0f}% of the runner-up" if b.mean else ""
+        relative = f" ({100 * margin / abs(b.mean):.0f}% {better})" if b.mean else ""
         amount = f"{margin:.3f}" if margin >= 5e-4 else f"{margin:.1e}"
         head += f" beats {self.runner_up.label} {b.text()} by {amount}{relative}"
         return f"{head}; {self.certainty(a, b)}."
