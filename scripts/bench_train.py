@@ -1,6 +1,7 @@
 """Training and sweep speed: a xentlab run against a bare PyTorch loop, and a sweep sequential vs joblib.
 
-    python scripts/bench_train.py [--samples 20000] [--epochs 20] [--repeats 3] [--threads N] [--skip-sweeps]
+    python scripts/bench_train.py [--samples 20000] [--epochs 20] [--repeats 3] [--threads 1]
+                                  [--sweep-repeats 2] [--skip-sweeps]
 
 1. Overhead. In one process, with the same torch threads: `xentlab.train.train` (Lightning fit with
    validation every epoch, test, TensorBoard logging and figures, checkpoints, metrics.json) against a

@@ -262,6 +262,13 @@ def test_fused_double_backward_raises_clearly(loss):
         g.sum().backward()
 
 
+def test_reference_backend_supports_double_backward_as_the_error_message_promises():
+    x = make_logits(6, 5, scale=1.5).requires_grad_()
+    y = make_index_target(6, 5, ignore_index=IGN)
+    assert torch.autograd.gradgradcheck(
+        lambda x: XF.cross_entropy(x, y, label_smoothing=0.1, backend="reference"), (x,))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scaled_grad_output_and_retained_graph(backend):
     x = make_logits(N, C, torch.float32).requires_grad_()
@@ -298,7 +305,7 @@ def loss_problems(draw):
     return dtype, n, c, loss, reduction, chunk, seed
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(loss_problems(), st.floats(0.0, 1.0), st.floats(0.0, 4.0))
 def test_fused_matches_reference_on_random_problems(problem, label_smoothing, gamma):
     dtype, n, c, loss, reduction, chunk, seed = problem

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from xentlab.train import CONFIG_DIR, available_cpus, threads_per_job, train
+from xentlab.train import CONFIG_DIR, available_cpus, sweep_value, threads_per_job, train
 
 TINY = ["data.n_samples=400", "trainer.max_epochs=1", "model.hidden_sizes=[16]"]
 
@@ -152,3 +153,19 @@ def test_two_sweeps_started_in_the_same_second_get_separate_folders(tmp_path, mo
 ])
 def test_threads_per_job(launcher, cpus, expected):
     assert threads_per_job(OmegaConf.create(launcher), cpus) == expected
+    assert threads_per_job(OmegaConf.create(launcher), cpus, requested=3) == 3  # `threads=3` wins
+
+
+@pytest.mark.parametrize("requested", [0, -1, 1.5, True, "2"])
+def test_threads_must_be_a_positive_integer(requested):
+    with pytest.raises(ValueError, match=f"threads must be a positive integer.*{requested!r}"):
+        threads_per_job(OmegaConf.create({"n_jobs": 2}), 8, requested)
+
+
+def test_sweep_value_is_the_objective_metric_and_optuna_gets_an_error_for_nan():
+    record = {"metrics": {"test/ece": 0.05, "val/balanced_accuracy": 0.7}}
+    assert sweep_value(record, "val/balanced_accuracy", must_be_finite=True) == 0.7
+    assert sweep_value(record, "hp/ece", must_be_finite=True) == 0.05  # hp/<m> is the final test/<m>
+    assert math.isnan(sweep_value(record, "test/nll", must_be_finite=False))
+    with pytest.raises(ValueError, match="objective 'test/nll' is nan.*test/ece, val/balanced_accuracy"):
+        sweep_value(record, "test/nll", must_be_finite=True)

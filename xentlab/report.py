@@ -107,6 +107,7 @@ class Verdict:
     paired: Summary | None
 
     def sentence(self) -> str:
+        """One line: best, runner-up, the margin (absolute and relative) and how sure it is."""
         a, b = self.best.stats[self.metric.key], self.runner_up.stats[self.metric.key]
         margin = abs(a.mean - b.mean)
         where = f"{self.context}, " if self.context else ""
@@ -114,12 +115,14 @@ class Verdict:
         head = f"{where}{self.metric.label} ({better} is better): {self.best.label} {a.text()}"
         if margin == 0:
             return f"{head} ties with {self.runner_up.label}."
-        relative = f" ({100 * margin / abs(b.mean):.0f}% {better})" if b.mean else ""
+        percent = f"{100 * margin / abs(b.mean):.0f}%" if b.mean else ""
+        relative = f" ({'<1%' if percent == '0%' else percent} {better})" if percent else ""
         amount = f"{margin:.3f}" if margin >= 5e-4 else f"{margin:.1e}"
         head += f" beats {self.runner_up.label} {b.text()} by {amount}{relative}"
         return f"{head}; {self.certainty(a, b)}."
 
     def certainty(self, a: Summary, b: Summary) -> str:
+        """Separation at 95%: disjoint intervals, else a paired per-seed difference excluding 0, else none."""
         if a.n < 2 or b.n < 2:
             return "one run on a side, so no confidence interval"
         if a.low > b.high or b.low > a.high:
@@ -203,6 +206,7 @@ def run_settings(runs: list[Run]) -> list[dict]:
 
 
 def is_loss_key(key: str) -> bool:
+    """Whether an override key chooses the loss or one of its parameters (`loss`, `loss.gamma`, ...)."""
     return key == "loss" or key.startswith("loss.") or key.startswith("loss/")
 
 
@@ -220,10 +224,12 @@ def layout(settings: list[dict]) -> tuple[list[str], list[str]]:
 
 
 def describe(setting: dict, keys: list[str]) -> str:
+    """`key=value, ...` for the given keys of a setting, in that order."""
     return ", ".join(f"{k}={setting[k]}" for k in keys if k in setting)
 
 
 def seed_of(run: Run) -> object:
+    """The run's seed (from its config), which pairs runs of different groups on the same data split."""
     return run.config.get("seed", run.path.name)
 
 
@@ -255,6 +261,7 @@ def sort_key(text: str) -> tuple:
 
 
 def contexts(groups: list[Group]) -> dict[str, list[Group]]:
+    """Groups by context, in order: each block is one comparison (e.g. every loss at one ratio)."""
     blocks: dict[str, list[Group]] = defaultdict(list)
     for group in groups:
         blocks[group.context].append(group)
@@ -304,6 +311,7 @@ def best_cells(groups: list[Group], metrics: list[Metric]) -> set[tuple[int, str
 
 
 def cell(group: Group, metric: Metric) -> str:
+    """`mean ± half-width`, with `(n=k)` when fewer of the group's runs reported the metric; `—` if none."""
     summary = group.stats.get(metric.key)
     if summary is None or summary.n == 0:
         return "—"
@@ -319,6 +327,7 @@ def table_rows(groups: list[Group], metrics: list[Metric]) -> list[tuple[list[st
 
 
 def rich_table(report: Report) -> Table:
+    """The console table: one row per group, one section per context, best cells starred."""
     table = Table(title="mean ± 95% CI over seeds, ★ best in its block", title_justify="left")
     has_context = any(g.context for g in report.groups)
     if has_context:
@@ -360,6 +369,7 @@ def markdown(report: Report) -> str:
 
 
 def problem_lines(report: Report) -> list[str]:
+    """Markdown for failed, unreadable or interrupted jobs (with their errors) and unfinished ones."""
     lines = []
     if report.problems:
         lines += ["", "## Failed or incomplete jobs", "", "| job | status | error |", "|---|---|---|"]
@@ -373,6 +383,7 @@ def problem_lines(report: Report) -> list[str]:
 
 
 def relative(path: Path, root: Path) -> str:
+    """`path` relative to the sweep folder, for short job names."""
     return str(path.relative_to(root)) if path != root else "."
 
 
@@ -400,6 +411,7 @@ def series_label(group: Group) -> str:
 
 
 def error_bar(summary: Summary) -> float:
+    """The 95% half-width as an error bar; 0 where it is undefined (a single run)."""
     return 0.0 if math.isnan(summary.half_width) else summary.half_width
 
 
@@ -493,6 +505,7 @@ def write_report(sweep_dir: str | Path, console: Console | None = None) -> Repor
 
 
 def print_report(report: Report, console: Console) -> None:
+    """Table, verdicts, failures grouped by error, unfinished count and the files written."""
     console.rule(f"sweep report: {report.sweep_dir}")
     if report.groups:
         console.print(rich_table(report))

@@ -139,8 +139,8 @@ def unique_dir(base: str) -> str:
 OmegaConf.register_new_resolver("xentlab.unique_dir", unique_dir, use_cache=True, replace=True)
 
 
-def threads_per_job(launcher: DictConfig, cpu_count: int) -> int:
-    """torch intra-op threads for one job when `threads` is null, so parallel jobs share the cores.
+def threads_per_job(launcher: DictConfig, cpu_count: int, requested: int | None = None) -> int:
+    """torch intra-op threads for one job: `requested` (the `threads` key) if set, else automatic.
 
     joblib: cpu_count // jobs, with jobs = n_jobs, or cpu_count + 1 + n_jobs for negative n_jobs (joblib's
     rule, so the default -1 gives one thread per job); submitit: `cpus_per_task`, or 1 when unset (the
@@ -148,6 +148,10 @@ def threads_per_job(launcher: DictConfig, cpu_count: int) -> int:
     The models here are small enough that a second thread gains nothing, and on two busy cores it
     costs 15-20x per step (OpenMP threads wait for each other; see docs/benchmarks.md).
     """
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"threads must be a positive integer or null (automatic), got {requested!r}")
+        return requested
     if "n_jobs" in launcher:
         jobs = launcher.n_jobs if launcher.n_jobs > 0 else cpu_count + 1 + launcher.n_jobs
         return max(1, cpu_count // max(1, jobs))
@@ -164,13 +168,17 @@ def available_cpus() -> int:
 def sweep_value(record: dict, objective: str, *, must_be_finite: bool) -> float:
     """The value returned to the sweeper: the run's final `objective` metric, NaN when it is missing.
 
+    `hp/<m>` names the final `test/<m>` (the module's TensorBoard HParams metrics), so either name works.
     Sweepers that count failures themselves (Optuna) need an exception instead: hydra-optuna-sweeper 1.3
     on optuna 2.x crashes the whole study on a NaN return, but records a raised job as a failed trial.
     """
-    value = float(record["metrics"].get(objective, math.nan))
+    metrics = record["metrics"]
+    if objective.startswith("hp/") and objective not in metrics:
+        objective = "test/" + objective[len("hp/"):]
+    value = float(metrics.get(objective, math.nan))
     if must_be_finite and not math.isfinite(value):
         raise ValueError(f"objective {objective!r} is {value} for this run; "
-                         f"metrics it reported: {', '.join(sorted(record['metrics'])) or 'none'}")
+                         f"metrics it reported: {', '.join(sorted(metrics)) or 'none'}")
     return value
 
 
@@ -180,10 +188,7 @@ def main(cfg: DictConfig) -> float:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     logdir = Path(hydra_cfg.sweep.dir) if multirun else output_dir
-    if cfg.threads is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int)
-                                    or cfg.threads < 1):
-        raise ValueError(f"threads must be a positive integer or null (automatic), got {cfg.threads!r}")
-    torch.set_num_threads(cfg.threads or threads_per_job(hydra_cfg.launcher, available_cpus()))
+    torch.set_num_threads(threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads))
     print(f"[xentlab] logs: {output_dir}\n[xentlab] view: tensorboard --logdir {logdir}")
     overrides = list(hydra_cfg.overrides.task)
     raises_failures = "optuna" in str(hydra_cfg.sweeper.get("_target_", ""))
