@@ -28,7 +28,9 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def offending(path: Path, forbidden: tuple[str, ...]) -> list[str]:
-    return sorted(n for n in imported_modules(path) if any(n == f or n.startswith(f + ".") for f in forbidden))
+    return sorted(
+        n for n in imported_modules(path) if any(n == f or n.startswith(f + ".") for f in forbidden)
+    )
 
 
 CORE = sorted((PACKAGE / "kernels").glob("*.py")) + [PACKAGE / "functional.py", PACKAGE / "weights.py"]
@@ -38,7 +40,10 @@ CORE = sorted((PACKAGE / "kernels").glob("*.py")) + [PACKAGE / "functional.py", 
 def test_math_core_knows_no_framework_and_no_registry(path):
     if not path.exists():
         pytest.fail(f"{path} is missing")
-    assert offending(path, (*FRAMEWORKS, "xentlab.losses", "xentlab.module", "xentlab.train", "xentlab.data")) == []
+    assert (
+        offending(path, (*FRAMEWORKS, "xentlab.losses", "xentlab.module", "xentlab.train", "xentlab.data"))
+        == []
+    )
 
 
 def test_module_gets_its_loss_from_train_not_the_registry():
@@ -46,19 +51,29 @@ def test_module_gets_its_loss_from_train_not_the_registry():
 
 
 def test_report_reads_files_not_live_objects():
-    assert offending(PACKAGE / "report.py", ("xentlab.train", "xentlab.module", "xentlab.losses", "pytorch_lightning", "torch")) == []
+    assert (
+        offending(
+            PACKAGE / "report.py",
+            ("xentlab.train", "xentlab.module", "xentlab.losses", "pytorch_lightning", "torch"),
+        )
+        == []
+    )
 
 
 def test_only_the_triton_backend_imports_triton():
-    users = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if offending(p, ("triton",)))
+    users = sorted(
+        p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py") if offending(p, ("triton",))
+    )
     assert users == ["kernels/triton_xent.py"]
 
 
 def test_xentlab_imports_and_trains_on_a_machine_without_triton():
     # torch itself imports triton when it is installed, so hide it: a None entry makes every import fail.
-    code = ("import sys; sys.modules['triton'] = None; "
-            "import xentlab, xentlab.functional, xentlab.losses, xentlab.train, torch; "
-            "x = torch.randn(4, 3, requires_grad=True); "
-            "xentlab.functional.cross_entropy(x, torch.tensor([0, 1, 2, 0])).backward(); print('ok')")
+    code = (
+        "import sys; sys.modules['triton'] = None; "
+        "import xentlab, xentlab.functional, xentlab.losses, xentlab.train, torch; "
+        "x = torch.randn(4, 3, requires_grad=True); "
+        "xentlab.functional.cross_entropy(x, torch.tensor([0, 1, 2, 0])).backward(); print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

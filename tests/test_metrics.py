@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 import torchmetrics
 from sklearn import metrics as skm
@@ -148,8 +149,14 @@ def test_logit_gradient_norm_is_the_mean_per_sample_push_and_leaves_the_loss_alo
     model = torch.nn.Linear(3, 4)
     loss = torch.nn.CrossEntropyLoss()
     module = ClassifierModule(model, loss, task="multiclass", num_classes=4, optimizer=torch.optim.SGD)
-    module.log = lambda *args, **kwargs: None  # no trainer attached
+    module.log = lambda *args, **kwargs: None  # the trainer is never fitted, so nothing to log to
     x, y = torch.randn(16, 3), torch.randint(0, 4, (16,))
+    # The norm is recorded only on steps Lightning writes to the logger: with every 2nd step, not step 0.
+    module.trainer = pl.Trainer(log_every_n_steps=2, logger=False, enable_progress_bar=False)
+    module._step((x, y), "train").backward()
+    assert module._logit_grad_norm is None
+    module.trainer = pl.Trainer(log_every_n_steps=1, logger=False, enable_progress_bar=False)
+    model.zero_grad()
     value = module._step((x, y), "train")
     value.backward()
     expected = (torch.softmax(model(x), 1) - torch.nn.functional.one_hot(y, 4)).norm(dim=1).mean()

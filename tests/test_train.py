@@ -1,4 +1,4 @@
-"""The training spine: Hydra composition, an in-process run, the console script, a real multirun, bad input."""
+"""The training spine: Hydra composition, an in-process run, the console script, a multirun, bad input."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ TINY = ["data.n_samples=400", "model.hidden_sizes=[16]"]
 def run_cli(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("xentlab-train")
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_compose_and_train_in_process(tmp_path):
@@ -60,17 +62,21 @@ def test_multirun_names_job_folders_after_overrides(tmp_path):
     records = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/metrics.json"))
     # Hydra's override_dirname: the job's overrides sorted by key, so TensorBoard shows "...,seed=1".
     assert [p.parent.name for p in records] == [
-        f"data.n_samples=400,model.hidden_sizes=[16],seed={seed},trainer.max_epochs=1" for seed in (0, 1)]
+        f"data.n_samples=400,model.hidden_sizes=[16],seed={seed},trainer.max_epochs=1" for seed in (0, 1)
+    ]
     for record in records:
         assert json.loads(record.read_text())["status"] == "completed"
 
 
-@pytest.mark.parametrize(("override", "expected"), [
-    ("loss=nosuch", ["loss/nosuch", "ce"]),
-    ("data.n_samples=-5", ["n_samples", "-5"]),
-    ("data.imbalance_ratio=0.5", ["imbalance_ratio", "0.5"]),
-    ("model=nosuch", ["model/nosuch", "mlp", "linear"]),
-])
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("loss=nosuch", ["loss/nosuch", "ce"]),
+        ("data.n_samples=-5", ["n_samples", "-5"]),
+        ("data.imbalance_ratio=0.5", ["imbalance_ratio", "0.5"]),
+        ("model=nosuch", ["model/nosuch", "mlp", "linear"]),
+    ],
+)
 def test_bad_override_fails_fast_naming_the_problem(tmp_path, override, expected):
     result = run_cli([override, "trainer.max_epochs=1"], tmp_path, timeout=60)
     assert result.returncode != 0

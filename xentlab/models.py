@@ -9,7 +9,9 @@ from torch import nn
 MODELS = ("mlp", "linear")
 
 
-def mlp(in_features: int, num_outputs: int, hidden_sizes: Sequence[int] = (64, 64), dropout: float = 0.0) -> nn.Module:
+def mlp(
+    in_features: int, num_outputs: int, hidden_sizes: Sequence[int] = (64, 64), dropout: float = 0.0
+) -> nn.Module:
     """Fully connected network: (Linear → ReLU → Dropout) per hidden size, then a Linear to the logits."""
     if any(h < 1 for h in hidden_sizes):
         raise ValueError(f"model.hidden_sizes must be positive integers, got {list(hidden_sizes)}")
