@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 import torchmetrics
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
@@ -29,7 +32,7 @@ def fixed_predictions(n: int, c: int, seed: int, multilabel: bool = False):
 def computed(task, logits, target, chunks=3):
     metrics = StageMetrics(task, logits.shape[1], keep_predictions=True)
     for part_logits, part_target in zip(logits.chunk(chunks), target.chunk(chunks), strict=True):  # streaming
-        metrics.update(part_logits, part_target)
+        metrics.update(part_logits, part_target, torch.tensor(0.0))
     return metrics, metrics.compute()
 
 
@@ -107,10 +110,21 @@ def test_reset_forgets_the_previous_epoch():
     logits, target = fixed_predictions(200, 3, seed=2)
     metrics, first = computed("multiclass", logits, target)
     metrics.reset()
-    metrics.update(logits[:50], target[:50])
+    metrics.update(logits[:50], target[:50], torch.tensor(0.0))
     assert metrics.compute()["accuracy"] == pytest.approx(
         skm.accuracy_score(target[:50].numpy(), logits[:50].argmax(1).numpy()), abs=1e-6)
     assert len(metrics.predictions.compute()[1]) == 50
+
+
+def test_loss_is_the_sample_mean_over_uneven_batches_and_keeps_nan():
+    logits, target = fixed_predictions(100, 3, seed=3)
+    metrics = StageMetrics("multiclass", 3, full=False)
+    for batch in (slice(0, 10), slice(10, 100)):
+        metrics.update(logits[batch], target[batch], F.cross_entropy(logits[batch], target[batch]))
+    expected = F.cross_entropy(logits, target)
+    assert metrics.compute()["loss"] == pytest.approx(float(expected), rel=1e-6)
+    metrics.update(logits[:5], target[:5], torch.tensor(float("nan")))
+    assert math.isnan(metrics.compute()["loss"])
 
 
 def test_calibration_bins_are_left_closed_and_the_last_includes_one():

@@ -7,6 +7,7 @@ metrics of the HParams session written when testing ends. Conventions: docs/metr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytorch_lightning as pl
@@ -64,8 +65,7 @@ class ClassifierModule(pl.LightningModule):
         every = self.trainer.log_every_n_steps
         if logits.requires_grad and every and (self.global_step + 1) % every == 0:
             logits.register_hook(self._record_logit_grad)
-        self.metrics[f"{stage}_"].update(logits.detach(), y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
+        self.metrics[f"{stage}_"].update(logits.detach(), y, loss.detach())
         return loss
 
     def _record_logit_grad(self, grad: torch.Tensor) -> None:
@@ -101,7 +101,14 @@ class ClassifierModule(pl.LightningModule):
             writer.add_image("loss_curves", plots.to_image(self._loss_curves_figure()), 0, dataformats="HWC")
 
     def on_train_epoch_end(self) -> None:
-        self._log_stage("train")
+        loss = self._log_stage("train")["loss"]
+        # A diverged run would otherwise train on and report a broken model's metrics; in a sweep the
+        # error marks the job failed and the others go on. The epoch mean is NaN if any batch was, and
+        # checking it here, once per epoch, costs no per-step device sync.
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"train/loss is {loss} at epoch {self.current_epoch} (step {self.global_step}); "
+                "try a lower optimizer.lr or check the loss parameters")
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -132,7 +139,8 @@ class ClassifierModule(pl.LightningModule):
             writer.file_writer.add_summary(summary, self.global_step)
         writer.flush()
 
-    def _log_stage(self, stage: str, figures: bool = False) -> None:
+    def _log_stage(self, stage: str, figures: bool = False) -> dict[str, float]:
+        """Logs the stage's epoch metrics (and figures), resets them and returns the logged values."""
         metrics = self.metrics[f"{stage}_"]
         values = metrics.compute()
         minority = self._minority_class()
@@ -142,6 +150,7 @@ class ClassifierModule(pl.LightningModule):
         if figures:
             self._log_figures(stage, metrics)
         metrics.reset()
+        return values
 
     def _minority_class(self) -> int | None:
         """The training split's rarest class (label with the fewest positives), from the datamodule."""

@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from xentlab.callbacks import FiniteLossCheck
 from xentlab.data import build_datamodule
 from xentlab.losses import build_loss
 from xentlab.models import build_model
@@ -47,7 +46,7 @@ def build_run(cfg: DictConfig, output_dir: Path) \
                               optimizer=instantiate(cfg.optimizer), run_params=flat_params(cfg),
                               figure_every_n_epochs=cfg.figure_every_n_epochs)
     logger = TensorBoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
-    callbacks = [FiniteLossCheck()]
+    callbacks = []
     if cfg.trainer.get("enable_checkpointing", True):
         # last.ckpt, refreshed every epoch, is what `ckpt_path=last` resumes from.
         callbacks.append(ModelCheckpoint(dirpath=output_dir / CHECKPOINT_DIR, save_last=True))
