@@ -77,3 +77,11 @@ def test_xentlab_imports_and_trains_on_a_machine_without_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_hydra_entry_point_imports_neither_torch_nor_lightning():
+    # The process that launches a parallel sweep only composes configs and dispatches jobs; importing
+    # the training stack there would add ~5 s to every joblib sweep.
+    code = "import sys, xentlab.train; print(sorted({'torch', 'pytorch_lightning'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy import stats
 
-# Same name as xentlab.train.METRICS_FILE; not imported from there, which would pull Hydra and Lightning.
+# Same name as xentlab.train.METRICS_FILE; not imported from there, which would pull Hydra in.
 METRICS_FILE = "metrics.json"
 # Overrides that do not change what a run measures: the seed is what a group averages over.
 NOT_GROUPING = frozenset({"seed", "ckpt_path", "threads"})

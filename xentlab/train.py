@@ -12,21 +12,18 @@ import os
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import TensorBoardLogger
 
-from xentlab.data import build_datamodule
-from xentlab.losses import build_loss
-from xentlab.models import build_model
-from xentlab.module import ClassifierModule
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+    from xentlab.module import ClassifierModule
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -37,6 +34,17 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def build_run(cfg: DictConfig, output_dir: Path) \
         -> tuple[pl.Trainer, ClassifierModule, pl.LightningDataModule]:
     """Everything a run needs, built (and so validated) before the first training step."""
+    # Imported here, not at the top: the process that launches a parallel sweep never trains, and
+    # importing Lightning there would cost ~5 s of every joblib sweep (docs/benchmarks.md).
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from xentlab.data import build_datamodule
+    from xentlab.losses import build_loss
+    from xentlab.models import build_model
+    from xentlab.module import ClassifierModule
+
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(seed=cfg.seed, **cfg.data)
     loss = build_loss(**cfg.loss, task=datamodule.task, class_counts=datamodule.class_counts,
@@ -71,14 +79,20 @@ def flat_params(cfg: DictConfig) -> dict:
     return flat
 
 
-def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
+          threads: int | None = None) -> dict:
     """Fit on the training split, test on the held-out split, write `metrics.json`; return its content.
 
     With `ckpt_path=last` an interrupted run continues from `<output_dir>/checkpoints/last.ckpt` (global
     step, epoch, optimizer state and the TensorBoard curves carry on); a run whose `metrics.json` already
     says it completed `trainer.max_epochs` epochs is not trained again, so a resumed sweep redoes only
-    its unfinished jobs. `overrides` (the job's command-line overrides) are stored for the report.
+    its unfinished jobs. `overrides` (the job's command-line overrides) are stored for the report;
+    `threads`, if given, sets torch's intra-op threads first.
     """
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.ckpt_path == "last" and (done := finished_record(output_dir, cfg.trainer.max_epochs)) is not None:
@@ -187,12 +201,12 @@ def main(cfg: DictConfig) -> float:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     logdir = Path(hydra_cfg.sweep.dir) if multirun else output_dir
-    torch.set_num_threads(threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads))
+    threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
     print(f"[xentlab] logs: {output_dir}\n[xentlab] view: tensorboard --logdir {logdir}")
     overrides = list(hydra_cfg.overrides.task)
     raises_failures = "optuna" in str(hydra_cfg.sweeper.get("_target_", ""))
     try:
-        record = train(cfg, output_dir, overrides=overrides)
+        record = train(cfg, output_dir, overrides=overrides, threads=threads)
     except Exception as error:
         if not multirun:
             raise
