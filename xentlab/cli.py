@@ -45,7 +45,8 @@ def report_command(args: argparse.Namespace) -> int:
     try:
         write_report(args.sweep_dir)
     except ValueError as error:
-        Console(stderr=True).print(f"[red]xentlab report:[/] {error}")
+        # Not wrapped at the terminal width: the message holds a path to copy.
+        Console(stderr=True).print(f"[red]xentlab report:[/] {escape(str(error))}", soft_wrap=True)
         return 2
     return 0
 

@@ -122,10 +122,11 @@ class ClassifierModule(pl.LightningModule):
         self._log_stage("test", figures=True)
 
     def on_test_end(self) -> None:
-        # Per-class recalls would crowd the HParams table; loss values are not comparable across losses.
+        # Per-class recalls included: they are what a loss for imbalanced data is judged by. The loss
+        # value is left out, since values of different losses are not comparable.
         final = {f"hp/{name.removeprefix('test/')}": float(value)
                  for name, value in self.trainer.callback_metrics.items()
-                 if name.startswith("test/") and not name.startswith(("test/recall_class_", "test/loss"))}
+                 if name.startswith("test/") and name != "test/loss"}
         if self.logger is not None:
             self.logger.log_metrics(final, step=self.global_step)
         writer = self._writer()
