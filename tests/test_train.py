@@ -51,7 +51,11 @@ def test_console_script_writes_logs_and_metrics(tmp_path):
     assert result.returncode == 0, result.stderr
     (run_dir,) = list((tmp_path / "outputs").glob("*/*"))
     assert "tensorboard --logdir" in result.stdout and str(run_dir) in result.stdout
-    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "completed"
+    balanced = record["metrics"]["test/balanced_accuracy"]
+    assert f"[xentlab] completed: test balanced_accuracy {balanced:.3f}" in result.stdout
+    assert "litlogger" not in result.stdout + result.stderr  # Lightning's start-up chatter is off
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert (run_dir / ".hydra" / "config.yaml").exists()
 

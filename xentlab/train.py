@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
+SUMMARY = ("balanced_accuracy", "macro_f1", "minority_recall", "ece")  # printed when a run ends
 # conf/ sits beside the package in the repository (installed editable by the scripts).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -45,6 +48,7 @@ def build_run(cfg: DictConfig, output_dir: Path) \
     from xentlab.models import build_model
     from xentlab.module import ClassifierModule
 
+    quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(seed=cfg.seed, **cfg.data)
     loss = build_loss(**cfg.loss, task=datamodule.task, class_counts=datamodule.class_counts,
@@ -60,6 +64,15 @@ def build_run(cfg: DictConfig, output_dir: Path) \
         callbacks.append(ModelCheckpoint(dirpath=output_dir / CHECKPOINT_DIR, save_last=True))
     trainer = pl.Trainer(**cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
     return trainer, module, datamodule
+
+
+def quiet_lightning() -> None:
+    """Silences Lightning's start-up chatter, which every job of a sweep would repeat: accelerator
+    availability, a product tip, "Seed set to", and a deprecation warning its own code triggers in
+    recent torch (`LeafSpec`). Lightning's warnings about the run itself still show."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.seed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def flat_params(cfg: DictConfig) -> dict:
@@ -217,6 +230,9 @@ def main(cfg: DictConfig) -> float:
         if raises_failures:
             raise
         return math.nan
+    summary = ", ".join(f"{name} {record['metrics'][f'test/{name}']:.3f}" for name in SUMMARY
+                        if f"test/{name}" in record["metrics"])
+    print(f"[xentlab] {record['status']}: test {summary or 'not run'} ({output_dir / METRICS_FILE})")
     return sweep_value(record, cfg.objective, must_be_finite=multirun and raises_failures)
 
 
