@@ -156,6 +156,27 @@ def test_batches_are_slices_covering_each_sample_once_per_epoch():
 
 
 @settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 60), world_size=st.integers(1, 4), batch_size=st.integers(1, 9),
+       shuffle=st.booleans())
+def test_ddp_shards_are_disjoint_equal_and_cover_every_sample(n, world_size, batch_size, shuffle):
+    x, y = torch.arange(float(n)).reshape(n, 1), torch.arange(n)
+    shards = [TensorBatches(x, y, batch_size, shuffle, seed=3, rank=r, world_size=world_size)
+              for r in range(world_size)]
+    seen = [torch.cat([by for _, by in shard]).tolist() for shard in shards]
+    # Same number of batches on every process (DDP would hang otherwise), as __len__ says.
+    assert len({len(list(shard)) for shard in shards}) == 1 and all(len(s) == len(list(s)) for s in shards)
+    everything = sorted(sum(seen, []))
+    assert sorted(set(everything)) == list(range(n))  # every sample somewhere
+    assert len(everything) - n == -n % world_size  # repeated only to pad to a multiple of world_size
+    assert all(torch.equal(bx.flatten().long(), by) for shard in shards for bx, by in shard)
+
+
+def test_a_bad_rank_is_refused():
+    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size=2\), got 2"):
+        TensorBatches(torch.zeros(4, 1), torch.zeros(4), 2, False, 0, rank=2, world_size=2)
+
+
+@settings(max_examples=60, deadline=None)
 @given(n_samples=st.integers(10, 20000), n_classes=st.integers(2, 12), rho=st.integers(1, 200),
        profile=st.sampled_from(["exponential", "step"]))
 def test_long_tail_profile_holds_for_any_size(n_samples, n_classes, rho, profile):

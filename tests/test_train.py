@@ -88,3 +88,39 @@ def test_bad_override_fails_fast_naming_the_problem(tmp_path, override, expected
     for fragment in expected:
         assert fragment in output, f"{fragment!r} missing from:\n{output}"
     assert not list(tmp_path.glob("outputs/*/*/events.out.tfevents.*")), "training started despite bad input"
+
+
+def test_ddp_on_two_cpu_processes_shards_training_and_reports_global_metrics(tmp_path):
+    import torch
+    from sklearn.metrics import balanced_accuracy_score
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from xentlab.data import build_datamodule
+    from xentlab.models import build_model
+
+    overrides = [*TINY, "trainer.max_epochs=2", "trainer.log_every_n_steps=1"]
+    result = run_cli(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *overrides], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sync_dist" not in result.stderr  # epoch values are synced, and Lightning knows it
+    (run_dir,) = list((tmp_path / "outputs").glob("*/*"))
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "completed"
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    data = build_datamodule(seed=cfg.seed, **cfg.data)
+    # Each process ran its half of the training split: half the single-process steps per epoch.
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    per_process = -(-len(data.splits["train"][1]) // 2)
+    steps_per_epoch = -(-per_process // cfg.data.batch_size)
+    assert events.Scalars("train/logit_grad_norm")[-1].step == 2 * steps_per_epoch - 1
+    # Test metrics cover the whole test split, not one process's half: recompute from the final weights.
+    model = build_model(**cfg.model, in_features=data.num_features, num_outputs=data.num_classes)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    x, y = data.splits["test"]
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    expected = balanced_accuracy_score(y.numpy(), predicted.numpy())
+    assert record["metrics"]["test/balanced_accuracy"] == pytest.approx(expected, abs=1e-6)

@@ -311,7 +311,9 @@ class TensorDataModule(pl.LightningDataModule):
 
     def _batches(self, split_name: str, shuffle: bool):
         x, y = self.splits[split_name]
-        return TensorBatches(x, y, self.batch_size, shuffle, self.seed)
+        # Under DDP each process takes its own shard; alone (or without a trainer) it takes everything.
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return TensorBatches(x, y, self.batch_size, shuffle, self.seed, rank=rank, world_size=world_size)
 
     def train_dataloader(self):
         return self._batches("train", shuffle=True)
@@ -324,19 +326,35 @@ class TensorDataModule(pl.LightningDataModule):
 
 
 class TensorBatches:
-    """Iterable of (x, y) mini-batches sliced from whole tensors; reshuffled every epoch."""
+    """Iterable of (x, y) mini-batches sliced from whole tensors; reshuffled every epoch.
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int):
+    With `world_size` > 1 it yields shard `rank` only: samples rank, rank + world_size, ... of the
+    (shuffled) order, padded by wrapping around to a multiple of `world_size` as torch's
+    DistributedSampler does, so every process runs the same number of batches. The processes draw the
+    same permutation (same seed), so the shards are disjoint apart from that padding of at most
+    world_size - 1 samples.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int, *,
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
-        return -(-len(self.x) // self.batch_size)
+        per_process = -(-len(self.x) // self.world_size)
+        return -(-per_process // self.batch_size)
 
     def __iter__(self):
-        if self.shuffle:
+        if self.shuffle or self.world_size > 1:
             # One gather per epoch, then views: no per-sample Python work on the hot path.
-            order = torch.randperm(len(self.x), generator=self.generator)
+            order = (torch.randperm(len(self.x), generator=self.generator) if self.shuffle
+                     else torch.arange(len(self.x)))
+            if self.world_size > 1:
+                padded = -(-len(order) // self.world_size) * self.world_size
+                order = order.repeat(-(-padded // len(order)))[:padded][self.rank::self.world_size]
             x, y = self.x[order], self.y[order]
         else:
             x, y = self.x, self.y

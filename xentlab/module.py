@@ -147,7 +147,9 @@ class ClassifierModule(pl.LightningModule):
         minority = self._minority_class()
         if minority is not None and f"recall_class_{minority}" in values:
             values["minority_recall"] = values[f"recall_class_{minority}"]
-        self.log_dict({f"{stage}/{name}": value for name, value in values.items()})
+        # The values are already global (torchmetrics syncs in compute), so under DDP every process holds
+        # the same numbers; sync_dist only averages equal values, and tells Lightning they are synced.
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, sync_dist=True)
         if figures:
             self._log_figures(stage, metrics)
         metrics.reset()
