@@ -13,7 +13,7 @@ from numbers import Real
 
 import torch
 
-from xentlab.kernels import get_backend
+from xentlab.kernels import compute_dtype, get_backend
 
 Tensor = torch.Tensor
 
@@ -33,7 +33,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     _check_int("ignore_index", ignore_index)
     eps = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
     weight = _class_vector("weight", weight, n_classes, input)
-    target = _softmax_target(target, input, ignore_index, allow_probs=True)
+    target = _softmax_target(target, input, n_classes, ignore_index, allow_probs=True)
     out = get_backend(backend, input).cross_entropy(
         _rows(input), target, weight, ignore_index, reduction, eps)
     return _unflatten_rows(out, input, reduction)
@@ -49,7 +49,7 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, alpha: Tensor 
     _check_int("ignore_index", ignore_index)
     gamma = _check_real("gamma", gamma, 0.0, math.inf)
     alpha = _class_vector("alpha", alpha, n_classes, input)
-    target = _softmax_target(target, input, ignore_index, allow_probs=False)
+    target = _softmax_target(target, input, n_classes, ignore_index, allow_probs=False)
     out = get_backend(backend, input).focal_loss(_rows(input), target, gamma, alpha, ignore_index, reduction)
     return _unflatten_rows(out, input, reduction)
 
@@ -64,7 +64,7 @@ def mse_loss(input: Tensor, target: Tensor, ignore_index: int = -100, reduction:
     _check_int("ignore_index", ignore_index)
     if on not in MSE_TARGETS:
         raise ValueError(f"on must be one of {MSE_TARGETS}, got {on!r}")
-    target = _softmax_target(target, input, ignore_index, allow_probs=True)
+    target = _softmax_target(target, input, n_classes, ignore_index, allow_probs=True)
     out = get_backend(backend, input).mse_loss(_rows(input), target, ignore_index, reduction, on)
     if reduction != "none" or input.dim() == 2:
         return out
@@ -163,14 +163,10 @@ def _class_vector(name: str, value, n_classes: int, input: Tensor) -> Tensor | N
     if tuple(value.shape) != (n_classes,):
         raise ValueError(f"{name} must have shape (C,) = ({n_classes},), got {tuple(value.shape)}")
     _check_weights(name, value)
-    return value.to(device=input.device, dtype=_compute_dtype(input)).contiguous()
+    return value.to(device=input.device, dtype=compute_dtype(input.dtype)).contiguous()
 
 
-def _compute_dtype(input: Tensor) -> torch.dtype:
-    return torch.float64 if input.dtype == torch.float64 else torch.float32
-
-
-def _softmax_target(target, input: Tensor, ignore_index: int, allow_probs: bool) -> Tensor:
+def _softmax_target(target, input: Tensor, n_classes: int, ignore_index: int, allow_probs: bool) -> Tensor:
     """Validates class indices (shape of input without the class dim) or probabilities (input's shape/dtype)
     and returns them flattened like the input rows."""
     if not isinstance(target, Tensor):
@@ -187,7 +183,6 @@ def _softmax_target(target, input: Tensor, ignore_index: int, allow_probs: bool)
         raise ValueError(f"class-index target must have shape {tuple(index_shape)} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
     target = target.reshape(-1).to(torch.int64)
-    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
     if bool(bad.any()):
         raise ValueError(f"target contains class index {target[bad][0].item()}, outside [0, {n_classes}) "
@@ -238,7 +233,7 @@ def _elementwise_weight(weight, input: Tensor) -> Tensor | None:
         raise ValueError(f"weight of shape {tuple(weight.shape)} does not broadcast to input shape "
                          f"{tuple(input.shape)}")
     _check_weights("weight", weight)
-    weight = weight.to(device=input.device, dtype=_compute_dtype(input))
+    weight = weight.to(device=input.device, dtype=compute_dtype(input.dtype))
     return weight if input.dim() == 2 else _elements(weight.expand(input.shape))
 
 
@@ -253,7 +248,7 @@ def _pos_weight(pos_weight, input: Tensor) -> Tensor | None:
         raise ValueError(f"pos_weight must be a scalar or have shape ({n_labels},) (the input's last "
                          f"dimension), got {tuple(pos_weight.shape)}")
     _check_weights("pos_weight", pos_weight)
-    pos_weight = pos_weight.to(device=input.device, dtype=_compute_dtype(input))
+    pos_weight = pos_weight.to(device=input.device, dtype=compute_dtype(input.dtype))
     return pos_weight.reshape(-1).expand(n_labels).contiguous()
 
 

@@ -7,6 +7,7 @@ Triton is imported only when the Triton backend is actually chosen, so importing
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from types import ModuleType
@@ -16,6 +17,12 @@ import torch
 BACKENDS = ("auto", "fused", "triton", "reference")
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend does its arithmetic in: float64 for float64 inputs, float32 for the rest."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.cache  # find_spec searches sys.path on disk; the answer does not change within a process
 def triton_available() -> bool:
     """True when the `triton` package can be imported; it is located, not imported, to keep imports lazy."""
     return importlib.util.find_spec("triton") is not None

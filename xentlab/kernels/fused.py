@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from xentlab.kernels import compute_dtype
+
 Tensor = torch.Tensor
 
 # Elements per row chunk: large enough that per-op overhead (dispatch, waking the intra-op threads) is small
@@ -32,10 +34,6 @@ _MIN_CHUNK_ELEMS = 1 << 16
 # Below this many classes PyTorch's row-softmax kernel is dominated by per-row overhead; compose it instead.
 _SMALL_C = 64
 _local = threading.local()
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _workspace(slots: int, elems: int, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
@@ -67,7 +65,7 @@ class _FusedLoss(torch.autograd.Function):
             if reduction != "none":
                 loss = loss.sum() / kernel.denominator() if reduction == "mean" else loss.sum()
             return loss.to(input.dtype)
-        cdt = _compute_dtype(input.dtype)
+        cdt = compute_dtype(input.dtype)
         denominator = kernel.denominator().to(cdt) if reduction == "mean" else None
         if denominator is None:
             scale = torch.ones((), dtype=cdt, device=input.device)
@@ -91,7 +89,7 @@ def _input_gradient(ctx, grad_output: Tensor) -> Tensor:
     (saved,) = ctx.saved_tensors
     if ctx.reduction == "none":
         grad = torch.empty_like(saved)
-        _sweep(ctx.kernel, saved, grad_output.to(_compute_dtype(saved.dtype)), grad)
+        _sweep(ctx.kernel, saved, grad_output.to(compute_dtype(saved.dtype)), grad)
         return grad
     if bool(grad_output == 1):
         return saved
@@ -116,7 +114,7 @@ def _sweep(kernel, x: Tensor, scale: Tensor | None, grad: Tensor | None) -> Tens
     """Runs `kernel.chunk` over row chunks. Without `scale` it returns the full loss ((N,) per row or (N, C)
     per element); with `scale` it writes scale * gradient into `grad` and returns the summed loss."""
     n, c = x.shape
-    cdt = _compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     step = max(1, min(_CHUNK_ELEMS, max(_MIN_CHUNK_ELEMS, n * c // 4)) // c)
     convert = x.dtype != cdt
     in_place = grad is not None and grad.dtype == cdt  # the gradient is computed right in its final place
@@ -266,7 +264,7 @@ class _SoftmaxProbs:
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
     """Cross-entropy with PyTorch's semantics (index or probability targets, weight, ignore_index, label
     smoothing): l_i = (1-eps) w[y_i] (lse_i - x_iy) + (eps/C) sum_c w_c (lse_i - x_ic); see LOSSES.md."""
-    cdt = _compute_dtype(input.dtype)
+    cdt = compute_dtype(input.dtype)
     weight = None if weight is None else weight.to(cdt)
     if target.dtype.is_floating_point:
         kernel = _SoftmaxProbs(target, weight, label_smoothing)
@@ -278,7 +276,7 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
 def focal_loss(input, target, gamma, alpha, ignore_index, reduction):
     """Softmax focal loss l_i = -a[y_i] (1 - p_iy)^gamma log p_iy, `mean` over the sum of a[y_i]; the
     gradient is s_i (p_i - onehot(y_i)) with s_i = a[y_i] [(1-pt)^g - g pt (1-pt)^(g-1) log pt]."""
-    cdt = _compute_dtype(input.dtype)
+    cdt = compute_dtype(input.dtype)
     alpha = None if alpha is None else alpha.to(cdt)
     kernel = _index_kernel(target, alpha, ignore_index, 0.0, float(gamma), cdt)
     return _FusedLoss.apply(input, kernel, reduction)
@@ -376,7 +374,7 @@ class _Bce:
 
 def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):
     """PyTorch's BCE-with-logits, l = -w [pw t log sigmoid(x) + (1-t) log sigmoid(-x)], mean over elements."""
-    cdt = _compute_dtype(input.dtype)
+    cdt = compute_dtype(input.dtype)
     weight = None if weight is None else weight.to(cdt)
     pos_weight = None if pos_weight is None else pos_weight.to(cdt)
     return _FusedLoss.apply(input, _Bce(target, weight, pos_weight), reduction)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from xentlab.kernels import compute_dtype
+
 Tensor = torch.Tensor
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _reduce(loss: Tensor, reduction: str, denominator: Tensor | float) -> Tensor:
@@ -25,7 +23,7 @@ def _reduce(loss: Tensor, reduction: str, denominator: Tensor | float) -> Tensor
 
 def _index_rows(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int):
     """log_softmax, the valid-row mask, class indices with ignored rows sent to 0, and w[y] (0 if ignored)."""
-    logp = torch.log_softmax(x.to(_compute_dtype(x)), dim=1)
+    logp = torch.log_softmax(x.to(compute_dtype(x.dtype)), dim=1)
     valid = target != ignore_index
     y = torch.where(valid, target, 0)
     w_y = valid.to(logp.dtype) if weight is None else weight.to(logp.dtype)[y] * valid
@@ -48,7 +46,7 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
 
 
 def _cross_entropy_probs(input, target, weight, reduction, label_smoothing):
-    logp = torch.log_softmax(input.to(_compute_dtype(input)), dim=1)
+    logp = torch.log_softmax(input.to(compute_dtype(input.dtype)), dim=1)
     smoothed = target.to(logp.dtype) * (1 - label_smoothing) + label_smoothing / logp.shape[1]
     if weight is not None:
         smoothed = smoothed * weight.to(logp.dtype)
@@ -71,7 +69,7 @@ def focal_loss(input, target, gamma, alpha, ignore_index, reduction):
 def mse_loss(input, target, ignore_index, reduction, on):
     """Squared error between softmax(x) (on="probs") or x (on="logits") and the one-hot or probability target;
     ignored rows are zero and `mean` divides by (non-ignored rows) * C."""
-    x = input.to(_compute_dtype(input))
+    x = input.to(compute_dtype(input.dtype))
     pred = torch.softmax(x, dim=1) if on == "probs" else x
     if target.dtype.is_floating_point:
         goal, valid = target.to(x.dtype), torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
@@ -84,7 +82,7 @@ def mse_loss(input, target, ignore_index, reduction, on):
 
 def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):
     """l = -weight [pos_weight t log sigmoid(x) + (1-t) log sigmoid(-x)], the mean taken over all elements."""
-    x = input.to(_compute_dtype(input))
+    x = input.to(compute_dtype(input.dtype))
     t = target.to(x.dtype)
     positive = t * F.logsigmoid(x)
     if pos_weight is not None:
@@ -98,7 +96,7 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
 def sigmoid_focal_loss(input, target, alpha, gamma, reduction):
     """torchvision.ops.sigmoid_focal_loss, written out: ce * (1 - p_t)^gamma * alpha_t with
     p_t = p t + (1-p)(1-t) and alpha_t = alpha t + (1-alpha)(1-t) (alpha < 0 disables it)."""
-    x = input.to(_compute_dtype(input))
+    x = input.to(compute_dtype(input.dtype))
     t = target.to(x.dtype)
     p = torch.sigmoid(x)
     ce_loss = F.binary_cross_entropy_with_logits(x, t, reduction="none")

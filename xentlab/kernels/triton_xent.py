@@ -65,6 +65,8 @@ import torch
 import triton
 import triton.language as tl
 
+from xentlab.kernels import compute_dtype
+
 Tensor = torch.Tensor
 
 _INTERPRETED = bool(triton.knobs.runtime.interpret)
@@ -446,8 +448,8 @@ def _sigmoid_family_kernel(
     else:
         ce = t * sp_neg + (1.0 - t) * sp_pos
         base = p * (1.0 - t) + q * t  # 1 - p_t
-        focus = _pow(base, _param(gamma_hi, gamma_lo, ACC))
         gamma = _param(gamma_hi, gamma_lo, ACC)
+        focus = _pow(base, gamma)
         # d(1-p_t)/dx = (1-2t) p q; base^(gamma-1) = focus / base, and the term vanishes where base == 0
         tail = tl.where(base > 0.0, focus / tl.where(base > 0.0, base, 1.0), 0.0)
         loss = ce * focus
@@ -510,10 +512,6 @@ def _acc(x: Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
-def _acc_torch(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _warps(tile: int) -> int:
     # about 16 elements per thread: more costs registers (spills at small C), fewer costs bytes in flight
     return min(16, max(4, tile // 512))
@@ -573,7 +571,7 @@ def _denominator(x: Tensor, target: Tensor, weight: Tensor | None,
     n = target.shape[0]
     block = max(1024, triton.next_power_of_2(triton.cdiv(n, 1024)))
     parts = triton.cdiv(n, block)
-    out = torch.empty(parts, dtype=_acc_torch(x), device=x.device)
+    out = torch.empty(parts, dtype=compute_dtype(x.dtype), device=x.device)
     _launch(_denominator_kernel, (parts,), 4, target, target.stride(0), target if weight is None else weight,
             out, n, ignore_index, HAS_WEIGHT=weight is not None, BLOCK=block, ACC=_acc(x))
     return out, parts, triton.next_power_of_2(parts)
@@ -655,10 +653,26 @@ def _saved_gradient(ctx, x: Tensor, grad: Tensor, spec: _Spec) -> None:
     if spec.inplace:
         torch.autograd.graph.increment_version(x)
     ctx.save_for_backward(grad)
-    ctx.applied = torch.ones((), dtype=_acc_torch(x), device=x.device)
+    ctx.applied = torch.ones((), dtype=compute_dtype(x.dtype), device=x.device)
 
 
 # ----------------------------------------------------------------------------------------- autograd glue
+
+
+def _backward(ctx, grad_output: Tensor, launch) -> Tensor:
+    """The gradient w.r.t. the logits. reduction="none": `launch` again over the saved (x, target, ...)
+    with grad_output as the upstream; otherwise the gradient saved by the forward, rescaled."""
+    spec = ctx.spec
+    if spec.reduction == "none":
+        x = ctx.saved_tensors[0]
+        grad = x if spec.inplace else torch.empty_like(x)
+        launch(*ctx.saved_tensors, spec, grad=grad, upstream=grad_output)
+        if spec.inplace:
+            torch.autograd.graph.increment_version(x)
+        return grad
+    (grad,) = ctx.saved_tensors
+    _rescale(grad, grad_output, ctx.applied)
+    return grad
 
 
 class _SoftmaxFamily(torch.autograd.Function):
@@ -674,24 +688,14 @@ class _SoftmaxFamily(torch.autograd.Function):
             ctx.save_for_backward(x, target, weight)
             return loss
         grad = x if spec.inplace else torch.empty_like(x)
-        parts = torch.empty(_softmax_launch(x)[1], dtype=_acc_torch(x), device=x.device)
+        parts = torch.empty(_softmax_launch(x)[1], dtype=compute_dtype(x.dtype), device=x.device)
         _launch_softmax(x, target, weight, spec, grad=grad, loss=parts, loss_out=_OUT_PARTIAL)
         _saved_gradient(ctx, x, grad, spec)
         return _scalar_loss(parts, n, spec.reduction, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        spec = ctx.spec
-        if spec.reduction == "none":
-            x, target, weight = ctx.saved_tensors
-            grad = x if spec.inplace else torch.empty_like(x)
-            _launch_softmax(x, target, weight, spec, grad=grad, upstream=grad_output)
-            if spec.inplace:
-                torch.autograd.graph.increment_version(x)
-            return grad, None, None, None
-        (grad,) = ctx.saved_tensors
-        _rescale(grad, grad_output, ctx.applied)
-        return grad, None, None, None
+        return _backward(ctx, grad_output, _launch_softmax), None, None, None
 
 
 class _SigmoidFamily(torch.autograd.Function):
@@ -705,24 +709,14 @@ class _SigmoidFamily(torch.autograd.Function):
             return loss
         grad = x if spec.inplace else torch.empty_like(x)
         grid, _, _ = _sigmoid_grid(*x.shape)
-        parts = torch.zeros(grid[0] * grid[1], dtype=_acc_torch(x), device=x.device)
+        parts = torch.zeros(grid[0] * grid[1], dtype=compute_dtype(x.dtype), device=x.device)
         _launch_sigmoid(x, target, weight, pos_weight, spec, grad=grad, loss=parts, loss_out=_OUT_PARTIAL)
         _saved_gradient(ctx, x, grad, spec)
         return _scalar_loss(parts, x.numel(), spec.reduction, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        spec = ctx.spec
-        if spec.reduction == "none":
-            x, target, weight, pos_weight = ctx.saved_tensors
-            grad = x if spec.inplace else torch.empty_like(x)
-            _launch_sigmoid(x, target, weight, pos_weight, spec, grad=grad, upstream=grad_output)
-            if spec.inplace:
-                torch.autograd.graph.increment_version(x)
-            return grad, None, None, None, None
-        (grad,) = ctx.saved_tensors
-        _rescale(grad, grad_output, ctx.applied)
-        return grad, None, None, None, None
+        return _backward(ctx, grad_output, _launch_sigmoid), None, None, None, None
 
 
 def _apply_softmax(x, target, weight, spec: _Spec, inplace_backward):
