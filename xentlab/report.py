@@ -84,6 +84,9 @@ class Summary:
         return f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f}"
 
 
+NO_RUNS = Summary(math.nan, math.nan, math.nan, 0)  # a metric no run recorded
+
+
 @dataclass
 class Group:
     """Completed runs sharing every grouping override; `label` shows only the overrides that vary."""
@@ -153,7 +156,7 @@ def summarize(values) -> Summary:
     values = [float(v) for v in values if math.isfinite(v)]
     n = len(values)
     if n == 0:
-        return Summary(math.nan, math.nan, math.nan, 0)
+        return NO_RUNS
     mean = sum(values) / n
     if n < 2:
         return Summary(mean, math.nan, math.nan, 1)
@@ -199,10 +202,14 @@ def run_settings(runs: list[Run]) -> list[dict]:
         settings = [dict(o.lstrip("+~").partition("=")[::2] for o in run.overrides) for run in runs]
     else:
         flat = [flatten(run.config) for run in runs]
-        keys = sorted({k for f in flat for k in f})
-        varying = [k for k in keys if len({f.get(k) for f in flat}) > 1]
-        settings = [{k: f.get(k, "-") for k in varying} for f in flat]
+        settings = [{k: f.get(k, "-") for k in varying_keys(flat)} for f in flat]
     return [{k: v for k, v in s.items() if k not in NOT_GROUPING} for s in settings]
+
+
+def varying_keys(dicts: list[dict]) -> list[str]:
+    """The keys, sorted, whose value (None where missing) is not the same in every dict."""
+    keys = sorted({k for d in dicts for k in d})
+    return [k for k in keys if len({d.get(k) for d in dicts}) > 1]
 
 
 def is_loss_key(key: str) -> bool:
@@ -215,8 +222,7 @@ def layout(settings: list[dict]) -> tuple[list[str], list[str]]:
 
     When no loss setting varies, every varying key is a contender and there is a single context.
     """
-    keys = sorted({k for s in settings for k in s})
-    varying = [k for k in keys if len({s.get(k) for s in settings}) > 1]
+    varying = varying_keys(settings)
     contenders = [k for k in varying if is_loss_key(k)]
     if not contenders:
         return varying, []
@@ -398,7 +404,7 @@ def write_csv(report: Report, path: Path) -> Path:
         for g in report.groups:
             values = []
             for m in names:
-                s = g.stats.get(m, Summary(math.nan, math.nan, math.nan, 0))
+                s = g.stats.get(m, NO_RUNS)
                 values += [s.mean, s.half_width, s.std, s.n]
             settings = [g.settings.get(k, "") for k in keys]
             writer.writerow([g.context, g.label, *settings, len(g.runs), *values])
@@ -466,7 +472,7 @@ def plot_class_recall(report: Report, path: Path) -> Path | None:
     for ax, (context, block) in zip(axes, blocks.items(), strict=True):
         width = 0.8 / len(block)
         for i, g in enumerate(block):
-            summaries = [g.stats.get(f"test/recall_class_{c}", Summary(math.nan, math.nan, math.nan, 0))
+            summaries = [g.stats.get(f"test/recall_class_{c}", NO_RUNS)
                          for c in classes]
             ax.bar([c - 0.4 + width * (i + 0.5) for c in classes], [s.mean for s in summaries], width,
                    yerr=[error_bar(s) for s in summaries], capsize=2,

@@ -185,9 +185,9 @@ def instantiate_loss(cls: type, params: Mapping, hooks: Mapping | None = None, *
     constructor's own, vaguer error)."""
     label = label or _qualname(cls)
     params = dict(params)
-    declared = hook_keywords(cls)
-    params.update({k: v for k, v in (hooks or {}).items() if k in declared and v is not None})
     accepted, open_ended = constructor_parameters(cls)
+    params.update({k: v for k, v in (hooks or {}).items()
+                   if k in HOOK_KEYWORDS and k in accepted and v is not None})
     for key in params:
         if key not in accepted and not open_ended:
             close = difflib.get_close_matches(key, list(accepted), n=1)
