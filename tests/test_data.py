@@ -155,6 +155,16 @@ def test_batches_are_slices_covering_each_sample_once_per_epoch():
     assert len(shuffled) == 3
 
 
+def test_validation_and_test_batches_take_the_eval_batch_size():
+    datamodule = build_datamodule("classification", n_samples=1000, batch_size=32, eval_batch_size=150)
+    assert {len(y) for _, y in datamodule.train_dataloader()} == {32, len(datamodule.splits["train"][1]) % 32}
+    for loader, split_name in ((datamodule.val_dataloader(), "val"), (datamodule.test_dataloader(), "test")):
+        assert [len(y) for _, y in loader][0] == 150
+        assert sum(len(y) for _, y in loader) == len(datamodule.splits[split_name][1])
+    default = build_datamodule("classification", n_samples=1000, batch_size=32)
+    assert {len(y) for _, y in default.val_dataloader()} <= {32, len(default.splits["val"][1]) % 32}
+
+
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 60), world_size=st.integers(1, 4), batch_size=st.integers(1, 9),
        shuffle=st.booleans())
@@ -207,6 +217,7 @@ def test_counts_for_total_anchors_on_the_minority():
     ("multilabel", {"label_noise": 0.1}, ["label_noise", "multilabel"]),
     ("multilabel", {"n_samples": 50, "min_class_samples": 30}, ["n_samples=50", "min_class_samples=30"]),
     ("classification", {"label_noise": 1.5}, ["label_noise", "1.5"]),
+    ("classification", {"eval_batch_size": 0}, ["data.eval_batch_size", "0"]),
     ("imagenet", {}, ["imagenet", "classification", "digits"]),
 ])
 def test_invalid_parameters_fail_before_training_saying_why(name, params, fragments):

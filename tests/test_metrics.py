@@ -10,12 +10,13 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from pytorch_lightning.loggers import TensorBoardLogger
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from xentlab import functional as xF
 from xentlab import plots
-from xentlab.metrics import N_BINS, StageMetrics, bin_index, loss_curve, per_label
+from xentlab.metrics import N_BINS, StageMetrics, bin_index, loss_curve, per_label, probabilities
 from xentlab.module import ClassifierModule
 
 
@@ -29,8 +30,8 @@ def fixed_predictions(n: int, c: int, seed: int, multilabel: bool = False):
     return logits + 1.5 * torch.nn.functional.one_hot(target, c), target
 
 
-def computed(task, logits, target, chunks=3):
-    metrics = StageMetrics(task, logits.shape[1], keep_predictions=True)
+def computed(task, logits, target, chunks=3, hold_elements=1 << 20):
+    metrics = StageMetrics(task, logits.shape[1], keep_predictions=True, hold_elements=hold_elements)
     for part_logits, part_target in zip(logits.chunk(chunks), target.chunk(chunks), strict=True):  # streaming
         metrics.update(part_logits, part_target, torch.tensor(0.0))
     return metrics, metrics.compute()
@@ -106,6 +107,24 @@ def test_confusion_matrix_agrees_with_sklearn(task, c):
     np.testing.assert_array_equal(matrix, expected)
 
 
+@pytest.mark.parametrize(("task", "c"), [("multiclass", 4), ("multilabel", 3)])
+def test_folding_batches_early_changes_no_value_and_bounds_what_is_held(task, c):
+    logits, target = fixed_predictions(300, c, seed=6, multilabel=task == "multilabel")
+    _, held = computed(task, logits, target, chunks=10)
+    hold = 2 * 30 * c  # two of the ten batches
+    metrics = StageMetrics(task, c, keep_predictions=True, hold_elements=hold)
+    for part_logits, part_target in zip(logits.chunk(10), target.chunk(10), strict=True):
+        metrics.update(part_logits, part_target, torch.tensor(0.0))
+        assert metrics._held_elements < hold
+    folded = metrics.compute()
+    assert folded.keys() == held.keys()
+    for name in held:
+        assert folded[name] == pytest.approx(held[name], rel=1e-6, abs=1e-9), name
+    probs, kept_target = metrics.kept_predictions()
+    np.testing.assert_allclose(probs.numpy(), probabilities(logits, task).numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(kept_target.numpy(), target.numpy())
+
+
 def test_reset_forgets_the_previous_epoch():
     logits, target = fixed_predictions(200, 3, seed=2)
     metrics, first = computed("multiclass", logits, target)
@@ -113,7 +132,7 @@ def test_reset_forgets_the_previous_epoch():
     metrics.update(logits[:50], target[:50], torch.tensor(0.0))
     assert metrics.compute()["accuracy"] == pytest.approx(
         skm.accuracy_score(target[:50].numpy(), logits[:50].argmax(1).numpy()), abs=1e-6)
-    assert len(metrics.predictions.compute()[1]) == 50
+    assert len(metrics.kept_predictions()[1]) == 50
 
 
 def test_loss_is_the_sample_mean_over_uneven_batches_and_keeps_nan():
@@ -158,18 +177,21 @@ def test_per_label_turns_softmax_losses_into_their_sigmoid_forms():
     torch.testing.assert_close(grads, 1 - p, atol=1e-5, rtol=1e-5)  # d(-log sigmoid x)/dx per label
 
 
-def test_logit_gradient_norm_is_the_mean_per_sample_push_and_leaves_the_loss_alone():
+def test_logit_gradient_norm_is_the_mean_per_sample_push_and_leaves_the_loss_alone(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 4)
     loss = torch.nn.CrossEntropyLoss()
     module = ClassifierModule(model, loss, task="multiclass", num_classes=4, optimizer=torch.optim.SGD)
-    module.log = lambda *args, **kwargs: None  # the trainer is never fitted, so nothing to log to
     x, y = torch.randn(16, 3), torch.randint(0, 4, (16,))
     # The norm is recorded only on steps Lightning writes to the logger: with every 2nd step, not step 0.
-    module.trainer = pl.Trainer(log_every_n_steps=2, logger=False, enable_progress_bar=False)
+    logger = TensorBoardLogger(tmp_path)
+    module.trainer = pl.Trainer(log_every_n_steps=2, logger=logger, enable_progress_bar=False)
     module._step((x, y), "train").backward()
     assert module._logit_grad_norm is None
     module.trainer = pl.Trainer(log_every_n_steps=1, logger=False, enable_progress_bar=False)
+    module._step((x, y), "train").backward()
+    assert module._logit_grad_norm is None  # nothing to log it to
+    module.trainer = pl.Trainer(log_every_n_steps=1, logger=logger, enable_progress_bar=False)
     model.zero_grad()
     value = module._step((x, y), "train")
     value.backward()

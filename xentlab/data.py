@@ -280,13 +280,15 @@ class TensorDataModule(pl.LightningDataModule):
     """Train/val/test splits held as tensors; batches are slices of a shuffled index, no per-item collate."""
 
     def __init__(self, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], task: str, num_classes: int,
-                 batch_size: int = 128, seed: int = 0, name: str = ""):
+                 batch_size: int = 128, seed: int = 0, name: str = "", eval_batch_size: int | None = None):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         _check_positive_int("batch_size", batch_size)
+        _check_positive_int("eval_batch_size", eval_batch_size)
         self.splits, self.task, self.num_classes, self.name = splits, task, num_classes, name
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
         self.num_features = splits["train"][0].shape[1]
 
     def counts(self, split: str) -> torch.Tensor:
@@ -309,20 +311,20 @@ class TensorDataModule(pl.LightningDataModule):
                         + " ".join(f"{n:>6}" for n in self.counts(split_name).tolist()))
         return "\n".join(rows)
 
-    def _batches(self, split_name: str, shuffle: bool):
+    def _batches(self, split_name: str, batch_size: int, shuffle: bool):
         x, y = self.splits[split_name]
         # Under DDP each process takes its own shard; alone (or without a trainer) it takes everything.
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return TensorBatches(x, y, self.batch_size, shuffle, self.seed, rank=rank, world_size=world_size)
+        return TensorBatches(x, y, batch_size, shuffle, self.seed, rank=rank, world_size=world_size)
 
     def train_dataloader(self):
-        return self._batches("train", shuffle=True)
+        return self._batches("train", self.batch_size, shuffle=True)
 
     def val_dataloader(self):
-        return self._batches("val", shuffle=False)
+        return self._batches("val", self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self):
-        return self._batches("test", shuffle=False)
+        return self._batches("test", self.eval_batch_size, shuffle=False)
 
 
 class TensorBatches:
@@ -363,11 +365,13 @@ class TensorBatches:
 
 
 def build_datamodule(name: str, *, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2,
-                     batch_size: int = 128, label_noise: float = 0.0, **params) -> TensorDataModule:
+                     batch_size: int = 128, eval_batch_size: int | None = None, label_noise: float = 0.0,
+                     **params) -> TensorDataModule:
     """The dataset `name` (a key of DATASETS) generated with `params`, split, scaled and batched.
 
-    `label_noise` > 0 flips that fraction of the *training* labels to another class (`flip_labels`);
-    val and test stay clean, and `class_counts` reports the noisy training counts the loss sees.
+    Training batches hold `batch_size` samples; validation and test batches `eval_batch_size` (default:
+    the same). `label_noise` > 0 flips that fraction of the *training* labels to another class
+    (`flip_labels`); val and test stay clean, and `class_counts` reports the noisy training counts.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
@@ -376,7 +380,8 @@ def build_datamodule(name: str, *, seed: int = 0, val_fraction: float = 0.2, tes
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise TypeError(f"dataset {name!r} has no parameter(s) {', '.join(unknown)}; it takes: "
-                        f"{', '.join(sorted(accepted))} (plus seed, val_fraction, test_fraction, batch_size"
+                        f"{', '.join(sorted(accepted))} (plus seed, val_fraction, test_fraction, batch_size, "
+                        "eval_batch_size"
                         f"{', label_noise' if task != 'multilabel' else ''})")
     x, y = make(seed=seed, **params)
     num_classes = int(y.shape[1]) if y.ndim == 2 else int(y.max()) + 1
@@ -387,6 +392,7 @@ def build_datamodule(name: str, *, seed: int = 0, val_fraction: float = 0.2, tes
         x_train, y_train = splits["train"]
         splits["train"] = (x_train, flip_labels(y_train, label_noise, num_classes, seed))
     check_splits(splits, task, num_classes)
-    datamodule = TensorDataModule(splits, task, num_classes, batch_size=batch_size, seed=seed, name=name)
+    datamodule = TensorDataModule(splits, task, num_classes, batch_size=batch_size, seed=seed, name=name,
+                                  eval_batch_size=eval_batch_size)
     log.info("%s", datamodule.describe())
     return datamodule
