@@ -9,7 +9,10 @@
    size and epochs: train steps, a validation pass (loss + accuracy) per epoch and a test pass. Both
    sides build their data and model inside the timed region. Best of `--repeats` alternating runs, after
    one untimed warm-up of each, since the minimum is the figure least disturbed by other processes.
-   Prints xentlab / bare. `--threads` (default 1, as in xentlab's own runs) sets torch's threads here.
+   Prints xentlab / bare. As the third anchor, Lightning's own floor: a LightningModule that only
+   applies the loss (no metrics, logging, figures or checkpoints), fitted and tested by a Trainer with
+   the run's settings on the same data. `--threads` (default 1, as in xentlab's own runs) sets torch's
+   threads here.
 2. Sweeps. `xentlab-train -m experiment=compare_losses` (18 jobs) as a subprocess with the basic
    (sequential) launcher and with `hydra/launcher=joblib`: wall time of the whole command, report
    included, best of `--sweep-repeats` alternating runs, with the CPU time the command used.
@@ -27,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -36,7 +40,7 @@ from rich.table import Table
 from xentlab.data import build_datamodule
 from xentlab.losses import build_loss
 from xentlab.models import build_model
-from xentlab.train import CONFIG_DIR, available_cpus, train
+from xentlab.train import CONFIG_DIR, available_cpus, quiet_lightning, train
 
 
 def config(samples: int, epochs: int):
@@ -45,14 +49,20 @@ def config(samples: int, epochs: int):
                        overrides=[f"data.n_samples={samples}", f"trainer.max_epochs={epochs}"])
 
 
-def bare_loop(cfg) -> float:
-    """Seconds for the plain-PyTorch equivalent of one xentlab run (data and model built inside)."""
-    started = time.perf_counter()
+def parts(cfg):
+    """The run's data module, loss and model, built as xentlab builds them."""
     torch.manual_seed(cfg.seed)
     data = build_datamodule(seed=cfg.seed, **cfg.data)
     loss_fn = build_loss(**cfg.loss, task=data.task, class_counts=data.class_counts,
                          num_examples=len(data.splits["train"][1]))
     model = build_model(**cfg.model, in_features=data.num_features, num_outputs=data.num_classes)
+    return data, loss_fn, model
+
+
+def bare_loop(cfg) -> float:
+    """Seconds for the plain-PyTorch equivalent of one xentlab run (data and model built inside)."""
+    started = time.perf_counter()
+    data, loss_fn, model = parts(cfg)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     for _ in range(cfg.trainer.max_epochs):
         model.train()
@@ -78,6 +88,41 @@ def evaluate(model, loss_fn, batches) -> tuple[float, float]:
     return total / seen, correct / seen
 
 
+class LossOnly(pl.LightningModule):
+    """The least a LightningModule can do: apply the loss in every step, and nothing else."""
+
+    def __init__(self, model, loss_fn, optimizer):
+        super().__init__()
+        self.model, self.loss_fn, self.optimizer_factory = model, loss_fn, optimizer
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.loss_fn(self.model(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        self.training_step(batch, batch_idx)
+
+    def test_step(self, batch, batch_idx):
+        self.training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return self.optimizer_factory(self.model.parameters())
+
+
+def lightning_floor(cfg) -> float:
+    """Seconds for `LossOnly` fitted and tested by a Trainer with the run's settings, without logger
+    or checkpoints (data and model built inside)."""
+    started = time.perf_counter()
+    data, loss_fn, model = parts(cfg)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = pl.Trainer(**{**cfg.trainer, "enable_checkpointing": False}, logger=False,
+                             default_root_dir=out)
+        module = LossOnly(model, loss_fn, instantiate(cfg.optimizer))
+        trainer.fit(module, datamodule=data)
+        trainer.test(module, datamodule=data, verbose=False)
+    return time.perf_counter() - started
+
+
 def xentlab_run(cfg) -> float:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
@@ -85,16 +130,19 @@ def xentlab_run(cfg) -> float:
     return time.perf_counter() - started
 
 
-def overhead(samples: int, epochs: int, repeats: int) -> tuple[float, float]:
-    """Best-of-`repeats` seconds for (xentlab run, bare loop)."""
+def overhead(samples: int, epochs: int, repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` seconds of the xentlab run, the Lightning floor and the bare loop."""
+    quiet_lightning()
+    sides = {"xentlab": xentlab_run, "lightning": lightning_floor, "bare": bare_loop}
     warm = config(samples=400, epochs=1)
-    xentlab_run(warm), bare_loop(warm)
+    for run in sides.values():
+        run(warm)
     cfg = config(samples, epochs)
-    ours, bare = [], []
+    times: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(repeats):
-        ours.append(xentlab_run(cfg))
-        bare.append(bare_loop(cfg))
-    return min(ours), min(bare)
+        for name, run in sides.items():
+            times[name].append(run(cfg))
+    return {name: min(seconds) for name, seconds in times.items()}
 
 
 def sweep_seconds(extra: list[str]) -> tuple[float, float]:
@@ -150,12 +198,16 @@ def main() -> None:
     table = Table(title="xentlab training speed", title_justify="left")
     for column in ("measure", "seconds", "ratio", "goal"):
         table.add_column(column, justify="left" if column == "measure" else "right")
-    ours, bare = overhead(args.samples, args.epochs, args.repeats)
-    table.add_row(f"xentlab run, {args.epochs} epochs on {args.samples} samples", f"{ours:.2f}", "", "")
-    table.add_row("bare PyTorch loop, same work", f"{bare:.2f}", f"{ours / bare:.2f}×", "≤ 1.5×")
+    best = overhead(args.samples, args.epochs, args.repeats)
+    bare = best["bare"]
+    table.add_row(f"bare PyTorch loop, {args.epochs} epochs on {args.samples} samples", f"{bare:.2f}", "", "")
+    table.add_row("Lightning floor: loss-only LightningModule, same Trainer settings",
+                  f"{best['lightning']:.2f}", f"{best['lightning'] / bare:.2f}×", "")
+    table.add_row("xentlab run, same work", f"{best['xentlab']:.2f}", f"{best['xentlab'] / bare:.2f}×",
+                  "≤ 1.5×")
     if not args.skip_sweeps:
-        best = sweeps(args.sweep_repeats)
-        (sequential, sequential_cpu), (parallel, parallel_cpu) = best["sequential"], best["joblib"]
+        launchers = sweeps(args.sweep_repeats)
+        (sequential, sequential_cpu), (parallel, parallel_cpu) = launchers["sequential"], launchers["joblib"]
         table.add_row(f"compare_losses sweep (18 jobs), sequential (CPU {sequential_cpu:.0f} s)",
                       f"{sequential:.1f}", "", "")
         table.add_row(f"compare_losses sweep, joblib (CPU {parallel_cpu:.0f} s)", f"{parallel:.1f}",

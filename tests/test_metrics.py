@@ -177,6 +177,22 @@ def test_per_label_turns_softmax_losses_into_their_sigmoid_forms():
     torch.testing.assert_close(grads, 1 - p, atol=1e-5, rtol=1e-5)  # d(-log sigmoid x)/dx per label
 
 
+def test_module_attributes_still_register_parameters_buffers_and_submodules():
+    module = ClassifierModule(torch.nn.Linear(3, 4), torch.nn.CrossEntropyLoss(), task="multiclass",
+                              num_classes=4, optimizer=torch.optim.SGD)
+    module.figure_every_n_epochs = 3  # a plain attribute given a plain value: the short path
+    assert module.figure_every_n_epochs == 3 and "figure_every_n_epochs" in vars(module)
+    module.task = torch.nn.Linear(3, 2)  # a plain attribute given a module becomes a submodule
+    assert "task" in dict(module.named_children()) and "task" not in vars(module)
+    module.model = torch.nn.Linear(3, 5)
+    assert dict(module.named_parameters())["model.weight"].shape == (5, 3)
+    module.register_buffer("scale", torch.ones(2))
+    module.scale = torch.zeros(2)
+    assert torch.equal(dict(module.named_buffers())["scale"], torch.zeros(2))
+    module.eval()
+    assert not module.training and not module.model.training
+
+
 def test_logit_gradient_norm_is_the_mean_per_sample_push_and_leaves_the_loss_alone(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 4)
