@@ -17,7 +17,8 @@ from sklearn import datasets as skdata
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-TASKS = ("multiclass", "multilabel", "binary")
+from xentlab.tasks import check_task
+
 PROFILES = ("exponential", "step")
 SPLITS = ("train", "val", "test")
 
@@ -262,11 +263,16 @@ def flip_labels(y: torch.Tensor, fraction: float, num_classes: int, seed: int) -
     return noisy
 
 
+def label_counts(y: torch.Tensor, task: str, num_classes: int) -> torch.Tensor:
+    """Samples per class (positives per label for multilabel data), int64, one per class."""
+    return y.sum(0).long() if task == "multilabel" else torch.bincount(y, minlength=num_classes)
+
+
 def check_splits(splits: dict, task: str, num_classes: int) -> None:
     """Every class (label: positive and negative) must occur in every split, or metrics and weights break."""
     for name, (_, y) in splits.items():
-        present = (y.sum(0) > 0) & (y.sum(0) < len(y)) if task == "multilabel" else \
-            torch.bincount(y, minlength=num_classes) > 0
+        counts = label_counts(y, task, num_classes)
+        present = (counts > 0) & (counts < len(y)) if task == "multilabel" else counts > 0
         if not present.all():
             missing = torch.nonzero(~present).flatten().tolist()
             kind = "labels" if task == "multilabel" else "classes"
@@ -282,8 +288,7 @@ class TensorDataModule(pl.LightningDataModule):
     def __init__(self, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], task: str, num_classes: int,
                  batch_size: int = 128, seed: int = 0, name: str = "", eval_batch_size: int | None = None):
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        check_task(task)
         eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         _check_positive_int("batch_size", batch_size)
         _check_positive_int("eval_batch_size", eval_batch_size)
@@ -293,8 +298,7 @@ class TensorDataModule(pl.LightningDataModule):
 
     def counts(self, split: str) -> torch.Tensor:
         """Samples per class in `split` (positives per label for multilabel data), int64, one per class."""
-        y = self.splits[split][1]
-        return y.sum(0).long() if self.task == "multilabel" else torch.bincount(y, minlength=self.num_classes)
+        return label_counts(self.splits[split][1], self.task, self.num_classes)
 
     @property
     def class_counts(self) -> torch.Tensor:

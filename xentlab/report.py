@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from scipy import stats
+from scipy.special import stdtrit
 
 # Same name as xentlab.train.METRICS_FILE; not imported from there, which would pull Hydra in.
 METRICS_FILE = "metrics.json"
@@ -161,7 +161,8 @@ def summarize(values) -> Summary:
     if n < 2:
         return Summary(mean, math.nan, math.nan, 1)
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return Summary(mean, float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * std / math.sqrt(n), std, n)
+    # stdtrit is the t quantile scipy.stats.t.ppf calls; scipy.stats itself takes 0.25 s longer to import.
+    return Summary(mean, float(stdtrit(n - 1, 0.5 + CONFIDENCE / 2)) * std / math.sqrt(n), std, n)
 
 
 def load_runs(sweep_dir: Path) -> tuple[list[Run], list[Path]]:

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.autograd.gradcheck import GradcheckError
 
-from xentlab.losses.registry import TASKS, build_loss
+from xentlab.losses.registry import build_loss
+from xentlab.tasks import check_task
 
 Tensor = torch.Tensor
 
@@ -89,8 +90,7 @@ def check_loss(loss_or_name: nn.Module | str, *, task: str = "multiclass", num_c
     and, over 30 SGD steps of a linear model on a linearly separable toy set, a loss that falls by at least 1%
     and a model that ends up fitting at least 90% of it.
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    check_task(task)
     num_classes = _num_classes(loss_or_name, task, num_classes)
     loss, label = _loss_module(loss_or_name, task, num_classes, params)
     loss = copy.deepcopy(loss).to(device)  # the caller's module stays where it was

@@ -25,7 +25,8 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-TASKS = ("multiclass", "multilabel", "binary")
+from xentlab.tasks import TASKS, check_task
+
 ENTRY_POINT_GROUP = "xentlab.losses"
 BUILTIN = "built-in"
 HOOK_KEYWORDS = ("class_counts", "num_examples")
@@ -292,8 +293,7 @@ def _check_tasks(name: str, tasks) -> tuple[str, ...]:
 
 
 def _check_task_fits(label: str, task: str, tasks) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    check_task(task)
     if tasks is not None and task not in tasks:
         fits = ", ".join(losses_for_task(task)) or "none registered"
         raise ValueError(f"loss {label!r} does not support {task} data (it supports {', '.join(tasks)}); "
