@@ -38,10 +38,7 @@ from hydra.utils import instantiate
 from rich.console import Console
 from rich.table import Table
 
-from xentlab.data import build_datamodule
-from xentlab.losses import build_loss
-from xentlab.models import build_model
-from xentlab.train import CONFIG_DIR, available_cpus, quiet_lightning, train
+from xentlab.train import CONFIG_DIR, available_cpus, build_parts, quiet_lightning, train
 
 
 def config(samples: int, epochs: int):
@@ -51,13 +48,9 @@ def config(samples: int, epochs: int):
 
 
 def parts(cfg):
-    """The run's data module, loss and model, built as xentlab builds them."""
+    """The run's data module, loss and model, built by xentlab's own `build_parts`."""
     torch.manual_seed(cfg.seed)
-    data = build_datamodule(seed=cfg.seed, **cfg.data)
-    loss_fn = build_loss(**cfg.loss, task=data.task, class_counts=data.class_counts,
-                         num_examples=len(data.splits["train"][1]))
-    model = build_model(**cfg.model, in_features=data.num_features, num_outputs=data.num_classes)
-    return data, loss_fn, model
+    return build_parts(cfg)
 
 
 def bare_loop(cfg) -> float:

@@ -24,7 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
+    from torch import nn
 
+    from xentlab.data import TensorDataModule
     from xentlab.module import ClassifierModule
 
 METRICS_FILE = "metrics.json"
@@ -32,6 +34,20 @@ CHECKPOINT_DIR = "checkpoints"
 SUMMARY = ("balanced_accuracy", "macro_f1", "minority_recall", "ece")  # printed when a run ends
 # conf/ sits beside the package in the repository (installed editable by the scripts).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module]:
+    """The run's data module, loss and model: the loss gets the training split's class counts, the model
+    the data's feature and class counts. Seeding is the caller's."""
+    from xentlab.data import build_datamodule
+    from xentlab.losses import build_loss
+    from xentlab.models import build_model
+
+    datamodule = build_datamodule(seed=cfg.seed, **cfg.data)
+    loss = build_loss(**cfg.loss, task=datamodule.task, class_counts=datamodule.class_counts,
+                      num_examples=len(datamodule.splits["train"][1]))
+    model = build_model(**cfg.model, in_features=datamodule.num_features, num_outputs=datamodule.num_classes)
+    return datamodule, loss, model
 
 
 def build_run(cfg: DictConfig, output_dir: Path) \
@@ -43,17 +59,11 @@ def build_run(cfg: DictConfig, output_dir: Path) \
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from xentlab.data import build_datamodule
-    from xentlab.losses import build_loss
-    from xentlab.models import build_model
     from xentlab.module import ClassifierModule
 
     quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(seed=cfg.seed, **cfg.data)
-    loss = build_loss(**cfg.loss, task=datamodule.task, class_counts=datamodule.class_counts,
-                      num_examples=len(datamodule.splits["train"][1]))
-    model = build_model(**cfg.model, in_features=datamodule.num_features, num_outputs=datamodule.num_classes)
+    datamodule, loss, model = build_parts(cfg)
     module = ClassifierModule(model, loss, task=datamodule.task, num_classes=datamodule.num_classes,
                               optimizer=instantiate(cfg.optimizer), run_params=flat_params(cfg),
                               figure_every_n_epochs=cfg.figure_every_n_epochs)
