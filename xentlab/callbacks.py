@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,17 +16,31 @@ log = logging.getLogger(__name__)
 class ReportCallback(Callback):
     """Hydra callback (`hydra.callbacks.report`, conf/hydra/default.yaml): writes and prints the sweep report.
 
-    Runs in the process that launched the sweep, after every job returned, whatever the launcher. A report
-    that cannot be written is logged, never raised: the jobs' results are already on disk and
-    `xentlab report <sweep dir>` can rebuild it.
+    Runs in the process that launched the sweep, after every job returned, whatever the launcher. A sweep
+    that dies on its way never reaches `on_multirun_end` (Hydra itself fails writing a job's config on a
+    full disk, Ctrl-C, a job that raises); the report of what exists is then written when the process
+    exits. A report that cannot be written is logged, never raised: the jobs' results are already on disk
+    and `xentlab report <sweep dir>` can rebuild it.
     """
 
+    def __init__(self) -> None:
+        self._unreported: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._unreported = Path(str(config.hydra.sweep.dir))
+        atexit.register(self._report_if_unreported)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._unreported = Path(str(config.hydra.sweep.dir))
+        self._report_if_unreported()
+
+    def _report_if_unreported(self) -> None:
+        if self._unreported is None:
+            return
+        sweep_dir, self._unreported = self._unreported, None
         from xentlab.report import write_report  # matplotlib and scipy only when a sweep ends
 
-        sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
             write_report(sweep_dir)
         except Exception as error:  # noqa: BLE001 - a broken report must not turn a finished sweep into a failure
             log.warning("sweep report for %s failed: %s: %s", sweep_dir, type(error).__name__, error)
-

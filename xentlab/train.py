@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"  # ModelCheckpoint(save_last=True) refreshes it every epoch
 SUMMARY = ("balanced_accuracy", "macro_f1", "minority_recall", "ece")  # printed when a run ends
 # conf/ sits beside the package in the repository (installed editable by the scripts).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -59,7 +60,9 @@ def build_run(cfg: DictConfig, output_dir: Path) \
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
+    from xentlab.checkpoint import SafeCheckpointIO
     from xentlab.module import ClassifierModule
+    from xentlab.runs import RunRecorder
 
     quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)
@@ -68,11 +71,12 @@ def build_run(cfg: DictConfig, output_dir: Path) \
                               optimizer=instantiate(cfg.optimizer), run_params=flat_params(cfg),
                               figure_every_n_epochs=cfg.figure_every_n_epochs)
     logger = TensorBoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
-    callbacks = []
+    callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True))]
     if cfg.trainer.get("enable_checkpointing", True):
         # last.ckpt, refreshed every epoch, is what `ckpt_path=last` resumes from.
         callbacks.append(ModelCheckpoint(dirpath=output_dir / CHECKPOINT_DIR, save_last=True))
-    trainer = pl.Trainer(**cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
+    trainer = pl.Trainer(**cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir),
+                         plugins=[SafeCheckpointIO()])
     return trainer, module, datamodule
 
 
@@ -102,56 +106,160 @@ def flat_params(cfg: DictConfig) -> dict:
     return flat
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM, after its `interrupted` record was written (or not: the message
+    says). `exit_code` is the shell's convention, 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RunNotRecorded(RuntimeError):
+    """A run failed and its `failed` record could not be written either (e.g. the disk is full)."""
+
+
 def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
-          threads: int | None = None) -> dict:
+          threads: int | None = None, fresh_if_nothing_to_resume: bool = False) -> dict:
     """Fit on the training split, test on the held-out split, write `metrics.json`; return its content.
 
-    With `ckpt_path=last` an interrupted run continues from `<output_dir>/checkpoints/last.ckpt` (global
-    step, epoch, optimizer state and the TensorBoard curves carry on); a run whose `metrics.json` already
-    says it completed `trainer.max_epochs` epochs is not trained again, so a resumed sweep redoes only
-    its unfinished jobs. `overrides` (the job's command-line overrides) are stored for the report;
-    `threads`, if given, sets torch's intra-op threads first.
+    Every run that starts ends with a `metrics.json` whose `status` is `completed` (with `warnings`, e.g.
+    `diverged: ...` by `xentlab.runs.divergence_warnings`), `failed` (with the error and traceback; the
+    error is re-raised) or `interrupted` (Ctrl-C or SIGTERM; `RunInterrupted` is raised). If that record
+    cannot be written either (a full disk), the error raised says so (`RunNotRecorded`).
+
+    With `ckpt_path=last` the run continues from `<output_dir>/checkpoints/last.ckpt` (global step, epoch,
+    optimizer state and the TensorBoard curves carry on) if the folder holds this run's configuration
+    (`resume_point`); a run already completed for `trainer.max_epochs` epochs is not trained again, so a
+    resumed sweep redoes only its unfinished jobs. Without a checkpoint this is an error, or a fresh start
+    if `fresh_if_nothing_to_resume` (a resumed sweep's jobs that never reached one). `overrides` (the
+    job's command-line overrides) are stored for the report; `threads`, if given, sets torch's intra-op
+    threads first.
     """
     import torch
+
+    from xentlab.runs import FolderHoldsAnotherRun, Interruption, RunRecorder, divergence_warnings
 
     if threads is not None:
         torch.set_num_threads(threads)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.ckpt_path == "last" and (done := finished_record(output_dir, cfg.trainer.max_epochs)) is not None:
-        return done
-    started = time.time()
-    trainer, module, datamodule = build_run(cfg, output_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    status = "interrupted" if trainer.interrupted else "completed"
-    final = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if not trainer.interrupted:
-        tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-        final.update({k: float(v) for k, v in tested.items()})
-    record = {"status": status, "duration_s": round(time.time() - started, 3),
-              "epochs": trainer.current_epoch, "torch_threads": torch.get_num_threads(), "metrics": final}
-    return write_record(output_dir, cfg, record, overrides)
+    started, trainer, interruption = time.time(), None, Interruption()
 
+    def record(status: str, **fields) -> dict:
+        return write_record(output_dir, cfg, {
+            "status": status, "duration_s": round(time.time() - started, 3),
+            "epochs": trainer.current_epoch if trainer is not None else 0,
+            "torch_threads": torch.get_num_threads(), "metrics": {}, **fields}, overrides)
 
-def finished_record(output_dir: Path, max_epochs: int) -> dict | None:
-    """The run's `metrics.json` content if it records a completed run of `max_epochs` epochs, else None."""
     try:
-        record = json.loads((output_dir / METRICS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if record.get("status") == "completed" and record.get("epochs") == max_epochs else None
+        ckpt_path = cfg.ckpt_path
+        if ckpt_path == "last":
+            done, ckpt_path = resume_point(cfg, output_dir, fresh_ok=fresh_if_nothing_to_resume)
+            if done is not None:
+                return done
+        with interruption.watching():
+            trainer, module, datamodule = build_run(cfg, output_dir)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            final = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        final.update({k: float(v) for k, v in tested.items()})
+        recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
+        return record("completed", metrics=final,
+                      warnings=divergence_warnings(recorder.initial_loss, recorder.epoch_losses))
+    except FolderHoldsAnotherRun:
+        raise  # the folder's record belongs to that other run: leave it
+    except Exception as error:
+        unrecorded = try_to_record(record, "failed", error=f"{type(error).__name__}: {error}",
+                                   traceback=traceback.format_exc())
+        if unrecorded:
+            raise RunNotRecorded(f"{type(error).__name__}: {error}; {unrecorded}") from error
+        raise
+    except (KeyboardInterrupt, SystemExit) as stop:  # Lightning turns Ctrl-C and SIGTERM into SystemExit
+        cause = interruption.describe(stop)
+        partial = {k: float(v) for k, v in trainer.callback_metrics.items()} if trainer is not None else {}
+        unrecorded = try_to_record(record, "interrupted", error=f"stopped by {cause}", metrics=partial)
+        epoch = f" in epoch {trainer.current_epoch + 1}" if trainer is not None else ""
+        raise RunInterrupted(
+            f"interrupted by {cause}{epoch}; " + (unrecorded or f"recorded in {output_dir / METRICS_FILE}"),
+            interruption.exit_code()) from stop
+
+
+def try_to_record(record, status: str, **fields) -> str | None:
+    """`record(status, **fields)` for a run that ended early; None, or why the record could not be written."""
+    try:
+        record(status, **fields)
+    except OSError as error:
+        return f"its {status!r} record could not be written either: {type(error).__name__}: {error}"
+    return None
+
+
+def resume_point(cfg: DictConfig, output_dir: Path, *, fresh_ok: bool) -> tuple[dict | None, str | None]:
+    """For `ckpt_path=last`: (the record, None) if this run already completed its `trainer.max_epochs`
+    epochs in `output_dir`; else (None, the checkpoint to resume), or (None, None) for a fresh start
+    when there is none and `fresh_ok`.
+
+    A folder holds one configuration. Its `metrics.json`, or else the config stamped in its last.ckpt, is
+    compared with `cfg` (ignoring `xentlab.runs.RESUME_MAY_CHANGE`, e.g. threads); any other difference
+    raises `FolderHoldsAnotherRun` rather than hand this job another run's results or weights.
+    """
+    from xentlab.atomic import remove_staging_files
+    from xentlab.checkpoint import load_checkpoint
+    from xentlab.runs import FolderHoldsAnotherRun, RunRecorder, config_differences
+
+    record_file, checkpoint = output_dir / METRICS_FILE, output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    for folder in (output_dir, checkpoint.parent):
+        if folder.is_dir():
+            remove_staging_files(folder)  # left by a process killed mid-write; this job owns the folder
+    record = read_record(record_file) if record_file.exists() else None
+    source, recorded = (record_file, record.get("config")) if record is not None else (None, None)
+    if record is None and checkpoint.exists():
+        source, recorded = checkpoint, RunRecorder.config_in(load_checkpoint(checkpoint))
+    if recorded is not None:
+        differences = config_differences(recorded, OmegaConf.to_container(cfg, resolve=True))
+        if differences:
+            raise FolderHoldsAnotherRun(
+                f"ckpt_path=last: {output_dir} holds another configuration's run ({source} was written for "
+                f"it); differences (recorded -> this job): {'; '.join(differences[:8])}"
+                f"{' ...' if len(differences) > 8 else ''}. Resume a job with the overrides it was started "
+                "with, or start it in a new folder (ckpt_path=null).")
+    if record is not None and record.get("status") == "completed" \
+            and record.get("epochs") == cfg.trainer.max_epochs:
+        return record, None
+    if checkpoint.exists():
+        return None, str(checkpoint)
+    if fresh_ok:
+        return None, None
+    raise ValueError(
+        f"ckpt_path=last: nothing to resume in {output_dir} (no {CHECKPOINT_DIR}/{LAST_CHECKPOINT}). "
+        "Point at the run's folder: `xentlab-train <its overrides> hydra.run.dir=<its folder> "
+        "ckpt_path=last` (a sweep: `xentlab-train -m <its overrides> hydra.sweep.dir=<its folder> "
+        "ckpt_path=last`), or at a checkpoint file: ckpt_path=<path/to/file.ckpt>.")
+
+
+def read_record(path: Path) -> dict:
+    """A run's `metrics.json`; a ValueError naming the file if it is unreadable or not a record."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read the run record {path}: {type(error).__name__}: {error}; move it away "
+                         "to start that run over") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config", {}), dict):
+        raise ValueError(f"{path} is not a run record (a JSON object with a 'config' object); move it away "
+                         "to start that run over")
+    return record
 
 
 def write_record(output_dir: Path, cfg: DictConfig, record: dict, overrides=()) -> dict:
     """metrics.json: the run's status and final metrics, its overrides and the plain values of its config.
 
-    Written to a temporary file and renamed into place, so a report reading a sweep in progress never
-    sees half a file. Returns the record as written.
+    Written atomically (`xentlab.atomic`), so a report reading a sweep in progress, a crash or a full disk
+    never leaves half a file. Returns the record as written.
     """
+    from xentlab.atomic import atomic_write
+
     record = {**record, "overrides": list(overrides), "config": OmegaConf.to_container(cfg, resolve=True)}
-    staging = output_dir / f".{METRICS_FILE}.{os.getpid()}"
-    staging.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(staging, output_dir / METRICS_FILE)
+    atomic_write(output_dir / METRICS_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
 
 
@@ -225,17 +333,29 @@ def main(cfg: DictConfig) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     logdir = Path(hydra_cfg.sweep.dir) if multirun else output_dir
     threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
+    if cfg.ckpt_path == "last" and multirun and not any(
+            o.startswith("hydra.sweep.dir=") for o in hydra_cfg.overrides.hydra):
+        raise ValueError("ckpt_path=last resumes a sweep in its own folder, and none was given (this sweep "
+                         f"got a new one, {logdir}): run `xentlab-train -m <the sweep's overrides> "
+                         "hydra.sweep.dir=<its folder> ckpt_path=last`")
     print(f"[xentlab] logs: {output_dir}\n[xentlab] view: tensorboard --logdir {logdir}")
     overrides = list(hydra_cfg.overrides.task)
     raises_failures = "optuna" in str(hydra_cfg.sweeper.get("_target_", ""))
+    from xentlab.runs import FolderHoldsAnotherRun  # here, not at the top: it imports Lightning
+
     try:
-        record = train(cfg, output_dir, overrides=overrides, threads=threads)
-    except Exception as error:
-        if not multirun:
+        record = train(cfg, output_dir, overrides=overrides, threads=threads,
+                       fresh_if_nothing_to_resume=multirun)
+    except RunInterrupted as stop:
+        print(f"[xentlab] {stop}")
+        if multirun:
             raise
-        # In a sweep one failing job must not stop the others: record it for the report and move on.
-        write_record(output_dir, cfg, {"status": "failed", "error": f"{type(error).__name__}: {error}",
-                                       "traceback": traceback.format_exc(), "metrics": {}}, overrides)
+        raise SystemExit(stop.exit_code) from None
+    except Exception as error:
+        # In a sweep one failing job must not stop the others (train recorded it for the report), but a
+        # folder holding another configuration means the sweep was resumed with other settings: stop.
+        if not multirun or isinstance(error, FolderHoldsAnotherRun):
+            raise
         print(f"[xentlab] job failed: {type(error).__name__}: {error}")
         if raises_failures:
             raise
@@ -243,6 +363,8 @@ def main(cfg: DictConfig) -> float:
     summary = ", ".join(f"{name} {record['metrics'][f'test/{name}']:.3f}" for name in SUMMARY
                         if f"test/{name}" in record["metrics"])
     print(f"[xentlab] {record['status']}: test {summary or 'not run'} ({output_dir / METRICS_FILE})")
+    for warning in record.get("warnings", []):
+        print(f"[xentlab] warning: {warning}")
     return sweep_value(record, cfg.objective, must_be_finite=multirun and raises_failures)
 
 
