@@ -60,13 +60,15 @@ def build_run(cfg: DictConfig, output_dir: Path) \
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from xentlab.module import ClassifierModule
+    from xentlab.schedules import build_scheduler
 
     quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)
+    scheduler = build_scheduler(**OmegaConf.to_container(cfg.scheduler), total_epochs=cfg.trainer.max_epochs)
     datamodule, loss, model = build_parts(cfg)
     module = ClassifierModule(model, loss, task=datamodule.task, num_classes=datamodule.num_classes,
                               optimizer=instantiate(cfg.optimizer), run_params=flat_params(cfg),
-                              figure_every_n_epochs=cfg.figure_every_n_epochs)
+                              figure_every_n_epochs=cfg.figure_every_n_epochs, scheduler=scheduler)
     logger = TensorBoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
     callbacks = []
     if cfg.trainer.get("enable_checkpointing", True):
