@@ -22,6 +22,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from xentlab import config_dir
+
 if TYPE_CHECKING:
     import pytorch_lightning as pl
     from torch import nn
@@ -32,8 +34,7 @@ if TYPE_CHECKING:
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 SUMMARY = ("balanced_accuracy", "macro_f1", "minority_recall", "ece")  # printed when a run ends
-# conf/ sits beside the package in the repository (installed editable by the scripts).
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(config_dir())
 
 
 def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module]:
