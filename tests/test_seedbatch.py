@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -21,9 +22,13 @@ from xentlab.train import CONFIG_DIR, train, train_seeds
 TINY = ["data.n_samples=400", "model.hidden_sizes=[16]", "trainer.max_epochs=2", "data.label_noise=0.1"]
 
 
-def config(*overrides: str):
+def compose_config(base: list[str], *overrides: str):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=[*TINY, *overrides])
+        return compose(config_name="config", overrides=[*base, *overrides])
+
+
+def config(*overrides: str):
+    return compose_config(TINY, *overrides)
 
 
 def final_state(path: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -41,22 +46,59 @@ def assert_metrics_close(a: dict, b: dict) -> None:
         assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-5), name
 
 
-@pytest.mark.parametrize("loss", ["weighted_ce", "focal"])
-def test_a_seed_trained_in_a_batch_is_the_seed_trained_alone(tmp_path, loss):
-    alone = train(config(f"loss={loss}", "seed=4"), tmp_path / "alone")
-    records = train_seeds(config(f"loss={loss}", "seed=3", "seeds=3"), tmp_path / "batch")
+@pytest.mark.parametrize("overrides", [
+    ["loss=weighted_ce"],
+    ["loss=focal", "scheduler=cosine", "data.sampler=class_balanced", "model.head=cosine"],
+    ["model=cnn", "data=digits", "data.max_per_class=40", "data.imbalance_ratio=2", "data.label_noise=0.1"],
+], ids=["weighted_ce", "focal-cosine-sampler", "cnn"])
+def test_a_seed_trained_in_a_batch_is_the_seed_trained_alone(tmp_path, overrides):
+    if "model=cnn" in overrides:  # digits has a fixed size (no n_samples); the CNN no hidden_sizes
+        cfg = functools.partial(compose_config, ["trainer.max_epochs=1", "model.channels=[4]", *overrides])
+    else:
+        cfg = functools.partial(config, *overrides)
+    alone = train(cfg("seed=4"), tmp_path / "alone")
+    records = train_seeds(cfg("seed=3", "seeds=3"), tmp_path / "batch")
     assert [r["config"]["seed"] for r in records] == [3, 4, 5]
     single = final_state(tmp_path / "alone", "model.")
     stacked = final_state(tmp_path / "batch", "model.model.")
-    assert single.keys() == stacked.keys()
+    assert single.keys() == stacked.keys()  # BatchNorm's running statistics included
     for name, value in single.items():
         torch.testing.assert_close(stacked[name][1], value, rtol=1e-4, atol=1e-5, msg=name)
     # The loss of seed 4 holds seed 4's class weights (label noise made them differ from seed 3's).
-    weights = final_state(tmp_path / "batch", "losses.")
-    if loss == "weighted_ce":
+    if "loss=weighted_ce" in overrides:
+        weights = final_state(tmp_path / "batch", "losses.")
         torch.testing.assert_close(weights["1.weight"], final_state(tmp_path / "alone", "loss.")["weight"])
         assert not torch.equal(weights["0.weight"], weights["1.weight"])
     assert_metrics_close(records[1]["metrics"], alone["metrics"])
+
+
+LOSS_CONFIGS = sorted(p.stem for p in Path(CONFIG_DIR, "loss").glob("*.yaml") if p.stem != "custom")
+
+
+@pytest.mark.parametrize("loss", [*LOSS_CONFIGS, "custom", "bce-multilabel"])
+def test_every_loss_gives_each_seed_its_own_gradient_in_a_batched_step(tmp_path, loss):
+    # One step of a batch against each seed's own first step: same logits, loss value and gradients.
+    import pytorch_lightning as pl
+
+    from xentlab.seedbatch import build_batch, seed_config
+    from xentlab.train import build_parts
+
+    special = {"custom": [*TINY, "loss=custom", "loss._target_=torch.nn.CrossEntropyLoss"],
+               "bce-multilabel": [*TINY[:2], "loss=bce", "data=multilabel"]}
+    cfg = compose_config(special.get(loss, [*TINY, f"loss={loss}"]), "seed=2", "seeds=2")
+    trainer, module, data = build_batch(cfg, tmp_path, [2, 3])
+    module.trainer = trainer
+    x, y = next(iter(data.train_dataloader()))
+    module.training_step((x, y), 0).backward()
+    for k, seed in enumerate((2, 3)):
+        pl.seed_everything(seed)
+        datamodule, own_loss, model = build_parts(seed_config(cfg, seed))
+        x_own, y_own = next(iter(datamodule.train_dataloader()))
+        torch.testing.assert_close(x[k], x_own)
+        own_loss(model(x_own), y_own).backward()
+        for name, param in model.named_parameters():
+            stacked = dict(module.model.model.named_parameters())[name]
+            torch.testing.assert_close(stacked.grad[k], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_adding_a_seed_to_the_batch_changes_no_other_seed(tmp_path):

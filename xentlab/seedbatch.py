@@ -23,7 +23,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
@@ -32,6 +32,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from xentlab import plots
 from xentlab.metrics import StageMetrics
 from xentlab.module import LeanModule, log_figures, loss_curves_figure, write_data_description, write_hparams
+from xentlab.schedules import build_scheduler
 from xentlab.train import (
     CHECKPOINT_DIR,
     build_parts,
@@ -201,7 +202,7 @@ class SeedBatchModule(LeanModule):
     every seed's metrics, figures and HParams session to that seed's own TensorBoard logger."""
 
     def __init__(self, model: StackedModel, losses: list[nn.Module], runs: list[SeedRun], *, task: str,
-                 num_classes: int, optimizer, figure_every_n_epochs: int = 0):
+                 num_classes: int, optimizer, figure_every_n_epochs: int = 0, scheduler=None):
         super().__init__()
         if len(losses) != model.num_models or len(runs) != model.num_models:
             raise ValueError(f"a batch of {model.num_models} models needs as many losses and runs, got "
@@ -213,6 +214,8 @@ class SeedBatchModule(LeanModule):
         self.model, self.losses, self.runs = model, nn.ModuleList(losses), runs
         self.task, self.num_classes = task, num_classes
         self.optimizer_factory, self.figure_every_n_epochs = optimizer, figure_every_n_epochs
+        # A schedule is a function of the epoch alone (xentlab.schedules), the same for every seed.
+        self.scheduler_factory = scheduler
         self.metrics = nn.ModuleList(nn.ModuleDict({
             "train_": StageMetrics(task, num_classes, full=False),
             "val_": StageMetrics(task, num_classes, keep_predictions=True),
@@ -259,7 +262,20 @@ class SeedBatchModule(LeanModule):
         self._step(batch, "test")
 
     def configure_optimizers(self):
-        return self.optimizer_factory(self.parameters())
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+    def on_train_epoch_start(self) -> None:
+        for loss in self.losses:
+            hook = getattr(loss, "on_train_epoch_start", None)
+            if callable(hook):
+                hook(self.current_epoch)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        for run in self.runs:
+            if run.logger is not None:
+                run.logger.log_metrics({"train/lr": lr}, step=self.global_step)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Clipping by value is element-wise; clipping by norm uses each seed's own gradient norm (over its
@@ -360,6 +376,7 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
                          f"{devices}, trainer.strategy={strategy}: use seeds=1 with DDP")
     optimizer = instantiate(cfg.optimizer)
     check_optimizer(optimizer)
+    scheduler = build_scheduler(**OmegaConf.to_container(cfg.scheduler), total_epochs=cfg.trainer.max_epochs)
     datamodules, losses, models, runs = [], [], [], []
     for seed in seeds:
         one = seed_config(cfg, seed)
@@ -376,7 +393,8 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
     pl.seed_everything(seeds[0], workers=True)
     data = SeedBatchData(datamodules)
     module = SeedBatchModule(StackedModel(models), losses, runs, task=data.task, num_classes=data.num_classes,
-                             optimizer=optimizer, figure_every_n_epochs=cfg.figure_every_n_epochs)
+                             optimizer=optimizer, figure_every_n_epochs=cfg.figure_every_n_epochs,
+                             scheduler=scheduler)
     callbacks = []
     if cfg.trainer.get("enable_checkpointing", True):
         callbacks.append(ModelCheckpoint(dirpath=Path(output_dir) / CHECKPOINT_DIR, save_last=True))
