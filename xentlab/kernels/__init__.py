@@ -38,5 +38,5 @@ def get_backend(name: str, input: torch.Tensor) -> ModuleType:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
         name = "triton" if input.is_cuda and triton_available() else "fused"
-    module = {"fused": "fused", "triton": "triton_xent", "reference": "reference"}[name]
+    module = {"fused": "fused", "triton": "triton", "reference": "reference"}[name]
     return importlib.import_module(f"{__name__}.{module}")
