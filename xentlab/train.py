@@ -131,6 +131,8 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     """
     import torch
 
+    if cfg.get("seeds", 1) != 1:
+        raise ValueError(f"train() runs one seed; seeds={cfg.seeds} is train_seeds()'s")
     if threads is not None:
         torch.set_num_threads(threads)
     output_dir = Path(output_dir)
@@ -153,6 +155,17 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     record = {"status": status, "duration_s": round(time.time() - started, 3),
               "epochs": trainer.current_epoch, "torch_threads": torch.get_num_threads(), "metrics": final}
     return write_record(output_dir, cfg, record, overrides)
+
+
+def train_seeds(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
+                threads: int | None = None) -> list[dict]:
+    """The run's records: `[train(...)]` for `seeds: 1`; for `seeds: K > 1` the K runs of seeds
+    seed ... seed+K-1, trained as one batch (`xentlab.seedbatch`), each in `<output_dir>/seed=<s>/`."""
+    from xentlab.seedbatch import check_seeds, train_batch
+
+    if check_seeds(cfg.get("seeds", 1)) == 1:
+        return [train(cfg, output_dir, overrides=overrides, threads=threads)]
+    return train_batch(cfg, output_dir, overrides=overrides, threads=threads)
 
 
 def finished_record(output_dir: Path, max_epochs: int) -> dict | None:
@@ -304,17 +317,17 @@ def run_job(cfg: DictConfig) -> float:
     if "name" not in cfg.loss and "_target_" not in cfg.loss:  # a loss YAML need not repeat its name
         with open_dict(cfg):
             cfg.loss.name = hydra_cfg.runtime.choices.loss
-    if multirun:
-        cfg.trainer.enable_progress_bar = bool(cfg.trainer.get("enable_progress_bar"))
-        if hydra_cfg.job.num > 0:  # the class-count table once per sweep, by its first job
-            logging.getLogger("xentlab.data").setLevel(logging.WARNING)
+    if cfg.trainer.get("enable_progress_bar") is None:  # null: a bar for a single run watched in a terminal
+        cfg.trainer.enable_progress_bar = not multirun and sys.stdout.isatty()
+    if multirun and hydra_cfg.job.num > 0:  # the class-count table once per sweep, by its first job
+        logging.getLogger("xentlab.data").setLevel(logging.WARNING)
     try:
         check_config(cfg)
         if not multirun:
             where = shown(output_dir)
             print(f"[xentlab] logs: {where}\n[xentlab] view: tensorboard --logdir {where}")
         threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
-        record = train(cfg, output_dir, overrides=overrides, threads=threads)
+        records = train_seeds(cfg, output_dir, overrides=overrides, threads=threads)
     except Exception as error:
         if not multirun:
             if isinstance(error, ConfigError) and _BRIEF_ERRORS:
@@ -328,17 +341,23 @@ def run_job(cfg: DictConfig) -> float:
         if raises_failures:
             raise
         return math.nan
-    metrics = record["metrics"]
-    if multirun:
-        objective = cfg.objective if cfg.objective in metrics else "test/balanced_accuracy"
-        value = metrics.get(objective, math.nan)
-        print(job_line(hydra_cfg, f"{objective} {value:.3f}", time.time() - started), flush=True)
-    else:
-        summary = ", ".join(f"{name} {metrics[f'test/{name}']:.3f}" for name in SUMMARY
-                            if f"test/{name}" in metrics)
-        written = shown(output_dir / METRICS_FILE)
-        print(f"[xentlab] {record['status']}: test {summary or 'not run'} ({written})")
-    return sweep_value(record, cfg.objective, must_be_finite=multirun and raises_failures)
+    for record in records:
+        metrics = record["metrics"]
+        batched = "" if len(records) == 1 else f"seed={record['config']['seed']}"
+        if multirun:
+            objective = cfg.objective if cfg.objective in metrics else "test/balanced_accuracy"
+            value = metrics.get(objective, math.nan)
+            print(job_line(hydra_cfg, f"{batched} {objective} {value:.3f}".lstrip(), time.time() - started),
+                  flush=True)
+        else:
+            summary = ", ".join(f"{name} {metrics[f'test/{name}']:.3f}" for name in SUMMARY
+                                if f"test/{name}" in metrics)
+            written = shown(output_dir / batched / METRICS_FILE)
+            print(f"[xentlab] {record['status']}: test {summary or 'not run'} ({written})")
+    # A batch of seeds gives the sweeper its mean over the seeds.
+    values = [sweep_value(record, cfg.objective, must_be_finite=multirun and raises_failures)
+              for record in records]
+    return sum(values) / len(values)
 
 
 def refuse(message: str) -> None:
