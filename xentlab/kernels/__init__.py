@@ -1,7 +1,11 @@
 """Backend choice for the loss kernels: "auto" | "fused" | "triton" | "reference".
 
-Every backend module exposes the same five functions (cross_entropy, focal_loss, mse_loss,
-binary_cross_entropy_with_logits, sigmoid_focal_loss) over already-validated, flattened (N, C) arguments.
+Every backend module exposes
+`softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduction, label_smoothing)`, the
+whole index-target softmax family over a row loss of log p_y and a logit transform (see
+`xentlab.kernels.spec`), plus the losses with their own kernels (cross_entropy for probability targets,
+mse_loss, binary_cross_entropy_with_logits, sigmoid_focal_loss), all over already-validated, flattened
+(N, C) arguments.
 Triton is imported only when the Triton backend is actually chosen, so importing xentlab never needs it.
 """
 
