@@ -97,10 +97,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _softmax_config(n_cols: int, elem_size: int) -> _SoftmaxConfig:
-    """Whole rows in a register tile when they fit (several per program when short), else blocks of a row."""
+def _softmax_config(n_cols: int, elem_size: int, two_walks: bool = True) -> _SoftmaxConfig:
+    """Whole rows in a register tile when they fit (several per program when short), else blocks of a row. A
+    kernel that reads a row once gains nothing from holding more than one block of it in registers."""
     width = triton.next_power_of_2(n_cols)
-    if width <= _ONE_BLOCK_LIMIT[elem_size]:
+    if width <= (_ONE_BLOCK_LIMIT if two_walks else _LONG_BLOCK)[elem_size]:
         rows = max(1, _TILE // width)
         config = _SoftmaxConfig(rows, width, True, _warps(rows * width))
     else:
@@ -112,7 +113,7 @@ def _softmax_launch(x: Tensor, two_walks: bool = True) -> tuple[_SoftmaxConfig, 
     """The configuration and the grid size; a kernel that walks long rows twice caps the grid at a few
     programs per SM, so the second walk finds the row in L2."""
     n, c = x.shape
-    config = _softmax_config(c, x.element_size())
+    config = _softmax_config(c, x.element_size(), two_walks)
     n_blocks = triton.cdiv(n, config.rows)
     cap = _TUNING.get("max_programs")
     if cap is None and two_walks and x.is_cuda and not config.one_block:
