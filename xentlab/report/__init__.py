@@ -51,8 +51,8 @@ from xentlab.report.sweep import (
     started_jobs,
 )
 
-__all__ = ["BAD", "KEY_METRICS", "METRICS_FILE", "Comparison", "Metric", "Report", "ReportWriteError", "Summary",
-           "build_report", "summarize", "write_report"]
+__all__ = ["BAD", "KEY_METRICS", "METRICS_FILE", "Comparison", "Metric", "Report", "ReportWriteError",
+           "Summary", "build_report", "summarize", "write_report"]
 
 RATIO_KEY = "data.imbalance_ratio"
 
