@@ -16,7 +16,6 @@ from pathlib import Path
 METRICS_FILE = "metrics.json"
 PLANNED_FILE = "multirun.yaml"  # Hydra writes the sweep's full config there when a multirun starts
 MAX_RECORD_BYTES = 16 * 2 ** 20  # a metrics.json is a few kB; anything this large is not one
-BAD = ("unreadable", "malformed")  # statuses the report gives files it could not use
 
 
 @dataclass(frozen=True)
