@@ -450,6 +450,42 @@ def test_constant_arguments_that_require_grad_are_refused():
         tx.cross_entropy(d.x, d.y, w, -100, "mean", 0.0)
 
 
+# Tensor methods that copy a value to the host (a device synchronisation on CUDA tensors).
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero")
+
+
+def test_backend_code_never_reads_a_tensor_value_on_the_host(monkeypatch):
+    """Issue 16 item 7, checked without a GPU: forward + backward of every Triton loss (all reductions)
+    calls none of the Tensor methods that bring a value to the host, so on CUDA tensors they do not
+    synchronise (the GPU-only test below also runs them under torch's sync-debug "error" mode)."""
+    d = _on(_data(torch.float32))
+    transform = LogitTransform(scale=2.0, bias=d.w.log(), margin=0.5 * d.w)
+    calls = {"softmax_loss": lambda x, r: tx.softmax_loss(x, d.y, Focal(2.0), d.w, transform, -100, r, 0.1),
+             "cross_entropy_probs": lambda x, r: tx.cross_entropy(x, d.probs, d.w, -100, r, 0.1),
+             "mse_loss": lambda x, r: tx.mse_loss(x, d.y, -100, r, "probs"),
+             "bce": lambda x, r: tx.binary_cross_entropy_with_logits(x, d.soft, d.w, d.w, r),
+             "sigmoid_focal_loss": lambda x, r: tx.sigmoid_focal_loss(x, d.soft, 0.25, 2.0, r),
+             "asl_loss": lambda x, r: tx.asl_loss(x, d.soft, 1.0, 4.0, 0.05, r)}
+    seen = []
+
+    def trap(name, original):
+        def recorded(self, *args, **kwargs):
+            seen.append(name)
+            return original(self, *args, **kwargs)
+        return recorded
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, trap(name, getattr(torch.Tensor, name)))
+    for name, call in calls.items():
+        for reduction in REDUCTIONS:
+            x = d.x.clone().requires_grad_()
+            loss = call(x, reduction)
+            loss.backward(torch.ones_like(loss))
+            assert not seen, f"{name}/{reduction} read {seen} on the host"
+    monkeypatch.undo()
+    assert bool(torch.ones(1))  # the trap is gone
+
+
 # ------------------------------------------------------------------------------ through functional
 
 
@@ -463,7 +499,9 @@ def test_functional_dispatch_with_spatial_inputs(reduction):
              ("focal_loss", (y,), {"reduction": reduction}),
              ("mse_loss", (y,), {"reduction": reduction}),
              ("binary_cross_entropy_with_logits", (soft,), {"reduction": reduction}),
-             ("sigmoid_focal_loss", (soft,), {"reduction": reduction})]
+             ("sigmoid_focal_loss", (soft,), {"reduction": reduction}),
+             ("softmax_loss", (y, GCE(0.7)), {"reduction": reduction, "transform": LogitTransform(
+                 scale=2.0, bias=torch.linspace(-1, 1, 5, device=DEVICE), margin=torch.full((5,), 0.3))})]
     for name, args, kwargs in calls:
         results = []
         for backend in ("triton", "reference"):

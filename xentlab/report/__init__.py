@@ -41,7 +41,6 @@ from xentlab.report.compare import (
 from xentlab.report.convergence import Convergence, convergence
 from xentlab.report.stats import MIN_SEEDS, NO_RUNS, Summary, summarize
 from xentlab.report.sweep import (
-    BAD,
     METRICS_FILE,
     PLANNED_FILE,
     Run,
@@ -51,7 +50,7 @@ from xentlab.report.sweep import (
     started_jobs,
 )
 
-__all__ = ["BAD", "KEY_METRICS", "METRICS_FILE", "Comparison", "Metric", "Report", "ReportWriteError",
+__all__ = ["KEY_METRICS", "METRICS_FILE", "Comparison", "Metric", "Report", "ReportWriteError",
            "Summary", "build_report", "summarize", "write_report"]
 
 RATIO_KEY = "data.imbalance_ratio"
