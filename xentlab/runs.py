@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytorch_lightning as pl
 
+from xentlab.validation import ConfigError
+
 # Keys a resumed run may change without becoming another run: where it resumes from, how many threads
 # compute it, what the sweeper reads, how often figures are drawn, and how long it trains (resuming a
 # finished run with a larger trainer.max_epochs trains it on).
@@ -20,7 +22,7 @@ RESUME_MAY_CHANGE = frozenset({"ckpt_path", "threads", "objective", "figure_ever
 DIVERGED_FACTOR = 2.0
 
 
-class FolderHoldsAnotherRun(ValueError):
+class FolderHoldsAnotherRun(ConfigError):
     """`ckpt_path=last` found a record or checkpoint of a different configuration in the job's folder."""
 
 
