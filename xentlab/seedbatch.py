@@ -41,6 +41,7 @@ from xentlab.train import (
     quiet_lightning,
     write_record,
 )
+from xentlab.validation import ConfigError
 
 # Optimizers whose update of each parameter element depends only on that element's own gradient and
 # state, so an update of stacked parameters is K independent updates. (L-BFGS's line search, or
@@ -51,9 +52,9 @@ ELEMENTWISE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, 
 
 
 def check_seeds(seeds) -> int:
-    """`seeds` as a positive int, else a ValueError naming the value."""
+    """`seeds` as a positive int, else a ConfigError (a ValueError) naming the value."""
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds (how many seeds to train together: seed, seed+1, ...) must be an integer "
+        raise ConfigError(f"seeds (how many seeds to train together: seed, seed+1, ...) must be an integer "
                          f">= 1, got {seeds!r}")
     return seeds
 
@@ -419,7 +420,10 @@ def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), thread
         if all(record is not None for record in done):
             return done
     started = time.time()
-    trainer, module, data = build_batch(cfg, output_dir, seeds)
+    try:
+        trainer, module, data = build_batch(cfg, output_dir, seeds)
+    except (ValueError, TypeError) as error:  # as train(): a refusal while building is a setting to change
+        raise ConfigError(str(error)) from error
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
     if not trainer.interrupted:
         trainer.test(module, datamodule=data, verbose=False)

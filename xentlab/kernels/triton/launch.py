@@ -139,18 +139,20 @@ def _up_mode(upstream: Tensor | None):
 
 def _transform_args(transform, x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(scale, bias, margin) as contiguous (C,) vectors in the compute dtype, None where absent; a scale of
-    1.0 is absent, another number becomes a (C,) vector."""
+    1.0 is absent, another number becomes a (C,) vector by a device fill (no host-to-device copy, which a
+    CUDA graph could not capture)."""
     if transform is None:
         return None, None, None
     c, dtype = x.shape[1], compute_dtype(x.dtype)
 
     def vector(v):
-        return None if v is None else torch.as_tensor(v, dtype=dtype, device=x.device).expand(c).contiguous()
+        if v is None or isinstance(v, Tensor):
+            return None if v is None else v.to(device=x.device, dtype=dtype).expand(c).contiguous()
+        return torch.full((c,), float(v), dtype=dtype, device=x.device)
 
     scale = transform.scale
-    if not isinstance(scale, Tensor) and float(scale) == 1.0:
-        scale = None
-    return vector(scale), vector(transform.bias), vector(transform.margin)
+    scale = None if not isinstance(scale, Tensor) and float(scale) == 1.0 else vector(scale)
+    return scale, vector(transform.bias), vector(transform.margin)
 
 
 def _launch_row_stats(x: Tensor, target: Tensor, weight: Tensor | None, vectors, ignore_index: int,
@@ -206,8 +208,9 @@ def _launch_softmax(x: Tensor, target: Tensor, weight: Tensor | None, spec: _Spe
         den_count = c if spec.loss in (_MSE_PROBS, _MSE_LOGITS) else 1
         if prob:
             den_count *= n
-        else:  # the kept rows, counted on the device
-            den = (target != spec.ignore_index).sum().to(compute_dtype(x.dtype))
+        else:  # the kept rows, counted on the device (out-of-range indices count as ignored, as in rows.py)
+            kept = (target != spec.ignore_index) & (target >= 0) & (target < c)
+            den = kept.sum().to(compute_dtype(x.dtype))
     up_strides = (0, 0) if upstream is None else (tuple(upstream.stride()) + (0, 0))[:2]
     t_strides = (tuple(target.stride()) + (0,))[:2]
     _launch(_softmax_family_kernel, (grid,), config.num_warps,
