@@ -3,10 +3,10 @@ and run, so the two cannot drift apart.
 
 What the tests add to the printed commands, and why: `trainer.max_epochs=1` on every training command
 (the README's epochs would take minutes); on multiruns also `seed=0` and, for the imbalance sweep, a
-smaller `data.n_samples` and two of its losses, so a sweep is a few jobs instead of dozens; the sweep folder for
-`xentlab report outputs/multirun/<date>/<time>`; and the plugin is installed with `pip --target` into a
-folder on PYTHONPATH instead of `pip install -e .` into the test environment, which it would change for
-every later test.
+smaller `data.n_samples` and two of its losses, so a sweep is a few jobs instead of dozens; the sweep
+folder for `xentlab report outputs/multirun/<date>/<time>`; and the plugin is installed with
+`pip --target` into a folder on PYTHONPATH instead of `pip install -e .` into the test environment,
+which it would change for every later test.
 """
 
 from __future__ import annotations
