@@ -308,6 +308,24 @@ def test_mean_denominator_spans_several_partial_blocks():
     _parity(("cross_entropy", (y, d.w, -1, "mean", 0.0)), d)
 
 
+def test_out_of_range_targets_are_never_read_out_of_bounds():
+    """Targets that skipped validation (a CUDA-graph caller's validate=False) with indices outside [0, C)
+    count as ignored rows in every index-target kernel instead of addressing memory out of bounds. (What
+    this observes is the torch side, which would index the weights out of bounds; Triton's interpreter reads
+    past a buffer without complaint, so the kernels' own masks are checked by reading, not by this test.)"""
+    d = _on(_data(torch.float32))
+    bad, ignored = d.y.clone(), d.y.clone()
+    bad[[0, 4]] = torch.tensor([C + 3, -5], device=DEVICE)
+    ignored[[0, 4]] = -100
+    transform = LogitTransform(scale=2.0, bias=d.w.log(), margin=0.5 * d.w)
+    for fn, args in [(tx.softmax_loss, (Focal(2.0), d.w, transform, -100, "mean", 0.1)),
+                     (tx.mse_loss, (-100, "mean", "probs"))]:
+        got = _run(fn, d.x, (bad, *args), None)
+        want = _run(fn, d.x, (ignored, *args), None)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+
+
 # --------------------------------------------------------------------------- autograd and in-place
 
 

@@ -110,7 +110,7 @@ class _SoftmaxLoss(torch.autograd.Function):
         n, c = x.shape
         vectors = (scale, bias, margin)
         lse, logpt, smoothing = _launch_row_stats(x, target, weight, vectors, args.ignore_index, args.eps > 0)
-        valid = target != args.ignore_index
+        valid = (target != args.ignore_index) & (target >= 0) & (target < c)  # as the kernels (see rows.py)
         w_y = valid.to(lse.dtype) if weight is None else weight[torch.where(valid, target, 0)] * valid
         loss = (1 - args.eps) * w_y * args.row_loss.value(logpt)
         if args.eps > 0:

@@ -48,8 +48,8 @@ def _softmax_grad_kernel(
     ACC before the store. G may alias X (each element is read before it is overwritten, by one program)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows64, row_ok, valid, y, margin_y = _true_class(Y, stride_yn, MARGIN, rows, N, ignore_index, HAS_MARGIN,
-                                                     ACC)
+    rows64, row_ok, valid, y, margin_y = _true_class(Y, stride_yn, MARGIN, rows, N, C, ignore_index,
+                                                     HAS_MARGIN, ACC)
     col_ok = cols < C
     ok = row_ok[:, None] & col_ok[None, :]
     is_y = cols[None, :] == y[:, None]
@@ -137,7 +137,7 @@ def _softmax_family_kernel(
     for block in range(tl.program_id(0), tl.cdiv(N, ROWS), tl.num_programs(0)):
         rows = block * ROWS + tl.arange(0, ROWS)
         rows64, row_ok, y, valid, x_y, u_y, k = _row_setup(
-            X, stride_xn, Y, stride_yn, U, stride_un, stride_uc, rows, N, ignore_index, inv, LOSS,
+            X, stride_xn, Y, stride_yn, U, stride_un, stride_uc, rows, N, C, ignore_index, inv, LOSS,
             PROB_TARGET, UPSTREAM, ACC)
         m, s = tl.full([ROWS], _NEG_INF, ACC), tl.zeros([ROWS], ACC)
         e1, e2, a1, a2 = s, s, s, s

@@ -208,8 +208,9 @@ def _launch_softmax(x: Tensor, target: Tensor, weight: Tensor | None, spec: _Spe
         den_count = c if spec.loss in (_MSE_PROBS, _MSE_LOGITS) else 1
         if prob:
             den_count *= n
-        else:  # the kept rows, counted on the device
-            den = (target != spec.ignore_index).sum().to(compute_dtype(x.dtype))
+        else:  # the kept rows, counted on the device (out-of-range indices count as ignored, as in rows.py)
+            kept = (target != spec.ignore_index) & (target >= 0) & (target < c)
+            den = kept.sum().to(compute_dtype(x.dtype))
     up_strides = (0, 0) if upstream is None else (tuple(upstream.stride()) + (0, 0))[:2]
     t_strides = (tuple(target.stride()) + (0,))[:2]
     _launch(_softmax_family_kernel, (grid,), config.num_warps,

@@ -59,12 +59,14 @@ def _pow(base, gamma):
 
 
 @triton.jit
-def _true_class(Y, stride_yn, MARGIN, rows, N, ignore_index, HAS_MARGIN: tl.constexpr, ACC: tl.constexpr):
-    """Per row: int64 row offsets, which rows exist, which count, y (0 where ignored) and the margin m[y]."""
+def _true_class(Y, stride_yn, MARGIN, rows, N, C, ignore_index, HAS_MARGIN: tl.constexpr, ACC: tl.constexpr):
+    """Per row: int64 row offsets, which rows exist, which count, y (0 where ignored) and the margin m[y].
+    A class index outside [0, C) counts as ignored, so unvalidated targets never address memory out of
+    bounds."""
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
     y = tl.load(Y + rows64 * stride_yn, mask=row_ok, other=ignore_index)
-    valid = row_ok & (y != ignore_index)
+    valid = row_ok & (y != ignore_index) & (y >= 0) & (y < C)
     y = tl.where(valid, y, 0)
     margin_y = tl.zeros(rows.shape, ACC)
     if HAS_MARGIN:
@@ -130,7 +132,7 @@ def _row_stats_kernel(
     rows are computed with y = 0 (the caller masks them); programs loop over blocks of ROWS rows."""
     for block in range(tl.program_id(0), tl.cdiv(N, ROWS), tl.num_programs(0)):
         rows = block * ROWS + tl.arange(0, ROWS)
-        rows64, row_ok, valid, y, margin_y = _true_class(Y, stride_yn, MARGIN, rows, N, ignore_index,
+        rows64, row_ok, valid, y, margin_y = _true_class(Y, stride_yn, MARGIN, rows, N, C, ignore_index,
                                                          HAS_MARGIN, ACC)
         m = tl.full([ROWS], _NEG_INF, ACC)
         s = tl.zeros([ROWS], ACC)
@@ -158,7 +160,7 @@ def _row_stats_kernel(
 
 
 @triton.jit
-def _row_setup(X, stride_xn, Y, stride_yn, U, stride_un, stride_uc, rows, N, ignore_index, inv,
+def _row_setup(X, stride_xn, Y, stride_yn, U, stride_un, stride_uc, rows, N, C, ignore_index, inv,
                LOSS: tl.constexpr, PROB_TARGET: tl.constexpr, UPSTREAM: tl.constexpr, ACC: tl.constexpr):
     """Per row: the class index y (0 where ignored; index-target MSE only), which rows count, x[y],
     grad_output[y] and the gradient scale k (grad_output / denominator, or the per-row grad_output, and 0 for
@@ -171,7 +173,7 @@ def _row_setup(X, stride_xn, Y, stride_yn, U, stride_un, stride_uc, rows, N, ign
     x_y, u_y = one * 0.0, one
     if not PROB_TARGET:
         y = tl.load(Y + rows64 * stride_yn, mask=row_ok, other=ignore_index)
-        valid = row_ok & (y != ignore_index)
+        valid = row_ok & (y != ignore_index) & (y >= 0) & (y < C)  # out of range: as ignored, never read
         y = tl.where(valid, y, 0)
         if LOSS != _MSE_LOGITS:  # gathered before any store: G may alias X
             x_y = tl.load(X + rows64 * stride_xn + y, mask=valid, other=0.0).to(ACC)
