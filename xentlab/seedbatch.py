@@ -40,6 +40,7 @@ from xentlab.train import (
     finished_record,
     flat_params,
     quiet_lightning,
+    trainer_arguments,
     write_record,
 )
 from xentlab.validation import ConfigError
@@ -400,7 +401,8 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
     callbacks = []
     if cfg.trainer.get("enable_checkpointing", True):
         callbacks.append(ModelCheckpoint(dirpath=Path(output_dir) / CHECKPOINT_DIR, save_last=True))
-    trainer = pl.Trainer(**cfg.trainer, logger=False, callbacks=callbacks, default_root_dir=str(output_dir))
+    trainer = pl.Trainer(**trainer_arguments(cfg), logger=False, callbacks=callbacks,
+                         default_root_dir=str(output_dir))
     return trainer, module, data
 
 
