@@ -86,11 +86,18 @@ def build_run(cfg: DictConfig, output_dir: Path) \
     if cfg.trainer.get("enable_checkpointing", True):
         # last.ckpt, refreshed every epoch, is what `ckpt_path=last` resumes from.
         callbacks.append(ModelCheckpoint(dirpath=output_dir / CHECKPOINT_DIR, save_last=True))
-    arguments = dict(cfg.trainer)
-    if arguments.get("enable_progress_bar") is None:  # null: a bar when a person watches a terminal
-        arguments["enable_progress_bar"] = sys.stdout.isatty()
-    trainer = pl.Trainer(**arguments, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
+    trainer = pl.Trainer(**trainer_arguments(cfg), logger=logger, callbacks=callbacks,
+                         default_root_dir=str(output_dir))
     return trainer, module, datamodule
+
+
+def trainer_arguments(cfg: DictConfig) -> dict:
+    """`cfg.trainer` as Trainer keyword arguments; `enable_progress_bar: null` becomes a bar only when a
+    person watches a terminal."""
+    arguments = dict(cfg.trainer)
+    if arguments.get("enable_progress_bar") is None:
+        arguments["enable_progress_bar"] = sys.stdout.isatty()
+    return arguments
 
 
 def quiet_lightning() -> None:
