@@ -122,14 +122,15 @@ def _stats_block(X, stride_xn, W, SCALE, BIAS, rows64, row_ok, y, margin_y, cols
 
 @triton.jit
 def _row_stats_kernel(
-    X, stride_xn, Y, stride_yn, W, SCALE, BIAS, MARGIN, LSE, LOGPT, SMOOTHING, N, C, ignore_index,
+    X, stride_xn, Y, stride_yn, W, SCALE, BIAS, MARGIN, LSE, LOGPT, W_Y, SMOOTHING, KEPT, N, C, ignore_index,
     HAS_WEIGHT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MARGIN: tl.constexpr,
     SMOOTH: tl.constexpr, ONE_BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Per row of z' (one read of the logits): lse', log p'_y, and with SMOOTH sum_c w_c (lse' - z'_c).
-    log p'_y is log1p(-(mass of the other classes)) when that mass is below 1/4, else z'_y - lse'. Ignored
-    rows are computed with y = 0 (the caller masks them); programs loop over blocks of ROWS rows."""
+    """Per row of z' (one read of the logits): lse', log p'_y, w[y], and with SMOOTH sum_c w_c (lse' - z'_c)
+    and whether the row counts. log p'_y is log1p(-(mass of the other classes)) when that mass is below 1/4,
+    else z'_y - lse'. Ignored rows store log p'_y = 0 (p_y = 1, where every row loss is finite), w[y] = 0
+    and a zero smoothing sum, so the caller needs no mask; programs loop over blocks of ROWS rows."""
     for block in range(tl.program_id(0), tl.cdiv(N, ROWS), tl.num_programs(0)):
         rows = block * ROWS + tl.arange(0, ROWS)
         rows64, row_ok, valid, y, margin_y = _true_class(Y, stride_yn, MARGIN, rows, N, C, ignore_index,
@@ -150,10 +151,15 @@ def _row_stats_kernel(
         log_s = tl.log(s)
         one_m_pt = other / s
         logpt = tl.where(one_m_pt < 0.25, _log1p(-tl.minimum(one_m_pt, 0.25)), (z_y - ref) - log_s)
+        w_y = tl.where(valid, 1.0, 0.0).to(ACC)
+        if HAS_WEIGHT:
+            w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
         tl.store(LSE + rows64, ref + log_s, mask=row_ok)
-        tl.store(LOGPT + rows64, logpt, mask=row_ok)
+        tl.store(LOGPT + rows64, tl.where(valid, logpt, 0.0), mask=row_ok)
+        tl.store(W_Y + rows64, w_y, mask=row_ok)
         if SMOOTH:  # sum_c w_c (lse' - z'_c) = W log s - sum_c w_c (z'_c - m)
-            tl.store(SMOOTHING + rows64, a1 * log_s - a2, mask=row_ok)
+            tl.store(SMOOTHING + rows64, tl.where(valid, a1 * log_s - a2, 0.0), mask=row_ok)
+            tl.store(KEPT + rows64, tl.where(valid, 1.0, 0.0).to(ACC), mask=row_ok)
 
 
 # ------------------------------------------------------- probability targets and MSE: the fused-row kernel
