@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from xentlab.module import board_tag
 from xentlab.train import CONFIG_DIR, available_cpus, sweep_value, threads_per_job, train
 
 TINY = ["data.n_samples=400", "trainer.max_epochs=1", "model.hidden_sizes=[16]"]
@@ -97,7 +98,7 @@ def composed(*overrides: str):
 def train_loss_steps(run_dir: Path) -> list[int]:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    return [event.step for event in events.Scalars("train/loss")]
+    return [event.step for event in events.Scalars(board_tag("train/loss"))]
 
 
 def test_resume_from_last_checkpoint_continues_the_curves(tmp_path):

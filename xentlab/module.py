@@ -1,26 +1,52 @@
 """The LightningModule: forward the model, apply the loss it was given, log metrics and figures.
 
 No loss math here, and no loss registry: the loss object comes from `train.py`. Logged names are
-`<stage>/<metric>` (train/, val/, test/) so TensorBoard groups them; `hp/<metric>` are the final test
-metrics of the HParams session written when testing ends. Conventions: docs/metrics.md.
+`<stage>/<metric>` (train/, val/, test/); in TensorBoard the stages are numbered (`BoardLogger`) so
+its Time Series opens on validation and test. `hp/<metric>` are the final test metrics of the HParams
+session, written into the run's `hparams` sub-run when testing ends. Conventions: docs/metrics.md.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from xentlab import functional as xF
 from xentlab import plots
-from xentlab.metrics import StageMetrics, loss_curve, per_label
+from xentlab.metrics import StageMetrics, logit_adjusted, loss_curve, per_label, temperature_scaled
 
 CURVE_POINTS = 49
+# TensorBoard's Time Series sorts tag groups by name and opens only the first two: numbering the stages
+# puts validation and test first. metrics.json and the report keep the plain names.
+BOARD_GROUPS = {"val": "1_val", "test": "2_test", "train": "3_train"}
+HPARAMS_RUN = "hparams"  # sub-run holding the HParams session and its hp/ metrics, nothing else
+# Overrides that do not change what a run computes (as hydra.job.config.override_dirname.exclude_keys).
+NOT_HPARAMS = ("experiment", "ckpt_path", "threads")
+
+
+def board_tag(name: str) -> str:
+    """The TensorBoard tag of a logged name: `val/x` -> `1_val/x`, `test/x` -> `2_test/x`,
+    `train/x` -> `3_train/x`; other names unchanged."""
+    stage, slash, rest = name.partition("/")
+    return f"{BOARD_GROUPS[stage]}/{rest}" if slash and stage in BOARD_GROUPS else name
+
+
+class BoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger with xentlab's layout: stage groups numbered by `board_tag`, and
+    without the `epoch` counter Lightning adds to every epoch-level write (the step axis says it)."""
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        super().log_metrics({board_tag(k): v for k, v in metrics.items() if k != "epoch"}, step)
 
 
 class ClassifierModule(pl.LightningModule):
@@ -32,24 +58,30 @@ class ClassifierModule(pl.LightningModule):
 
     def __init__(self, model: nn.Module, loss: nn.Module, *, task: str, num_classes: int,
                  optimizer: Callable[..., torch.optim.Optimizer], run_params: dict | None = None,
-                 figure_every_n_epochs: int = 0):
+                 figure_every_n_epochs: int = 0, overrides: Sequence[str] = (),
+                 shared_dir: str | Path | None = None):
         super().__init__()
         if isinstance(figure_every_n_epochs, bool) or not isinstance(figure_every_n_epochs, int) \
                 or figure_every_n_epochs < 0:
             raise ValueError(f"figure_every_n_epochs must be an integer >= 0, got {figure_every_n_epochs!r}")
-        # The run's flattened config (loss and its parameters, dataset, imbalance ratio, seed, ...),
-        # for the TensorBoard HParams view.
-        self.run_params = dict(run_params or {})
+        # The run's flattened config (loss and its parameters, dataset, imbalance ratio, seed, ...) and
+        # its command-line overrides, for the TensorBoard HParams view (`session_hparams`).
+        self.run_params, self.overrides = dict(run_params or {}), list(overrides)
+        # A sweep's folder: the loss-curve figure, the same for every seed, is drawn once per setting.
+        self.shared_dir = None if shared_dir is None else Path(shared_dir)
         self.model, self.loss, self.task, self.num_classes = model, loss, task, num_classes
         self.optimizer_factory = optimizer
         self.figure_every_n_epochs = figure_every_n_epochs
+        # How the loss turns logits into probabilities: calibration, NLL and Brier are measured on those.
+        probability_map = getattr(loss, "probability_map", "softmax")
         # ModuleDict keys may not shadow nn.Module.train, hence the trailing underscore.
         self.metrics = nn.ModuleDict({
-            "train_": StageMetrics(task, num_classes, full=False),
-            "val_": StageMetrics(task, num_classes, keep_predictions=True),
-            "test_": StageMetrics(task, num_classes, keep_predictions=True),
+            "train_": StageMetrics(task, num_classes, full=False, probability_map=probability_map),
+            "val_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=probability_map),
+            "test_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=probability_map),
         })
         self._logit_grad_norm: torch.Tensor | None = None
+        self._val_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # last validation epoch
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning sets bookkeeping attributes (the current hook's name) around every hook call, some 40
@@ -108,7 +140,7 @@ class ClassifierModule(pl.LightningModule):
         if writer is not None and hasattr(datamodule, "describe"):
             # Indented: TensorBoard's text plugin renders markdown, and this keeps the table's columns.
             writer.add_text("data/class_counts", "    " + datamodule.describe().replace("\n", "\n    "), 0)
-        if writer is not None:
+        if writer is not None and self._claim_loss_curves():
             writer.add_image("loss_curves", plots.to_image(self._loss_curves_figure()), 0, dataformats="HWC")
 
     def on_train_epoch_end(self) -> None:
@@ -127,10 +159,28 @@ class ClassifierModule(pl.LightningModule):
             return
         epoch, every = self.current_epoch + 1, self.figure_every_n_epochs
         last = epoch == self.trainer.max_epochs
+        # Kept for the post-hoc fits at test time; the last epoch's logits are the tested model's.
+        self._val_logits = self.metrics["val_"].kept_logits()
         self._log_stage("val", figures=last or (every > 0 and epoch % every == 0))
 
     def on_test_epoch_end(self) -> None:
+        posthoc = self._posthoc(*self.metrics["test_"].kept_logits())
         self._log_stage("test", figures=True)
+        self.log_dict({f"test/{name}": value for name, value in posthoc.items()}, sync_dist=True)
+
+    def _posthoc(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """Temperature scaling fitted on the last validation epoch, and (single-label data) logit
+        adjustment by the training priors, both scored on the test predictions (docs/metrics.md)."""
+        values = {}
+        if self._val_logits is not None:
+            val_logits, val_target = self._val_logits
+            probability_map = self.metrics["test_"].probability_map
+            values.update(temperature_scaled(val_logits, val_target, logits, target, self.task,
+                                             probability_map))
+        counts = getattr(self.trainer.datamodule, "class_counts", None)
+        if self.task != "multilabel" and counts is not None:
+            values.update(logit_adjusted(logits, target, counts))
+        return values
 
     def on_test_end(self) -> None:
         # Per-class recalls included: they are what a loss for imbalanced data is judged by. The loss
@@ -138,18 +188,20 @@ class ClassifierModule(pl.LightningModule):
         final = {f"hp/{name.removeprefix('test/')}": float(value)
                  for name, value in self.trainer.callback_metrics.items()
                  if name.startswith("test/") and name != "test/loss"}
-        if self.logger is not None:
-            self.logger.log_metrics(final, step=self.global_step)
         writer = self._writer()
         if writer is None:
             return
-        # Session summaries only, no per-run experiment summary (Lightning's log_hyperparams writes one):
-        # TensorBoard shows the first experiment summary it finds, so in a sweep mixing losses the other
-        # losses' parameters would vanish; without one it unites the hyperparameters of all runs.
-        _, start, end = hparams(hparam_values(self.run_params), final)
-        for summary in (start, end):
-            writer.file_writer.add_summary(summary, self.global_step)
-        writer.flush()
+        # A sub-run of its own: TensorBoard's HParams view takes its metric columns from the scalars of
+        # a session's run and the runs below it, so this keeps them to hp/*. Session summaries only, no
+        # experiment summary (Lightning's log_hyperparams writes one): TensorBoard shows the first it
+        # finds, so in a sweep mixing losses the other losses' parameters would vanish; without one it
+        # unites the hyperparameters of all runs.
+        _, start, end = hparams(session_hparams(self.run_params, self.overrides), final)
+        with SummaryWriter(str(Path(writer.log_dir) / HPARAMS_RUN)) as session:
+            session.file_writer.add_summary(start, self.global_step)
+            for name, value in final.items():
+                session.add_scalar(name, value, self.global_step)
+            session.file_writer.add_summary(end, self.global_step)
 
     def _log_stage(self, stage: str, figures: bool = False) -> dict[str, float]:
         """Logs the stage's epoch metrics (and figures), resets them and returns the logged values."""
@@ -192,10 +244,24 @@ class ClassifierModule(pl.LightningModule):
         reliability = plots.reliability_figure(*(b.cpu().numpy() for b in bins), bins.ece,
                                                title=f"{stage} reliability")
         for tag, figure in (("confusion_matrix", confusion_figure), ("reliability", reliability)):
-            writer.add_image(f"{stage}/{tag}", plots.to_image(figure), step, dataformats="HWC")
+            writer.add_image(board_tag(f"{stage}/{tag}"), plots.to_image(figure), step, dataformats="HWC")
         for c in range(self.num_classes):
             labels = target[:, c] > 0.5 if self.task == "multilabel" else target == c
-            writer.add_pr_curve(f"{stage}/pr_class_{c}", labels, probs[:, c], step)
+            writer.add_pr_curve(board_tag(f"{stage}/pr_class_{c}"), labels, probs[:, c], step)
+
+    def _claim_loss_curves(self) -> bool:
+        """Whether this run draws the loss-curve figure: always, unless another run of the sweep with
+        the same settings but the seed already claimed it (an atomic mkdir in the sweep folder)."""
+        if self.shared_dir is None:
+            return True
+        setting = json.dumps({k: str(v) for k, v in sorted(self.run_params.items()) if k != "seed"})
+        claims = self.shared_dir / ".loss_curves"
+        claims.mkdir(parents=True, exist_ok=True)
+        try:
+            (claims / hashlib.sha256(setting.encode()).hexdigest()[:20]).mkdir()
+        except FileExistsError:
+            return False
+        return True
 
     def _loss_curves_figure(self):
         """This run's loss next to CE and MSE (xentlab.functional) as functions of p(true class)."""
@@ -223,3 +289,23 @@ def hparam_values(params: dict) -> dict:
         return value if isinstance(value, (bool, int, float, str)) else str(value)
 
     return {key: plain(value) for key, value in params.items()}
+
+
+def session_hparams(params: dict, overrides: Sequence[str] = ()) -> dict:
+    """A run's HParams columns: the loss's name and parameters (`loss.*`), the seed, and each key its
+    overrides set (the command line's and a sweeper's: what can vary across runs); the config's
+    constants stay out. A group choice (`data=digits`, `optimizer=sgd`) shows as the group's `name`
+    (else its `_target_`). The seed is a string so TensorBoard shows `3`, not `3.0000`.
+
+    One run cannot know which keys its sweep varies; overrides are the best evidence it has."""
+    keys = [key for key in params if key.startswith("loss.")]
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra") or key in (*NOT_HPARAMS, "seed"):
+            continue
+        group = key.replace("/", ".")
+        keys += [k for k in (key, f"{group}.name", f"{group}._target_") if k in params][:1]
+    shown = hparam_values({key: params[key] for key in dict.fromkeys(keys)})
+    if "seed" in params:
+        shown["seed"] = str(params["seed"])
+    return shown

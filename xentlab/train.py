@@ -50,24 +50,25 @@ def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module
     return datamodule, loss, model
 
 
-def build_run(cfg: DictConfig, output_dir: Path) \
+def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path | None = None) \
         -> tuple[pl.Trainer, ClassifierModule, pl.LightningDataModule]:
-    """Everything a run needs, built (and so validated) before the first training step."""
+    """Everything a run needs, built (and so validated) before the first training step. `overrides` pick
+    the TensorBoard HParams columns; `shared_dir` is the sweep folder of a multirun job."""
     # Imported here, not at the top: the process that launches a parallel sweep never trains, and
     # importing Lightning there would cost ~5 s of every joblib sweep (docs/benchmarks.md).
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import TensorBoardLogger
 
-    from xentlab.module import ClassifierModule
+    from xentlab.module import BoardLogger, ClassifierModule
 
     quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, loss, model = build_parts(cfg)
     module = ClassifierModule(model, loss, task=datamodule.task, num_classes=datamodule.num_classes,
                               optimizer=instantiate(cfg.optimizer), run_params=flat_params(cfg),
-                              figure_every_n_epochs=cfg.figure_every_n_epochs)
-    logger = TensorBoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
+                              figure_every_n_epochs=cfg.figure_every_n_epochs, overrides=overrides,
+                              shared_dir=shared_dir)
+    logger = BoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
     callbacks = []
     if cfg.trainer.get("enable_checkpointing", True):
         # last.ckpt, refreshed every epoch, is what `ckpt_path=last` resumes from.
@@ -103,14 +104,14 @@ def flat_params(cfg: DictConfig) -> dict:
 
 
 def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
-          threads: int | None = None) -> dict:
+          threads: int | None = None, shared_dir: str | Path | None = None) -> dict:
     """Fit on the training split, test on the held-out split, write `metrics.json`; return its content.
 
     With `ckpt_path=last` an interrupted run continues from `<output_dir>/checkpoints/last.ckpt` (global
     step, epoch, optimizer state and the TensorBoard curves carry on); a run whose `metrics.json` already
     says it completed `trainer.max_epochs` epochs is not trained again, so a resumed sweep redoes only
     its unfinished jobs. `overrides` (the job's command-line overrides) are stored for the report;
-    `threads`, if given, sets torch's intra-op threads first.
+    `threads`, if given, sets torch's intra-op threads first; `shared_dir` is a multirun's sweep folder.
     """
     import torch
 
@@ -121,7 +122,7 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     if cfg.ckpt_path == "last" and (done := finished_record(output_dir, cfg.trainer.max_epochs)) is not None:
         return done
     started = time.time()
-    trainer, module, datamodule = build_run(cfg, output_dir)
+    trainer, module, datamodule = build_run(cfg, output_dir, overrides, shared_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     status = "interrupted" if trainer.interrupted else "completed"
     final = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -229,7 +230,8 @@ def main(cfg: DictConfig) -> float:
     overrides = list(hydra_cfg.overrides.task)
     raises_failures = "optuna" in str(hydra_cfg.sweeper.get("_target_", ""))
     try:
-        record = train(cfg, output_dir, overrides=overrides, threads=threads)
+        record = train(cfg, output_dir, overrides=overrides, threads=threads,
+                       shared_dir=logdir if multirun else None)
     except Exception as error:
         if not multirun:
             raise
