@@ -75,7 +75,7 @@ def _eager(variant: str, weight: torch.Tensor, upcast: bool) -> Callable:
 
 
 def _xentlab(variant: str, weight: torch.Tensor, inplace: bool) -> Callable:
-    from xentlab.kernels import triton_xent as tx
+    import xentlab.kernels.triton as tx
 
     def loss(x, y):
         if variant == "focal":
@@ -202,8 +202,8 @@ def check_variant(variant: str, x0, y, weight) -> list[str]:
 
 def check_cuda_graph(x0, y) -> list[str]:
     """Capture forward+backward of plain cross-entropy in a CUDA graph, replay it on new logits."""
+    import xentlab.kernels.triton as tx
     from xentlab.kernels import reference
-    from xentlab.kernels import triton_xent as tx
 
     static = x0.clone().requires_grad_()
     side = torch.cuda.Stream()
@@ -286,10 +286,10 @@ def print_goals(results: list[Result], logits_mb: dict[str, float]) -> None:
 
 
 def tune(shape: str, x0, y, args) -> None:
-    """Time plain CE over a grid of launch configurations (xentlab.kernels.triton_xent._TUNING)."""
+    """Time plain CE over a grid of launch configurations (xentlab.kernels.triton._TUNING)."""
     import triton
 
-    from xentlab.kernels import triton_xent as tx
+    import xentlab.kernels.triton as tx
 
     n, c = x0.shape
     sms = torch.cuda.get_device_properties(x0.device).multi_processor_count
@@ -311,7 +311,7 @@ def tune(shape: str, x0, y, args) -> None:
         except Exception as err:  # a configuration the compiler rejects (e.g. out of resources)
             print(f"  {config}: {err.__class__.__name__}: {str(err)[:120]}")
     tx._TUNING.clear()
-    print(f"\n{shape}: copy {base:.3f} ms; default config {tx._softmax_config(c, x0.element_size())}")
+    print(f"\n{shape}: copy {base:.3f} ms; default config {tx.launch._softmax_config(c, x0.element_size())}")
     for ms, config in sorted(rows, key=lambda r: r[0]):
         print(f"  {ms:8.3f} ms  {base / ms:4.2f} of copy  {config or 'default'}")
 

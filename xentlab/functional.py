@@ -13,13 +13,14 @@ from numbers import Real
 
 import torch
 
-from xentlab.kernels import compute_dtype, get_backend
+from xentlab.kernels import compute_dtype, get_backend, spec
 
 Tensor = torch.Tensor
 
 REDUCTIONS = ("none", "mean", "sum")
 MSE_TARGETS = ("probs", "logits")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NLL = spec.NLL()
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
@@ -34,9 +35,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     eps = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
     weight = _class_vector("weight", weight, n_classes, input)
     target = _softmax_target(target, input, n_classes, ignore_index, allow_probs=True)
-    out = get_backend(backend, input).cross_entropy(
-        _rows(input), target, weight, ignore_index, reduction, eps)
-    return _unflatten_rows(out, input, reduction)
+    if target.dtype.is_floating_point:
+        out = get_backend(backend, input).cross_entropy(_rows(input), target, weight, ignore_index, reduction,
+                                                        eps)
+        return _unflatten_rows(out, input, reduction)
+    return _softmax_loss(backend, input, target, _NLL, weight, None, ignore_index, reduction, eps)
 
 
 def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, alpha: Tensor | None = None,
@@ -50,8 +53,7 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, alpha: Tensor 
     gamma = _check_real("gamma", gamma, 0.0, math.inf)
     alpha = _class_vector("alpha", alpha, n_classes, input)
     target = _softmax_target(target, input, n_classes, ignore_index, allow_probs=False)
-    out = get_backend(backend, input).focal_loss(_rows(input), target, gamma, alpha, ignore_index, reduction)
-    return _unflatten_rows(out, input, reduction)
+    return _softmax_loss(backend, input, target, spec.Focal(gamma), alpha, None, ignore_index, reduction, 0.0)
 
 
 def mse_loss(input: Tensor, target: Tensor, ignore_index: int = -100, reduction: str = "mean", *,
@@ -101,6 +103,49 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: float = 0.25, gamma
     target = _binary_target(target, input)
     out = get_backend(backend, input).sigmoid_focal_loss(_elements(input), target, alpha, gamma, reduction)
     return out.reshape(input.shape) if reduction == "none" else out
+
+
+def softmax_loss(input: Tensor, target: Tensor, row_loss: spec.RowLoss, weight: Tensor | None = None,
+                 transform: spec.LogitTransform | None = None, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, *, backend: str = "auto") -> Tensor:
+    """Any loss of the true-class probability after a logit transform, on every backend: per non-ignored row,
+    with z' = transform(z) and p' = softmax(z'), l_i = (1-eps) w[y_i] phi(log p'_iy) + (eps/C) sum_c w_c
+    (lse'_i - z'_ic), and `mean` divides by the sum of w[y_i] over non-ignored rows. `row_loss` gives phi
+    and its slope (see `xentlab.kernels.spec`: NLL, Focal, Poly1, GCE, or your own); the gradient is
+    -slope(log p'_y) w_y (p' - onehot(y)) times the transform's scale. Class-index targets only."""
+    n_classes = _check_softmax_input(input)
+    _check_reduction(reduction)
+    _check_int("ignore_index", ignore_index)
+    eps = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
+    if not (callable(getattr(row_loss, "value", None)) and callable(getattr(row_loss, "slope", None))):
+        raise TypeError(f"row_loss must have value(logpt) and slope(logpt) methods (a xentlab.kernels.spec "
+                        f"RowLoss), got {type(row_loss).__name__}")
+    if transform is not None and not isinstance(transform, spec.LogitTransform):
+        raise TypeError(f"transform must be a LogitTransform or None, got {type(transform).__name__}")
+    weight = _class_vector("weight", weight, n_classes, input)
+    transform = _transform(transform, n_classes, input)
+    target = _softmax_target(target, input, n_classes, ignore_index, allow_probs=False)
+    return _softmax_loss(backend, input, target, row_loss, weight, transform, ignore_index, reduction, eps)
+
+
+def _softmax_loss(backend, input, target, row_loss, weight, transform, ignore_index, reduction, eps):
+    module = get_backend(backend, input)
+    if not hasattr(module, "softmax_loss"):  # a backend still on per-loss entry points (Triton, being ported)
+        return _legacy_softmax_loss(module, input, target, row_loss, weight, transform, ignore_index,
+                                    reduction, eps)
+    out = module.softmax_loss(_rows(input), target, row_loss, weight, transform, ignore_index, reduction, eps)
+    return _unflatten_rows(out, input, reduction)
+
+
+def _legacy_softmax_loss(module, input, target, row_loss, weight, transform, ignore_index, reduction, eps):
+    if transform is None and isinstance(row_loss, spec.NLL):
+        out = module.cross_entropy(_rows(input), target, weight, ignore_index, reduction, eps)
+    elif transform is None and isinstance(row_loss, spec.Focal) and eps == 0:
+        out = module.focal_loss(_rows(input), target, row_loss.gamma, weight, ignore_index, reduction)
+    else:
+        raise NotImplementedError(f"backend {module.__name__} has no softmax_loss yet, so it runs only "
+                                  f"cross-entropy and focal loss; use backend='fused' or 'reference'")
+    return _unflatten_rows(out, input, reduction)
 
 
 # ---------------------------------------------------------------- argument checks
@@ -164,6 +209,24 @@ def _class_vector(name: str, value, n_classes: int, input: Tensor) -> Tensor | N
         raise ValueError(f"{name} must have shape (C,) = ({n_classes},), got {tuple(value.shape)}")
     _check_weights(name, value)
     return value.to(device=input.device, dtype=compute_dtype(input.dtype)).contiguous()
+
+
+def _transform(transform, n_classes: int, input: Tensor):
+    """A LogitTransform with its tensors checked (finite, shape (C,)) and moved to the compute dtype."""
+    if transform is None or transform.is_identity:
+        return None
+    moved = {}
+    for name in ("scale", "bias", "margin"):
+        value = getattr(transform, name)
+        if isinstance(value, Tensor):
+            if tuple(value.shape) not in ((n_classes,), ()):
+                raise ValueError(f"transform.{name} must have shape (C,) = ({n_classes},), got "
+                                 f"{tuple(value.shape)}")
+            value = value.to(device=input.device, dtype=compute_dtype(input.dtype))
+        elif value is not None:
+            value = _check_real(f"transform.{name}", value, -math.inf, math.inf)
+        moved[name] = value
+    return spec.LogitTransform(**moved)
 
 
 def _softmax_target(target, input: Tensor, n_classes: int, ignore_index: int, allow_probs: bool) -> Tensor:

@@ -58,8 +58,9 @@ class ClassifierModule(pl.LightningModule):
 
     def __init__(self, model: nn.Module, loss: nn.Module, *, task: str, num_classes: int,
                  optimizer: Callable[..., torch.optim.Optimizer], run_params: dict | None = None,
-                 figure_every_n_epochs: int = 0, overrides: Sequence[str] = (),
-                 shared_dir: str | Path | None = None):
+                 figure_every_n_epochs: int = 0,
+                 scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+                 | None = None, overrides: Sequence[str] = (), shared_dir: str | Path | None = None):
         super().__init__()
         if isinstance(figure_every_n_epochs, bool) or not isinstance(figure_every_n_epochs, int) \
                 or figure_every_n_epochs < 0:
@@ -70,7 +71,7 @@ class ClassifierModule(pl.LightningModule):
         # A sweep's folder: the loss-curve figure, the same for every seed, is drawn once per setting.
         self.shared_dir = None if shared_dir is None else Path(shared_dir)
         self.model, self.loss, self.task, self.num_classes = model, loss, task, num_classes
-        self.optimizer_factory = optimizer
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.figure_every_n_epochs = figure_every_n_epochs
         # How the loss turns logits into probabilities: calibration, NLL and Brier are measured on those.
         probability_map = getattr(loss, "probability_map", "softmax")
@@ -130,7 +131,21 @@ class ClassifierModule(pl.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self):
-        return self.optimizer_factory(self.parameters())
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        # Lightning's default interval: stepped once per epoch, after it.
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+    def on_train_epoch_start(self) -> None:
+        # A loss may change with the epoch (LDAM's deferred re-weighting): the documented hook, optional.
+        hook = getattr(self.loss, "on_train_epoch_start", None)
+        if callable(hook):
+            hook(self.current_epoch)
+        if self.logger is not None:
+            # Straight to the logger, once an epoch, like the logit-gradient norm.
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            self.logger.log_metrics({"train/lr": lr}, step=self.global_step)
 
     # --- epoch ends: scalars, figures, the HParams session -----------------------------------------
 

@@ -22,6 +22,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from xentlab import config_dir
+
 if TYPE_CHECKING:
     import pytorch_lightning as pl
     from torch import nn
@@ -32,8 +34,7 @@ if TYPE_CHECKING:
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 SUMMARY = ("balanced_accuracy", "macro_f1", "minority_recall", "ece")  # printed when a run ends
-# conf/ sits beside the package in the repository (installed editable by the scripts).
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(config_dir())
 
 
 def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module]:
@@ -60,14 +61,16 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from xentlab.module import BoardLogger, ClassifierModule
+    from xentlab.schedules import build_scheduler
 
     quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)
+    scheduler = build_scheduler(**OmegaConf.to_container(cfg.scheduler), total_epochs=cfg.trainer.max_epochs)
     datamodule, loss, model = build_parts(cfg)
     module = ClassifierModule(model, loss, task=datamodule.task, num_classes=datamodule.num_classes,
                               optimizer=instantiate(cfg.optimizer), run_params=flat_params(cfg),
-                              figure_every_n_epochs=cfg.figure_every_n_epochs, overrides=overrides,
-                              shared_dir=shared_dir)
+                              figure_every_n_epochs=cfg.figure_every_n_epochs, scheduler=scheduler,
+                              overrides=overrides, shared_dir=shared_dir)
     logger = BoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
     callbacks = []
     if cfg.trainer.get("enable_checkpointing", True):

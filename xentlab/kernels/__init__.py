@@ -1,7 +1,11 @@
 """Backend choice for the loss kernels: "auto" | "fused" | "triton" | "reference".
 
-Every backend module exposes the same five functions (cross_entropy, focal_loss, mse_loss,
-binary_cross_entropy_with_logits, sigmoid_focal_loss) over already-validated, flattened (N, C) arguments.
+Every backend module exposes
+`softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduction, label_smoothing)`, the
+whole index-target softmax family over a row loss of log p_y and a logit transform (see
+`xentlab.kernels.spec`), plus the losses with their own kernels (cross_entropy for probability targets,
+mse_loss, binary_cross_entropy_with_logits, sigmoid_focal_loss), all over already-validated, flattened
+(N, C) arguments.
 Triton is imported only when the Triton backend is actually chosen, so importing xentlab never needs it.
 """
 
@@ -35,5 +39,5 @@ def get_backend(name: str, input: torch.Tensor) -> ModuleType:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
         name = "triton" if input.is_cuda and triton_available() else "fused"
-    module = {"fused": "fused", "triton": "triton_xent", "reference": "reference"}[name]
+    module = {"fused": "fused", "triton": "triton", "reference": "reference"}[name]
     return importlib.import_module(f"{__name__}.{module}")

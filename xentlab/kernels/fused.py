@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xentlab.kernels import compute_dtype
+from xentlab.kernels import compute_dtype, spec
 
 Tensor = torch.Tensor
 
@@ -33,6 +33,11 @@ _CHUNK_ELEMS = 1 << 20
 _MIN_CHUNK_ELEMS = 1 << 16
 # Below this many classes PyTorch's row-softmax kernel is dominated by per-row overhead; compose it instead.
 _SMALL_C = 64
+# Inputs up to this many elements take the one-shot path: the whole batch in one pass of a few dispatched ops,
+# loss and gradient in the forward. At training shapes (128 x 5) each op costs microseconds of dispatch while
+# the math costs nanoseconds, so op count is the whole cost; chunking pays off only once rows leave cache.
+_SMALL_ELEMS = 1 << 16
+_NLL = spec.NLL()
 _local = threading.local()
 
 
@@ -81,6 +86,43 @@ class _FusedLoss(torch.autograd.Function):
         with torch.no_grad():
             grad = _input_gradient(ctx, grad_output)
         if torch.is_grad_enabled():  # create_graph=True: make a later differentiation of `grad` fail loudly
+            grad = _NoDoubleBackward.apply(grad.detach().requires_grad_())
+        return grad, None, None
+
+
+class _OneShot(torch.autograd.Function):
+    """Small inputs: one call of the kernel over the whole batch computes the loss and, when the input needs
+    a gradient, the gradient unscaled by grad_output (scaled by 1/D for `mean`), saved for backward, for
+    every reduction: with few rows the saved gradient costs less than a second sweep."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, kernel, reduction: str) -> Tensor:
+        ctx.reduction, ctx.dtype = reduction, input.dtype
+        cdt = compute_dtype(input.dtype)
+        x = input if input.dtype == cdt else input.to(cdt)
+        want_grad = ctx.needs_input_grad[0]
+        denominator = kernel.denominator() if reduction == "mean" else None
+        scale = None
+        if want_grad:  # an empty or all-ignored batch: NaN mean loss, zero gradient (as PyTorch)
+            scale = 1.0 if denominator is None else denominator.clamp(min=torch.finfo(cdt).tiny).reciprocal()
+        out = torch.empty_like(x)
+        loss = kernel.chunk(x, slice(None), out, [], scale)
+        if want_grad:
+            ctx.save_for_backward(out)
+        if reduction != "none":
+            loss = loss.sum() if denominator is None else loss.sum() / denominator
+        return loss.to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors
+        with torch.no_grad():  # the gradient is scaled in the compute dtype and rounded once, at the end
+            if ctx.reduction == "none":
+                grad = grad * grad_output.to(grad.dtype)[:, None]
+            elif not bool(grad_output == 1):
+                grad = grad * grad_output.to(grad.dtype)
+            grad = grad.to(ctx.dtype)
+        if torch.is_grad_enabled():
             grad = _NoDoubleBackward.apply(grad.detach().requires_grad_())
         return grad, None, None
 
@@ -151,86 +193,119 @@ def _log_softmax(x: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
     return out.sub_(torch.exp(out, out=scratch).sum(1, keepdim=True).log_())
 
 
-def _log_true_class(p: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """p[y] and log p[y]; where p[y] is too small for an accurate log, log p[y] = x[y] - logsumexp(x)."""
-    pt = p.gather(1, y).squeeze(1)
-    logpt = pt.log()
-    tiny = pt < torch.finfo(pt.dtype).tiny * 2**24
-    if bool(tiny.any()):
-        xs = x[tiny]
-        logpt[tiny] = xs.gather(1, y[tiny]).squeeze(1) - torch.logsumexp(xs, 1)
-    return pt, logpt
+def _log_true_class(p: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """log p[y] without a host sync: lse = x_k - log p_k at the row's argmax k, where p_k >= 1/C is never too
+    small for an accurate log, so log p[y] = x[y] - x_k + log p_k even when p[y] underflows."""
+    top, k = x.max(1, keepdim=True)
+    return (x.gather(1, y) - top + p.gather(1, k).log_()).squeeze(1)
 
 
 @dataclass(eq=False)
 class _SoftmaxIndex:
-    """Cross-entropy (gamma None) or softmax focal loss with class-index targets.
+    """The index-target softmax family of `xentlab.kernels.spec`: a row loss phi of log p'_y after a logit
+    transform z -> z', with class weights and PyTorch's label smoothing.
 
     target has ignored rows sent to class 0; w_y is the true class's weight (alpha for focal), 0 on ignored
-    rows. Per row the gradient is coef * p - [c == y] coef_y - smooth * w (the last only with label
-    smoothing), all times the row's scale."""
+    rows. Per row the gradient with respect to z' is coef p' - [c == y] coef_y - smooth w (the last only
+    with label smoothing), with coef_y = -(1-eps) w_y slope(log p'_y) and coef = coef_y + smooth W; the
+    transform's scale multiplies it on the way back to z. `small` computes the row statistics with one
+    log_softmax over the whole input (few dispatched ops, for small inputs); otherwise per chunk with the
+    softmax, which keeps large rows in cache."""
 
     target: Tensor
     valid: Tensor
     w_y: Tensor
     weight: Tensor | None
     eps: float
-    gamma: float | None
+    row_loss: spec.RowLoss
+    transform: spec.LogitTransform | None
+    small: bool = False
     elementwise = False
-    slots = 0
+
+    @property
+    def slots(self) -> int:
+        return self.transform is not None
 
     def denominator(self) -> Tensor:
         return self.w_y.sum()
 
     def chunk(self, x, rows, out, ws, s):
-        p = _softmax(x, out)
-        y, valid, w_y = self.target[rows, None], self.valid[rows], self.w_y[rows]
-        pt, logpt = _log_true_class(p, x, y)
-        if self.gamma is None:
-            loss, coef, coef_y, smooth = self._cross_entropy_terms(x, y, logpt, valid, w_y)
+        y, w_y = self.target[rows, None], self.w_y[rows]
+        if self.transform is not None:
+            x = self._transformed(x, y, ws.pop() if ws else None)
+        if self.small:
+            logp = torch.log_softmax(x, 1, out=out) if out.shape == x.shape else torch.log_softmax(x, 1)
+            logpt = logp.gather(1, y).squeeze(1)
         else:
-            loss, coef = self._focal_terms(pt, logpt, w_y)
-            coef_y, smooth = coef, None
-        if s is not None:  # s: 0-d, or (rows,) in the backward of reduction="none"
-            p.mul_((coef * s)[:, None])
-            if smooth is not None and self.weight is None:
-                p.sub_((smooth * s)[:, None])
-            elif smooth is not None:
-                p.addr_(smooth * s, self.weight, alpha=-1)
-            p.scatter_add_(1, y, -(coef_y * s)[:, None])
-        return torch.where(valid, loss, 0.0)
+            p = _softmax(x, out)
+            logpt = _log_true_class(p, x, y)
+        nll = isinstance(self.row_loss, spec.NLL)
+        value = -logpt if nll else self.row_loss.value(logpt)
+        keep = 1 - self.eps
+        loss = w_y * value if keep == 1 else (keep * w_y) * value
+        smooth = None
+        if self.eps:
+            smooth, total_w, row_sum = self._smoothing(x, logp if self.small else None, y, logpt, rows)
+            loss = loss - smooth * row_sum
+        if s is None:
+            return torch.where(self.valid[rows], loss, 0.0)
+        if self.small:
+            p = logp.exp_()
+        coef_y = w_y if nll else w_y * -self.row_loss.slope(logpt)
+        if keep != 1:
+            coef_y = keep * coef_y
+        coef_y = coef_y * s  # s: a number, 0-d, or (rows,) in the backward of reduction="none"
+        coef = coef_y if smooth is None else coef_y + (smooth * s) * total_w
+        p.mul_(coef[:, None])
+        if smooth is not None and self.weight is None:
+            p.sub_((smooth * s)[:, None])
+        elif smooth is not None:
+            p.addr_(smooth * s, self.weight, alpha=-1)
+        p.scatter_add_(1, y, coef_y.neg()[:, None])
+        scale = self.transform.scale if self.transform is not None else 1.0
+        if isinstance(scale, Tensor) or scale != 1.0:
+            p.mul_(scale)
+        return torch.where(self.valid[rows], loss, 0.0)
 
-    def _cross_entropy_terms(self, x, y, logpt, valid, w_y):
-        if self.eps == 0:
-            return w_y * -logpt, w_y, w_y, None
-        eps, n_classes = self.eps, x.shape[1]
-        # sum_c w_c log p_c = sum_c w_c x_c - W lse, with lse = x_y - log p_y from the true class
-        lse = x.gather(1, y).squeeze(1) - logpt
-        if self.weight is None:
-            total_w, row_sum = n_classes, x.sum(1) - n_classes * lse
-        else:
-            total_w = self.weight.sum()
-            row_sum = x @ self.weight - total_w * lse
-        smooth = valid.to(x.dtype) * (eps / n_classes)
-        loss = (1 - eps) * w_y * -logpt - smooth * row_sum
-        return loss, (1 - eps) * w_y + smooth * total_w, (1 - eps) * w_y, smooth
+    def _transformed(self, x, y, buffer):
+        """z' = scale (z - [c == y] margin) + bias, in `buffer` when given (a chunk workspace slot)."""
+        t = self.transform
+        z = x if buffer is None else buffer.copy_(x)
+        if t.margin is not None:
+            z = z.scatter_add(1, y, -t.margin[y]) if buffer is None else z.scatter_add_(1, y, -t.margin[y])
+        if isinstance(t.scale, Tensor) or t.scale != 1.0:
+            z = z * t.scale if z is x else z.mul_(t.scale)
+        if t.bias is not None:
+            z = z + t.bias if z is x else z.add_(t.bias)
+        return z
 
-    def _focal_terms(self, pt, logpt, a_y):
-        # s = a_y (1-pt)^g [1 - g pt log(pt) / (1-pt)]: (1-pt)^(g-1) is never formed, so g < 1 stays finite
-        # as pt -> 1, where log(pt) / (1-pt) -> -1.
-        gamma = self.gamma
-        one_minus_pt = (1 - pt).clamp_(min=0)
-        modulator = one_minus_pt.pow(gamma)
-        ratio = torch.where(one_minus_pt > 0, logpt / one_minus_pt, -1.0)
-        loss = a_y * modulator * -logpt
-        return loss, a_y * (modulator * (1 - gamma * pt * ratio))
+    def _smoothing(self, x, logp, y, logpt, rows):
+        """smooth_i = valid_i eps/C, W = sum_c w_c and sum_c w_c log p'_ic (the smoothing term's row sum)."""
+        n_classes = x.shape[1]
+        smooth = self.valid[rows].to(x.dtype) * (self.eps / n_classes)
+        total_w = n_classes if self.weight is None else self.weight.sum()
+        if logp is not None:
+            row_sum = logp.sum(1) if self.weight is None else logp @ self.weight
+        else:  # sum_c w_c log p_c = sum_c w_c x_c - W lse, with lse = x_y - log p_y
+            lse = x.gather(1, y).squeeze(1) - logpt
+            row_sum = (x.sum(1) if self.weight is None else x @ self.weight) - total_w * lse
+        return smooth, total_w, row_sum
 
 
-def _index_kernel(target, weight, ignore_index, eps, gamma, cdt) -> _SoftmaxIndex:
+def softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduction, label_smoothing):
+    """The index-target softmax family (`xentlab.kernels.spec`): per non-ignored row l_i = (1-eps) w[y_i]
+    phi(log p'_iy) + (eps/C) sum_c w_c (lse'_i - z'_ic) on the transformed logits z'; `mean` divides by the
+    sum of w[y_i] over non-ignored rows. Gradient in closed form from the row loss's slope."""
+    cdt = compute_dtype(input.dtype)
+    weight = None if weight is None else weight.to(cdt)
+    if transform is not None and transform.is_identity:
+        transform = None
     valid = target != ignore_index
     y = torch.where(valid, target, 0)
     w_y = valid.to(cdt) if weight is None else weight[y] * valid
-    return _SoftmaxIndex(y, valid, w_y, weight, eps, gamma)
+    small = input.numel() <= _SMALL_ELEMS
+    kernel = _SoftmaxIndex(y, valid, w_y, weight, label_smoothing, row_loss, transform, small)
+    return (_OneShot if small else _FusedLoss).apply(input, kernel, reduction)
 
 
 @dataclass(eq=False)
@@ -262,24 +337,17 @@ class _SoftmaxProbs:
 
 
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
-    """Cross-entropy with PyTorch's semantics (index or probability targets, weight, ignore_index, label
-    smoothing): l_i = (1-eps) w[y_i] (lse_i - x_iy) + (eps/C) sum_c w_c (lse_i - x_ic); see LOSSES.md."""
-    cdt = compute_dtype(input.dtype)
-    weight = None if weight is None else weight.to(cdt)
-    if target.dtype.is_floating_point:
-        kernel = _SoftmaxProbs(target, weight, label_smoothing)
-    else:
-        kernel = _index_kernel(target, weight, ignore_index, label_smoothing, None, cdt)
-    return _FusedLoss.apply(input, kernel, reduction)
+    """Index targets: softmax_loss with phi = -log p_y (PyTorch's cross-entropy). Probability targets:
+    l_i = -sum_c w_c t'_ic log p_ic with t' = (1-eps) t + eps/C, `mean` over rows."""
+    if not target.dtype.is_floating_point:
+        return softmax_loss(input, target, _NLL, weight, None, ignore_index, reduction, label_smoothing)
+    weight = None if weight is None else weight.to(compute_dtype(input.dtype))
+    return _FusedLoss.apply(input, _SoftmaxProbs(target, weight, label_smoothing), reduction)
 
 
 def focal_loss(input, target, gamma, alpha, ignore_index, reduction):
-    """Softmax focal loss l_i = -a[y_i] (1 - p_iy)^gamma log p_iy, `mean` over the sum of a[y_i]; the
-    gradient is s_i (p_i - onehot(y_i)) with s_i = a[y_i] [(1-pt)^g - g pt (1-pt)^(g-1) log pt]."""
-    cdt = compute_dtype(input.dtype)
-    alpha = None if alpha is None else alpha.to(cdt)
-    kernel = _index_kernel(target, alpha, ignore_index, 0.0, float(gamma), cdt)
-    return _FusedLoss.apply(input, kernel, reduction)
+    """Softmax focal loss: softmax_loss with phi = -(1 - p_y)^gamma log p_y and alpha as the class weight."""
+    return softmax_loss(input, target, spec.Focal(gamma), alpha, None, ignore_index, reduction, 0.0)
 
 
 @dataclass(eq=False)

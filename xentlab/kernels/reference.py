@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from xentlab.kernels import compute_dtype
+from xentlab.kernels.spec import NLL, Focal
 
 Tensor = torch.Tensor
 
@@ -21,31 +22,32 @@ def _reduce(loss: Tensor, reduction: str, denominator: Tensor | float) -> Tensor
     return loss.sum() / denominator if reduction == "mean" else loss.sum()
 
 
-def _index_rows(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int):
-    """log_softmax, the valid-row mask, class indices with ignored rows sent to 0, and w[y] (0 if ignored)."""
-    logp = torch.log_softmax(x.to(compute_dtype(x.dtype)), dim=1)
+def softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduction, label_smoothing):
+    """The index-target softmax family (see `xentlab.kernels.spec`): per non-ignored row, with z' the
+    transformed logits and p' = softmax(z'), l_i = (1-eps) w[y_i] phi(log p'_iy) + (eps/C) sum_c w_c
+    (lse'_i - z'_ic); `mean` divides by sum of w[y_i] over non-ignored rows. phi is differentiated by autograd
+    through log_softmax(z'), which is what checks every row loss's closed-form `slope`."""
+    z = input.to(compute_dtype(input.dtype))
     valid = target != ignore_index
     y = torch.where(valid, target, 0)
-    w_y = valid.to(logp.dtype) if weight is None else weight.to(logp.dtype)[y] * valid
-    return logp, valid, y, w_y
-
-
-def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
-    """l_i = (1-eps) w[y_i] (lse_i - x_iy) + (eps/C) sum_c w_c (lse_i - x_ic); `mean` divides by sum of w[y_i]
-    over non-ignored rows. Probability targets: l_i = -sum_c w_c t'_ic log p_ic with t' = (1-eps) t + eps/C,
-    and `mean` divides by N."""
-    if target.dtype.is_floating_point:
-        return _cross_entropy_probs(input, target, weight, reduction, label_smoothing)
-    logp, valid, y, w_y = _index_rows(input, target, weight, ignore_index)
-    n_classes = logp.shape[1]
-    nll = -logp.gather(1, y[:, None]).squeeze(1)
-    smooth = -(logp if weight is None else logp * weight.to(logp.dtype)).sum(1)
-    loss = (1 - label_smoothing) * w_y * nll + (label_smoothing / n_classes) * smooth
+    if transform is not None:
+        z = transform.apply(z, y)
+    logp = torch.log_softmax(z, dim=1)
+    weight = None if weight is None else weight.to(logp.dtype)
+    w_y = valid.to(logp.dtype) if weight is None else weight[y] * valid
+    loss = (1 - label_smoothing) * w_y * row_loss.value(logp.gather(1, y[:, None]).squeeze(1))
+    if label_smoothing:
+        smooth = -(logp if weight is None else logp * weight).sum(1)
+        loss = loss + (label_smoothing / logp.shape[1]) * smooth
     loss = torch.where(valid, loss, 0.0)
     return _reduce(loss, reduction, w_y.sum()).to(input.dtype)
 
 
-def _cross_entropy_probs(input, target, weight, reduction, label_smoothing):
+def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
+    """Index targets: softmax_loss with phi = -log p_y. Probability targets: l_i = -sum_c w_c t'_ic log p_ic
+    with t' = (1-eps) t + eps/C, and `mean` divides by N."""
+    if not target.dtype.is_floating_point:
+        return softmax_loss(input, target, NLL(), weight, None, ignore_index, reduction, label_smoothing)
     logp = torch.log_softmax(input.to(compute_dtype(input.dtype)), dim=1)
     smoothed = target.to(logp.dtype) * (1 - label_smoothing) + label_smoothing / logp.shape[1]
     if weight is not None:
@@ -55,15 +57,8 @@ def _cross_entropy_probs(input, target, weight, reduction, label_smoothing):
 
 
 def focal_loss(input, target, gamma, alpha, ignore_index, reduction):
-    """Softmax focal loss l_i = -a[y_i] (1 - p_iy)^gamma log p_iy; `mean` divides by the sum of a[y_i] over
-    non-ignored rows, so gamma=0 is weighted cross-entropy."""
-    logp, valid, y, a_y = _index_rows(input, target, alpha, ignore_index)
-    logpt = logp.gather(1, y[:, None]).squeeze(1)
-    # the clamp keeps autograd's (1-pt)^(gamma-1) finite at pt = 1 for gamma < 1; the value moves < tiny^g
-    one_minus_pt = (1 - logpt.exp()).clamp(min=torch.finfo(logp.dtype).tiny)
-    loss = -a_y * one_minus_pt**gamma * logpt
-    loss = torch.where(valid, loss, 0.0)
-    return _reduce(loss, reduction, a_y.sum()).to(input.dtype)
+    """Softmax focal loss: softmax_loss with phi = -(1 - p_y)^gamma log p_y and alpha as the class weight."""
+    return softmax_loss(input, target, Focal(gamma), alpha, None, ignore_index, reduction, 0.0)
 
 
 def mse_loss(input, target, ignore_index, reduction, on):

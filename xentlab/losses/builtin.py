@@ -8,19 +8,17 @@ signatures default only the PyTorch conventions (`ignore_index`, `reduction`) an
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
+from xentlab import config_dir, weights
 from xentlab import functional as F
-from xentlab import weights
 from xentlab.kernels import BACKENDS
 from xentlab.losses.registry import register_loss
 
 Tensor = torch.Tensor
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "loss"
+CONF_DIR = config_dir() / "loss"
 SOFTMAX_TASKS = ("multiclass", "binary")
 POS_WEIGHT_RULES = ("balanced",)
 

@@ -1,0 +1,1 @@
+"""xentlab's Hydra configs, shipped as package data `xentlab.conf` (see pyproject.toml)."""

@@ -1,0 +1,81 @@
+"""A normal, non-editable install works: the wheel carries the configs, and its commands run from any folder.
+
+The wheel is built from a copy of the source tree and installed into a fresh virtual environment. The
+dependencies (torch, Lightning, Hydra, ...) come from this test environment through a `.pth` file rather
+than a second multi-GB download; the test checks that it is the wheel's xentlab, not this environment's
+editable one, that runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("pyproject.toml", "setup.py", "README.md", "xentlab", "conf")
+
+
+def run(command: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(PYTHONWARNINGS="ignore", COLUMNS="200", HYDRA_FULL_ERROR="1")
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def wheel_env(tmp_path_factory) -> Path:
+    """A fresh venv with the freshly built wheel installed (no dependencies of its own)."""
+    tmp = tmp_path_factory.mktemp("install")
+    source = tmp / "source"
+    source.mkdir()
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, source / name)
+    pip = [sys.executable, "-m", "pip"]
+    run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(tmp / "dist"),
+         str(source)], tmp)
+    (wheel,) = (tmp / "dist").glob("xentlab-*.whl")
+    venv = tmp / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp)
+    python = venv / "bin" / "python"
+    purelib = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                       tmp).stdout.strip())
+    # This environment's site-packages come after the venv's own: its dependencies, not its xentlab (an
+    # editable install there is a .pth hook, which only runs in a site directory, not a .pth-added path).
+    ours = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"]])
+    (purelib / "xentlab-test-deps.pth").write_text("\n".join(ours) + "\n")
+    run([*pip, "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)], tmp)
+    return venv
+
+
+def test_the_wheel_is_what_runs_and_ships_the_configs(wheel_env, tmp_path):
+    code = ("import xentlab; from xentlab.losses import build_loss; "
+            "print(xentlab.__file__); print(xentlab.config_dir()); print(build_loss('focal').gamma)")
+    module, conf, gamma = run([str(wheel_env / "bin" / "python"), "-c", code], tmp_path).stdout.split()
+    assert Path(module).is_relative_to(wheel_env) and Path(conf).is_relative_to(wheel_env)
+    assert (Path(conf) / "config.yaml").is_file() and (Path(conf) / "loss" / "focal.yaml").is_file()
+    assert float(gamma) == 2.0  # the default from the shipped conf/loss/focal.yaml
+    # Every package of the source tree is in the wheel (a subpackage left out would fail only on import).
+    def packages(root: Path) -> set[Path]:
+        return {p.parent.relative_to(root) for p in root.rglob("__init__.py")}
+
+    assert packages(Path(module).parent) == packages(ROOT / "xentlab") | {Path("conf")}
+
+
+def test_the_installed_commands_run_from_any_folder(wheel_env, tmp_path):
+    listing = run([str(wheel_env / "bin" / "xentlab"), "losses"], tmp_path).stdout
+    assert " focal " in listing and "gamma=2.0" in listing
+    run([str(wheel_env / "bin" / "xentlab-train"), "trainer.max_epochs=1", "data.n_samples=400",
+         "model.hidden_sizes=[16]"], tmp_path)
+    (record,) = tmp_path.glob("outputs/*/*/metrics.json")
+    assert '"status": "completed"' in record.read_text()

@@ -1,0 +1,146 @@
+"""What a softmax-family loss is, written once for every backend: a row loss of log p_y and a logit transform.
+
+Cross-entropy, focal, Poly-1 and GCE are functions phi(log p_y) of the true-class log-probability alone, so
+the gradient of a row's loss with respect to its logits is always -phi'(log p_y) (p - onehot(y)). A
+`RowLoss` holds phi's parameters and gives phi (`value`) and its derivative (`slope`), both elementwise on a
+float tensor of log p_y. Logit adjustment and LDAM change the logits before the row's logsumexp; a
+`LogitTransform` holds that change: z'_c = scale_c (z_c - [c == y] margin_c) + bias_c. Every backend's
+`softmax_loss` takes one of each, so a new loss of p_y is one small class here (or in a plugin), and the
+reference, fused and Triton backends all run it: the reference through autograd on `value`, the others with
+`slope` in closed form. Torch only: no registry, Hydra or Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@runtime_checkable
+class RowLoss(Protocol):
+    """A loss phi(l) of the true-class log-probability l = log p_y, elementwise on a float tensor."""
+
+    def value(self, logpt: Tensor) -> Tensor:
+        """phi(l)."""
+        ...
+
+    def slope(self, logpt: Tensor) -> Tensor:
+        """d phi / d l, finite for every l <= 0 (p_y = 1 included)."""
+        ...
+
+
+def _finite(name: str, value: float, low: float, high: float, *, open_low: bool = False) -> float:
+    value = float(value)
+    inside = (low < value if open_low else low <= value) and value <= high
+    if not (math.isfinite(value) and inside):
+        bracket = "(" if open_low else "["
+        raise ValueError(f"{name} must be a finite number in {bracket}{low}, {high}], got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class NLL:
+    """Cross-entropy: phi(l) = -l, slope -1."""
+
+    def value(self, logpt: Tensor) -> Tensor:
+        return -logpt
+
+    def slope(self, logpt: Tensor) -> Tensor:
+        return torch.full_like(logpt, -1.0)
+
+
+@dataclass(frozen=True)
+class Focal:
+    """Focal loss (Lin et al. 2017): phi(l) = -(1 - e^l)^gamma l, with p = e^l the slope is
+    gamma (1-p)^(gamma-1) p l - (1-p)^gamma.
+
+    The slope is formed as -(1-p)^gamma [1 - gamma p l / (1-p)]: (1-p)^(gamma-1) never appears, so gamma < 1
+    stays finite as p -> 1, where l / (1-p) -> -1. 1 - p is -expm1(l), exact for p near 1."""
+
+    gamma: float = 2.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "gamma", _finite("gamma", self.gamma, 0.0, math.inf))
+
+    def value(self, logpt: Tensor) -> Tensor:
+        # The clamp keeps autograd's (1-p)^(gamma-1) finite at p = 1 (the reference backend differentiates
+        # this); it moves the value by less than tiny^gamma * |l|, and l = 0 there.
+        one_minus_pt = (-torch.expm1(logpt)).clamp(min=torch.finfo(logpt.dtype).tiny)
+        return -one_minus_pt.pow(self.gamma) * logpt
+
+    def slope(self, logpt: Tensor) -> Tensor:
+        one_minus_pt = (-torch.expm1(logpt)).clamp(min=0)
+        ratio = torch.where(one_minus_pt > 0, logpt / one_minus_pt, -1.0)
+        return one_minus_pt.pow(self.gamma) * (self.gamma * logpt.exp() * ratio - 1)
+
+
+@dataclass(frozen=True)
+class Poly1:
+    """Poly-1 (Leng et al. 2022): phi(l) = -l + epsilon (1 - e^l), slope -1 - epsilon e^l.
+
+    epsilon >= -1 keeps phi decreasing in p_y (the slope is -(1 + epsilon p) <= 0)."""
+
+    epsilon: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "epsilon", _finite("epsilon", self.epsilon, -1.0, math.inf))
+
+    def value(self, logpt: Tensor) -> Tensor:
+        return -logpt - self.epsilon * torch.expm1(logpt)
+
+    def slope(self, logpt: Tensor) -> Tensor:
+        return -1 - self.epsilon * logpt.exp()
+
+
+@dataclass(frozen=True)
+class GCE:
+    """Generalised cross-entropy (Zhang & Sabuncu 2018): phi(l) = (1 - e^{q l}) / q = (1 - p^q) / q, slope
+    -e^{q l}; q in (0, 1] (q -> 0 is cross-entropy, q = 1 is MAE on the true class)."""
+
+    q: float = 0.7
+
+    def __post_init__(self):
+        object.__setattr__(self, "q", _finite("q", self.q, 0.0, 1.0, open_low=True))
+
+    def value(self, logpt: Tensor) -> Tensor:
+        return -torch.expm1(self.q * logpt) / self.q
+
+    def slope(self, logpt: Tensor) -> Tensor:
+        return -torch.exp(self.q * logpt)
+
+
+@dataclass(frozen=True, eq=False)
+class LogitTransform:
+    """z'_c = scale_c (z_c - [c == y] margin_c) + bias_c, applied to each row before its logsumexp.
+
+    `scale` is a number or a (C,) tensor (LDAM's s), `bias` a (C,) tensor added after scaling (logit
+    adjustment's tau log prior), `margin` a (C,) tensor subtracted from the true class's logit before
+    scaling (LDAM's Delta). The chain rule gives dL/dz_c = scale_c dL/dz'_c. Tensors are expected in the
+    backend's compute dtype on the input's device (xentlab.functional arranges that)."""
+
+    scale: float | Tensor = 1.0
+    bias: Tensor | None = None
+    margin: Tensor | None = None
+
+    @property
+    def is_identity(self) -> bool:
+        return self.bias is None and self.margin is None and not isinstance(self.scale, Tensor) \
+            and self.scale == 1.0
+
+    def apply(self, z: Tensor, target: Tensor) -> Tensor:
+        """z' for (N, C) logits z and (N,) class indices (valid ones: ignored rows sent to any class)."""
+        if self.margin is not None:
+            z = z.scatter_add(1, target[:, None], -self.margin[target][:, None].to(z.dtype))
+        if isinstance(self.scale, Tensor) or self.scale != 1.0:
+            z = z * self.scale
+        if self.bias is not None:
+            z = z + self.bias
+        return z
+
+
+IDENTITY = LogitTransform()
