@@ -179,7 +179,9 @@ def load_runs(sweep_dir: Path) -> tuple[list[Run], list[Path]]:
                         record.get("config") or {}, None if overrides is None else tuple(overrides),
                         record.get("error")))
     done = {run.path for run in runs}
-    pending = sorted(marker.parent for marker in sweep_dir.rglob(".hydra") if marker.parent not in done)
+    # A job that trained a batch of seeds holds its runs' metrics.json in subfolders (seed=<s>/).
+    pending = sorted(marker.parent for marker in sweep_dir.rglob(".hydra")
+                     if not any(path == marker.parent or marker.parent in path.parents for path in done))
     return runs, pending
 
 

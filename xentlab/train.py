@@ -118,6 +118,8 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     """
     import torch
 
+    if cfg.get("seeds", 1) != 1:
+        raise ValueError(f"train() runs one seed; seeds={cfg.seeds} is train_seeds()'s")
     if threads is not None:
         torch.set_num_threads(threads)
     output_dir = Path(output_dir)
@@ -135,6 +137,17 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     record = {"status": status, "duration_s": round(time.time() - started, 3),
               "epochs": trainer.current_epoch, "torch_threads": torch.get_num_threads(), "metrics": final}
     return write_record(output_dir, cfg, record, overrides)
+
+
+def train_seeds(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
+                threads: int | None = None, shared_dir: str | Path | None = None) -> list[dict]:
+    """The run's records: `[train(...)]` for `seeds: 1`; for `seeds: K > 1` the K runs of seeds
+    seed ... seed+K-1, trained as one batch (`xentlab.seedbatch`), each in `<output_dir>/seed=<s>/`."""
+    from xentlab.seedbatch import check_seeds, train_batch
+
+    if check_seeds(cfg.get("seeds", 1)) == 1:
+        return [train(cfg, output_dir, overrides=overrides, threads=threads, shared_dir=shared_dir)]
+    return train_batch(cfg, output_dir, overrides=overrides, threads=threads)
 
 
 def finished_record(output_dir: Path, max_epochs: int) -> dict | None:
@@ -233,8 +246,8 @@ def main(cfg: DictConfig) -> float:
     overrides = list(hydra_cfg.overrides.task)
     raises_failures = "optuna" in str(hydra_cfg.sweeper.get("_target_", ""))
     try:
-        record = train(cfg, output_dir, overrides=overrides, threads=threads,
-                       shared_dir=logdir if multirun else None)
+        records = train_seeds(cfg, output_dir, overrides=overrides, threads=threads,
+                              shared_dir=logdir if multirun else None)
     except Exception as error:
         if not multirun:
             raise
@@ -245,10 +258,15 @@ def main(cfg: DictConfig) -> float:
         if raises_failures:
             raise
         return math.nan
-    summary = ", ".join(f"{name} {record['metrics'][f'test/{name}']:.3f}" for name in SUMMARY
-                        if f"test/{name}" in record["metrics"])
-    print(f"[xentlab] {record['status']}: test {summary or 'not run'} ({output_dir / METRICS_FILE})")
-    return sweep_value(record, cfg.objective, must_be_finite=multirun and raises_failures)
+    for record in records:
+        summary = ", ".join(f"{name} {record['metrics'][f'test/{name}']:.3f}" for name in SUMMARY
+                            if f"test/{name}" in record["metrics"])
+        where = output_dir if len(records) == 1 else output_dir / f"seed={record['config']['seed']}"
+        print(f"[xentlab] {record['status']}: test {summary or 'not run'} ({where / METRICS_FILE})")
+    # A batch of seeds gives the sweeper its mean over the seeds.
+    values = [sweep_value(record, cfg.objective, must_be_finite=multirun and raises_failures)
+              for record in records]
+    return sum(values) / len(values)
 
 
 if __name__ == "__main__":
