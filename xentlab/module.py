@@ -189,18 +189,9 @@ class ClassifierModule(LeanModule):
         self.log_dict({f"test/{name}": value for name, value in posthoc.items()}, sync_dist=True)
 
     def _posthoc(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-        """Temperature scaling fitted on the last validation epoch, and (single-label data) logit
-        adjustment by the training priors, both scored on the test predictions (docs/metrics.md)."""
-        values = {}
-        if self._val_logits is not None:
-            val_logits, val_target = self._val_logits
-            probability_map = self.metrics["test_"].probability_map
-            values.update(temperature_scaled(val_logits, val_target, logits, target, self.task,
-                                             probability_map))
-        counts = getattr(self.trainer.datamodule, "class_counts", None)
-        if self.task != "multilabel" and counts is not None:
-            values.update(logit_adjusted(logits, target, counts))
-        return values
+        return posthoc_metrics(self._val_logits, logits, target, task=self.task,
+                               probability_map=self.metrics["test_"].probability_map,
+                               class_counts=getattr(self.trainer.datamodule, "class_counts", None))
 
     def on_test_end(self) -> None:
         # Per-class recalls included: they are what a loss for imbalanced data is judged by. The loss
@@ -257,6 +248,19 @@ class ClassifierModule(LeanModule):
         except FileExistsError:
             return False
         return True
+
+
+def posthoc_metrics(val: tuple[torch.Tensor, torch.Tensor] | None, logits: torch.Tensor, target: torch.Tensor,
+                    *, task: str, probability_map: str, class_counts=None) -> dict[str, float]:
+    """Temperature scaling fitted on `val` (the last validation epoch's logits and targets; skipped when
+    None) and, for single-label data, logit adjustment by the training priors `class_counts`, both
+    scored on the test logits and targets (docs/metrics.md)."""
+    values = {}
+    if val is not None:
+        values.update(temperature_scaled(*val, logits, target, task, probability_map))
+    if task != "multilabel" and class_counts is not None:
+        values.update(logit_adjusted(logits, target, class_counts))
+    return values
 
 
 # --- what a run writes to TensorBoard besides scalars (shared with xentlab.seedbatch) -----------------

@@ -36,6 +36,7 @@ from xentlab.module import (
     LeanModule,
     log_figures,
     loss_curves_figure,
+    posthoc_metrics,
     write_data_description,
     write_hparams,
 )
@@ -231,6 +232,7 @@ class SeedBatchModule(LeanModule):
             "test_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=m),
         }) for m in maps)
         self._logit_grad_norms: torch.Tensor | None = None
+        self._val_logits: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(runs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -341,11 +343,21 @@ class SeedBatchModule(LeanModule):
         epoch, every = self.current_epoch + 1, self.figure_every_n_epochs
         figures = epoch == self.trainer.max_epochs or (every > 0 and epoch % every == 0)
         for k in range(len(self.runs)):
+            # For the post-hoc fits at test time, as ClassifierModule keeps them.
+            self._val_logits[k] = self.metrics[k]["val_"].kept_logits()
             self._log_stage(k, "val", figures=figures)
 
     def on_test_epoch_end(self) -> None:
-        for k in range(len(self.runs)):
+        for k, run in enumerate(self.runs):
+            metrics = self.metrics[k]["test_"]
+            posthoc = posthoc_metrics(self._val_logits[k], *metrics.kept_logits(), task=self.task,
+                                      probability_map=metrics.probability_map,
+                                      class_counts=run.datamodule.class_counts)
             self._log_stage(k, "test", figures=True)
+            logged = {f"test/{name}": value for name, value in posthoc.items()}
+            run.final.update(logged)
+            if run.logger is not None:
+                run.logger.log_metrics(logged, step=self.global_step)
 
     def on_test_end(self) -> None:
         for run in self.runs:
