@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from xentlab.module import board_tag
+from xentlab.board import board_tag
 from xentlab.schedules import build_scheduler, lr_factor
 from xentlab.train import CONFIG_DIR, build_run
 

@@ -117,7 +117,7 @@ def test_adding_a_seed_to_the_batch_changes_no_other_seed(tmp_path):
 def test_each_seed_writes_a_run_of_its_own(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from xentlab.module import HPARAMS_RUN, board_tag
+    from xentlab.board import HPARAMS_RUN, board_tag
     from xentlab.report import build_report
 
     cfg = config("seed=7", "seeds=2", "trainer.log_every_n_steps=1")

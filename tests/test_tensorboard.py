@@ -22,8 +22,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from xentlab.board import HPARAMS_RUN, board_tag
 from xentlab.data import build_datamodule
-from xentlab.module import HPARAMS_RUN, board_tag
+from xentlab.report.sweep import read_curve
 from xentlab.train import CONFIG_DIR, train
 
 COMMON = ["trainer.max_epochs=2", "model.hidden_sizes=[16]"]
@@ -113,6 +114,13 @@ def test_figures_and_pr_curves_are_logged(logs, run, val_images):
         assert {board_tag(f"val/pr_class_{c}"), board_tag(f"test/pr_class_{c}")} <= tensors
         assert len(events.Tensors(board_tag(f"val/pr_class_{c}"))) == val_images
     assert "data/class_counts/text_summary" in tensors
+
+
+def test_the_report_reads_the_validation_curve_under_its_board_tag(logs):
+    root, runs = logs
+    curve = read_curve(root / "multiclass", "val/balanced_accuracy")
+    final = runs["multiclass"][1]["metrics"]["val/balanced_accuracy"]
+    assert len(curve) == 2 and curve[-1] == pytest.approx(final)
 
 
 def test_loss_curves_are_drawn_once_per_setting_not_per_seed(logs):

@@ -95,9 +95,9 @@ def test_ddp_on_two_cpu_processes_shards_training_and_reports_global_metrics(tmp
     from sklearn.metrics import balanced_accuracy_score
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from xentlab.board import board_tag
     from xentlab.data import build_datamodule
     from xentlab.models import build_model
-    from xentlab.module import board_tag
 
     overrides = [*TINY, "trainer.max_epochs=2", "trainer.log_every_n_steps=1"]
     result = run_cli(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *overrides], tmp_path)

@@ -23,22 +23,12 @@ from torch.utils.tensorboard.summary import hparams
 
 from xentlab import functional as xF
 from xentlab import plots
+from xentlab.board import HPARAMS_RUN, board_tag
 from xentlab.metrics import StageMetrics, logit_adjusted, loss_curve, per_label, temperature_scaled
 
 CURVE_POINTS = 49
-# TensorBoard's Time Series sorts tag groups by name and opens only the first two: numbering the stages
-# puts validation and test first. metrics.json and the report keep the plain names.
-BOARD_GROUPS = {"val": "1_val", "test": "2_test", "train": "3_train"}
-HPARAMS_RUN = "hparams"  # sub-run holding the HParams session and its hp/ metrics, nothing else
 # Overrides that do not change what a run computes (as hydra.job.config.override_dirname.exclude_keys).
 NOT_HPARAMS = ("experiment", "ckpt_path", "threads")
-
-
-def board_tag(name: str) -> str:
-    """The TensorBoard tag of a logged name: `val/x` -> `1_val/x`, `test/x` -> `2_test/x`,
-    `train/x` -> `3_train/x`; other names unchanged."""
-    stage, slash, rest = name.partition("/")
-    return f"{BOARD_GROUPS[stage]}/{rest}" if slash and stage in BOARD_GROUPS else name
 
 
 class BoardLogger(TensorBoardLogger):
