@@ -182,14 +182,16 @@ def test_nested_seed_runs_warnings_and_equal_classes(tmp_path):
             record = completed(loss, seed, ratio=1, **{"test/balanced_accuracy": 0.5 + 0.1 * seed,
                                                        "test/minority_recall": 0.4})
             if loss == "focal" and seed == 1:
-                record["warnings"] = ["training loss never fell below its first epoch's: diverged?"]
+                record["warnings"] = ["loss never fell below epoch 1",
+                                      {"rule": "loss", "epoch": 3}]
             write_job(tmp_path, [f"loss={loss}", "seeds=2", f"seed={seed}"], record, nested=f"seed={seed}")
     report = write_report(tmp_path)
     assert [len(g.runs) for g in report.groups] == [2, 2] and report.pending == [] and report.complete
     # Imbalance ratio 1: "minority recall" would name an arbitrary class, so it is not reported.
     assert [m.key for m in report.metrics] == ["test/balanced_accuracy"]
     md = (tmp_path / "report.md").read_text()
-    assert "seed=1: training loss never fell below its first epoch's: diverged?" in md
+    warned = 'seed=1: loss never fell below epoch 1; {"epoch": 3, "rule": "loss"}'
+    assert warned in md
     assert not (tmp_path / "report_metric_vs_ratio.png").exists()  # one ratio: no trend to plot
 
 
@@ -274,3 +276,18 @@ def test_convergence_section_reads_event_files(tmp_path):
     assert rows["loss=ce"].mean == 2 and rows["loss=mse"].mean == 4  # 0.8 · 0.85 = 0.68
     md = (tmp_path / "report.md").read_text()
     assert "## Convergence" in md and "| loss=mse | 4.0 (all 2 equal) | 5 |" in md
+
+
+def test_class_axis_says_majority_only_where_it_is():
+    from xentlab.report import class_axis_label
+    from xentlab.report.compare import Group
+    from xentlab.report.sweep import Run
+
+    def group(data: dict) -> Group:
+        return Group({}, "loss=ce", "", [Run(Path("x"), "completed", {}, {"data": data}, None)], {}, [])
+
+    assert class_axis_label([group({"name": "classification", "imbalance_ratio": 10, "counts": None})]) \
+        == "class (0 = majority, sizes fall with the index)"
+    assert class_axis_label([group({"name": "multilabel", "n_classes": 8})]) == "label"
+    assert class_axis_label([group({"name": "classification", "imbalance_ratio": 1})]) == "class"
+    assert class_axis_label([group({"name": "blobs", "imbalance_ratio": 10, "counts": [5, 50]})]) == "class"

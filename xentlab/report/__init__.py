@@ -26,6 +26,7 @@ from rich.table import Table
 from xentlab.report.compare import (
     DEFAULT_BASELINE,
     KEY_METRICS,
+    MINORITY,
     Comparison,
     Comparisons,
     Group,
@@ -40,7 +41,6 @@ from xentlab.report.compare import (
 from xentlab.report.convergence import Convergence, convergence
 from xentlab.report.stats import MIN_SEEDS, NO_RUNS, Summary, summarize
 from xentlab.report.sweep import (
-    BAD,
     METRICS_FILE,
     PLANNED_FILE,
     Run,
@@ -50,8 +50,8 @@ from xentlab.report.sweep import (
     started_jobs,
 )
 
-__all__ = ["Report", "build_report", "write_report", "summarize", "Summary", "Metric", "KEY_METRICS",
-           "METRICS_FILE", "ReportWriteError"]
+__all__ = ["KEY_METRICS", "METRICS_FILE", "Comparison", "Metric", "Report", "ReportWriteError",
+           "Summary", "build_report", "summarize", "write_report"]
 
 RATIO_KEY = "data.imbalance_ratio"
 
@@ -282,9 +282,13 @@ def markdown(report: Report) -> str:
     for cells, signs in table_rows(report):
         values = [f"**{s} {c}**" if s else c for c, s in zip(cells[3:], signs, strict=True)]
         lines.append("| " + " | ".join(cells[lead] + values) + " |")
-    missing = [m.key for m in KEY_METRICS if m not in report.metrics]
+    recorded = {k for g in report.groups for run in g.runs for k in run.metrics}
+    missing = [m.key for m in KEY_METRICS if m not in report.metrics and m.key not in recorded]
     if missing:
         lines += ["", f"Not reported by these runs: {', '.join(missing)}."]
+    if MINORITY in recorded and not all(MINORITY in g.stats for g in report.groups):
+        lines += ["", "Minority recall is left out where the classes have equal sizes (imbalance ratio 1): "
+                  "there it would name an arbitrary class."]
     if report.convergence is not None:
         lines += ["", *report.convergence.markdown()]
     lines += problem_lines(report)
@@ -450,5 +454,3 @@ def print_report(report: Report, console: Console) -> None:
                       f"{escape(shown + more)}",
                       highlight=False)
 
-
-__all__ += ["BAD", "Comparison"]

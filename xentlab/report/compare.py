@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from xentlab.report.stats import (
     ALPHA,
     MIN_SEEDS,
-    NO_RUNS,
     Paired,
-    Summary,
     difference_range,
     holm,
     metric_range,
@@ -95,8 +93,14 @@ class Comparison:
         d = self.paired
         agree = d.positive if d.diff > 0 else d.negative
         word = "better" if self.better else "worse"
-        return (f"{self.group.label} {word} than {self.baseline.label} by {d.diff:+.3f} "
-                f"[{d.low:+.3f}, {d.high:+.3f}] ({agree}/{d.n} seeds, adjusted p = {self.p_adjusted:.2g})")
+        return (f"{self.group.label} {word} than {self.baseline.label} by {signed(d.diff)} "
+                f"[{signed(d.low)}, {signed(d.high)}] ({agree}/{d.n} seeds, "
+                f"adjusted p = {self.p_adjusted:.2g})")
+
+
+def signed(x: float) -> str:
+    """`+0.200`; a difference too small for three decimals in scientific form (`+2.1e-05`), not `+0.000`."""
+    return f"{x:+.1e}" if 0 < abs(x) < 5e-4 else f"{x:+.3f}"
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
@@ -315,11 +319,8 @@ def few_seeds(c: Comparison) -> str:
     d = c.paired
     if d.n == 0:
         return f"{c.group.label} shares no seed with {c.baseline.label}"
-    text = f"{c.group.label} {d.diff:+.3f} on n = {d.n} (p = {d.p:.2g})"
+    text = f"{c.group.label} {signed(d.diff)} on n = {d.n} (p = {d.p:.2g})"
     if c.needed is not None:
         text += f", ~{c.needed} seeds would detect a difference this size"
     return text
 
-
-def group_summary(group: Group, key: str) -> Summary:
-    return group.stats.get(key, NO_RUNS)

@@ -18,7 +18,6 @@ from xentlab.board import board_tag
 METRICS_FILE = "metrics.json"
 PLANNED_FILE = "multirun.yaml"  # Hydra writes the sweep's full config there when a multirun starts
 MAX_RECORD_BYTES = 16 * 2 ** 20  # a metrics.json is a few kB; anything this large is not one
-BAD = ("unreadable", "malformed")  # statuses the report gives files it could not use
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ def read_run(file: Path) -> Run:
     overrides = record.get("overrides")
     return Run(file.parent, record["status"], {k: float(v) for k, v in (record.get("metrics") or {}).items()},
                record.get("config") or {}, None if overrides is None else tuple(overrides),
-               record.get("error"), tuple(record.get("warnings") or ()))
+               record.get("error"), tuple(text(w) for w in record.get("warnings") or ()))
 
 
 def shape_problem(record: object) -> str | None:
@@ -69,13 +68,13 @@ def shape_problem(record: object) -> str | None:
     if not isinstance(record.get("status"), str):
         return f"'status' should be a string, found {json_type(record.get('status'))}"
     for key, kind, check in (("metrics", "an object", dict), ("config", "an object", dict),
-                             ("overrides", "a list of strings", list),
-                             ("warnings", "a list of strings", list), ("error", "a string", str)):
+                             ("overrides", "a list of strings", list), ("warnings", "a list", list),
+                             ("error", "a string", str)):
         value = record.get(key)
         if value is not None and not isinstance(value, check):
             return f"'{key}' should be {kind}, found {json_type(value)}"
-        if check is list and value is not None and not all(isinstance(v, str) for v in value):
-            return f"'{key}' should be {kind}, found an item that is not a string"
+    if not all(isinstance(v, str) for v in record.get("overrides") or ()):
+        return "'overrides' should be a list of strings, found an item that is not a string"
     for name, value in (record.get("metrics") or {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"metric {name!r} should be a number, found {json_type(value)}"
@@ -83,6 +82,11 @@ def shape_problem(record: object) -> str | None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, str))):
         return f"'config.seed' should be an integer, found {json_type(seed)}"
     return None
+
+
+def text(item: object) -> str:
+    """A warning as one line: strings as they are, anything else (an object with details) as compact JSON."""
+    return item if isinstance(item, str) else json.dumps(item, sort_keys=True)
 
 
 def json_type(value: object) -> str:
