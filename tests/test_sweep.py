@@ -69,7 +69,7 @@ def test_joblib_sweep_with_a_failing_job_then_report(tmp_path):
     # The console: the sweep announced once, one line per finished job, the class-count table once.
     output = result.stdout + result.stderr
     assert f"[xentlab] 2 jobs -> {sweep_dir.relative_to(tmp_path)}\n" in result.stdout
-    assert "[1/2] data.imbalance_ratio=10 test/balanced_accuracy " in result.stdout
+    assert "[1/2] data.imbalance_ratio=10 val/balanced_accuracy " in result.stdout  # the objective
     assert "[2/2] data.imbalance_ratio=0.5 FAILED: ConfigError: data.imbalance_ratio" in result.stdout
     assert output.count("class counts per split") == 1 and "#0 :" not in output
     # Two parallel jobs share the cores: cores // 2 intra-op threads each, never more.
