@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from xentlab.board import board_tag
+
 # Same name as xentlab.train.METRICS_FILE; not imported from there, which would pull Hydra in.
 METRICS_FILE = "metrics.json"
 PLANNED_FILE = "multirun.yaml"  # Hydra writes the sweep's full config there when a multirun starts
@@ -204,7 +206,10 @@ def read_curve(job_dir: Path, tag: str) -> list[float]:
         accumulator.Reload()
     except Exception:  # noqa: BLE001 - a truncated or foreign event file means no curve, not a crash
         return []
-    if tag not in accumulator.Tags().get("scalars", []):
+    # xentlab's TensorBoard tag of the name (`val/x` is `1_val/x`), or the plain name in older runs.
+    scalars = accumulator.Tags().get("scalars", [])
+    tag = next((t for t in (board_tag(tag), tag) if t in scalars), None)
+    if tag is None:
         return []
     by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
     return [float(by_step[step]) for step in sorted(by_step)]
