@@ -29,7 +29,7 @@ class ReportCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._unreported = self._target(config)
-        atexit.register(self._report_if_unreported)
+        atexit.register(self._report_if_unreported, at_exit=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._unreported = self._target(config)
@@ -40,10 +40,12 @@ class ReportCallback(Callback):
         baseline = config.get("report", {}).get("baseline") if "report" in config else None
         return Path(str(config.hydra.sweep.dir)), None if baseline is None else str(baseline)
 
-    def _report_if_unreported(self) -> None:
+    def _report_if_unreported(self, at_exit: bool = False) -> None:
         if self._unreported is None:
             return
         (sweep_dir, baseline), self._unreported = self._unreported, None
+        if at_exit and not any(sweep_dir.rglob("metrics.json")):
+            return  # stopped before any job ended (e.g. a refused setting): nothing to report
         from xentlab.report import write_report  # matplotlib and scipy only when a sweep ends
 
         try:
