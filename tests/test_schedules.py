@@ -56,11 +56,11 @@ def test_ldam_drw_recipe_warms_up_linearly_then_decays_in_steps():
 @pytest.mark.parametrize(("name", "params", "fragments"), [
     ("linear", {}, ["'linear'", "none, cosine, step"]),
     ("cosine", {"milestones": [3]}, ["milestones", "warmup_epochs, min_factor"]),
-    ("step", {"milestones": [3, 20]}, ["scheduler.milestones", "[3, 20]", "max_epochs"]),
-    ("step", {"milestones": [5, 3]}, ["increasing", "[5, 3]"]),
-    ("step", {"milestones": [2], "warmup_epochs": 4}, ["after the warm-up", "[2]"]),
+    ("step", {"milestones": [5, 3]}, ["scheduler.milestones", "increasing", "[5, 3]"]),
+    ("step", {"milestones": [2], "warmup_epochs": 4}, ["after the warm-up", "warmup_epochs=4", "[2]"]),
     ("step", {"milestones": [3], "gamma": 0.0}, ["scheduler.gamma", "0.0"]),
-    ("none", {"warmup_epochs": 10}, ["scheduler.warmup_epochs", "max_epochs=10", "10"]),
+    ("none", {"warmup_epochs": -1}, ["scheduler.warmup_epochs", ">= 0", "-1"]),
+    ("none", {"warmup_epochs": 1.5}, ["scheduler.warmup_epochs", "1.5"]),
     ("cosine", {"min_factor": 1.5}, ["scheduler.min_factor", "1.5"]),
 ])
 def test_bad_schedules_are_refused_before_training(name, params, fragments):
@@ -68,6 +68,14 @@ def test_bad_schedules_are_refused_before_training(name, params, fragments):
         build_scheduler(name, total_epochs=10, **params)
     for fragment in fragments:
         assert fragment in str(error.value), (fragment, str(error.value))
+
+
+def test_a_short_trial_of_a_long_schedule_runs_its_first_epochs():
+    # Milestones and warm-up past trainer.max_epochs are never reached, as with torch's MultiStepLR.
+    trial = build_scheduler("step", total_epochs=2, warmup_epochs=4, milestones=[20, 25], gamma=0.1)(sgd(1.0))
+    assert lrs(trial, 2) == [0.25, 0.5]
+    with pytest.raises(ValueError, match="finite trainer.max_epochs"):
+        build_scheduler("cosine", total_epochs=-1)
 
 
 class EpochRecorder(nn.Module):

@@ -45,14 +45,16 @@ def build_scheduler(name: str, total_epochs: int, **params) \
     if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
         raise ValueError(f"scheduler={name} needs a finite trainer.max_epochs >= 1, got {total_epochs!r}")
     warmup = params.get("warmup_epochs", 0)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup < total_epochs:
-        raise ValueError(f"scheduler.warmup_epochs must be an integer in [0, trainer.max_epochs="
-                         f"{total_epochs}), got {warmup!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"scheduler.warmup_epochs must be an integer >= 0, got {warmup!r}")
     if name == "step":
+        # Milestones (or a warm-up) beyond trainer.max_epochs are never reached, as in torch's MultiStepLR:
+        # a short trial run of a long schedule is allowed.
         milestones = list(params.get("milestones", ()))
-        if milestones != sorted(set(milestones)) or not all(warmup < m < total_epochs for m in milestones):
-            raise ValueError(f"scheduler.milestones must be increasing epochs after the warm-up and before "
-                             f"trainer.max_epochs (in ({warmup}, {total_epochs})), got {milestones}")
+        if milestones != sorted(set(milestones)) or not all(isinstance(m, int) and m > warmup
+                                                             for m in milestones):
+            raise ValueError(f"scheduler.milestones must be increasing epochs after the warm-up (> "
+                             f"scheduler.warmup_epochs={warmup}), got {milestones}")
         if not 0 < params.get("gamma", 0.1) <= 1:
             raise ValueError(f"scheduler.gamma must be in (0, 1], got {params['gamma']}")
     if name == "cosine" and not 0 <= params.get("min_factor", 0.0) < 1:

@@ -46,7 +46,10 @@ def _workspace(slots: int, elems: int, dtype: torch.dtype, device: torch.device)
     cache = _local.__dict__.setdefault("workspace", {})
     buf = cache.get((dtype, device))
     if buf is None or buf.numel() < slots * elems:
-        buf = cache[(dtype, device)] = torch.empty(max(slots, 1) * elems, dtype=dtype, device=device)
+        # Never an inference tensor: one grown under inference_mode (a test epoch) could not be written
+        # outside it, and a joblib worker runs the next job's training in the same thread.
+        with torch.inference_mode(False):
+            buf = cache[(dtype, device)] = torch.empty(max(slots, 1) * elems, dtype=dtype, device=device)
     return [buf[i * elems:(i + 1) * elems] for i in range(slots)]
 
 
