@@ -229,6 +229,17 @@ def test_new_losses_gradcheck_on_every_backend(loss):
         assert torch.autograd.gradcheck(lambda z, r=reduction, b=backend: ours(z, target, r, b), (x,))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_numbers_of_the_new_losses_in_docs_losses_md(backend):
+    x, y = torch.tensor([[2.0, 1.0, 0.1]]), torch.tensor([0])
+    prior = torch.tensor([0.5, 0.3, 0.2]).log()
+    for value, expected in ((XF.focal_loss(x, y, 2.0, backend=backend), 0.0485),
+                            (XF.poly1_loss(x, y, 1.0, backend=backend), 0.7580),
+                            (XF.gce_loss(x, y, 0.7, backend=backend), 0.3617),
+                            (XF.logit_adjusted_loss(x, y, prior, 1.0, backend=backend), 0.2473)):
+        assert round(value.item(), 4) == expected
+
+
 def test_asl_without_focusing_or_clip_is_bce_and_the_balanced_softmax_is_tau_one():
     x, t = make_logits(N, C), make_binary_target(N, C, soft=True)
     assert_close(XF.asymmetric_loss(x, t, 0.0, 0.0, 0.0), F.binary_cross_entropy_with_logits(x, t))

@@ -167,11 +167,8 @@ def asymmetric_loss(input: Tensor, target: Tensor, gamma_pos: float = 0.0, gamma
     gamma_neg = _check_real("gamma_neg", gamma_neg, 0.0, math.inf)
     clip = _check_real("clip", clip, 0.0, 1.0)
     target = _binary_target(target, input)
-    module = get_backend(backend, input)
-    if not hasattr(module, "asymmetric_loss"):
-        raise NotImplementedError(f"backend {module.__name__} has no asymmetric_loss yet; use "
-                                  f"backend='fused' or 'reference'")
-    out = module.asymmetric_loss(_elements(input), target, gamma_pos, gamma_neg, clip, reduction)
+    out = get_backend(backend, input).asl_loss(_elements(input), target, gamma_pos, gamma_neg, clip,
+                                               reduction)
     return out.reshape(input.shape) if reduction == "none" else out
 
 
@@ -205,22 +202,8 @@ def _softmax_family(input, target, row_loss, weight, transform, ignore_index, re
 
 
 def _softmax_loss(backend, input, target, row_loss, weight, transform, ignore_index, reduction, eps):
-    module = get_backend(backend, input)
-    if not hasattr(module, "softmax_loss"):  # a backend still on per-loss entry points (Triton, being ported)
-        return _legacy_softmax_loss(module, input, target, row_loss, weight, transform, ignore_index,
-                                    reduction, eps)
-    out = module.softmax_loss(_rows(input), target, row_loss, weight, transform, ignore_index, reduction, eps)
-    return _unflatten_rows(out, input, reduction)
-
-
-def _legacy_softmax_loss(module, input, target, row_loss, weight, transform, ignore_index, reduction, eps):
-    if transform is None and isinstance(row_loss, spec.NLL):
-        out = module.cross_entropy(_rows(input), target, weight, ignore_index, reduction, eps)
-    elif transform is None and isinstance(row_loss, spec.Focal) and eps == 0:
-        out = module.focal_loss(_rows(input), target, row_loss.gamma, weight, ignore_index, reduction)
-    else:
-        raise NotImplementedError(f"backend {module.__name__} has no softmax_loss yet, so it runs only "
-                                  f"cross-entropy and focal loss; use backend='fused' or 'reference'")
+    out = get_backend(backend, input).softmax_loss(_rows(input), target, row_loss, weight, transform,
+                                                   ignore_index, reduction, eps)
     return _unflatten_rows(out, input, reduction)
 
 

@@ -542,6 +542,6 @@ def _mix(t: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
     return torch.where(t != 0, t * positive, 0.0) + torch.where(t != 1, (1 - t) * negative, 0.0)
 
 
-def asymmetric_loss(input, target, gamma_pos, gamma_neg, clip, reduction):
+def asl_loss(input, target, gamma_pos, gamma_neg, clip, reduction):
     """Asymmetric loss (Ridnik et al. 2021) per element, `mean` over all elements; see `_Asl`."""
     return _FusedLoss.apply(input, _Asl(target, float(gamma_pos), float(gamma_neg), float(clip)), reduction)

@@ -102,7 +102,7 @@ def sigmoid_focal_loss(input, target, alpha, gamma, reduction):
     return _reduce(loss, reduction, loss.numel()).to(input.dtype)
 
 
-def asymmetric_loss(input, target, gamma_pos, gamma_neg, clip, reduction):
+def asl_loss(input, target, gamma_pos, gamma_neg, clip, reduction):
     """Asymmetric loss (Ridnik et al. 2021): l = -[t (1-p)^g+ log p + (1-t) p_m^g- log(1 - p_m)] with
     p = sigmoid(x), p_m = max(p - clip, 0); `mean` over all elements."""
     x = input.to(compute_dtype(input.dtype))

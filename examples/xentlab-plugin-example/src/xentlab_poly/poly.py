@@ -7,20 +7,12 @@ CPU and Triton paths, and ignore_index, class weights and reductions handled as 
 
 from __future__ import annotations
 
-<<<<<<< HEAD
 from dataclasses import dataclass
-from pathlib import Path
 
-=======
->>>>>>> main
 import torch
 from torch import nn
 
 from xentlab import functional as F
-<<<<<<< HEAD
-from xentlab.losses import register_loss
-
-CONFIG = Path(__file__).parent / "conf" / "loss" / "poly2.yaml"
 
 
 @dataclass(frozen=True)
@@ -48,23 +40,6 @@ class Poly2CrossEntropy(nn.Module):
 
     def __init__(self, *, epsilon1: float, epsilon2: float, ignore_index: int = -100,
                  reduction: str = "mean"):
-=======
-
-
-class Poly1CrossEntropy(nn.Module):
-    """Poly-1: l_i = CE_i + epsilon * (1 - p_{i,y_i}), averaged over the non-ignored rows.
-
-    p_{i,y_i} = exp(-CE_i) exactly for unweighted, unsmoothed cross-entropy, so the whole loss comes from
-    xentlab's fused cross-entropy; ignored rows have CE_i = 0 and so contribute 0 to both terms.
-    epsilon = 0 is cross-entropy; epsilon > 0 pushes harder on confident examples, epsilon = -1 weakens it.
-    The default lives in conf/loss/poly1.yaml; the entry point `poly1 = xentlab_poly.poly:Poly1CrossEntropy`
-    registers the class.
-    """
-
-    xentlab_tasks = ("multiclass", "binary")
-
-    def __init__(self, *, epsilon: float, ignore_index: int = -100, reduction: str = "mean"):
->>>>>>> main
         super().__init__()
         if reduction not in F.REDUCTIONS:
             raise ValueError(f"reduction must be one of {F.REDUCTIONS}, got {reduction!r}")
