@@ -42,7 +42,15 @@ from hydra.utils import instantiate
 from rich.console import Console
 from rich.table import Table
 
-from xentlab.train import CONFIG_DIR, available_cpus, build_parts, quiet_lightning, train, train_seeds
+from xentlab.train import (
+    CONFIG_DIR,
+    available_cpus,
+    build_parts,
+    quiet_lightning,
+    train,
+    train_seeds,
+    trainer_arguments,
+)
 
 
 def config(samples: int, epochs: int, *overrides: str):
@@ -113,7 +121,7 @@ def lightning_floor(cfg) -> float:
     started = time.perf_counter()
     data, loss_fn, model = parts(cfg)
     with tempfile.TemporaryDirectory() as out:
-        trainer = pl.Trainer(**{**cfg.trainer, "enable_checkpointing": False}, logger=False,
+        trainer = pl.Trainer(**{**trainer_arguments(cfg), "enable_checkpointing": False}, logger=False,
                              default_root_dir=out)
         module = LossOnly(model, loss_fn, instantiate(cfg.optimizer))
         trainer.fit(module, datamodule=data)

@@ -308,6 +308,24 @@ def test_mean_denominator_spans_several_partial_blocks():
     _parity(("cross_entropy", (y, d.w, -1, "mean", 0.0)), d)
 
 
+def test_out_of_range_targets_are_never_read_out_of_bounds():
+    """Targets that skipped validation (a CUDA-graph caller's validate=False) with indices outside [0, C)
+    count as ignored rows in every index-target kernel instead of addressing memory out of bounds. (What
+    this observes is the torch side, which would index the weights out of bounds; Triton's interpreter reads
+    past a buffer without complaint, so the kernels' own masks are checked by reading, not by this test.)"""
+    d = _on(_data(torch.float32))
+    bad, ignored = d.y.clone(), d.y.clone()
+    bad[[0, 4]] = torch.tensor([C + 3, -5], device=DEVICE)
+    ignored[[0, 4]] = -100
+    transform = LogitTransform(scale=2.0, bias=d.w.log(), margin=0.5 * d.w)
+    for fn, args in [(tx.softmax_loss, (Focal(2.0), d.w, transform, -100, "mean", 0.1)),
+                     (tx.mse_loss, (-100, "mean", "probs"))]:
+        got = _run(fn, d.x, (bad, *args), None)
+        want = _run(fn, d.x, (ignored, *args), None)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+
+
 # --------------------------------------------------------------------------- autograd and in-place
 
 
@@ -510,6 +528,23 @@ def test_functional_dispatch_with_spatial_inputs(reduction):
             results.append(_run(call, x, args, grad_out))
         for a, b, what in zip(*results, ("loss", "gradient"), strict=True):
             torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6, msg=f"{name}/{reduction}: {what}")
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "mse_loss", "binary_cross_entropy_with_logits",
+                                  "sigmoid_focal_loss"])
+def test_functional_target_gradients_on_the_triton_backend(name):
+    """Issue 16 item 1's reproduction through xentlab.functional: t.grad is PyTorch's, not None."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64).to(DEVICE)
+    t = torch.softmax(torch.randn(2, 5, 3, generator=gen, dtype=torch.float64), 1).to(DEVICE)
+    grads = []
+    for backend in ("triton", "reference"):
+        xs, ts = x.clone().requires_grad_(), t.clone().requires_grad_()
+        getattr(functional, name)(xs, ts, backend=backend).backward()
+        grads.append((xs.grad, ts.grad))
+    assert grads[0][1] is not None
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 # ------------------------------------------------------------------- without the interpreter (subprocess)
