@@ -101,5 +101,5 @@ def plot_class_recall(report):
                    yerr=error_bars(summaries), capsize=2, label=g.label)
         ax.set(title=context or "per-class recall", xlabel=class_axis_label(block), ylabel="test recall",
                xticks=classes, ylim=(0, 1.05))
-        ax.legend(fontsize="small", ncols=min(3, len(block)), loc="upper left", bbox_to_anchor=(1.01, 1))
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     return figure
