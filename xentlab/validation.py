@@ -49,7 +49,7 @@ def check_top_level(cfg: DictConfig) -> None:
 
 def check_trainer(trainer: DictConfig) -> None:
     """Trainer arguments Lightning has, settings that can train, and an accelerator this machine has."""
-    accepted = trainer_arguments()
+    accepted = lightning_trainer_arguments()
     for key in trainer:
         if accepted and key not in accepted:
             close = difflib.get_close_matches(str(key), accepted, n=3, cutoff=0.6)
@@ -93,7 +93,7 @@ def check_loss(loss: DictConfig) -> None:
 
 
 @functools.cache
-def trainer_arguments() -> tuple[str, ...]:
+def lightning_trainer_arguments() -> tuple[str, ...]:
     """The keyword arguments of the installed Lightning's `Trainer.__init__`, read from its source without
     importing it (importing Lightning takes seconds); empty when the source cannot be read, and Lightning
     itself then refuses an unknown argument."""
