@@ -148,6 +148,7 @@ def test_ddp_on_two_cpu_processes_shards_training_and_reports_global_metrics(tmp
     from sklearn.metrics import balanced_accuracy_score
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from xentlab.board import board_tag
     from xentlab.data import build_datamodule
     from xentlab.models import build_model
 
@@ -167,7 +168,7 @@ def test_ddp_on_two_cpu_processes_shards_training_and_reports_global_metrics(tmp
     events.Reload()
     per_process = -(-len(data.splits["train"][1]) // 2)
     steps_per_epoch = -(-per_process // cfg.data.batch_size)
-    assert events.Scalars("train/logit_grad_norm")[-1].step == 2 * steps_per_epoch - 1
+    assert events.Scalars(board_tag("train/logit_grad_norm"))[-1].step == 2 * steps_per_epoch - 1
     # Test metrics cover the whole test split, not one process's half: recompute from the final weights.
     model = build_model(**cfg.model, in_features=data.num_features, num_outputs=data.num_classes)
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
