@@ -62,10 +62,12 @@ def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module
     return datamodule, loss, model
 
 
-def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path | None = None) \
+def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path | None = None,
+              varied: list[str] | None = None) \
         -> tuple[pl.Trainer, ClassifierModule, pl.LightningDataModule]:
-    """Everything a run needs, built (and so validated) before the first training step. `overrides` pick
-    the TensorBoard HParams columns; `shared_dir` is the sweep folder of a multirun job."""
+    """Everything a run needs, built (and so validated) before the first training step. `overrides` (those
+    of the keys in `varied`, the keys its sweep varies, when known) pick the TensorBoard HParams columns;
+    `shared_dir` is the sweep folder of a multirun job."""
     # Imported here, not at the top: the process that launches a parallel sweep never trains, and
     # importing Lightning there would cost ~5 s of every joblib sweep (docs/benchmarks.md).
     import pytorch_lightning as pl
@@ -81,7 +83,7 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
     module = ClassifierModule(model, loss, task=datamodule.task, num_classes=datamodule.num_classes,
                               optimizer=instantiate(cfg.optimizer), run_params=flat_params(cfg),
                               figure_every_n_epochs=cfg.figure_every_n_epochs, scheduler=scheduler,
-                              overrides=overrides, shared_dir=shared_dir)
+                              overrides=overrides, shared_dir=shared_dir, varied=varied)
     logger = BoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
     callbacks = []
     if cfg.trainer.get("enable_checkpointing", True):
@@ -128,14 +130,16 @@ def flat_params(cfg: DictConfig) -> dict:
 
 
 def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
-          threads: int | None = None, shared_dir: str | Path | None = None) -> dict:
+          threads: int | None = None, shared_dir: str | Path | None = None,
+          varied: list[str] | None = None) -> dict:
     """Fit on the training split, test on the held-out split, write `metrics.json`; return its content.
 
     With `ckpt_path=last` an interrupted run continues from `<output_dir>/checkpoints/last.ckpt` (global
     step, epoch, optimizer state and the TensorBoard curves carry on); a run whose `metrics.json` already
     says it completed `trainer.max_epochs` epochs is not trained again, so a resumed sweep redoes only
     its unfinished jobs. `overrides` (the job's command-line overrides) are stored for the report;
-    `threads`, if given, sets torch's intra-op threads first; `shared_dir` is a multirun's sweep folder.
+    `threads`, if given, sets torch's intra-op threads first; `shared_dir` and `varied` are a multirun's
+    sweep folder and the keys it varies (for TensorBoard).
     """
     import torch
 
@@ -149,7 +153,7 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
         return done
     started = time.time()
     try:
-        trainer, module, datamodule = build_run(cfg, output_dir, overrides, shared_dir)
+        trainer, module, datamodule = build_run(cfg, output_dir, overrides, shared_dir, varied)
     except (ValueError, TypeError) as error:
         # Building validates what the config checks could not (the data's settings, the loss for this data,
         # Lightning's view of the Trainer arguments): any refusal here is a setting to change.
@@ -166,13 +170,15 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
 
 
 def train_seeds(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
-                threads: int | None = None, shared_dir: str | Path | None = None) -> list[dict]:
+                threads: int | None = None, shared_dir: str | Path | None = None,
+                varied: list[str] | None = None) -> list[dict]:
     """The run's records: `[train(...)]` for `seeds: 1`; for `seeds: K > 1` the K runs of seeds
     seed ... seed+K-1, trained as one batch (`xentlab.seedbatch`), each in `<output_dir>/seed=<s>/`."""
     from xentlab.seedbatch import check_seeds, train_batch
 
     if check_seeds(cfg.get("seeds", 1)) == 1:
-        return [train(cfg, output_dir, overrides=overrides, threads=threads, shared_dir=shared_dir)]
+        return [train(cfg, output_dir, overrides=overrides, threads=threads, shared_dir=shared_dir,
+                      varied=varied)]
     return train_batch(cfg, output_dir, overrides=overrides, threads=threads)
 
 
@@ -361,8 +367,9 @@ def run_job(cfg: DictConfig) -> float:
             where = shown(output_dir)
             print(f"[xentlab] logs: {where}\n[xentlab] view: tensorboard --logdir {where}")
         threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
+        varied = json.loads(os.environ.get(SWEEP_ENV, "{}")).get("keys") if multirun else None
         records = train_seeds(cfg, output_dir, overrides=overrides, threads=threads,
-                              shared_dir=Path(hydra_cfg.sweep.dir) if multirun else None)
+                              shared_dir=Path(hydra_cfg.sweep.dir) if multirun else None, varied=varied)
     except Exception as error:
         if not multirun:
             if isinstance(error, ConfigError) and _BRIEF_ERRORS:
