@@ -23,6 +23,12 @@ BUILTIN_TASKS = {
     "focal": {"multiclass", "binary"},
     "mse": {"multiclass", "binary"},
     "bce": {"multilabel", "binary", "multiclass"},
+    "logit_adjusted": {"multiclass", "binary"},
+    "ldam": {"multiclass", "binary"},
+    "poly1": {"multiclass", "binary"},
+    "gce": {"multiclass", "binary"},
+    "sigmoid_focal": {"multilabel", "binary", "multiclass"},
+    "asl": {"multilabel", "binary", "multiclass"},
 }
 COUNTS = torch.tensor([50, 20, 10, 5])
 
