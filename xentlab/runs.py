@@ -75,7 +75,7 @@ class RunRecorder(pl.Callback):
     The training loss of the first batch (before any update) and each epoch's mean training loss feed
     `divergence_warnings`; the run's config is stamped into every checkpoint, so a resumed job can tell
     whether a folder's checkpoint is its own. All of it is callback state, saved and restored with the
-    checkpoint. Losses are summed on the device and read once per epoch (no per-step sync).
+    checkpoint. Losses are summed on the device and read once per epoch (no per-step host sync).
     """
 
     def __init__(self, config: dict):
@@ -91,7 +91,7 @@ class RunRecorder(pl.Callback):
         size = len(batch[1]) if isinstance(batch, (tuple, list)) and len(batch) > 1 else 1
         if self.initial_loss is None and trainer.global_step <= 1:
             self.initial_loss = float(loss)
-        self._sum = self._sum + loss.detach().double() * size
+        self._sum = self._sum + loss.detach().float() * size  # float32: MPS has no float64
         self._count += size
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -127,8 +127,10 @@ class Interruption:
             return "SIGINT (Ctrl-C)"  # Lightning answers Ctrl-C with sys.exit(1)
         return "SIGTERM" if type(stop).__name__ == "SIGTERMException" else type(stop).__name__
 
-    def exit_code(self) -> int:
-        return 128 + (signal.SIGTERM if self.signal == "SIGTERM" else signal.SIGINT)
+    @staticmethod
+    def exit_code(cause: str) -> int:
+        """The shell's convention for a process a signal stopped: 128 + the signal number."""
+        return 128 + (signal.SIGTERM if cause.startswith("SIGTERM") else signal.SIGINT)
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[Interruption]:

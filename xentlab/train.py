@@ -220,7 +220,7 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
         epoch = f" in epoch {trainer.current_epoch + 1}" if trainer is not None else ""
         raise RunInterrupted(
             f"interrupted by {cause}{epoch}; " + (unrecorded or f"recorded in {output_dir / METRICS_FILE}"),
-            interruption.exit_code()) from stop
+            interruption.exit_code(cause)) from stop
 
 
 def train_seeds(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
