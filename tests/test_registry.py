@@ -234,9 +234,30 @@ GOOD_PLUGIN = '''
 '''
 
 
+CONVENTIONAL_PLUGIN = '''
+    from torch import nn
+
+    class Plain(nn.Module):  # no decorator: the entry point `plain = xl_fake_conv:Plain` registers it
+        def __init__(self, *, scale: float, reduction: str = "mean"):
+            super().__init__()
+            self.scale, self.reduction = scale, reduction
+
+        def forward(self, input, target):
+            return self.scale * nn.functional.cross_entropy(input, target, reduction=self.reduction)
+
+    class Scaled(Plain):
+        xentlab_tasks = ("multiclass", "binary")
+'''
+
+
 @pytest.fixture
 def fake_plugins(tmp_path, monkeypatch, isolated_registry):
-    """A distribution `xl-fake-plugins` on sys.path with one good and three broken entry points."""
+    """A distribution `xl-fake-plugins` on sys.path with one good module, a package whose entry points name
+    classes (`name = pkg:Class`, one with its defaults in the package's conf/loss/), and three broken ones."""
+    package = tmp_path / "xl_fake_conv"
+    (package / "conf" / "loss").mkdir(parents=True)
+    (package / "__init__.py").write_text(textwrap.dedent(CONVENTIONAL_PLUGIN))
+    (package / "conf" / "loss" / "scaled.yaml").write_text("scale: 3.0\n")
     modules = {
         "xl_fake_good": GOOD_PLUGIN,
         "xl_fake_broken": "raise ImportError('needs [libfoo], which is not installed')\n",
@@ -249,10 +270,10 @@ def fake_plugins(tmp_path, monkeypatch, isolated_registry):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: xl-fake-plugins\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text(
         "[xentlab.losses]\ngood = xl_fake_good\nbroken = xl_fake_broken\nempty = xl_fake_empty\n"
-        "missing = xl_fake_good:NoSuchLoss\n")
+        "missing = xl_fake_good:NoSuchLoss\nscaled = xl_fake_conv:Scaled\nplain = xl_fake_conv:Plain\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     yield
-    for module in modules:
+    for module in [*modules, "xl_fake_conv"]:
         sys.modules.pop(module, None)
 
 
@@ -268,6 +289,18 @@ def test_plugins_are_discovered_and_broken_ones_reported_and_skipped(fake_plugin
     assert "registered no loss" in broken["empty"].error
     assert "NoSuchLoss" in broken["missing"].error
     assert "ce" in [e.name for e in list_losses()]  # the built-ins are untouched
+
+
+def test_an_entry_point_naming_a_class_registers_it_under_the_entry_points_name(fake_plugins):
+    with pytest.warns(RuntimeWarning):
+        registry.discover(refresh=True)
+    scaled, plain = get_loss("scaled"), get_loss("plain")
+    assert (scaled.source, scaled.tasks, plain.tasks) == ("xl-fake-plugins", ("multiclass", "binary"),
+                                                          ("multiclass",))
+    assert scaled.parameters() == {"scale": 3.0, "reduction": "mean"}  # from xl_fake_conv/conf/loss/
+    assert build_loss("scaled", task="binary").scale == 3.0
+    with pytest.raises(ValueError, match="does not support multilabel"):
+        build_loss("plain", task="multilabel", scale=1.0)
 
 
 def test_xentlab_losses_shows_plugins_and_failures(fake_plugins, capsys, monkeypatch):

@@ -55,7 +55,7 @@ def assert_one_failed_one_reported(sweep_dir: Path, result: subprocess.Completed
     assert "imbalance_ratio" in failed["error"] and "0.5" in failed["error"] and failed["traceback"]
     md = assert_reported(result, sweep_dir, groups=1)
     assert "1 completed runs" in md and "1 failed or incomplete" in md
-    assert "| failed | ValueError: data.imbalance_ratio" in md
+    assert "| failed | ConfigError: data.imbalance_ratio" in md
     completed = next(r for r in runs.values() if r["status"] == "completed")
     assert "test/balanced_accuracy" in completed["metrics"]
     return completed
@@ -65,6 +65,12 @@ def test_joblib_sweep_with_a_failing_job_then_report(tmp_path):
     result, sweep_dir = sweep(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                                "data.imbalance_ratio=10,0.5"], tmp_path)
     completed = assert_one_failed_one_reported(sweep_dir, result)
+    # The console: the sweep announced once, one line per finished job, the class-count table once.
+    output = result.stdout + result.stderr
+    assert f"[xentlab] 2 jobs -> {sweep_dir.relative_to(tmp_path)}\n" in result.stdout
+    assert "[1/2] data.imbalance_ratio=10 test/balanced_accuracy " in result.stdout
+    assert "[2/2] data.imbalance_ratio=0.5 FAILED: ConfigError: data.imbalance_ratio" in result.stdout
+    assert output.count("class counts per split") == 1 and "#0 :" not in output
     # Two parallel jobs share the cores: cores // 2 intra-op threads each, never more.
     assert completed["torch_threads"] == max(1, available_cpus() // 2)
 

@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from xentlab.train import CONFIG_DIR, train
+from xentlab.train import CONFIG_DIR, build_run, train
+from xentlab.validation import ConfigError, check_config
 
 TINY = ["data.n_samples=400", "model.hidden_sizes=[16]"]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, timeout: float = 180, full_error: bool = False) \
+        -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("xentlab-train")
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1" if full_error else "0", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
         [str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -50,7 +52,10 @@ def test_console_script_writes_logs_and_metrics(tmp_path):
     result = run_cli([*TINY, "trainer.max_epochs=1"], tmp_path)
     assert result.returncode == 0, result.stderr
     (run_dir,) = list((tmp_path / "outputs").glob("*/*"))
-    assert "tensorboard --logdir" in result.stdout and str(run_dir) in result.stdout
+    # Paths print relative to the working directory, all of them.
+    relative = str(run_dir.relative_to(tmp_path))
+    assert f"logs: {relative}\n" in result.stdout and f"tensorboard --logdir {relative}\n" in result.stdout
+    assert f"({relative}/metrics.json)" in result.stdout and str(tmp_path) not in result.stdout
     record = json.loads((run_dir / "metrics.json").read_text())
     assert record["status"] == "completed"
     balanced = record["metrics"]["test/balanced_accuracy"]
@@ -73,21 +78,67 @@ def test_multirun_names_job_folders_after_overrides(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("override", "expected"),
+    ("overrides", "expected"),
     [
-        ("loss=nosuch", ["loss/nosuch", "ce"]),
-        ("data.n_samples=-5", ["n_samples", "-5"]),
-        ("data.imbalance_ratio=0.5", ["imbalance_ratio", "0.5"]),
-        ("model=nosuch", ["model/nosuch", "mlp", "linear"]),
+        (["seed=abc"], ["seed must be an integer", "'abc'"]),
+        (["loss=focal", "loss.gama=1"], ["'gama'", "did you mean 'gamma'"]),
+        (["data.n_sampels=400"], ["data.n_sampels", "did you mean data.n_samples"]),
+        (["loss=nosuch"], ["loss/nosuch", "ce", "focal"]),
+        (["-m", "loss=ce,nosuch"], ["loss/nosuch", "focal"]),  # refused before the sweep's first job
+        (["data.n_samples=-5"], ["data.n_samples", "-5"]),
+        (["data=multilabel"], ["'ce' does not support multilabel", "bce"]),
     ],
 )
-def test_bad_override_fails_fast_naming_the_problem(tmp_path, override, expected):
-    result = run_cli([override, "trainer.max_epochs=1"], tmp_path, timeout=60)
-    assert result.returncode != 0
-    output = result.stdout + result.stderr
+def test_an_invalid_setting_is_one_message_and_exit_status_2(tmp_path, overrides, expected):
+    result = run_cli([*overrides, "trainer.max_epochs=1"], tmp_path, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "+loss" not in result.stderr and "+data" not in result.stderr
+    assert result.stderr.count("xentlab-train: ") == 1 and result.stderr.startswith("xentlab-train: ")
     for fragment in expected:
-        assert fragment in output, f"{fragment!r} missing from:\n{output}"
-    assert not list(tmp_path.glob("outputs/*/*/events.out.tfevents.*")), "training started despite bad input"
+        assert fragment in result.stderr, f"{fragment!r} missing from:\n{result.stderr}"
+    assert not list(tmp_path.glob("outputs/**/events.out.tfevents.*")), "training started despite bad input"
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path):
+    result = run_cli(["seed=abc"], tmp_path, timeout=60, full_error=True)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError: seed" in result.stderr
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[*TINY, *overrides])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["loss=focal", "loss.gamma=-1"], r"loss 'focal': gamma .*\[0.0, inf\], got -1"),
+        (["loss=focal", "loss.alpha=foo"], r"alpha must be .* inverse_frequency .* got 'foo'"),
+        (["loss.reduction=total"], r"loss 'ce': reduction must be one of none, mean, sum, got 'total'"),
+        (["trainer.gradient_clip=1"], r"trainer.gradient_clip is not .* mean trainer.gradient_clip_val"),
+        (["trainer.max_epochs=0"], r"trainer.max_epochs must be an integer >= 1, got 0"),
+        (["trainer.limit_train_batches=0"], r"trainer.limit_train_batches=0 trains nothing"),
+        (["loss=custom"], r"loss=custom needs the class to build: loss._target_="),
+    ],
+)
+def test_config_checks_name_the_key_the_value_and_the_choices(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        check_config(composed(*overrides))
+
+
+def test_an_accelerator_this_machine_lacks_is_refused(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ConfigError, match="accelerator=gpu, but torch finds no CUDA GPU.*trainer=cpu"):
+        check_config(composed("trainer=gpu"))
+
+
+def test_every_trainer_argument_and_loss_parameter_is_settable_without_plus(tmp_path):
+    cfg = composed("loss=focal", "loss.reduction=sum", "loss.backend=reference", "loss.ignore_index=-1",
+                   "trainer.gradient_clip_val=0.5", "trainer.accumulate_grad_batches=2")
+    check_config(cfg)
+    trainer, module, _ = build_run(cfg, tmp_path)
+    assert (trainer.gradient_clip_val, trainer.accumulate_grad_batches) == (0.5, 2)
+    assert (module.loss.reduction, module.loss.backend, module.loss.ignore_index) == ("sum", "reference", -1)
 
 
 def test_ddp_on_two_cpu_processes_shards_training_and_reports_global_metrics(tmp_path):

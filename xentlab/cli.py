@@ -39,15 +39,28 @@ def losses_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    """Compare a sweep's runs: print the table and verdicts, write report.md, report.csv and plots into it."""
-    from xentlab.report import write_report
+    """Compare a sweep's runs: print the table and verdicts, write report.md, the CSVs and plots into it.
 
+    Exit status: 0 for a complete sweep; 1 when any job failed, is unreadable, unfinished or never started
+    (0 with --allow-partial) or when the files could not be written; 2 for a folder with no runs or a bad
+    argument.
+    """
+    from xentlab.report import ReportWriteError, write_report
+
+    errors = Console(stderr=True)
     try:
-        write_report(args.sweep_dir)
+        report = write_report(args.sweep_dir, baseline=args.baseline)
+    except ReportWriteError as error:
+        errors.print(f"[red]xentlab report:[/] {escape(str(error))}", soft_wrap=True)
+        return 1
     except ValueError as error:
         # Not wrapped at the terminal width: the message holds a path to copy.
-        Console(stderr=True).print(f"[red]xentlab report:[/] {escape(str(error))}", soft_wrap=True)
+        errors.print(f"[red]xentlab report:[/] {escape(str(error))}", soft_wrap=True)
         return 2
+    if not report.complete and not args.allow_partial:
+        errors.print("[red]xentlab report:[/] the sweep is incomplete (failed, unreadable, unfinished or "
+                     "never-started jobs above); exit status 1 (--allow-partial: 0)", soft_wrap=True)
+        return 1
     return 0
 
 
@@ -57,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("losses", help="list the registered losses").set_defaults(run=losses_command)
     report = commands.add_parser("report", help="compare the runs of a sweep folder (report.md, .csv, plots)")
     report.add_argument("sweep_dir", help="a sweep folder, e.g. outputs/multirun/<date>/<time>")
+    report.add_argument("--baseline", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="the group every other is compared with (default: the sweep's report.baseline, "
+                             "else loss=ce)")
+    report.add_argument("--allow-partial", action="store_true",
+                        help="exit 0 even when jobs failed, are unfinished or never started")
     report.set_defaults(run=report_command)
     args = parser.parse_args(argv)
     return args.run(args)

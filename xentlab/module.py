@@ -23,7 +23,20 @@ from xentlab.metrics import StageMetrics, loss_curve, per_label
 CURVE_POINTS = 49
 
 
-class ClassifierModule(pl.LightningModule):
+class LeanModule(pl.LightningModule):
+    """A LightningModule whose plain attributes are set without nn.Module's checks."""
+
+    def __setattr__(self, name: str, value) -> None:
+        # Lightning sets bookkeeping attributes (the current hook's name) around every hook call, some 40
+        # times a training step, and nn.Module.__setattr__'s checks for parameters, buffers and submodules
+        # then cost ~0.1 ms a step. An existing plain attribute given a plain value needs none of them.
+        if name in self.__dict__ and not isinstance(value, (torch.Tensor, nn.Module)):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+
+class ClassifierModule(LeanModule):
     """Trains `model` with `loss(logits, target)` and logs the metrics of `xentlab.metrics` per epoch.
 
     Figures (confusion matrix, reliability diagram) and per-class PR curves go to TensorBoard every
@@ -52,15 +65,6 @@ class ClassifierModule(pl.LightningModule):
             "test_": StageMetrics(task, num_classes, keep_predictions=True),
         })
         self._logit_grad_norm: torch.Tensor | None = None
-
-    def __setattr__(self, name: str, value) -> None:
-        # Lightning sets bookkeeping attributes (the current hook's name) around every hook call, some 40
-        # times a training step, and nn.Module.__setattr__'s checks for parameters, buffers and submodules
-        # then cost ~0.1 ms a step. An existing plain attribute given a plain value needs none of them.
-        if name in self.__dict__ and not isinstance(value, (torch.Tensor, nn.Module)):
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -120,12 +124,12 @@ class ClassifierModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         writer = self._writer()
-        datamodule = self.trainer.datamodule
-        if writer is not None and hasattr(datamodule, "describe"):
-            # Indented: TensorBoard's text plugin renders markdown, and this keeps the table's columns.
-            writer.add_text("data/class_counts", "    " + datamodule.describe().replace("\n", "\n    "), 0)
         if writer is not None:
-            writer.add_image("loss_curves", plots.to_image(self._loss_curves_figure()), 0, dataformats="HWC")
+            write_data_description(writer, self.trainer.datamodule)
+            name = self.run_params.get("loss.name", type(self.loss).__name__)
+            figure = loss_curves_figure(self.loss, name, task=self.task, num_classes=self.num_classes,
+                                        minority=self._minority_class() or 0, device=self.device)
+            writer.add_image("loss_curves", plots.to_image(figure), 0, dataformats="HWC")
 
     def on_train_epoch_end(self) -> None:
         loss = self._log_stage("train")["loss"]
@@ -157,15 +161,8 @@ class ClassifierModule(pl.LightningModule):
         if self.logger is not None:
             self.logger.log_metrics(final, step=self.global_step)
         writer = self._writer()
-        if writer is None:
-            return
-        # Session summaries only, no per-run experiment summary (Lightning's log_hyperparams writes one):
-        # TensorBoard shows the first experiment summary it finds, so in a sweep mixing losses the other
-        # losses' parameters would vanish; without one it unites the hyperparameters of all runs.
-        _, start, end = hparams(hparam_values(self.run_params), final)
-        for summary in (start, end):
-            writer.file_writer.add_summary(summary, self.global_step)
-        writer.flush()
+        if writer is not None:
+            write_hparams(writer, self.run_params, final, self.global_step)
 
     def _log_stage(self, stage: str, figures: bool = False) -> dict[str, float]:
         """Logs the stage's epoch metrics (and figures), resets them and returns the logged values."""
@@ -196,38 +193,64 @@ class ClassifierModule(pl.LightningModule):
         return None
 
     def _log_figures(self, stage: str, metrics: StageMetrics) -> None:
-        # Collective: every rank gathers the predictions, only rank 0 draws.
-        confusion = metrics.confusion_matrix().cpu().numpy()
-        probs, target = (t.cpu() for t in metrics.kept_predictions())
-        bins = metrics.calibration.bins()
-        writer, step = self._writer(), self.global_step
-        if writer is None:
-            return
-        confusion_figure = (plots.multilabel_confusion_figure if self.task == "multilabel"
-                            else plots.confusion_matrix_figure)(confusion, title=f"{stage} confusion")
-        reliability = plots.reliability_figure(*(b.cpu().numpy() for b in bins), bins.ece,
-                                               title=f"{stage} reliability")
-        for tag, figure in (("confusion_matrix", confusion_figure), ("reliability", reliability)):
-            writer.add_image(f"{stage}/{tag}", plots.to_image(figure), step, dataformats="HWC")
-        for c in range(self.num_classes):
-            labels = target[:, c] > 0.5 if self.task == "multilabel" else target == c
-            writer.add_pr_curve(f"{stage}/pr_class_{c}", labels, probs[:, c], step)
+        log_figures(self._writer(), self.global_step, stage, metrics, task=self.task,
+                    num_classes=self.num_classes)
 
-    def _loss_curves_figure(self):
-        """This run's loss next to CE and MSE (xentlab.functional) as functions of p(true class)."""
-        p = torch.linspace(0.01, 0.99, CURVE_POINTS)
-        minority = self._minority_class() or 0
-        kwargs = {"task": self.task, "num_classes": self.num_classes, "true_class": minority,
-                  "device": self.device}
-        # Multilabel: per label, where CE and MSE of the 2-way softmax are BCE and the binary Brier score.
-        wrap = per_label if self.task == "multilabel" else (lambda loss: loss)
-        curves = {"cross-entropy": loss_curve(wrap(xF.cross_entropy), p, **kwargs),
-                  "MSE on probabilities": loss_curve(wrap(xF.mse_loss), p, **kwargs),
-                  f"this run: {self.run_params.get('loss.name', type(self.loss).__name__)}":
-                      loss_curve(self.loss, p, **kwargs)}
-        title = "loss vs p(true), " + ("per label" if self.task == "multilabel" else f"class {minority}")
-        arrays = {name: (values.numpy(), grads.numpy()) for name, (values, grads) in curves.items()}
-        return plots.loss_curves_figure(p.numpy(), arrays, title=title)
+
+# --- what a run writes to TensorBoard besides scalars (shared with xentlab.seedbatch) -----------------
+
+def write_data_description(writer, datamodule) -> None:
+    """The datamodule's per-split class counts as a text panel (if it can describe itself)."""
+    if hasattr(datamodule, "describe"):
+        # Indented: TensorBoard's text plugin renders markdown, and this keeps the table's columns.
+        writer.add_text("data/class_counts", "    " + datamodule.describe().replace("\n", "\n    "), 0)
+
+
+def log_figures(writer, step: int, stage: str, metrics: StageMetrics, *, task: str, num_classes: int) -> None:
+    """Confusion matrix, reliability diagram and per-class PR curves of the stage so far.
+
+    Collective under DDP: every rank gathers the predictions; only a rank with a `writer` draws.
+    """
+    confusion = metrics.confusion_matrix().cpu().numpy()
+    probs, target = (t.cpu() for t in metrics.kept_predictions())
+    bins = metrics.calibration.bins()
+    if writer is None:
+        return
+    confusion_figure = (plots.multilabel_confusion_figure if task == "multilabel"
+                        else plots.confusion_matrix_figure)(confusion, title=f"{stage} confusion")
+    reliability = plots.reliability_figure(*(b.cpu().numpy() for b in bins), bins.ece,
+                                           title=f"{stage} reliability")
+    for tag, figure in (("confusion_matrix", confusion_figure), ("reliability", reliability)):
+        writer.add_image(f"{stage}/{tag}", plots.to_image(figure), step, dataformats="HWC")
+    for c in range(num_classes):
+        labels = target[:, c] > 0.5 if task == "multilabel" else target == c
+        writer.add_pr_curve(f"{stage}/pr_class_{c}", labels, probs[:, c], step)
+
+
+def loss_curves_figure(loss: Callable, loss_name: str, *, task: str, num_classes: int, minority: int,
+                       device: torch.device | str = "cpu"):
+    """The run's loss next to CE and MSE (xentlab.functional) as functions of p(true class)."""
+    p = torch.linspace(0.01, 0.99, CURVE_POINTS)
+    kwargs = {"task": task, "num_classes": num_classes, "true_class": minority, "device": device}
+    # Multilabel: per label, where CE and MSE of the 2-way softmax are BCE and the binary Brier score.
+    wrap = per_label if task == "multilabel" else (lambda loss: loss)
+    curves = {"cross-entropy": loss_curve(wrap(xF.cross_entropy), p, **kwargs),
+              "MSE on probabilities": loss_curve(wrap(xF.mse_loss), p, **kwargs),
+              f"this run: {loss_name}": loss_curve(loss, p, **kwargs)}
+    title = "loss vs p(true), " + ("per label" if task == "multilabel" else f"class {minority}")
+    arrays = {name: (values.numpy(), grads.numpy()) for name, (values, grads) in curves.items()}
+    return plots.loss_curves_figure(p.numpy(), arrays, title=title)
+
+
+def write_hparams(writer, run_params: dict, final: dict[str, float], step: int) -> None:
+    """The run's HParams session: its flattened config and final `hp/` metrics."""
+    # Session summaries only, no per-run experiment summary (Lightning's log_hyperparams writes one):
+    # TensorBoard shows the first experiment summary it finds, so in a sweep mixing losses the other
+    # losses' parameters would vanish; without one it unites the hyperparameters of all runs.
+    _, start, end = hparams(hparam_values(run_params), final)
+    for summary in (start, end):
+        writer.file_writer.add_summary(summary, step)
+    writer.flush()
 
 
 def hparam_values(params: dict) -> dict:

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 import traceback
 import warnings
@@ -18,11 +19,16 @@ from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from xentlab import config_dir
+from xentlab.validation import ConfigError, check_config, describe_composition_error, install_open_groups
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -35,6 +41,11 @@ METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 SUMMARY = ("balanced_accuracy", "macro_f1", "minority_recall", "ece")  # printed when a run ends
 CONFIG_DIR = str(config_dir())
+# Set by SweepProgress in the process that launches a multirun, read by each job (joblib and submitit
+# workers inherit the environment): the number of jobs and the keys the sweep varies.
+SWEEP_ENV = "XENTLAB_SWEEP"
+
+install_open_groups()
 
 
 def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module]:
@@ -75,7 +86,10 @@ def build_run(cfg: DictConfig, output_dir: Path) \
     if cfg.trainer.get("enable_checkpointing", True):
         # last.ckpt, refreshed every epoch, is what `ckpt_path=last` resumes from.
         callbacks.append(ModelCheckpoint(dirpath=output_dir / CHECKPOINT_DIR, save_last=True))
-    trainer = pl.Trainer(**cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
+    arguments = dict(cfg.trainer)
+    if arguments.get("enable_progress_bar") is None:  # null: a bar when a person watches a terminal
+        arguments["enable_progress_bar"] = sys.stdout.isatty()
+    trainer = pl.Trainer(**arguments, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
     return trainer, module, datamodule
 
 
@@ -117,6 +131,8 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     """
     import torch
 
+    if cfg.get("seeds", 1) != 1:
+        raise ValueError(f"train() runs one seed; seeds={cfg.seeds} is train_seeds()'s")
     if threads is not None:
         torch.set_num_threads(threads)
     output_dir = Path(output_dir)
@@ -124,7 +140,12 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     if cfg.ckpt_path == "last" and (done := finished_record(output_dir, cfg.trainer.max_epochs)) is not None:
         return done
     started = time.time()
-    trainer, module, datamodule = build_run(cfg, output_dir)
+    try:
+        trainer, module, datamodule = build_run(cfg, output_dir)
+    except (ValueError, TypeError) as error:
+        # Building validates what the config checks could not (the data's settings, the loss for this data,
+        # Lightning's view of the Trainer arguments): any refusal here is a setting to change.
+        raise ConfigError(str(error)) from error
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     status = "interrupted" if trainer.interrupted else "completed"
     final = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -134,6 +155,17 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     record = {"status": status, "duration_s": round(time.time() - started, 3),
               "epochs": trainer.current_epoch, "torch_threads": torch.get_num_threads(), "metrics": final}
     return write_record(output_dir, cfg, record, overrides)
+
+
+def train_seeds(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
+                threads: int | None = None) -> list[dict]:
+    """The run's records: `[train(...)]` for `seeds: 1`; for `seeds: K > 1` the K runs of seeds
+    seed ... seed+K-1, trained as one batch (`xentlab.seedbatch`), each in `<output_dir>/seed=<s>/`."""
+    from xentlab.seedbatch import check_seeds, train_batch
+
+    if check_seeds(cfg.get("seeds", 1)) == 1:
+        return [train(cfg, output_dir, overrides=overrides, threads=threads)]
+    return train_batch(cfg, output_dir, overrides=overrides, threads=threads)
 
 
 def finished_record(output_dir: Path, max_epochs: int) -> dict | None:
@@ -221,32 +253,136 @@ def sweep_value(record: dict, objective: str, *, must_be_finite: bool) -> float:
     return value
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
+def shown(path: str | Path) -> str:
+    """A path as printed: relative to the working directory when inside it, else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+class SweepProgress(Callback):
+    """Hydra callback (`hydra.callbacks.progress`): announces a multirun once and tells its jobs the sweep's
+    size and varying keys, so each prints one `[k/N] loss=focal,seed=1 <metric> (<s> s)` line at its end."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        size, keys = sweep_plan(config)
+        os.environ[SWEEP_ENV] = json.dumps({"size": size, "keys": keys})
+        # Hydra's launchers log one line per job at its start; the job's own line at its end says more.
+        for name in ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        sweep_dir = shown(config.hydra.sweep.dir)
+        jobs = f"{size} jobs" if size is not None else "a sweep"
+        print(f"[xentlab] {jobs} -> {sweep_dir}\n[xentlab] view: tensorboard --logdir {sweep_dir}",
+              flush=True)
+
+
+def sweep_plan(config: DictConfig) -> tuple[int | None, list[str]]:
+    """How many jobs a multirun launches and which keys it varies: Optuna's n_trials and its `params`, or the
+    basic sweeper's combinations of its `params` and the command line's sweeps (counted by the sweeper's
+    own splitting); (None, []) for another sweeper."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    arguments = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    arguments += list(config.hydra.overrides.task)
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    keys = sorted({o.key_or_group for o in overrides if o.is_sweep_override()})
+    if "n_trials" in sweeper:
+        return int(sweeper.n_trials), sorted(sweeper.get("params") or {})
+    if "BasicSweeper" not in str(sweeper.get("_target_", "")):
+        return None, []
+    return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None)), keys
+
+
+def job_line(hydra_cfg: DictConfig, text: str, seconds: float) -> str:
+    """`[k/N] <the job's values of the swept keys> <text> (<seconds> s)`: one finished job of a multirun."""
+    plan = json.loads(os.environ.get(SWEEP_ENV, "{}"))
+    number = f"{hydra_cfg.job.num + 1}/{plan['size']}" if plan.get("size") else f"{hydra_cfg.job.num + 1}"
+    parser = OverridesParser.create()
+    varying = [o.input_line for o in parser.parse_overrides(list(hydra_cfg.overrides.task))
+               if o.key_or_group in plan.get("keys", ())]
+    name = ",".join(varying) or hydra_cfg.job.override_dirname or "(defaults)"
+    return f"[{number}] {name} {text} ({seconds:.1f} s)"
+
+
+def run_job(cfg: DictConfig) -> float:
+    """One Hydra job: check the config, train, print a summary; in a multirun a failed job is recorded in
+    its folder and the sweep goes on."""
+    started = time.time()
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    logdir = Path(hydra_cfg.sweep.dir) if multirun else output_dir
-    threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
-    print(f"[xentlab] logs: {output_dir}\n[xentlab] view: tensorboard --logdir {logdir}")
     overrides = list(hydra_cfg.overrides.task)
     raises_failures = "optuna" in str(hydra_cfg.sweeper.get("_target_", ""))
+    if "name" not in cfg.loss and "_target_" not in cfg.loss:  # a loss YAML need not repeat its name
+        with open_dict(cfg):
+            cfg.loss.name = hydra_cfg.runtime.choices.loss
+    if cfg.trainer.get("enable_progress_bar") is None:  # null: a bar for a single run watched in a terminal
+        cfg.trainer.enable_progress_bar = not multirun and sys.stdout.isatty()
+    if multirun and hydra_cfg.job.num > 0:  # the class-count table once per sweep, by its first job
+        logging.getLogger("xentlab.data").setLevel(logging.WARNING)
     try:
-        record = train(cfg, output_dir, overrides=overrides, threads=threads)
+        check_config(cfg)
+        if not multirun:
+            where = shown(output_dir)
+            print(f"[xentlab] logs: {where}\n[xentlab] view: tensorboard --logdir {where}")
+        threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
+        records = train_seeds(cfg, output_dir, overrides=overrides, threads=threads)
     except Exception as error:
         if not multirun:
+            if isinstance(error, ConfigError) and _BRIEF_ERRORS:
+                refuse(str(error))  # here, not in main(): Hydra would first print "Error executing job"
             raise
         # In a sweep one failing job must not stop the others: record it for the report and move on.
         write_record(output_dir, cfg, {"status": "failed", "error": f"{type(error).__name__}: {error}",
                                        "traceback": traceback.format_exc(), "metrics": {}}, overrides)
-        print(f"[xentlab] job failed: {type(error).__name__}: {error}")
+        print(job_line(hydra_cfg, f"FAILED: {type(error).__name__}: {error}", time.time() - started),
+              flush=True)
         if raises_failures:
             raise
         return math.nan
-    summary = ", ".join(f"{name} {record['metrics'][f'test/{name}']:.3f}" for name in SUMMARY
-                        if f"test/{name}" in record["metrics"])
-    print(f"[xentlab] {record['status']}: test {summary or 'not run'} ({output_dir / METRICS_FILE})")
-    return sweep_value(record, cfg.objective, must_be_finite=multirun and raises_failures)
+    for record in records:
+        metrics = record["metrics"]
+        batched = "" if len(records) == 1 else f"seed={record['config']['seed']}"
+        if multirun:
+            objective = cfg.objective if cfg.objective in metrics else "test/balanced_accuracy"
+            value = metrics.get(objective, math.nan)
+            print(job_line(hydra_cfg, f"{batched} {objective} {value:.3f}".lstrip(), time.time() - started),
+                  flush=True)
+        else:
+            summary = ", ".join(f"{name} {metrics[f'test/{name}']:.3f}" for name in SUMMARY
+                                if f"test/{name}" in metrics)
+            written = shown(output_dir / batched / METRICS_FILE)
+            print(f"[xentlab] {record['status']}: test {summary or 'not run'} ({written})")
+    # A batch of seeds gives the sweeper its mean over the seeds.
+    values = [sweep_value(record, cfg.objective, must_be_finite=multirun and raises_failures)
+              for record in records]
+    return sum(values) / len(values)
+
+
+def refuse(message: str) -> None:
+    """An invalid setting's message on stderr, exit status 2."""
+    print(f"xentlab-train: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+_BRIEF_ERRORS = False  # set by main() unless HYDRA_FULL_ERROR=1 asks for tracebacks
+hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")(run_job)
+
+
+def main() -> None:
+    """`xentlab-train`: Hydra's command line over `run_job`. An invalid setting (a ConfigError or Hydra's
+    own composition error) is printed as one message with exit status 2, no traceback; HYDRA_FULL_ERROR=1
+    re-raises it with its traceback, as Hydra does."""
+    global _BRIEF_ERRORS
+    _BRIEF_ERRORS = os.environ.get("HYDRA_FULL_ERROR") != "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exiting with 1
+    try:
+        hydra_main()
+    except (ConfigError, HydraException, OmegaConfBaseException) as error:
+        if not _BRIEF_ERRORS:
+            raise
+        refuse(str(error) if isinstance(error, ConfigError) else describe_composition_error(error))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The loss registry: short names → loss classes, the tasks each supports, and where its defaults live.
 
 Three ways in: built-ins (`builtin.py`), third-party packages through the entry-point group `xentlab.losses`
-(discovered lazily, on the first lookup or listing), and `_target_=pkg.module.Class` for any importable
-loss without registration.
+(discovered lazily, on the first lookup or listing; `name = pkg.module:Class` registers that class as `name`,
+`name = pkg.module` imports a module that registers its losses itself), and `_target_=pkg.module.Class` for
+any importable loss without registration.
 
 The class-count hook: a loss that needs the training split's statistics declares `class_counts` (samples
 per class; positives per label for multilabel data) and, if it also needs the split's size, `num_examples`
@@ -257,15 +258,23 @@ def _losses() -> dict[str, LossEntry]:
 
 
 def _load_plugin(entry_point) -> None:
+    """Two forms: `name = pkg.module:Class` registers that class under `name` (tasks from its `xentlab_tasks`,
+    default multiclass; defaults from its `xentlab_config` or else `<pkg>/conf/loss/<name>.yaml`), and
+    `name = pkg.module` imports a module whose `@register_loss` decorators register its losses."""
     dist = entry_point.dist.name if entry_point.dist is not None else "unknown distribution"
     package = entry_point.module.split(".")[0]
     try:
-        entry_point.load()
-        # Credit by package, not by "registered during this import": the plugin's module may have been
-        # imported (and its losses registered) before discovery ran, e.g. by the plugin's own tests.
-        mine = [e for e in _STATE.losses.values() if e.cls.__module__.split(".")[0] == package]
+        loaded = entry_point.load()
+        if isinstance(loaded, type):
+            _register_entry_point_class(entry_point.name, loaded)
+            mine = [_STATE.losses[entry_point.name]]
+        else:
+            # Credit by package, not by "registered during this import": the plugin's module may have been
+            # imported (and its losses registered) before discovery ran, e.g. by the plugin's own tests.
+            mine = [e for e in _STATE.losses.values() if e.cls.__module__.split(".")[0] == package]
         if not mine:
-            raise TypeError(f"{entry_point.value} registered no loss; decorate the loss class with "
+            raise TypeError(f"{entry_point.value} registered no loss; name the loss class in the entry point "
+                            f"(`{entry_point.name} = {entry_point.value}:LossClass`) or decorate it with "
                             f"@xentlab.losses.register_loss(...)")
         for entry in mine:
             _STATE.losses[entry.name] = replace(entry, source=dist)
@@ -276,6 +285,30 @@ def _load_plugin(entry_point) -> None:
         message = f"skipping xentlab loss plugin {broken.entry_point!r} from {dist}: {broken.error}"
         log.warning(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+
+def _register_entry_point_class(name: str, cls: type) -> None:
+    """Registers the class an entry point names under the entry point's name, unless a decorator already
+    registered it there."""
+    taken = _STATE.losses.get(name)
+    if taken is not None and taken.cls is cls:
+        return
+    config = getattr(cls, "xentlab_config", None)
+    if config is None:
+        config = _packaged_config(cls.__module__.split(".")[0], name)
+    register_loss(name, tasks=getattr(cls, "xentlab_tasks", ("multiclass",)), config=config)(cls)
+
+
+def _packaged_config(package: str, name: str) -> Path | None:
+    """`<package>/conf/loss/<name>.yaml`, the file a plugin's Hydra search path (`pkg://<package>.conf`)
+    composes for `loss=<name>`, if the package has it."""
+    from importlib.resources import files
+
+    try:
+        path = Path(str(files(package))) / "conf" / "loss" / f"{name}.yaml"
+    except TypeError:  # a single-file module, not a package: it has no conf/
+        return None
+    return path if path.is_file() else None
 
 
 def _default_source(cls: type) -> str:

@@ -1,22 +1,34 @@
-"""Autograd glue: the autograd.Functions over the kernels, the in-place gradient context, the input checks."""
+"""Autograd glue: the autograd.Functions over the kernels, the in-place gradient context, the input checks.
+
+Every Function here has the same shape: the forward reads the logits once and computes the loss only
+(plus, for the index-target family, the per-row statistics and gradient coefficients, (N,) vectors); the
+backward runs one element-wise or row kernel that reads the logits again and writes the gradient with
+grad_output folded in. No gradient-sized buffer lives between forward and backward, each backward is
+computed afresh from the saved inputs (so any sequence of grad_output values through a retained graph is
+exact, and a returned gradient is never touched again), and nothing synchronises with the host, so forward
+and backward can be captured in a CUDA graph.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from xentlab.kernels import compute_dtype
 from xentlab.kernels.triton.launch import (
     _INTERPRETED,
+    _launch_row_stats,
     _launch_sigmoid,
     _launch_softmax,
-    _rescale,
-    _sigmoid_grid,
+    _launch_softmax_grad,
     _softmax_launch,
     _Spec,
+    _tile_grid,
+    _transform_args,
 )
 from xentlab.kernels.triton.rows import _MSE_LOGITS, _MSE_PROBS, _OUT_ELEM, _OUT_PARTIAL, _OUT_ROW
 
@@ -29,7 +41,7 @@ _inplace_default: contextvars.ContextVar[bool] = contextvars.ContextVar("xentlab
 @contextlib.contextmanager
 def use_inplace_backward(enabled: bool = True):
     """Within this context, losses on the Triton backend write their gradient into the logits' storage (see
-    the module docstring); an explicit `inplace_backward=` argument still wins."""
+    the package docstring); an explicit `inplace_backward=` argument still wins."""
     token = _inplace_default.set(bool(enabled))
     try:
         yield
@@ -48,8 +60,106 @@ def _check_input(x: Tensor, inplace: bool) -> None:
                          "that requires grad (its .grad would alias its own data)")
 
 
+def _check_no_grad(**tensors) -> None:
+    """Class weights, pos_weight and transform vectors are constants here, as in PyTorch (which refuses a
+    weight that requires grad); say so instead of returning no gradient for them."""
+    if not torch.is_grad_enabled():
+        return
+    for name, value in tensors.items():
+        if isinstance(value, Tensor) and value.requires_grad:
+            raise ValueError(f"{name} requires grad, but the triton backend treats it as a constant and "
+                             "computes no gradient for it; detach it, or use backend='reference' (plain "
+                             "autograd) to differentiate with respect to it")
+
+
 def _inplace(flag: bool | None) -> bool:
     return _inplace_default.get() if flag is None else bool(flag)
+
+
+def _write_grad(ctx, x: Tensor) -> Tensor:
+    """The buffer the backward writes dL/dx into: a new one, or the logits themselves (in-place mode, whose
+    version counter is then bumped so any other saved use of them raises instead of reading the gradient)."""
+    return x if ctx.inplace else torch.empty_like(x)
+
+
+def _done_inplace(ctx, x: Tensor) -> None:
+    if ctx.inplace:
+        torch.autograd.graph.increment_version(x)
+
+
+# ------------------------------------------------------------------------------ index-target softmax family
+
+
+@dataclass(frozen=True)
+class _RowArgs:
+    """The non-tensor arguments of one softmax_loss call."""
+
+    row_loss: object
+    ignore_index: int
+    reduction: str
+    eps: float
+    inplace: bool
+
+
+class _SoftmaxLoss(torch.autograd.Function):
+    """softmax_loss: row statistics by kernel, phi and its slope by the RowLoss's own torch code on (N,)
+    vectors, the gradient by one element-wise kernel in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, scale, bias, margin, args: _RowArgs):
+        n, c = x.shape
+        vectors = (scale, bias, margin)
+        lse, logpt, smoothing = _launch_row_stats(x, target, weight, vectors, args.ignore_index, args.eps > 0)
+        valid = target != args.ignore_index
+        w_y = valid.to(lse.dtype) if weight is None else weight[torch.where(valid, target, 0)] * valid
+        loss = (1 - args.eps) * w_y * args.row_loss.value(logpt)
+        if args.eps > 0:
+            loss = loss + (args.eps / c) * smoothing
+        loss = torch.where(valid, loss, 0.0)  # an ignored row's statistics may be inf (its y was replaced)
+        denominator = w_y.sum()
+        if ctx.needs_input_grad[0]:
+            # d l_i / d z'_c = c_p p'_c - c_y [c == y] - c_w w_c, before grad_output and the denominator
+            c_y = torch.where(valid, -(1 - args.eps) * w_y * args.row_loss.slope(logpt), 0.0)
+            c_w = valid.to(lse.dtype) * (args.eps / c) if args.eps > 0 else None
+            inv = torch.where(denominator > 0, 1 / denominator, 0.0) if args.reduction == "mean" else None
+            ctx.save_for_backward(x, target, weight, scale, bias, margin, lse, c_y, c_w, inv)
+            ctx.args, ctx.inplace = args, args.inplace
+            ctx.total_weight = c if weight is None else weight.sum()
+        if args.reduction == "none":
+            return loss.to(x.dtype)
+        total = loss.sum()
+        return (total / denominator if args.reduction == "mean" else total).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        x, target, weight, scale, bias, margin, lse, c_y, c_w, inv = ctx.saved_tensors
+        k = grad_output.to(lse.dtype)
+        if inv is not None:
+            k = k * inv
+        c_y = c_y * k
+        c_p, c_w = (c_y, None) if c_w is None else (c_y + c_w * k * ctx.total_weight, c_w * k)
+        grad = _write_grad(ctx, x)
+        c_w = None if c_w is None else c_w.contiguous()
+        _launch_softmax_grad(x, target, weight, (scale, bias, margin), ctx.args.ignore_index, lse,
+                             c_p.contiguous(), c_y.contiguous(), c_w, grad)
+        _done_inplace(ctx, x)
+        return grad, None, None, None, None, None, None
+
+
+def _apply_softmax_loss(x, target, row_loss, weight, transform, ignore_index, reduction, label_smoothing,
+                        inplace_backward):
+    inplace = _inplace(inplace_backward)
+    _check_input(x, inplace)
+    scale, bias, margin = _transform_args(transform, x)
+    _check_no_grad(weight=weight, **{f"transform.{k}": v for k, v in
+                                     zip(("scale", "bias", "margin"), (scale, bias, margin), strict=True)})
+    weight = None if weight is None else weight.contiguous()
+    args = _RowArgs(row_loss, int(ignore_index), reduction, float(label_smoothing), inplace)
+    return _SoftmaxLoss.apply(x.contiguous(), target, weight, scale, bias, margin, args)
+
+
+# ----------------------------------------------------- probability-target CE, MSE; element-wise losses
 
 
 def _scalar_loss(parts: Tensor, count: int, reduction: str, dtype: torch.dtype) -> Tensor:
@@ -58,79 +168,70 @@ def _scalar_loss(parts: Tensor, count: int, reduction: str, dtype: torch.dtype) 
     return parts.sum().to(dtype)
 
 
-def _saved_gradient(ctx, x: Tensor, grad: Tensor, spec: _Spec) -> None:
-    """Save the gradient so autograd frees it after the backward (letting AccumulateGrad take it without a
-    copy); the device scalar of the scale already applied is a plain attribute, as the backward updates it."""
-    if spec.inplace:
-        torch.autograd.graph.increment_version(x)
-    ctx.save_for_backward(grad)
-    ctx.applied = torch.ones((), dtype=compute_dtype(x.dtype), device=x.device)
-
-
-def _backward(ctx, grad_output: Tensor, launch) -> Tensor:
-    """The gradient w.r.t. the logits. reduction="none": `launch` again over the saved (x, target, ...)
-    with grad_output as the upstream; otherwise the gradient saved by the forward, rescaled."""
-    spec = ctx.spec
-    if spec.reduction == "none":
-        x = ctx.saved_tensors[0]
-        grad = x if spec.inplace else torch.empty_like(x)
-        launch(*ctx.saved_tensors, spec, grad=grad, upstream=grad_output)
-        if spec.inplace:
-            torch.autograd.graph.increment_version(x)
-        return grad
-    (grad,) = ctx.saved_tensors
-    _rescale(grad, grad_output, ctx.applied)
-    return grad
+def _backward(ctx, grad_output: Tensor, launch) -> tuple[Tensor | None, Tensor | None]:
+    """dL/dx (and dL/dtarget when the target requires grad): `launch` again over the saved inputs with
+    grad_output as the upstream (a scalar for mean/sum, per row or per element for `none`)."""
+    x, target = ctx.saved_tensors[:2]
+    grad = _write_grad(ctx, x) if ctx.needs_input_grad[0] else None
+    tgrad = torch.empty(target.shape, dtype=target.dtype, device=target.device) \
+        if ctx.needs_input_grad[1] else None
+    launch(*ctx.saved_tensors, ctx.spec, grad=grad, tgrad=tgrad, upstream=grad_output)
+    if grad is not None:
+        _done_inplace(ctx, x)
+    return grad, tgrad
 
 
 class _SoftmaxFamily(torch.autograd.Function):
+    """Cross-entropy with probability targets and MSE (index or probability targets)."""
+
     @staticmethod
     def forward(ctx, x, target, weight, spec):
-        ctx.spec = spec
+        ctx.spec, ctx.inplace = spec, spec.inplace
         n, c = x.shape
+        ctx.save_for_backward(x, target, weight)
         if spec.reduction == "none":
             per_element = spec.loss in (_MSE_PROBS, _MSE_LOGITS)
             loss = x.new_empty((n, c) if per_element else (n,))
             _launch_softmax(x, target, weight, spec, loss=loss,
                             loss_out=_OUT_ELEM if per_element else _OUT_ROW)
-            ctx.save_for_backward(x, target, weight)
             return loss
-        grad = x if spec.inplace else torch.empty_like(x)
         parts = torch.empty(_softmax_launch(x)[1], dtype=compute_dtype(x.dtype), device=x.device)
-        _launch_softmax(x, target, weight, spec, grad=grad, loss=parts, loss_out=_OUT_PARTIAL)
-        _saved_gradient(ctx, x, grad, spec)
+        _launch_softmax(x, target, weight, spec, loss=parts, loss_out=_OUT_PARTIAL)
         return _scalar_loss(parts, n, spec.reduction, x.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
-        return _backward(ctx, grad_output, _launch_softmax), None, None, None
+        return *_backward(ctx, grad_output, _launch_softmax), None, None
 
 
 class _SigmoidFamily(torch.autograd.Function):
+    """BCE with logits, sigmoid focal loss, ASL."""
+
     @staticmethod
     def forward(ctx, x, target, weight, pos_weight, spec):
-        ctx.spec = spec
+        ctx.spec, ctx.inplace = spec, spec.inplace
+        ctx.save_for_backward(x, target, weight, pos_weight)
         if spec.reduction == "none":
             loss = torch.empty_like(x)
             _launch_sigmoid(x, target, weight, pos_weight, spec, loss=loss, loss_out=_OUT_ELEM)
-            ctx.save_for_backward(x, target, weight, pos_weight)
             return loss
-        grad = x if spec.inplace else torch.empty_like(x)
-        grid, _, _ = _sigmoid_grid(*x.shape)
+        grid, _, _ = _tile_grid(*x.shape)
         parts = torch.zeros(grid[0] * grid[1], dtype=compute_dtype(x.dtype), device=x.device)
-        _launch_sigmoid(x, target, weight, pos_weight, spec, grad=grad, loss=parts, loss_out=_OUT_PARTIAL)
-        _saved_gradient(ctx, x, grad, spec)
+        _launch_sigmoid(x, target, weight, pos_weight, spec, loss=parts, loss_out=_OUT_PARTIAL)
         return _scalar_loss(parts, x.numel(), spec.reduction, x.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
-        return _backward(ctx, grad_output, _launch_sigmoid), None, None, None, None
+        return *_backward(ctx, grad_output, _launch_sigmoid), None, None, None
 
 
 def _apply_softmax(x, target, weight, spec: _Spec, inplace_backward):
     # the kernels assume unit column strides for the logits and the class weights (no-ops when contiguous)
     spec = replace(spec, inplace=_inplace(inplace_backward))
     _check_input(x, spec.inplace)
+    _check_no_grad(weight=weight)
     weight = None if weight is None else weight.contiguous()
     return _SoftmaxFamily.apply(x.contiguous(), target, weight, spec)
 
@@ -138,4 +239,5 @@ def _apply_softmax(x, target, weight, spec: _Spec, inplace_backward):
 def _apply_sigmoid(x, target, weight, pos_weight, spec: _Spec, inplace_backward):
     spec = replace(spec, inplace=_inplace(inplace_backward))
     _check_input(x, spec.inplace)
+    _check_no_grad(weight=weight, pos_weight=pos_weight)
     return _SigmoidFamily.apply(x.contiguous(), target, weight, pos_weight, spec)

@@ -1,9 +1,11 @@
 """Launch heuristics and tuning state: tile shapes, warps, grid sizes, and the one place kernels are launched.
 
-Short rows (next_power_of_2(C) within a register budget) share a [ROWS, BLOCK_C] tile, several rows per
-program; long rows take one program each and are walked in BLOCK_C blocks, the grid capped at a few programs
-per SM on CUDA so the rows in flight stay within L2. `_TUNING` overrides any of it (tests force the long-row
-path at tiny C; scripts/bench_gpu.py --tune sweeps configurations).
+Row kernels (the row statistics, the probability-target CE/MSE kernel): short rows (next_power_of_2(C)
+within a register budget) share a [ROWS, BLOCK_C] tile, several rows per program; long rows take one program
+each and are walked in BLOCK_C blocks, the grid of the two-walk kernel capped at a few programs per SM on
+CUDA so the rows in flight stay within L2. Element-wise kernels (the index-target gradient, the sigmoid
+family) run on a 2-D grid of [ROWS, BLOCK_C] tiles. `_TUNING` overrides the row-kernel choices (tests force
+the long-row path at tiny C; scripts/bench_gpu.py --tune sweeps configurations).
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ import triton
 import triton.language as tl
 
 from xentlab.kernels import compute_dtype
-from xentlab.kernels.triton.epilogues import _rescale_kernel, _sigmoid_family_kernel, _softmax_family_kernel
+from xentlab.kernels.triton.epilogues import (
+    _sigmoid_family_kernel,
+    _softmax_family_kernel,
+    _softmax_grad_kernel,
+)
 from xentlab.kernels.triton.rows import (
-    _CE,
-    _FOCAL,
     _MSE_LOGITS,
     _MSE_PROBS,
     _OUT_NONE,
     _UP_ELEM,
     _UP_NONE,
     _UP_ROW,
-    _denominator_kernel,
+    _UP_SCALAR,
+    _row_stats_kernel,
 )
 
 Tensor = torch.Tensor
@@ -39,16 +44,16 @@ _INTERPRETED = bool(triton.knobs.runtime.interpret)
 # Set so ptxas (sm_90) reports no spills for plain cross-entropy: 32768 columns at 16 warps already spill.
 _ONE_BLOCK_LIMIT = {2: 16384, 4: 16384, 8: 4096}
 _LONG_BLOCK = {2: 8192, 4: 4096, 8: 2048}
-_TILE = 4096  # elements per program for short rows: several rows share a program when C is small
+_TILE = 4096  # elements per program for short rows and element-wise tiles
 _LONG_PROGRAMS_PER_SM = 2
-_RESCALE_BLOCK = 8192
 # Launch-configuration overrides: keys of `_SoftmaxConfig` plus "max_programs" (grid cap). Empty in normal
 # use; tests set it to force the long-row path at tiny C, scripts/bench_gpu.py --tune to try configurations.
 _TUNING: dict = {}
-# Launch-configuration overrides: keys of `_SoftmaxConfig` plus "max_programs" (grid cap). Empty in normal
+
+
 @dataclass(frozen=True)
 class _Spec:
-    """The non-tensor arguments of one loss call."""
+    """The non-tensor arguments of one probability-target CE, MSE or element-wise loss call."""
 
     loss: int
     reduction: str
@@ -56,6 +61,8 @@ class _Spec:
     eps: float = 0.0
     gamma: float = 0.0
     alpha: float = -1.0
+    gamma_neg: float = 0.0
+    clip: float = 0.0
     inplace: bool = False
 
 
@@ -90,10 +97,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _softmax_config(n_cols: int, elem_size: int) -> _SoftmaxConfig:
-    """Whole rows in a register tile when they fit (several per program when short), else blocks of a row."""
+def _softmax_config(n_cols: int, elem_size: int, two_walks: bool = True) -> _SoftmaxConfig:
+    """Whole rows in a register tile when they fit (several per program when short), else blocks of a row. A
+    kernel that reads a row once gains nothing from holding more than one block of it in registers."""
     width = triton.next_power_of_2(n_cols)
-    if width <= _ONE_BLOCK_LIMIT[elem_size]:
+    if width <= (_ONE_BLOCK_LIMIT if two_walks else _LONG_BLOCK)[elem_size]:
         rows = max(1, _TILE // width)
         config = _SoftmaxConfig(rows, width, True, _warps(rows * width))
     else:
@@ -101,93 +109,138 @@ def _softmax_config(n_cols: int, elem_size: int) -> _SoftmaxConfig:
     return config._replace(**{k: v for k, v in _TUNING.items() if k in _SoftmaxConfig._fields})
 
 
-def _softmax_launch(x: Tensor) -> tuple[_SoftmaxConfig, int]:
-    """The configuration and the grid size; long rows cap the grid at a few programs per SM."""
+def _softmax_launch(x: Tensor, two_walks: bool = True) -> tuple[_SoftmaxConfig, int]:
+    """The configuration and the grid size; a kernel that walks long rows twice caps the grid at a few
+    programs per SM, so the second walk finds the row in L2."""
     n, c = x.shape
-    config = _softmax_config(c, x.element_size())
+    config = _softmax_config(c, x.element_size(), two_walks)
     n_blocks = triton.cdiv(n, config.rows)
     cap = _TUNING.get("max_programs")
-    if cap is None and x.is_cuda and not config.one_block:
+    if cap is None and two_walks and x.is_cuda and not config.one_block:
         cap = _sm_count(x.device.index) * _LONG_PROGRAMS_PER_SM  # a CUDA tensor's device has an index
     return config, min(n_blocks, cap) if cap else n_blocks
 
-def _denominator(x: Tensor, target: Tensor, weight: Tensor | None,
-                 ignore_index: int) -> tuple[Tensor, int, int]:
-    """Per-block partial sums of w[y] (or of the non-ignored count), for the main kernel to add up."""
-    n = target.shape[0]
-    block = max(1024, triton.next_power_of_2(triton.cdiv(n, 1024)))
-    parts = triton.cdiv(n, block)
-    out = torch.empty(parts, dtype=compute_dtype(x.dtype), device=x.device)
-    _launch(_denominator_kernel, (parts,), 4, target, target.stride(0), target if weight is None else weight,
-            out, n, ignore_index, HAS_WEIGHT=weight is not None, BLOCK=block, ACC=_acc(x))
-    return out, parts, triton.next_power_of_2(parts)
 
-
-def _launch_softmax(x: Tensor, target: Tensor, weight: Tensor | None, spec: _Spec, *,
-                    grad: Tensor | None = None, loss: Tensor | None = None, loss_out=_OUT_NONE,
-                    upstream: Tensor | None = None) -> None:
-    """One launch of the softmax-family kernel (plus the denominator pre-kernel for an index-target mean)."""
-    n, c = x.shape
-    if n == 0:
-        return
-    acc, prob = _acc(x), target.is_floating_point()
-    config, grid = _softmax_launch(x)
-    den, n_den, den_block, den_count = x, 0, 0, 1
-    if spec.reduction == "mean" and upstream is None:
-        if prob:
-            den_count = n * c if spec.loss in (_MSE_PROBS, _MSE_LOGITS) else n
-        else:
-            den_weight = weight if spec.loss in (_CE, _FOCAL) else None
-            den, n_den, den_block = _denominator(x, target, den_weight, spec.ignore_index)
-            den_count = c if spec.loss in (_MSE_PROBS, _MSE_LOGITS) else 1
-    up_mode = _UP_NONE if upstream is None else _UP_ROW if upstream.dim() == 1 else _UP_ELEM
-    up_strides = (0, 0) if upstream is None else (tuple(upstream.stride()) + (0,))[:2]
-    t_strides = (tuple(target.stride()) + (0,))[:2]
-    _launch(_softmax_family_kernel, (grid,), config.num_warps,
-            x, x.stride(0), target, *t_strides, x if weight is None else weight,
-            x if upstream is None else upstream, *up_strides, x if grad is None else grad,
-            x if loss is None else loss, den, n_den, den_count, n, c, spec.ignore_index,
-            *_split(spec.eps), *_split(spec.gamma),
-            LOSS=spec.loss, PROB_TARGET=prob, HAS_WEIGHT=weight is not None, SMOOTH=spec.eps > 0,
-            UPSTREAM=up_mode, WRITE_GRAD=grad is not None, LOSS_OUT=loss_out, ONE_BLOCK=config.one_block,
-            ROWS=config.rows, BLOCK_C=config.block_c, DEN_BLOCK=den_block, ACC=acc)
-
-
-def _sigmoid_grid(n: int, c: int) -> tuple[tuple[int, int], int, int]:
+def _tile_grid(n: int, c: int) -> tuple[tuple[int, int], int, int]:
+    """A 2-D grid of [rows, block_c] tiles for the element-wise kernels."""
     block_c = min(triton.next_power_of_2(c), 1024)
     rows = max(1, _TILE // block_c)
     return (triton.cdiv(n, rows), triton.cdiv(c, block_c)), rows, block_c
 
 
-def _launch_sigmoid(x: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None,
-                    spec: _Spec, *, grad: Tensor | None = None, loss: Tensor | None = None,
+def _up_mode(upstream: Tensor | None):
+    if upstream is None:
+        return _UP_NONE
+    return {0: _UP_SCALAR, 1: _UP_ROW, 2: _UP_ELEM}[upstream.dim()]
+
+
+# ------------------------------------------------------------------ index targets: row statistics, gradient
+
+
+def _transform_args(transform, x: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(scale, bias, margin) as contiguous (C,) vectors in the compute dtype, None where absent; a scale of
+    1.0 is absent, another number becomes a (C,) vector by a device fill (no host-to-device copy, which a
+    CUDA graph could not capture)."""
+    if transform is None:
+        return None, None, None
+    c, dtype = x.shape[1], compute_dtype(x.dtype)
+
+    def vector(v):
+        if v is None or isinstance(v, Tensor):
+            return None if v is None else v.to(device=x.device, dtype=dtype).expand(c).contiguous()
+        return torch.full((c,), float(v), dtype=dtype, device=x.device)
+
+    scale = transform.scale
+    scale = None if not isinstance(scale, Tensor) and float(scale) == 1.0 else vector(scale)
+    return scale, vector(transform.bias), vector(transform.margin)
+
+
+def _launch_row_stats(x: Tensor, target: Tensor, weight: Tensor | None, vectors, ignore_index: int,
+                      smooth: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """lse', log p'_y and (with `smooth`) sum_c w_c (lse' - z'_c) per row, in the compute dtype."""
+    n, c = x.shape
+    dtype = compute_dtype(x.dtype)
+    lse, logpt = (torch.empty(n, dtype=dtype, device=x.device) for _ in range(2))
+    smoothing = torch.empty(n, dtype=dtype, device=x.device) if smooth else None
+    if n:
+        scale, bias, margin = vectors
+        config, grid = _softmax_launch(x, two_walks=False)
+        tensors = (x if v is None else v for v in (weight, *vectors))
+        _launch(_row_stats_kernel, (grid,), config.num_warps,
+                x, x.stride(0), target, target.stride(0), *tensors, lse, logpt,
+                lse if smoothing is None else smoothing, n, c, ignore_index,
+                HAS_WEIGHT=weight is not None, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+                HAS_MARGIN=margin is not None, SMOOTH=smooth, ONE_BLOCK=config.one_block, ROWS=config.rows,
+                BLOCK_C=config.block_c, ACC=_acc(x))
+    return lse, logpt, smoothing
+
+
+def _launch_softmax_grad(x: Tensor, target: Tensor, weight: Tensor | None, vectors, ignore_index: int,
+                         lse: Tensor, c_p: Tensor, c_y: Tensor, c_w: Tensor | None, grad: Tensor) -> None:
+    """grad = scale_c (c_p p' - c_y onehot(y) - c_w w), element-wise over the logits (grad may be x)."""
+    n, c = x.shape
+    if n * c == 0:
+        return
+    scale, bias, margin = vectors
+    grid, rows, block_c = _tile_grid(n, c)
+    _launch(_softmax_grad_kernel, grid, _warps(rows * block_c),
+            x, x.stride(0), target, target.stride(0), *(x if v is None else v for v in (weight, *vectors)),
+            lse, c_p, c_y, lse if c_w is None else c_w, grad, n, c, ignore_index,
+            HAS_WEIGHT=weight is not None, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+            HAS_MARGIN=margin is not None, SMOOTH=c_w is not None, ROWS=rows, BLOCK_C=block_c, ACC=_acc(x))
+
+
+# ------------------------------------------------------------ probability-target CE, MSE; element-wise
+
+
+def _launch_softmax(x: Tensor, target: Tensor, weight: Tensor | None, spec: _Spec, *,
+                    grad: Tensor | None = None, tgrad: Tensor | None = None, loss: Tensor | None = None,
                     loss_out=_OUT_NONE, upstream: Tensor | None = None) -> None:
-    """One launch of the sigmoid-family kernel; weight and pos_weight are broadcast to (N, C) as stride-0
+    """One launch of the probability-target CE / MSE kernel: the loss (no upstream) or the gradients (with
+    grad_output as `upstream`: a scalar for mean/sum, per row or per element for `none`)."""
+    n, c = x.shape
+    if n == 0:
+        return
+    prob = target.is_floating_point()
+    config, grid = _softmax_launch(x)
+    den, den_count = None, 1
+    if spec.reduction == "mean" and (upstream is None or upstream.dim() == 0):
+        den_count = c if spec.loss in (_MSE_PROBS, _MSE_LOGITS) else 1
+        if prob:
+            den_count *= n
+        else:  # the kept rows, counted on the device
+            den = (target != spec.ignore_index).sum().to(compute_dtype(x.dtype))
+    up_strides = (0, 0) if upstream is None else (tuple(upstream.stride()) + (0, 0))[:2]
+    t_strides = (tuple(target.stride()) + (0,))[:2]
+    _launch(_softmax_family_kernel, (grid,), config.num_warps,
+            x, x.stride(0), target, *t_strides, x if weight is None else weight,
+            x if upstream is None else upstream, *up_strides, x if grad is None else grad,
+            x if tgrad is None else tgrad, x if loss is None else loss, x if den is None else den, den_count,
+            n, c, spec.ignore_index, *_split(spec.eps),
+            LOSS=spec.loss, PROB_TARGET=prob, HAS_WEIGHT=weight is not None, SMOOTH=spec.eps > 0,
+            HAS_DEN=den is not None, UPSTREAM=_up_mode(upstream), WRITE_GRAD=grad is not None,
+            WRITE_TGRAD=tgrad is not None, LOSS_OUT=loss_out, ONE_BLOCK=config.one_block, ROWS=config.rows,
+            BLOCK_C=config.block_c, ACC=_acc(x))
+
+
+def _launch_sigmoid(x: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None,
+                    spec: _Spec, *, grad: Tensor | None = None, tgrad: Tensor | None = None,
+                    loss: Tensor | None = None, loss_out=_OUT_NONE, upstream: Tensor | None = None) -> None:
+    """One launch of the element-wise kernel; weight and pos_weight are broadcast to (N, C) as stride-0
     views."""
     n, c = x.shape
     if n * c == 0:
         return
-    grid, rows, block_c = _sigmoid_grid(n, c)
+    grid, rows, block_c = _tile_grid(n, c)
     w = x if weight is None else torch.broadcast_to(weight, (n, c))
     pw = x if pos_weight is None else torch.broadcast_to(pos_weight, (n, c))
     u = x if upstream is None else upstream
-    den_count = n * c if spec.reduction == "mean" and upstream is None else 1
+    u_strides = (tuple(u.stride()) + (0, 0))[:2]
+    den_count = n * c if spec.reduction == "mean" and (upstream is None or upstream.dim() == 0) else 1
     _launch(_sigmoid_family_kernel, grid, _warps(rows * block_c),
-            x, x.stride(0), target, *target.stride(), w, *w.stride(), pw, *pw.stride(), u, *u.stride(),
-            x if grad is None else grad, x if loss is None else loss, n, c, den_count,
-            *_split(spec.alpha), *_split(spec.gamma),
+            x, x.stride(0), target, *target.stride(), w, *w.stride(), pw, *pw.stride(), u, *u_strides,
+            x if grad is None else grad, x if tgrad is None else tgrad, x if loss is None else loss, n, c,
+            den_count, *_split(spec.alpha), *_split(spec.gamma), *_split(spec.gamma_neg), *_split(spec.clip),
             LOSS=spec.loss, HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None,
-            HAS_ALPHA=spec.alpha >= 0, UPSTREAM=_UP_NONE if upstream is None else _UP_ELEM,
-            WRITE_GRAD=grad is not None, LOSS_OUT=loss_out, ROWS=rows, BLOCK_C=block_c, ACC=_acc(x))
-
-
-def _rescale(grad: Tensor, grad_output: Tensor, applied: Tensor) -> None:
-    """grad *= grad_output / applied on the device (no memory pass when that is 1); applied = grad_output."""
-    n = grad.numel()
-    if n:
-        blocks = triton.cdiv(n, _RESCALE_BLOCK)
-        if grad.is_cuda:
-            blocks = min(blocks, 4 * _sm_count(grad.device.index))
-        _launch(_rescale_kernel, (blocks,), 8, grad, n, grad_output, applied, BLOCK=_RESCALE_BLOCK,
-                ACC=_acc(grad))
-    applied.copy_(grad_output)
+            HAS_ALPHA=spec.alpha >= 0, UPSTREAM=_up_mode(upstream), WRITE_GRAD=grad is not None,
+            WRITE_TGRAD=tgrad is not None, LOSS_OUT=loss_out, ROWS=rows, BLOCK_C=block_c, ACC=_acc(x))

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from xentlab import functional as F
-from xentlab.losses import register_loss
-
-CONFIG = Path(__file__).parent / "conf" / "loss" / "poly1.yaml"
 
 
-@register_loss("poly1", tasks=("multiclass", "binary"), config=CONFIG)
 class Poly1CrossEntropy(nn.Module):
     """Poly-1: l_i = CE_i + epsilon * (1 - p_{i,y_i}), averaged over the non-ignored rows.
 
     p_{i,y_i} = exp(-CE_i) exactly for unweighted, unsmoothed cross-entropy, so the whole loss comes from
     xentlab's fused cross-entropy; ignored rows have CE_i = 0 and so contribute 0 to both terms.
     epsilon = 0 is cross-entropy; epsilon > 0 pushes harder on confident examples, epsilon = -1 weakens it.
-    The default lives in conf/loss/poly1.yaml.
+    The default lives in conf/loss/poly1.yaml; the entry point `poly1 = xentlab_poly.poly:Poly1CrossEntropy`
+    registers the class.
     """
+
+    xentlab_tasks = ("multiclass", "binary")
 
     def __init__(self, *, epsilon: float, ignore_index: int = -100, reduction: str = "mean"):
         super().__init__()

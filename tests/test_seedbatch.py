@@ -1,0 +1,201 @@
+"""Seed batches (xentlab.seedbatch): a batch of K seeds is K independent runs, written as K runs."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch import nn
+
+from xentlab.seedbatch import StackedModel, seed_overrides
+from xentlab.train import CONFIG_DIR, train, train_seeds
+
+# label_noise flips a different set of training labels per seed, so the seeds' class counts (and with
+# them weighted_ce's weights) differ: each seed's loss must be built from its own counts.
+TINY = ["data.n_samples=400", "model.hidden_sizes=[16]", "trainer.max_epochs=2", "data.label_noise=0.1"]
+
+
+def compose_config(base: list[str], *overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[*base, *overrides])
+
+
+def config(*overrides: str):
+    return compose_config(TINY, *overrides)
+
+
+def final_state(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    state = torch.load(path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    return {name.removeprefix(prefix): value for name, value in state.items() if name.startswith(prefix)}
+
+
+def batch_slice(state: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    return {name: value[k] for name, value in state.items()}
+
+
+def assert_metrics_close(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-5), name
+
+
+@pytest.mark.parametrize("overrides", [
+    ["loss=weighted_ce"],
+    ["loss=focal", "scheduler=cosine", "data.sampler=class_balanced", "model.head=cosine"],
+    ["model=cnn", "data=digits", "data.max_per_class=40", "data.imbalance_ratio=2", "data.label_noise=0.1"],
+], ids=["weighted_ce", "focal-cosine-sampler", "cnn"])
+def test_a_seed_trained_in_a_batch_is_the_seed_trained_alone(tmp_path, overrides):
+    if "model=cnn" in overrides:  # digits has a fixed size (no n_samples); the CNN no hidden_sizes
+        cfg = functools.partial(compose_config, ["trainer.max_epochs=1", "model.channels=[4]", *overrides])
+    else:
+        cfg = functools.partial(config, *overrides)
+    alone = train(cfg("seed=4"), tmp_path / "alone")
+    records = train_seeds(cfg("seed=3", "seeds=3"), tmp_path / "batch")
+    assert [r["config"]["seed"] for r in records] == [3, 4, 5]
+    single = final_state(tmp_path / "alone", "model.")
+    stacked = final_state(tmp_path / "batch", "model.model.")
+    assert single.keys() == stacked.keys()  # BatchNorm's running statistics included
+    for name, value in single.items():
+        torch.testing.assert_close(stacked[name][1], value, rtol=1e-4, atol=1e-5, msg=name)
+    # The loss of seed 4 holds seed 4's class weights (label noise made them differ from seed 3's).
+    if "loss=weighted_ce" in overrides:
+        weights = final_state(tmp_path / "batch", "losses.")
+        torch.testing.assert_close(weights["1.weight"], final_state(tmp_path / "alone", "loss.")["weight"])
+        assert not torch.equal(weights["0.weight"], weights["1.weight"])
+    assert_metrics_close(records[1]["metrics"], alone["metrics"])
+
+
+LOSS_CONFIGS = sorted(p.stem for p in Path(CONFIG_DIR, "loss").glob("*.yaml") if p.stem != "custom")
+
+
+@pytest.mark.parametrize("loss", [*LOSS_CONFIGS, "custom", "bce-multilabel"])
+def test_every_loss_gives_each_seed_its_own_gradient_in_a_batched_step(tmp_path, loss):
+    # One step of a batch against each seed's own first step: same logits, loss value and gradients.
+    import pytorch_lightning as pl
+
+    from xentlab.seedbatch import build_batch, seed_config
+    from xentlab.train import build_parts
+
+    special = {"custom": [*TINY, "loss=custom", "loss._target_=torch.nn.CrossEntropyLoss"],
+               "bce-multilabel": [*TINY[:2], "loss=bce", "data=multilabel"]}
+    cfg = compose_config(special.get(loss, [*TINY, f"loss={loss}"]), "seed=2", "seeds=2")
+    trainer, module, data = build_batch(cfg, tmp_path, [2, 3])
+    module.trainer = trainer
+    x, y = next(iter(data.train_dataloader()))
+    module.training_step((x, y), 0).backward()
+    for k, seed in enumerate((2, 3)):
+        pl.seed_everything(seed)
+        datamodule, own_loss, model = build_parts(seed_config(cfg, seed))
+        x_own, y_own = next(iter(datamodule.train_dataloader()))
+        torch.testing.assert_close(x[k], x_own)
+        own_loss(model(x_own), y_own).backward()
+        for name, param in model.named_parameters():
+            stacked = dict(module.model.model.named_parameters())[name]
+            torch.testing.assert_close(stacked.grad[k], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_adding_a_seed_to_the_batch_changes_no_other_seed(tmp_path):
+    two = train_seeds(config("seed=0", "seeds=2"), tmp_path / "two")
+    three = train_seeds(config("seed=0", "seeds=3"), tmp_path / "three")
+    small = final_state(tmp_path / "two", "model.model.")
+    large = final_state(tmp_path / "three", "model.model.")
+    for k in (0, 1):
+        assert_metrics_close(two[k]["metrics"], three[k]["metrics"])
+        for name in small:
+            torch.testing.assert_close(small[name][k], large[name][k], rtol=1e-5, atol=1e-6, msg=name)
+    # ... and the seeds differ from each other: they are not one run copied.
+    assert not torch.equal(large["0.weight"][0], large["0.weight"][1])
+
+
+def test_each_seed_writes_a_run_of_its_own(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from xentlab.report import build_report
+
+    cfg = config("seed=7", "seeds=2", "trainer.log_every_n_steps=1")
+    train_seeds(cfg, tmp_path, overrides=["loss=ce", "seeds=2", "seed=7"])
+    for seed in (7, 8):
+        record = json.loads((tmp_path / f"seed={seed}" / "metrics.json").read_text())
+        assert record["status"] == "completed" and record["epochs"] == 2
+        assert record["overrides"] == ["loss=ce", f"seed={seed}"]
+        assert (record["config"]["seed"], record["config"]["seeds"]) == (seed, 1)
+        assert "test/balanced_accuracy" in record["metrics"] and "val/minority_recall" in record["metrics"]
+        events = EventAccumulator(str(tmp_path / f"seed={seed}"))
+        events.Reload()
+        tags = events.Tags()
+        assert {"train/loss", "val/balanced_accuracy", "train/logit_grad_norm", "hp/balanced_accuracy"} \
+            <= set(tags["scalars"])
+        assert {"loss_curves", "test/confusion_matrix"} <= set(tags["images"])
+    report = build_report(tmp_path)
+    assert [len(group.runs) for group in report.groups] == [2]
+    assert not report.pending
+
+
+def test_ckpt_path_last_resumes_the_batch_and_skips_a_finished_one(tmp_path):
+    def global_step():
+        return torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+
+    first = train_seeds(config("seeds=2", "trainer.max_epochs=1"), tmp_path)
+    one_epoch = global_step()
+    resumed = train_seeds(config("seeds=2", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    assert [r["epochs"] for r in first] == [1, 1] and [r["epochs"] for r in resumed] == [2, 2]
+    assert one_epoch > 0 and global_step() == 2 * one_epoch
+    again = train_seeds(config("seeds=2", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    assert [r["duration_s"] for r in again] == [r["duration_s"] for r in resumed]  # not retrained
+
+
+def test_gradient_norm_clipping_is_per_seed(tmp_path):
+    # Seed k's clipped step is what clipping seed k alone gives, whatever the other seeds' gradients.
+    alone = train(config("seed=1", "+trainer.gradient_clip_val=0.05"), tmp_path / "alone")
+    batch = train_seeds(config("seed=0", "seeds=2", "+trainer.gradient_clip_val=0.05"), tmp_path / "batch")
+    single = final_state(tmp_path / "alone", "model.")
+    stacked = final_state(tmp_path / "batch", "model.model.")
+    for name, value in single.items():
+        torch.testing.assert_close(stacked[name][1], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert_metrics_close(batch[1]["metrics"], alone["metrics"])
+
+
+def test_stacked_model_applies_model_k_to_slice_k():
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)) for _ in range(3)]
+    stacked = StackedModel(models)
+    x = torch.randn(3, 5, 3)
+    out = stacked(x)
+    for k, model in enumerate(models):
+        torch.testing.assert_close(out[k], model(x[k]))
+        assert stacked.unstacked(k).keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (["seeds=0"], "seeds"),
+    (["seeds=2", "optimizer._target_=torch.optim.LBFGS"], "LBFGS"),
+])
+def test_bad_batch_settings_are_refused_before_training(tmp_path, overrides, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        train_seeds(config(*overrides), tmp_path)
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_seed_overrides_replace_the_batch_settings():
+    assert seed_overrides(["loss=ce", "seeds=10", "seed=3", "data.seed_like=1"], 5) == \
+        ["loss=ce", "data.seed_like=1", "seed=5"]
+
+
+def test_multirun_of_seed_batches_reports_every_seed(tmp_path):
+    script = Path(sys.executable).with_name("xentlab-train")
+    result = subprocess.run([str(script), "-m", "loss=ce,focal", "seeds=2", *TINY], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/seed=*/metrics.json"))
+    assert len(records) == 4
+    assert "started but have no metrics.json" not in result.stdout
+    report = (records[0].parents[2] / "report.csv").read_text()
+    assert "loss=ce" in report and "loss=focal" in report

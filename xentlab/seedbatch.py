@@ -1,0 +1,437 @@
+"""Seed batches: K runs of one config (seeds s, s+1, ..., s+K-1) trained together as one stacked model.
+
+Small models leave a Lightning step mostly loop overhead, and a sweep pays each job's start-up again;
+K seeds in one process share both. Each seed stays an independent run: its own data (generation, split,
+scaling, shuffling order), initialisation, loss (parameters from its own class counts), optimizer state
+and metrics. Its parameters are slice k of tensors stacked along a leading seed dimension, and the model
+runs once per step on all K through `torch.func.vmap` over `functional_call`. The step minimises the
+sum of the K losses; seed k's loss depends only on slice k, so slice k's gradient is exactly what seed k
+alone would get, and element-wise optimizers (Adam, SGD, ...) then update every slice as its own run
+would. Gradient-norm clipping is done per seed. Each seed writes what a single run writes into
+`<run dir>/seed=<s>/`: TensorBoard events and `metrics.json`. The batch's checkpoint
+(`<run dir>/checkpoints/last.ckpt`) holds every seed, and `ckpt_path=last` resumes the batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from xentlab import plots
+from xentlab.metrics import StageMetrics
+from xentlab.module import LeanModule, log_figures, loss_curves_figure, write_data_description, write_hparams
+from xentlab.schedules import build_scheduler
+from xentlab.train import (
+    CHECKPOINT_DIR,
+    build_parts,
+    finished_record,
+    flat_params,
+    quiet_lightning,
+    write_record,
+)
+
+# Optimizers whose update of each parameter element depends only on that element's own gradient and
+# state, so an update of stacked parameters is K independent updates. (L-BFGS's line search, or
+# layer-wise trust ratios as in LAMB/LARS, would couple the seeds.)
+ELEMENTWISE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax,
+                          torch.optim.NAdam, torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad,
+                          torch.optim.Adadelta)
+
+
+def check_seeds(seeds) -> int:
+    """`seeds` as a positive int, else a ValueError naming the value."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds (how many seeds to train together: seed, seed+1, ...) must be an integer "
+                         f">= 1, got {seeds!r}")
+    return seeds
+
+
+def seed_dir(output_dir: Path, seed: int) -> Path:
+    """Where seed `seed` of a batch writes its run: `<output_dir>/seed=<seed>`."""
+    return Path(output_dir) / f"seed={seed}"
+
+
+def seed_config(cfg: DictConfig, seed: int) -> DictConfig:
+    """The config of one seed of the batch: `cfg` with `seed` set and `seeds: 1` (a single run's config)."""
+    one = copy.deepcopy(cfg)
+    with open_dict(one):
+        one.seed, one.seeds = seed, 1
+    return one
+
+
+def seed_overrides(overrides, seed: int) -> list[str]:
+    """A seed's command-line overrides: the batch's, without `seed=`/`seeds=`, plus `seed=<seed>`."""
+    kept = [o for o in overrides if o.lstrip("+~").partition("=")[0] not in ("seed", "seeds")]
+    return [*kept, f"seed={seed}"]
+
+
+def check_optimizer(factory) -> None:
+    """Refuse an optimizer whose update could couple the seeds of a batch."""
+    cls = factory.func if isinstance(factory, functools.partial) else factory
+    if not (isinstance(cls, type) and issubclass(cls, ELEMENTWISE_OPTIMIZERS)):
+        names = ", ".join(c.__name__ for c in ELEMENTWISE_OPTIMIZERS)
+        raise ValueError(f"seeds > 1 trains the seeds as one stacked model, which needs an optimizer that "
+                         f"updates each parameter element on its own; {getattr(cls, '__name__', cls)!r} is "
+                         f"not one known to. Use one of {names}, or seeds=1")
+
+
+# --- the stacked model ---------------------------------------------------------------------------------
+
+class StackedModel(nn.Module):
+    """K models of one architecture as one module: every parameter and buffer stacked along dim 0.
+
+    forward maps inputs (K, B, ...) to outputs (K, B, ...), model k applied to x[k]: vmap over
+    functional_call, so any architecture built by `xentlab.models` works without a batched rewrite.
+    Dropout draws a different mask per seed (vmap's randomness="different"), from the global generator:
+    each seed is still an independent run, but not bit-identical to the same seed trained alone.
+    """
+
+    def __init__(self, models: list[nn.Module]):
+        super().__init__()
+        shapes = [[(n, t.shape) for n, t in m.state_dict().items()] for m in models]
+        if any(s != shapes[0] for s in shapes):
+            raise ValueError("the models of a seed batch must share one architecture")
+        params, buffers = stack_module_state(models)
+        # models[0] serves as the skeleton; its own tensors are replaced by the stacked ones.
+        self.model = copy.deepcopy(models[0])
+        for name, value in params.items():
+            owner, leaf = self._owner(name)
+            setattr(owner, leaf, nn.Parameter(value.detach().clone()))
+        for name, value in buffers.items():
+            owner, leaf = self._owner(name)
+            owner.register_buffer(leaf, value.clone())
+        self.num_models = len(models)
+        self._forward = vmap(self._one, in_dims=(0, 0, 0), randomness="different")
+
+    def _owner(self, name: str) -> tuple[nn.Module, str]:
+        prefix, _, leaf = name.rpartition(".")
+        return (self.model.get_submodule(prefix) if prefix else self.model), leaf
+
+    def _one(self, params, buffers, x):
+        return functional_call(self.model, (params, buffers), (x,))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(dict(self.model.named_parameters()), dict(self.model.named_buffers()), x)
+
+    def unstacked(self, k: int) -> dict[str, torch.Tensor]:
+        """Model k's state dict, as the single model's `state_dict()` would hold it."""
+        return {name: value[k] for name, value in self.model.state_dict().items()}
+
+
+# --- data: K data modules, one batch of K slices per step ------------------------------------------------
+
+class StackedBatches:
+    """Zips K loaders of equal length: each step yields x (K, B, ...) and y (K, B, ...), slice k from
+    loader k, so every seed sees exactly the batches its own run would."""
+
+    def __init__(self, loaders: list):
+        self.loaders = loaders
+
+    def __len__(self) -> int:
+        return len(self.loaders[0])
+
+    def __iter__(self):
+        for batches in zip(*self.loaders, strict=True):
+            xs, ys = zip(*batches, strict=True)
+            yield torch.stack(xs), torch.stack(ys)
+
+
+class SeedBatchData(pl.LightningDataModule):
+    """The seeds' own data modules behind one LightningDataModule that serves stacked batches."""
+
+    def __init__(self, datamodules: list):
+        super().__init__()
+        first = datamodules[0]
+        for k, dm in enumerate(datamodules):
+            for attribute in ("task", "num_classes", "num_features"):
+                if getattr(dm, attribute) != getattr(first, attribute):
+                    raise ValueError(f"seed batch: seed {k}'s data has {attribute}={getattr(dm, attribute)}, "
+                                     f"the first seed's {getattr(first, attribute)}")
+            for name, (_, y) in dm.splits.items():
+                if len(y) != len(first.splits[name][1]):
+                    raise ValueError(
+                        f"seed batch: the {name} split has {len(y)} samples for seed index {k} but "
+                        f"{len(first.splits[name][1])} for the first seed; a batch trains its seeds in lock "
+                        "step, so every seed's splits must have the same sizes (use seeds=1 for this data)")
+        self.datamodules = datamodules
+        self.task, self.num_classes, self.num_features = first.task, first.num_classes, first.num_features
+
+    def train_dataloader(self):
+        return StackedBatches([dm.train_dataloader() for dm in self.datamodules])
+
+    def val_dataloader(self):
+        return StackedBatches([dm.val_dataloader() for dm in self.datamodules])
+
+    def test_dataloader(self):
+        return StackedBatches([dm.test_dataloader() for dm in self.datamodules])
+
+
+# --- the LightningModule ---------------------------------------------------------------------------------
+
+class SeedRun:
+    """What belongs to one seed of the batch besides its parameters: where it logs, what it logged."""
+
+    def __init__(self, seed: int, logger: TensorBoardLogger | None, run_params: dict, datamodule):
+        self.seed, self.logger, self.run_params, self.datamodule = seed, logger, run_params, datamodule
+        self.final: dict[str, float] = {}  # the last value of each logged `<stage>/<metric>`
+        self.error: str | None = None  # set when the seed's training diverged
+
+    @property
+    def writer(self):
+        return None if self.logger is None else self.logger.experiment
+
+    @property
+    def minority(self) -> int:
+        return int(torch.as_tensor(self.datamodule.class_counts).argmin())
+
+
+class SeedBatchModule(LeanModule):
+    """Trains a StackedModel with one loss per seed (each on its seed's slice of the logits) and logs
+    every seed's metrics, figures and HParams session to that seed's own TensorBoard logger."""
+
+    def __init__(self, model: StackedModel, losses: list[nn.Module], runs: list[SeedRun], *, task: str,
+                 num_classes: int, optimizer, figure_every_n_epochs: int = 0, scheduler=None):
+        super().__init__()
+        if len(losses) != model.num_models or len(runs) != model.num_models:
+            raise ValueError(f"a batch of {model.num_models} models needs as many losses and runs, got "
+                             f"{len(losses)} and {len(runs)}")
+        if isinstance(figure_every_n_epochs, bool) or not isinstance(figure_every_n_epochs, int) \
+                or figure_every_n_epochs < 0:
+            raise ValueError(f"figure_every_n_epochs must be an integer >= 0, got {figure_every_n_epochs!r}")
+        check_optimizer(optimizer)
+        self.model, self.losses, self.runs = model, nn.ModuleList(losses), runs
+        self.task, self.num_classes = task, num_classes
+        self.optimizer_factory, self.figure_every_n_epochs = optimizer, figure_every_n_epochs
+        # A schedule is a function of the epoch alone (xentlab.schedules), the same for every seed.
+        self.scheduler_factory = scheduler
+        self.metrics = nn.ModuleList(nn.ModuleDict({
+            "train_": StageMetrics(task, num_classes, full=False),
+            "val_": StageMetrics(task, num_classes, keep_predictions=True),
+            "test_": StageMetrics(task, num_classes, keep_predictions=True),
+        }) for _ in runs)
+        self._logit_grad_norms: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # --- steps -------------------------------------------------------------------------------------
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        values = torch.stack([loss(logits[k], y[k]) for k, loss in enumerate(self.losses)])
+        every = self.trainer.log_every_n_steps
+        if logits.requires_grad and every and (self.global_step + 1) % every == 0:
+            logits.register_hook(self._record_logit_grads)
+        detached, losses = logits.detach(), values.detach()
+        for k, metrics in enumerate(self.metrics):
+            metrics[f"{stage}_"].update(detached[k], y[k], losses[k])
+        # Seed k's parameters reach only values[k], so the sum's gradient is each seed's own.
+        return values.sum()
+
+    def _record_logit_grads(self, grad: torch.Tensor) -> None:
+        # Per seed, as ClassifierModule: N * mean_i ||dL_k/dx_i||.
+        self._logit_grad_norms = grad.detach().float().norm(dim=2).mean(dim=1) * grad.shape[1]
+
+    def on_after_backward(self) -> None:
+        if self._logit_grad_norms is not None:
+            for run, value in zip(self.runs, self._logit_grad_norms.tolist(), strict=True):
+                if run.logger is not None:
+                    run.logger.log_metrics({"train/logit_grad_norm": value}, step=self.global_step)
+            self._logit_grad_norms = None
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+    def on_train_epoch_start(self) -> None:
+        for loss in self.losses:
+            hook = getattr(loss, "on_train_epoch_start", None)
+            if callable(hook):
+                hook(self.current_epoch)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        for run in self.runs:
+            if run.logger is not None:
+                run.logger.log_metrics({"train/lr": lr}, step=self.global_step)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clipping by value is element-wise; clipping by norm uses each seed's own gradient norm (over its
+        slice of every stacked parameter and its own loss's parameters), never one norm over the batch."""
+        if gradient_clip_val is None or gradient_clip_algorithm == "value":
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        stacked = [p.grad for p in self.model.parameters() if p.grad is not None]
+        squares = sum((g.float().flatten(1).pow(2).sum(1) for g in stacked),
+                      torch.zeros(self.model.num_models, device=self.device))
+        own = [[p.grad for p in loss.parameters() if p.grad is not None] for loss in self.losses]
+        squares = squares + torch.stack([sum((g.float().pow(2).sum() for g in grads),
+                                             torch.zeros((), device=self.device)) for grads in own])
+        # torch.nn.utils.clip_grad_norm_'s rule, per seed: scale by min(1, max_norm / (norm + 1e-6)).
+        scale = (gradient_clip_val / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+        for g in stacked:
+            g.mul_(scale.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
+        for k, grads in enumerate(own):
+            for g in grads:
+                g.mul_(scale[k].to(g.dtype))
+
+    # --- epoch ends ----------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        images: dict[bytes, object] = {}  # seeds with equal losses and class counts share one figure
+        for run, loss in zip(self.runs, self.losses, strict=True):
+            if run.writer is None:
+                continue
+            write_data_description(run.writer, run.datamodule)
+            key = repr((run.minority, {k: v.tolist() for k, v in loss.state_dict().items()},
+                        run.run_params.get("loss.name"))).encode()
+            if key not in images:
+                name = run.run_params.get("loss.name", type(loss).__name__)
+                images[key] = plots.to_image(loss_curves_figure(
+                    loss, name, task=self.task, num_classes=self.num_classes, minority=run.minority,
+                    device=self.device))
+            run.writer.add_image("loss_curves", images[key], 0, dataformats="HWC")
+
+    def on_train_epoch_end(self) -> None:
+        for k, run in enumerate(self.runs):
+            values = self._log_stage(k, "train")
+            loss = values.get("loss", math.nan)
+            if run.error is None and not math.isfinite(loss):
+                # As a single run would fail; the other seeds are unaffected and train on.
+                run.error = (f"FloatingPointError: train/loss is {loss} at epoch {self.current_epoch} (step "
+                             f"{self.global_step}); try a lower optimizer.lr or check the loss parameters")
+        if all(run.error is not None for run in self.runs):
+            self.trainer.should_stop = True
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            for metrics in self.metrics:
+                metrics["val_"].reset()
+            return
+        epoch, every = self.current_epoch + 1, self.figure_every_n_epochs
+        figures = epoch == self.trainer.max_epochs or (every > 0 and epoch % every == 0)
+        for k in range(len(self.runs)):
+            self._log_stage(k, "val", figures=figures)
+
+    def on_test_epoch_end(self) -> None:
+        for k in range(len(self.runs)):
+            self._log_stage(k, "test", figures=True)
+
+    def on_test_end(self) -> None:
+        for run in self.runs:
+            final = {f"hp/{name.removeprefix('test/')}": value for name, value in run.final.items()
+                     if name.startswith("test/") and name != "test/loss"}
+            if run.logger is not None:
+                run.logger.log_metrics(final, step=self.global_step)
+                write_hparams(run.writer, run.run_params, final, self.global_step)
+
+    def _log_stage(self, k: int, stage: str, figures: bool = False) -> dict[str, float]:
+        """Seed k's epoch metrics of `stage` to its logger (and figures); resets them, returns the values."""
+        run, metrics = self.runs[k], self.metrics[k][f"{stage}_"]
+        values = metrics.compute()
+        if f"recall_class_{run.minority}" in values:
+            values["minority_recall"] = values[f"recall_class_{run.minority}"]
+        logged = {f"{stage}/{name}": value for name, value in values.items()}
+        run.final.update(logged)
+        if run.logger is not None:
+            run.logger.log_metrics({**logged, "epoch": self.current_epoch}, step=self.global_step)
+            if figures:
+                log_figures(run.writer, self.global_step, stage, metrics, task=self.task,
+                            num_classes=self.num_classes)
+        metrics.reset()
+        return values
+
+
+# --- building and running a batch --------------------------------------------------------------------
+
+def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
+        -> tuple[pl.Trainer, SeedBatchModule, SeedBatchData]:
+    """Trainer, module and data of a batch: each seed's parts built exactly as its single run builds them
+    (same global seeding before `build_parts`, so the same initialisation), then stacked."""
+    quiet_lightning()
+    devices, strategy = cfg.trainer.get("devices", 1), cfg.trainer.get("strategy")
+    if cfg.trainer.get("num_nodes", 1) != 1 or devices not in (1, "1") or "ddp" in str(strategy):
+        raise ValueError(f"seeds > 1 trains its seeds in one process on one device; got trainer.devices="
+                         f"{devices}, trainer.strategy={strategy}: use seeds=1 with DDP")
+    optimizer = instantiate(cfg.optimizer)
+    check_optimizer(optimizer)
+    scheduler = build_scheduler(**OmegaConf.to_container(cfg.scheduler), total_epochs=cfg.trainer.max_epochs)
+    datamodules, losses, models, runs = [], [], [], []
+    for seed in seeds:
+        one = seed_config(cfg, seed)
+        pl.seed_everything(seed, workers=True)
+        datamodule, loss, model = build_parts(one)
+        datamodules.append(datamodule)
+        losses.append(loss)
+        models.append(model)
+        logger = TensorBoardLogger(save_dir=str(seed_dir(output_dir, seed)), name="", version="",
+                                   **cfg.logger)
+        runs.append(SeedRun(seed, logger, flat_params(one), datamodule))
+    # The seeds' runs drew their own initialisations above; what follows (dropout masks) draws from the
+    # first seed's stream, as a single run of it would.
+    pl.seed_everything(seeds[0], workers=True)
+    data = SeedBatchData(datamodules)
+    module = SeedBatchModule(StackedModel(models), losses, runs, task=data.task, num_classes=data.num_classes,
+                             optimizer=optimizer, figure_every_n_epochs=cfg.figure_every_n_epochs,
+                             scheduler=scheduler)
+    callbacks = []
+    if cfg.trainer.get("enable_checkpointing", True):
+        callbacks.append(ModelCheckpoint(dirpath=Path(output_dir) / CHECKPOINT_DIR, save_last=True))
+    trainer = pl.Trainer(**cfg.trainer, logger=False, callbacks=callbacks, default_root_dir=str(output_dir))
+    return trainer, module, data
+
+
+def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), threads: int | None = None) \
+        -> list[dict]:
+    """Train seeds cfg.seed ... cfg.seed + cfg.seeds - 1 as one batch; each writes `seed=<s>/metrics.json`
+    as its single run would (overrides with `seed=<s>`, config with `seed: <s>`). Returns the K records.
+
+    With `ckpt_path=last` the batch resumes from `<output_dir>/checkpoints/last.ckpt`, and a batch whose
+    seeds all recorded a completed run of `trainer.max_epochs` epochs is not trained again.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    output_dir = Path(output_dir)
+    seeds = [cfg.seed + k for k in range(check_seeds(cfg.seeds))]
+    if cfg.ckpt_path == "last":
+        done = [finished_record(seed_dir(output_dir, s), cfg.trainer.max_epochs) for s in seeds]
+        if all(record is not None for record in done):
+            return done
+    started = time.time()
+    trainer, module, data = build_batch(cfg, output_dir, seeds)
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    if not trainer.interrupted:
+        trainer.test(module, datamodule=data, verbose=False)
+    records = []
+    for run in module.runs:
+        record = {"status": "interrupted" if trainer.interrupted else "completed",
+                  "duration_s": round(time.time() - started, 3), "epochs": trainer.current_epoch,
+                  "torch_threads": torch.get_num_threads(), "seed_batch": seeds, "metrics": dict(run.final)}
+        if run.error is not None:
+            record.update(status="failed", error=run.error)
+        path = seed_dir(output_dir, run.seed)
+        path.mkdir(parents=True, exist_ok=True)
+        records.append(write_record(path, seed_config(cfg, run.seed), record,
+                                    seed_overrides(overrides, run.seed)))
+    return records
