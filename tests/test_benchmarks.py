@@ -20,9 +20,10 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_bench_train_prints_the_bare_loop_the_lightning_floor_and_the_run():
     result = run_script("bench_train.py", "--skip-sweeps", "--repeats", "1", "--samples", "600",
-                        "--epochs", "1")
+                        "--epochs", "1", "--seeds", "2", "--seed-repeats", "1")
     assert result.returncode == 0, result.stderr[-3000:]
-    for row in ("bare PyTorch loop, 1 epochs on 600 samples", "Lightning floor", "xentlab run, same work"):
+    for row in ("bare PyTorch loop, 1 epochs on 600 samples", "Lightning floor", "xentlab run, same work",
+                "2 seeds of that run, one after another", "2 seeds of that run as one seed batch"):
         assert row in result.stdout, result.stdout
     assert result.stdout.count("×") >= 2
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -157,15 +158,16 @@ def test_bad_metrics_files_are_listed_and_the_rest_reported_normally(tmp_path):
            "config_string": '{"status": "completed", "config": "seed=0"}',
            "overrides_string": '{"status": "completed", "overrides": "loss=ce"}',
            "bool_metric": '{"status": "completed", "metrics": {"test/balanced_accuracy": true}}',
-           "binary": b"\xff\xfe\x00garbage"}
+           "binary": b"\xff\xfe\x00garbage", "deep_json": "[" * 100_000,
+           "deep_config": '{"status": "completed", "config": ' + '{"a": ' * 40 + "1" + "}" * 41}
     for name, content in bad.items():
         job = tmp_path / f"bad_{name}"
         job.mkdir()
         (job / "metrics.json").write_bytes(content if isinstance(content, bytes) else content.encode())
     report = build_report(tmp_path)
-    assert [g.label for g in report.groups] == ["loss=ce (baseline)"[:7], "loss=focal"]
+    assert [g.label for g in report.groups] == ["loss=ce", "loss=focal"]  # not ~35 config keys
     assert {p.path.name: p.status for p in report.problems} == {
-        f"bad_{n}": ("unreadable" if n in ("truncated", "binary") else "malformed") for n in bad}
+        f"bad_{n}": ("unreadable" if n in ("truncated", "binary", "deep_json") else "malformed") for n in bad}
     reasons = {p.path.name: p.error for p in report.problems}
     assert reasons["bad_list"] == "expected a JSON object, found a list"
     assert reasons["bad_string_metric"] == (
@@ -182,14 +184,16 @@ def test_nested_seed_runs_warnings_and_equal_classes(tmp_path):
             record = completed(loss, seed, ratio=1, **{"test/balanced_accuracy": 0.5 + 0.1 * seed,
                                                        "test/minority_recall": 0.4})
             if loss == "focal" and seed == 1:
-                record["warnings"] = ["training loss never fell below its first epoch's: diverged?"]
+                record["warnings"] = ["loss never fell below epoch 1",
+                                      {"rule": "loss", "epoch": 3}]
             write_job(tmp_path, [f"loss={loss}", "seeds=2", f"seed={seed}"], record, nested=f"seed={seed}")
     report = write_report(tmp_path)
     assert [len(g.runs) for g in report.groups] == [2, 2] and report.pending == [] and report.complete
     # Imbalance ratio 1: "minority recall" would name an arbitrary class, so it is not reported.
     assert [m.key for m in report.metrics] == ["test/balanced_accuracy"]
     md = (tmp_path / "report.md").read_text()
-    assert "seed=1: training loss never fell below its first epoch's: diverged?" in md
+    warned = 'seed=1: loss never fell below epoch 1; {"epoch": 3, "rule": "loss"}'
+    assert warned in md
     assert not (tmp_path / "report_metric_vs_ratio.png").exists()  # one ratio: no trend to plot
 
 
@@ -274,3 +278,71 @@ def test_convergence_section_reads_event_files(tmp_path):
     assert rows["loss=ce"].mean == 2 and rows["loss=mse"].mean == 4  # 0.8 · 0.85 = 0.68
     md = (tmp_path / "report.md").read_text()
     assert "## Convergence" in md and "| loss=mse | 4.0 (all 2 equal) | 5 |" in md
+
+
+def test_class_axis_says_majority_only_where_it_is():
+    from xentlab.report import class_axis_label
+    from xentlab.report.compare import Group
+    from xentlab.report.sweep import Run
+
+    def group(data: dict) -> Group:
+        return Group({}, "loss=ce", "", [Run(Path("x"), "completed", {}, {"data": data}, None)], {}, [])
+
+    assert class_axis_label([group({"name": "classification", "imbalance_ratio": 10, "counts": None})]) \
+        == "class (0 = majority, sizes fall with the index)"
+    assert class_axis_label([group({"name": "multilabel", "n_classes": 8})]) == "label"
+    assert class_axis_label([group({"name": "classification", "imbalance_ratio": 1})]) == "class"
+    assert class_axis_label([group({"name": "blobs", "imbalance_ratio": 10, "counts": [5, 50]})]) == "class"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root writes into read-only folders; the directory-in-the-way case covers it")
+def test_read_only_sweep_folder_prints_then_fails_clearly(tmp_path, capsys):
+    synthetic_sweep(tmp_path)
+    tmp_path.chmod(0o555)
+    try:
+        assert cli.main(["report", str(tmp_path), "--allow-partial"]) == 1
+    finally:
+        tmp_path.chmod(0o755)
+    captured = capsys.readouterr()
+    assert "loss=focal" in captured.out and "could not write the report" in captured.err
+    assert not (tmp_path / "report.md").exists()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs mounted at a temporary folder; skipped where this process may not mount one."""
+    import shutil
+    import subprocess
+
+    point = tmp_path / "tmpfs"
+    point.mkdir()
+    mount = shutil.which("mount")
+    done = mount and subprocess.run([mount, "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)],
+                                    capture_output=True).returncode == 0
+    if not done:
+        pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
+    yield point
+    subprocess.run(["umount", str(point)], check=True)
+
+
+def test_full_and_read_only_disks_print_the_table_then_fail_without_leftovers(small_tmpfs, capsys):
+    import subprocess
+
+    synthetic_sweep(small_tmpfs)
+    with (small_tmpfs / "filler").open("wb", buffering=0) as filler:  # fill the disk to the last byte
+        for size in (4096, 1):
+            try:
+                while True:
+                    filler.write(b"\0" * size)
+            except OSError:
+                pass
+    assert cli.main(["report", str(small_tmpfs), "--allow-partial"]) == 1
+    captured = capsys.readouterr()
+    assert "loss=focal" in captured.out and "No space left on device" in captured.err
+    names = {p.name for p in small_tmpfs.iterdir() if p.is_file()}
+    assert names == {"filler"}  # no report file, truncated or whole, and no staging file
+    (small_tmpfs / "filler").unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    assert cli.main(["report", str(small_tmpfs), "--allow-partial"]) == 1
+    assert "Read-only file system" in capsys.readouterr().err

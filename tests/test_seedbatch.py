@@ -70,6 +70,15 @@ def test_a_seed_trained_in_a_batch_is_the_seed_trained_alone(tmp_path, overrides
         torch.testing.assert_close(weights["1.weight"], final_state(tmp_path / "alone", "loss.")["weight"])
         assert not torch.equal(weights["0.weight"], weights["1.weight"])
     assert_metrics_close(records[1]["metrics"], alone["metrics"])
+    # Seed 4's own checkpoint is the one its single run writes: same names, values and optimizer state.
+    ours, theirs = (torch.load(path / "checkpoints" / "last.ckpt", weights_only=False)
+                    for path in (tmp_path / "batch" / "seed=4", tmp_path / "alone"))
+    assert ours["state_dict"].keys() == theirs["state_dict"].keys()
+    torch.testing.assert_close(ours["state_dict"], theirs["state_dict"], rtol=1e-4, atol=1e-5)
+    assert (ours["epoch"], ours["global_step"]) == (theirs["epoch"], theirs["global_step"])
+    (mine,), (single,) = ours["optimizer_states"], theirs["optimizer_states"]
+    assert mine["param_groups"] == single["param_groups"]
+    torch.testing.assert_close(mine["state"], single["state"], rtol=1e-4, atol=1e-6)
 
 
 LOSS_CONFIGS = sorted(p.stem for p in Path(CONFIG_DIR, "loss").glob("*.yaml") if p.stem != "custom")
@@ -117,6 +126,7 @@ def test_adding_a_seed_to_the_batch_changes_no_other_seed(tmp_path):
 def test_each_seed_writes_a_run_of_its_own(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from xentlab.board import HPARAMS_RUN, board_tag
     from xentlab.report import build_report
 
     cfg = config("seed=7", "seeds=2", "trainer.log_every_n_steps=1")
@@ -130,9 +140,12 @@ def test_each_seed_writes_a_run_of_its_own(tmp_path):
         events = EventAccumulator(str(tmp_path / f"seed={seed}"))
         events.Reload()
         tags = events.Tags()
-        assert {"train/loss", "val/balanced_accuracy", "train/logit_grad_norm", "hp/balanced_accuracy"} \
+        assert {board_tag(t) for t in ("train/loss", "val/balanced_accuracy", "train/logit_grad_norm")} \
             <= set(tags["scalars"])
-        assert {"loss_curves", "test/confusion_matrix"} <= set(tags["images"])
+        assert {"loss_curves", board_tag("test/confusion_matrix")} <= set(tags["images"])
+        session = EventAccumulator(str(tmp_path / f"seed={seed}" / HPARAMS_RUN))
+        session.Reload()
+        assert "hp/balanced_accuracy" in session.Tags()["scalars"]
     report = build_report(tmp_path)
     assert [len(group.runs) for group in report.groups] == [2]
     assert not report.pending
@@ -149,6 +162,10 @@ def test_ckpt_path_last_resumes_the_batch_and_skips_a_finished_one(tmp_path):
     assert one_epoch > 0 and global_step() == 2 * one_epoch
     again = train_seeds(config("seeds=2", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
     assert [r["duration_s"] for r in again] == [r["duration_s"] for r in resumed]  # not retrained
+    # One seed of the batch continues alone from its own checkpoint.
+    cfg = config("seed=1", "trainer.max_epochs=3")
+    cfg.ckpt_path = str(tmp_path / "seed=1" / "checkpoints" / "last.ckpt")
+    assert train(cfg, tmp_path / "alone")["epochs"] == 3
 
 
 def test_gradient_norm_clipping_is_per_seed(tmp_path):

@@ -21,7 +21,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU and "triton" not in sys.modules:
@@ -72,20 +71,11 @@ def _on_device(fn, *args, **kwargs):
     return lambda x: fn(move(x), *map(move, args), **kwargs).cpu()
 
 
-def asl_float64(x, target, gamma_pos, gamma_neg, clip, reduction):
-    """ASL (Ridnik et al. 2021) written from its formula in float64, autograd for the gradient:
-    -[t (1-p)^g+ log p + (1-t) p_m^g- log(1 - p_m)], p_m = max(p - clip, 0), mean over all elements."""
-    x, t = x.double(), target.double()
-    p_m = (torch.sigmoid(x) - clip).clamp(min=0)
-    log_1m = torch.log((torch.sigmoid(-x) + clip).clamp(max=1)) if clip > 0 else F.logsigmoid(-x)
-    loss = -(t * torch.sigmoid(-x) ** gamma_pos * F.logsigmoid(x) + (1 - t) * p_m**gamma_neg * log_1m)
-    return {"none": loss, "sum": loss.sum(), "mean": loss.mean()}[reduction]
-
-
 # The ground truth of each backend function; it takes the same positional arguments (and makes them float64).
+# ASL has no PyTorch version: its truth is the reference backend (autograd through its formula).
 TRUTH = {"cross_entropy": cases.torch_cross_entropy, "focal_loss": cases.torch_focal_loss,
          "mse_loss": cases.torch_mse_loss, "binary_cross_entropy_with_logits": cases.torch_bce,
-         "sigmoid_focal_loss": cases.torchvision_sigmoid_focal_loss, "asl_loss": asl_float64}
+         "sigmoid_focal_loss": cases.torchvision_sigmoid_focal_loss, "asl_loss": reference.asl_loss}
 
 
 def _softmax_case(case_id, d, r):
@@ -308,6 +298,24 @@ def test_mean_denominator_spans_several_partial_blocks():
     _parity(("cross_entropy", (y, d.w, -1, "mean", 0.0)), d)
 
 
+def test_out_of_range_targets_are_never_read_out_of_bounds():
+    """Targets that skipped validation (a CUDA-graph caller's validate=False) with indices outside [0, C)
+    count as ignored rows in every index-target kernel instead of addressing memory out of bounds. (What
+    this observes is the torch side, which would index the weights out of bounds; Triton's interpreter reads
+    past a buffer without complaint, so the kernels' own masks are checked by reading, not by this test.)"""
+    d = _on(_data(torch.float32))
+    bad, ignored = d.y.clone(), d.y.clone()
+    bad[[0, 4]] = torch.tensor([C + 3, -5], device=DEVICE)
+    ignored[[0, 4]] = -100
+    transform = LogitTransform(scale=2.0, bias=d.w.log(), margin=0.5 * d.w)
+    for fn, args in [(tx.softmax_loss, (Focal(2.0), d.w, transform, -100, "mean", 0.1)),
+                     (tx.mse_loss, (-100, "mean", "probs"))]:
+        got = _run(fn, d.x, (bad, *args), None)
+        want = _run(fn, d.x, (ignored, *args), None)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+
+
 # --------------------------------------------------------------------------- autograd and in-place
 
 
@@ -450,6 +458,42 @@ def test_constant_arguments_that_require_grad_are_refused():
         tx.cross_entropy(d.x, d.y, w, -100, "mean", 0.0)
 
 
+# Tensor methods that copy a value to the host (a device synchronisation on CUDA tensors).
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "nonzero")
+
+
+def test_backend_code_never_reads_a_tensor_value_on_the_host(monkeypatch):
+    """Issue 16 item 7, checked without a GPU: forward + backward of every Triton loss (all reductions)
+    calls none of the Tensor methods that bring a value to the host, so on CUDA tensors they do not
+    synchronise (the GPU-only test below also runs them under torch's sync-debug "error" mode)."""
+    d = _on(_data(torch.float32))
+    transform = LogitTransform(scale=2.0, bias=d.w.log(), margin=0.5 * d.w)
+    calls = {"softmax_loss": lambda x, r: tx.softmax_loss(x, d.y, Focal(2.0), d.w, transform, -100, r, 0.1),
+             "cross_entropy_probs": lambda x, r: tx.cross_entropy(x, d.probs, d.w, -100, r, 0.1),
+             "mse_loss": lambda x, r: tx.mse_loss(x, d.y, -100, r, "probs"),
+             "bce": lambda x, r: tx.binary_cross_entropy_with_logits(x, d.soft, d.w, d.w, r),
+             "sigmoid_focal_loss": lambda x, r: tx.sigmoid_focal_loss(x, d.soft, 0.25, 2.0, r),
+             "asl_loss": lambda x, r: tx.asl_loss(x, d.soft, 1.0, 4.0, 0.05, r)}
+    seen = []
+
+    def trap(name, original):
+        def recorded(self, *args, **kwargs):
+            seen.append(name)
+            return original(self, *args, **kwargs)
+        return recorded
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, trap(name, getattr(torch.Tensor, name)))
+    for name, call in calls.items():
+        for reduction in REDUCTIONS:
+            x = d.x.clone().requires_grad_()
+            loss = call(x, reduction)
+            loss.backward(torch.ones_like(loss))
+            assert not seen, f"{name}/{reduction} read {seen} on the host"
+    monkeypatch.undo()
+    assert bool(torch.ones(1))  # the trap is gone
+
+
 # ------------------------------------------------------------------------------ through functional
 
 
@@ -463,7 +507,10 @@ def test_functional_dispatch_with_spatial_inputs(reduction):
              ("focal_loss", (y,), {"reduction": reduction}),
              ("mse_loss", (y,), {"reduction": reduction}),
              ("binary_cross_entropy_with_logits", (soft,), {"reduction": reduction}),
-             ("sigmoid_focal_loss", (soft,), {"reduction": reduction})]
+             ("sigmoid_focal_loss", (soft,), {"reduction": reduction}),
+             ("asymmetric_loss", (soft,), {"reduction": reduction, "gamma_pos": 1.0}),
+             ("softmax_loss", (y, GCE(0.7)), {"reduction": reduction, "transform": LogitTransform(
+                 scale=2.0, bias=torch.linspace(-1, 1, 5, device=DEVICE), margin=torch.full((5,), 0.3))})]
     for name, args, kwargs in calls:
         results = []
         for backend in ("triton", "reference"):
@@ -472,6 +519,23 @@ def test_functional_dispatch_with_spatial_inputs(reduction):
             results.append(_run(call, x, args, grad_out))
         for a, b, what in zip(*results, ("loss", "gradient"), strict=True):
             torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6, msg=f"{name}/{reduction}: {what}")
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "mse_loss", "binary_cross_entropy_with_logits",
+                                  "sigmoid_focal_loss", "asymmetric_loss"])
+def test_functional_target_gradients_on_the_triton_backend(name):
+    """Issue 16 item 1's reproduction through xentlab.functional: t.grad is PyTorch's, not None."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64).to(DEVICE)
+    t = torch.softmax(torch.randn(2, 5, 3, generator=gen, dtype=torch.float64), 1).to(DEVICE)
+    grads = []
+    for backend in ("triton", "reference"):
+        xs, ts = x.clone().requires_grad_(), t.clone().requires_grad_()
+        getattr(functional, name)(xs, ts, backend=backend).backward()
+        grads.append((xs.grad, ts.grad))
+    assert grads[0][1] is not None
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 # ------------------------------------------------------------------- without the interpreter (subprocess)

@@ -8,8 +8,9 @@ runs once per step on all K through `torch.func.vmap` over `functional_call`. Th
 sum of the K losses; seed k's loss depends only on slice k, so slice k's gradient is exactly what seed k
 alone would get, and element-wise optimizers (Adam, SGD, ...) then update every slice as its own run
 would. Gradient-norm clipping is done per seed. Each seed writes what a single run writes into
-`<run dir>/seed=<s>/`: TensorBoard events and `metrics.json`. The batch's checkpoint
-(`<run dir>/checkpoints/last.ckpt`) holds every seed, and `ckpt_path=last` resumes the batch.
+`<run dir>/seed=<s>/`: TensorBoard events, `metrics.json` and `checkpoints/last.ckpt` (its own, in the
+single run's form, written when training ends). The batch's checkpoint (`<run dir>/checkpoints/last.ckpt`,
+refreshed every epoch) holds every seed, and `ckpt_path=last` resumes the batch from it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from xentlab import plots
 from xentlab.metrics import StageMetrics
-from xentlab.module import LeanModule, log_figures, loss_curves_figure, write_data_description, write_hparams
+from xentlab.module import (
+    BoardLogger,
+    LeanModule,
+    log_figures,
+    loss_curves_figure,
+    posthoc_metrics,
+    write_data_description,
+    write_hparams,
+)
 from xentlab.schedules import build_scheduler
 from xentlab.train import (
     CHECKPOINT_DIR,
@@ -39,8 +48,10 @@ from xentlab.train import (
     finished_record,
     flat_params,
     quiet_lightning,
+    trainer_arguments,
     write_record,
 )
+from xentlab.validation import ConfigError
 
 # Optimizers whose update of each parameter element depends only on that element's own gradient and
 # state, so an update of stacked parameters is K independent updates. (L-BFGS's line search, or
@@ -51,9 +62,9 @@ ELEMENTWISE_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, 
 
 
 def check_seeds(seeds) -> int:
-    """`seeds` as a positive int, else a ValueError naming the value."""
+    """`seeds` as a positive int, else a ConfigError (a ValueError) naming the value."""
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds (how many seeds to train together: seed, seed+1, ...) must be an integer "
+        raise ConfigError(f"seeds (how many seeds to train together: seed, seed+1, ...) must be an integer "
                          f">= 1, got {seeds!r}")
     return seeds
 
@@ -216,12 +227,15 @@ class SeedBatchModule(LeanModule):
         self.optimizer_factory, self.figure_every_n_epochs = optimizer, figure_every_n_epochs
         # A schedule is a function of the epoch alone (xentlab.schedules), the same for every seed.
         self.scheduler_factory = scheduler
+        # Each seed's metrics on its loss's probabilities (ClassifierModule does the same).
+        maps = [getattr(loss, "probability_map", "softmax") for loss in losses]
         self.metrics = nn.ModuleList(nn.ModuleDict({
-            "train_": StageMetrics(task, num_classes, full=False),
-            "val_": StageMetrics(task, num_classes, keep_predictions=True),
-            "test_": StageMetrics(task, num_classes, keep_predictions=True),
-        }) for _ in runs)
+            "train_": StageMetrics(task, num_classes, full=False, probability_map=m),
+            "val_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=m),
+            "test_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=m),
+        }) for m in maps)
         self._logit_grad_norms: torch.Tensor | None = None
+        self._val_logits: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(runs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -332,18 +346,27 @@ class SeedBatchModule(LeanModule):
         epoch, every = self.current_epoch + 1, self.figure_every_n_epochs
         figures = epoch == self.trainer.max_epochs or (every > 0 and epoch % every == 0)
         for k in range(len(self.runs)):
+            # For the post-hoc fits at test time, as ClassifierModule keeps them.
+            self._val_logits[k] = self.metrics[k]["val_"].kept_logits()
             self._log_stage(k, "val", figures=figures)
 
     def on_test_epoch_end(self) -> None:
-        for k in range(len(self.runs)):
+        for k, run in enumerate(self.runs):
+            metrics = self.metrics[k]["test_"]
+            posthoc = posthoc_metrics(self._val_logits[k], *metrics.kept_logits(), task=self.task,
+                                      probability_map=metrics.probability_map,
+                                      class_counts=run.datamodule.class_counts)
             self._log_stage(k, "test", figures=True)
+            logged = {f"test/{name}": value for name, value in posthoc.items()}
+            run.final.update(logged)
+            if run.logger is not None:
+                run.logger.log_metrics(logged, step=self.global_step)
 
     def on_test_end(self) -> None:
         for run in self.runs:
             final = {f"hp/{name.removeprefix('test/')}": value for name, value in run.final.items()
                      if name.startswith("test/") and name != "test/loss"}
-            if run.logger is not None:
-                run.logger.log_metrics(final, step=self.global_step)
+            if run.logger is not None:  # the hp/ scalars go into the session's own sub-run
                 write_hparams(run.writer, run.run_params, final, self.global_step)
 
     def _log_stage(self, k: int, stage: str, figures: bool = False) -> dict[str, float]:
@@ -385,8 +408,7 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
         datamodules.append(datamodule)
         losses.append(loss)
         models.append(model)
-        logger = TensorBoardLogger(save_dir=str(seed_dir(output_dir, seed)), name="", version="",
-                                   **cfg.logger)
+        logger = BoardLogger(save_dir=str(seed_dir(output_dir, seed)), name="", version="", **cfg.logger)
         runs.append(SeedRun(seed, logger, flat_params(one), datamodule))
     # The seeds' runs drew their own initialisations above; what follows (dropout masks) draws from the
     # first seed's stream, as a single run of it would.
@@ -398,7 +420,8 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
     callbacks = []
     if cfg.trainer.get("enable_checkpointing", True):
         callbacks.append(ModelCheckpoint(dirpath=Path(output_dir) / CHECKPOINT_DIR, save_last=True))
-    trainer = pl.Trainer(**cfg.trainer, logger=False, callbacks=callbacks, default_root_dir=str(output_dir))
+    trainer = pl.Trainer(**trainer_arguments(cfg), logger=False, callbacks=callbacks,
+                         default_root_dir=str(output_dir))
     return trainer, module, data
 
 
@@ -419,8 +442,14 @@ def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), thread
         if all(record is not None for record in done):
             return done
     started = time.time()
-    trainer, module, data = build_batch(cfg, output_dir, seeds)
+    try:
+        trainer, module, data = build_batch(cfg, output_dir, seeds)
+    except (ValueError, TypeError) as error:  # as train(): a refusal while building is a setting to change
+        raise ConfigError(str(error)) from error
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    batch_checkpoint = Path(output_dir) / CHECKPOINT_DIR / "last.ckpt"
+    if batch_checkpoint.is_file():
+        split_checkpoint(batch_checkpoint, module, [seed_dir(output_dir, s) / CHECKPOINT_DIR for s in seeds])
     if not trainer.interrupted:
         trainer.test(module, datamodule=data, verbose=False)
     records = []
@@ -435,3 +464,38 @@ def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), thread
         records.append(write_record(path, seed_config(cfg, run.seed), record,
                                     seed_overrides(overrides, run.seed)))
     return records
+
+
+def split_checkpoint(path: Path, module: SeedBatchModule, out_dirs: list[Path]) -> None:
+    """Writes `<out_dirs[k]>/last.ckpt`: the batch checkpoint at `path` cut into seed k's own, in the form a
+    single run of that seed writes (model, loss and optimizer state under the single run's names and
+    parameter order; epoch, step, loop and schedule state as they are), so one seed can be loaded or
+    continued alone (`seeds=1 seed=<s> ckpt_path=<that file>`)."""
+    batch = torch.load(path, map_location="cpu", weights_only=False)
+    stacked = [name for name, _ in module.model.model.named_parameters()]
+    own = [len(list(loss.parameters())) for loss in module.losses]
+    for k, out_dir in enumerate(out_dirs):
+        one = {key: value for key, value in batch.items() if key not in ("state_dict", "optimizer_states")}
+        state = {}
+        for key, value in batch["state_dict"].items():
+            head, _, rest = key.partition(".")
+            if key.startswith("model.model."):
+                state["model." + key.removeprefix("model.model.")] = value[k].clone()
+            elif head in ("losses", "metrics") and rest.partition(".")[0] == str(k):
+                state[("loss" if head == "losses" else head) + "." + rest.partition(".")[2]] = value
+        one["state_dict"] = state
+        # Parameter order: the stacked model's, then loss 0's, loss 1's, ...; a single run: model, loss.
+        first = len(stacked) + sum(own[:k])
+        indices = list(range(len(stacked))) + list(range(first, first + own[k]))
+        one["optimizer_states"] = []
+        for optimizer in batch.get("optimizer_states", []):
+            sliced = {}
+            for new, old in enumerate(indices):
+                if old in optimizer["state"]:
+                    sliced[new] = {name: value[k].clone() if new < len(stacked) and torch.is_tensor(value)
+                                   and value.dim() > 0 else value
+                                   for name, value in optimizer["state"][old].items()}
+            groups = [{**group, "params": list(range(len(indices)))} for group in optimizer["param_groups"]]
+            one["optimizer_states"].append({"state": sliced, "param_groups": groups})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(one, out_dir / "last.ckpt")

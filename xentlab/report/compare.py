@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from xentlab.report.stats import (
     ALPHA,
     MIN_SEEDS,
-    NO_RUNS,
     Paired,
-    Summary,
     difference_range,
     holm,
     metric_range,
@@ -326,6 +324,3 @@ def few_seeds(c: Comparison) -> str:
         text += f", ~{c.needed} seeds would detect a difference this size"
     return text
 
-
-def group_summary(group: Group, key: str) -> Summary:
-    return group.stats.get(key, NO_RUNS)

@@ -51,9 +51,9 @@ class Convergence:
         for group, base, d, p_adj in self.paired:
             where = f"{group.context}, " if group.context else ""
             adjusted = "" if math.isnan(p_adj) else f", Holm-adjusted over this section {p_adj:.2g}"
-            texts.append(f"{where}{group.label} − {base.label}: {d.diff:+.1f} epochs "
-                         f"[{d.low:+.1f}, {d.high:+.1f}] "
-                         f"on {d.n} seeds ({d.test} p = {d.p:.2g}{adjusted})")
+            interval = f" [{d.low:+.1f}, {d.high:+.1f}]" if d.n >= 2 else ""
+            texts.append(f"{where}{group.label} − {base.label}: {d.diff:+.1f} epochs{interval} "
+                         f"on {d.n} seed(s) ({d.test} p = {d.p:.2g}{adjusted})")
         return texts
 
     def markdown(self) -> list[str]:

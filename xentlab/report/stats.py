@@ -200,11 +200,11 @@ def seeds_needed(paired: Paired, family: int) -> int | None:
     """Matched seeds that would detect a difference of this size with 80% power at the strictest Holm
     level α / family: the paired t's power 1 - F_nct(t_crit; n - 1, δ√n) with δ = mean / std, or, for a
     constant difference, the sign-flip test's n with 2 / 2^n ≤ α / family. At least MIN_SEEDS; None when
-    the observed difference is 0 or more than 200 seeds would be needed.
+    the observed difference is 0, there is one seed, or more than 200 seeds would be needed.
     """
     level = ALPHA / max(1, family)
-    if not math.isfinite(paired.diff) or paired.diff == 0:
-        return None
+    if paired.n < 2 or not math.isfinite(paired.diff) or paired.diff == 0:
+        return None  # one seed says nothing about the spread
     if not paired.std > 0:
         return max(MIN_SEEDS, math.ceil(math.log2(2 / level)))
     effect = abs(paired.diff) / paired.std

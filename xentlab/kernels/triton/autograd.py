@@ -109,18 +109,20 @@ class _SoftmaxLoss(torch.autograd.Function):
     def forward(ctx, x, target, weight, scale, bias, margin, args: _RowArgs):
         n, c = x.shape
         vectors = (scale, bias, margin)
-        lse, logpt, smoothing = _launch_row_stats(x, target, weight, vectors, args.ignore_index, args.eps > 0)
-        valid = target != args.ignore_index
-        w_y = valid.to(lse.dtype) if weight is None else weight[torch.where(valid, target, 0)] * valid
-        loss = (1 - args.eps) * w_y * args.row_loss.value(logpt)
-        if args.eps > 0:
-            loss = loss + (args.eps / c) * smoothing
-        loss = torch.where(valid, loss, 0.0)  # an ignored row's statistics may be inf (its y was replaced)
+        smooth = args.eps > 0
+        lse, logpt, w_y, smoothing, kept = _launch_row_stats(x, target, weight, vectors, args.ignore_index,
+                                                             smooth)
+        # ignored rows arrive with w_y = 0, log p_y = 0 (phi finite there) and a zero smoothing sum
+        loss = w_y * args.row_loss.value(logpt)
+        if smooth:
+            loss = (1 - args.eps) * loss + (args.eps / c) * smoothing
         denominator = w_y.sum()
         if ctx.needs_input_grad[0]:
             # d l_i / d z'_c = c_p p'_c - c_y [c == y] - c_w w_c, before grad_output and the denominator
-            c_y = torch.where(valid, -(1 - args.eps) * w_y * args.row_loss.slope(logpt), 0.0)
-            c_w = valid.to(lse.dtype) * (args.eps / c) if args.eps > 0 else None
+            c_y = -w_y * args.row_loss.slope(logpt)
+            if smooth:
+                c_y = (1 - args.eps) * c_y
+            c_w = kept * (args.eps / c) if smooth else None
             inv = torch.where(denominator > 0, 1 / denominator, 0.0) if args.reduction == "mean" else None
             ctx.save_for_backward(x, target, weight, scale, bias, margin, lse, c_y, c_w, inv)
             ctx.args, ctx.inplace = args, args.inplace

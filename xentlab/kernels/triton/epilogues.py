@@ -14,6 +14,7 @@ import triton.language as tl
 
 from xentlab.kernels.triton.rows import (
     _BCE,
+    _CE_PROBS,
     _MSE_LOGITS,
     _MSE_PROBS,
     _NEG_INF,
@@ -48,8 +49,8 @@ def _softmax_grad_kernel(
     ACC before the store. G may alias X (each element is read before it is overwritten, by one program)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    rows64, row_ok, valid, y, margin_y = _true_class(Y, stride_yn, MARGIN, rows, N, ignore_index, HAS_MARGIN,
-                                                     ACC)
+    rows64, row_ok, valid, y, margin_y = _true_class(Y, stride_yn, MARGIN, rows, N, C, ignore_index,
+                                                     HAS_MARGIN, ACC)
     col_ok = cols < C
     ok = row_ok[:, None] & col_ok[None, :]
     is_y = cols[None, :] == y[:, None]
@@ -137,7 +138,7 @@ def _softmax_family_kernel(
     for block in range(tl.program_id(0), tl.cdiv(N, ROWS), tl.num_programs(0)):
         rows = block * ROWS + tl.arange(0, ROWS)
         rows64, row_ok, y, valid, x_y, u_y, k = _row_setup(
-            X, stride_xn, Y, stride_yn, U, stride_un, stride_uc, rows, N, ignore_index, inv, LOSS,
+            X, stride_xn, Y, stride_yn, U, stride_un, stride_uc, rows, N, C, ignore_index, inv, LOSS,
             PROB_TARGET, UPSTREAM, ACC)
         m, s = tl.full([ROWS], _NEG_INF, ACC), tl.zeros([ROWS], ACC)
         e1, e2, a1, a2 = s, s, s, s
@@ -164,7 +165,7 @@ def _softmax_family_kernel(
             grad, tgrad, err = _epilogue(x, t, w, u, col_ok, lse, k, c_p, g, eps, LOSS, WRITE_TGRAD)
             err_sum = _store_block(G, TG, L, rows64, stride_xn, cols, C, row_ok, col_ok, valid, grad, tgrad,
                                    err, WRITE_GRAD, WRITE_TGRAD, LOSS_OUT)
-        else:
+        elif WRITE_GRAD or WRITE_TGRAD or LOSS != _CE_PROBS:  # CE's loss needs no second walk
             n_blocks = tl.cdiv(C, BLOCK_C)
             for i in range(n_blocks):  # backwards: the blocks read last are the likeliest still in L2
                 cols = (n_blocks - 1 - i) * BLOCK_C + tl.arange(0, BLOCK_C)

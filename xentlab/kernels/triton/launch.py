@@ -156,23 +156,24 @@ def _transform_args(transform, x: Tensor) -> tuple[Tensor | None, Tensor | None,
 
 
 def _launch_row_stats(x: Tensor, target: Tensor, weight: Tensor | None, vectors, ignore_index: int,
-                      smooth: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """lse', log p'_y and (with `smooth`) sum_c w_c (lse' - z'_c) per row, in the compute dtype."""
+                      smooth: bool) -> tuple[Tensor, ...]:
+    """Per row, in the compute dtype: lse', log p'_y, w[y] and (with `smooth`, else None) the smoothing sum
+    sum_c w_c (lse' - z'_c) and the 0/1 kept-row indicator; ignored rows give log p'_y = 0 and zeros."""
     n, c = x.shape
     dtype = compute_dtype(x.dtype)
-    lse, logpt = (torch.empty(n, dtype=dtype, device=x.device) for _ in range(2))
-    smoothing = torch.empty(n, dtype=dtype, device=x.device) if smooth else None
+    lse, logpt, w_y = (torch.empty(n, dtype=dtype, device=x.device) for _ in range(3))
+    smoothing, kept = (torch.empty(n, dtype=dtype, device=x.device) if smooth else None for _ in range(2))
     if n:
         scale, bias, margin = vectors
         config, grid = _softmax_launch(x, two_walks=False)
         tensors = (x if v is None else v for v in (weight, *vectors))
         _launch(_row_stats_kernel, (grid,), config.num_warps,
-                x, x.stride(0), target, target.stride(0), *tensors, lse, logpt,
-                lse if smoothing is None else smoothing, n, c, ignore_index,
+                x, x.stride(0), target, target.stride(0), *tensors, lse, logpt, w_y,
+                lse if smoothing is None else smoothing, lse if kept is None else kept, n, c, ignore_index,
                 HAS_WEIGHT=weight is not None, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
                 HAS_MARGIN=margin is not None, SMOOTH=smooth, ONE_BLOCK=config.one_block, ROWS=config.rows,
                 BLOCK_C=config.block_c, ACC=_acc(x))
-    return lse, logpt, smoothing
+    return lse, logpt, w_y, smoothing, kept
 
 
 def _launch_softmax_grad(x: Tensor, target: Tensor, weight: Tensor | None, vectors, ignore_index: int,
@@ -208,8 +209,9 @@ def _launch_softmax(x: Tensor, target: Tensor, weight: Tensor | None, spec: _Spe
         den_count = c if spec.loss in (_MSE_PROBS, _MSE_LOGITS) else 1
         if prob:
             den_count *= n
-        else:  # the kept rows, counted on the device
-            den = (target != spec.ignore_index).sum().to(compute_dtype(x.dtype))
+        else:  # the kept rows, counted on the device (out-of-range indices count as ignored, as in rows.py)
+            kept = (target != spec.ignore_index) & (target >= 0) & (target < c)
+            den = kept.sum().to(compute_dtype(x.dtype))
     up_strides = (0, 0) if upstream is None else (tuple(upstream.stride()) + (0, 0))[:2]
     t_strides = (tuple(target.stride()) + (0,))[:2]
     _launch(_softmax_family_kernel, (grid,), config.num_warps,

@@ -59,12 +59,14 @@ def _pow(base, gamma):
 
 
 @triton.jit
-def _true_class(Y, stride_yn, MARGIN, rows, N, ignore_index, HAS_MARGIN: tl.constexpr, ACC: tl.constexpr):
-    """Per row: int64 row offsets, which rows exist, which count, y (0 where ignored) and the margin m[y]."""
+def _true_class(Y, stride_yn, MARGIN, rows, N, C, ignore_index, HAS_MARGIN: tl.constexpr, ACC: tl.constexpr):
+    """Per row: int64 row offsets, which rows exist, which count, y (0 where ignored) and the margin m[y].
+    A class index outside [0, C) counts as ignored, so unvalidated targets never address memory out of
+    bounds."""
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
     y = tl.load(Y + rows64 * stride_yn, mask=row_ok, other=ignore_index)
-    valid = row_ok & (y != ignore_index)
+    valid = row_ok & (y != ignore_index) & (y >= 0) & (y < C)
     y = tl.where(valid, y, 0)
     margin_y = tl.zeros(rows.shape, ACC)
     if HAS_MARGIN:
@@ -120,17 +122,18 @@ def _stats_block(X, stride_xn, W, SCALE, BIAS, rows64, row_ok, y, margin_y, cols
 
 @triton.jit
 def _row_stats_kernel(
-    X, stride_xn, Y, stride_yn, W, SCALE, BIAS, MARGIN, LSE, LOGPT, SMOOTHING, N, C, ignore_index,
+    X, stride_xn, Y, stride_yn, W, SCALE, BIAS, MARGIN, LSE, LOGPT, W_Y, SMOOTHING, KEPT, N, C, ignore_index,
     HAS_WEIGHT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MARGIN: tl.constexpr,
     SMOOTH: tl.constexpr, ONE_BLOCK: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Per row of z' (one read of the logits): lse', log p'_y, and with SMOOTH sum_c w_c (lse' - z'_c).
-    log p'_y is log1p(-(mass of the other classes)) when that mass is below 1/4, else z'_y - lse'. Ignored
-    rows are computed with y = 0 (the caller masks them); programs loop over blocks of ROWS rows."""
+    """Per row of z' (one read of the logits): lse', log p'_y, w[y], and with SMOOTH sum_c w_c (lse' - z'_c)
+    and whether the row counts. log p'_y is log1p(-(mass of the other classes)) when that mass is below 1/4,
+    else z'_y - lse'. Ignored rows store log p'_y = 0 (p_y = 1, where every row loss is finite), w[y] = 0
+    and a zero smoothing sum, so the caller needs no mask; programs loop over blocks of ROWS rows."""
     for block in range(tl.program_id(0), tl.cdiv(N, ROWS), tl.num_programs(0)):
         rows = block * ROWS + tl.arange(0, ROWS)
-        rows64, row_ok, valid, y, margin_y = _true_class(Y, stride_yn, MARGIN, rows, N, ignore_index,
+        rows64, row_ok, valid, y, margin_y = _true_class(Y, stride_yn, MARGIN, rows, N, C, ignore_index,
                                                          HAS_MARGIN, ACC)
         m = tl.full([ROWS], _NEG_INF, ACC)
         s = tl.zeros([ROWS], ACC)
@@ -148,17 +151,22 @@ def _row_stats_kernel(
         log_s = tl.log(s)
         one_m_pt = other / s
         logpt = tl.where(one_m_pt < 0.25, _log1p(-tl.minimum(one_m_pt, 0.25)), (z_y - ref) - log_s)
+        w_y = tl.where(valid, 1.0, 0.0).to(ACC)
+        if HAS_WEIGHT:
+            w_y = tl.load(W + y, mask=valid, other=0.0).to(ACC)
         tl.store(LSE + rows64, ref + log_s, mask=row_ok)
-        tl.store(LOGPT + rows64, logpt, mask=row_ok)
+        tl.store(LOGPT + rows64, tl.where(valid, logpt, 0.0), mask=row_ok)
+        tl.store(W_Y + rows64, w_y, mask=row_ok)
         if SMOOTH:  # sum_c w_c (lse' - z'_c) = W log s - sum_c w_c (z'_c - m)
-            tl.store(SMOOTHING + rows64, a1 * log_s - a2, mask=row_ok)
+            tl.store(SMOOTHING + rows64, tl.where(valid, a1 * log_s - a2, 0.0), mask=row_ok)
+            tl.store(KEPT + rows64, tl.where(valid, 1.0, 0.0).to(ACC), mask=row_ok)
 
 
 # ------------------------------------------------------- probability targets and MSE: the fused-row kernel
 
 
 @triton.jit
-def _row_setup(X, stride_xn, Y, stride_yn, U, stride_un, stride_uc, rows, N, ignore_index, inv,
+def _row_setup(X, stride_xn, Y, stride_yn, U, stride_un, stride_uc, rows, N, C, ignore_index, inv,
                LOSS: tl.constexpr, PROB_TARGET: tl.constexpr, UPSTREAM: tl.constexpr, ACC: tl.constexpr):
     """Per row: the class index y (0 where ignored; index-target MSE only), which rows count, x[y],
     grad_output[y] and the gradient scale k (grad_output / denominator, or the per-row grad_output, and 0 for
@@ -171,7 +179,7 @@ def _row_setup(X, stride_xn, Y, stride_yn, U, stride_un, stride_uc, rows, N, ign
     x_y, u_y = one * 0.0, one
     if not PROB_TARGET:
         y = tl.load(Y + rows64 * stride_yn, mask=row_ok, other=ignore_index)
-        valid = row_ok & (y != ignore_index)
+        valid = row_ok & (y != ignore_index) & (y >= 0) & (y < C)  # out of range: as ignored, never read
         y = tl.where(valid, y, 0)
         if LOSS != _MSE_LOGITS:  # gathered before any store: G may alias X
             x_y = tl.load(X + rows64 * stride_xn + y, mask=valid, other=0.0).to(ACC)
