@@ -27,7 +27,8 @@ from xentlab.board import HPARAMS_RUN, board_tag
 from xentlab.metrics import StageMetrics, logit_adjusted, loss_curve, per_label, temperature_scaled
 
 CURVE_POINTS = 49
-# Overrides that do not change what a run computes (as hydra.job.config.override_dirname.exclude_keys).
+# Overrides that are no HParams column: threads and ckpt_path change nothing computed, and an experiment's
+# settings show as their own keys. (Job folder names do include experiment and threads: conf/hydra.)
 NOT_HPARAMS = ("experiment", "ckpt_path", "threads")
 
 
