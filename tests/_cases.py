@@ -108,6 +108,51 @@ def torchvision_sigmoid_focal_loss(inputs, targets, alpha: float = 0.25, gamma: 
     return loss
 
 
+def torch_logit_adjusted(x, target, log_prior, tau=1.0, ignore_index=-100, reduction="mean"):
+    """Logit adjustment: PyTorch's cross-entropy of the shifted logits z + tau log pi."""
+    shifted = x + tau * log_prior.double()
+    return F.cross_entropy(shifted, target, ignore_index=ignore_index, reduction=reduction)
+
+
+def torch_ldam(x, target, margins, scale=30.0, weight=None, ignore_index=-100, reduction="mean"):
+    """LDAM as its authors wrote it (Cao et al. 2019, LDAMLoss.forward), with ignore_index added."""
+    index = F.one_hot(target.clamp(min=0), x.shape[1]).bool()
+    batch_m = margins.double()[target.clamp(min=0)][:, None]
+    output = torch.where(index, x - batch_m, x)
+    return F.cross_entropy(scale * output, target, None if weight is None else weight.double(),
+                           ignore_index=ignore_index, reduction=reduction)
+
+
+def _true_class_loss(phi, x, target, ignore_index, reduction):
+    """phi(p_y) per row from F.cross_entropy's per-row nll (p_y = exp(-nll)), `mean` over non-ignored rows."""
+    nll = F.cross_entropy(x, target, ignore_index=ignore_index, reduction="none")
+    valid = target != ignore_index
+    loss = torch.where(valid, phi(nll, torch.exp(-nll)), 0.0)
+    return loss if reduction == "none" else loss.sum() / (valid.sum() if reduction == "mean" else 1)
+
+
+def torch_poly1(x, target, epsilon=1.0, ignore_index=-100, reduction="mean"):
+    return _true_class_loss(lambda nll, p: nll + epsilon * (1 - p), x, target, ignore_index, reduction)
+
+
+def torch_gce(x, target, q=0.7, ignore_index=-100, reduction="mean"):
+    return _true_class_loss(lambda nll, p: (1 - p**q) / q, x, target, ignore_index, reduction)
+
+
+def ridnik_asl(x, y, gamma_pos=0.0, gamma_neg=4.0, clip=0.05, reduction="mean", eps=1e-300):
+    """AsymmetricLoss.forward of Ridnik et al.'s code (multi-hot targets), its sum made our reduction."""
+    y = y.double()
+    xs_pos = torch.sigmoid(x)
+    xs_neg = 1 - xs_pos
+    if clip > 0:
+        xs_neg = (xs_neg + clip).clamp(max=1)
+    loss = y * torch.log(xs_pos.clamp(min=eps)) + (1 - y) * torch.log(xs_neg.clamp(min=eps))
+    pt = xs_pos * y + xs_neg * (1 - y)
+    loss = loss * torch.pow(1 - pt, gamma_pos * y + gamma_neg * (1 - y))
+    loss = -loss
+    return {"none": loss, "sum": loss.sum(), "mean": loss.mean()}[reduction]
+
+
 # ---------------------------------------------------------------- the check
 
 

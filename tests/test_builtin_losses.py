@@ -11,7 +11,7 @@ from torch.nn import functional as TF
 
 from xentlab import weights
 from xentlab.losses import build_loss, list_losses
-from xentlab.testing import CHECKS, LossCheckError, check_loss
+from xentlab.testing import CHECKS, LATE_EPOCH, LossCheckError, check_loss
 from xentlab.train import CONFIG_DIR, build_run, train
 
 BUILTIN_CASES = [(e.name, task) for e in list_losses() if e.source == "built-in" for task in e.tasks]
@@ -21,7 +21,8 @@ COUNTS = torch.tensor([40, 20, 10, 5])
 @pytest.mark.parametrize(("name", "task"), BUILTIN_CASES, ids=[f"{n}-{t}" for n, t in BUILTIN_CASES])
 def test_every_builtin_passes_the_conformance_kit_on_every_task_it_declares(name, task):
     report = check_loss(name, task=task)
-    assert report.ok and len(report.results) == len(CHECKS)
+    has_hook = hasattr(build_loss(name, class_counts=COUNTS, num_examples=100), "on_train_epoch_start")
+    assert report.ok and len(report.results) == len(CHECKS) * (2 if has_hook else 1)
 
 
 @pytest.mark.parametrize(("name", "task", "params"), [
@@ -34,6 +35,12 @@ def test_every_builtin_passes_the_conformance_kit_on_every_task_it_declares(name
     ("bce", "multilabel", {"pos_weight": "balanced"}),
     ("bce", "multiclass", {"pos_weight": [1.0, 2.0, 3.0, 4.0]}),
     ("mse", "multiclass", {"on": "logits"}),
+    ("logit_adjusted", "multiclass", {"tau": 2.0}),
+    ("ldam", "multiclass", {"drw_epoch": 1, "scale": 1.0, "max_margin": 1.0}),
+    ("poly1", "multiclass", {"epsilon": -1.0}),
+    ("gce", "binary", {"q": 1.0}),
+    ("asl", "multilabel", {"gamma_pos": 1.0, "gamma_neg": 2.0, "clip": 0.0}),
+    ("sigmoid_focal", "multiclass", {"alpha": -1.0, "gamma": 0.5}),
 ])
 def test_the_kit_passes_with_non_default_parameters(name, task, params):
     assert check_loss(name, task=task, **params).ok
@@ -123,6 +130,29 @@ def test_the_kit_catches_a_broken_loss_and_says_which_check_failed(loss, failing
 class Crashing(_Reducing):
     def forward(self, x, t):
         raise RuntimeError("shape mismatch in my loss")
+
+
+class ForgetsItsWeightsLate(_Reducing):
+    """Fine until the epoch hook switches on weights of the wrong length (a broken DRW)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = None
+
+    def on_train_epoch_start(self, epoch: int) -> None:
+        self.weight = None if epoch < 5 else torch.ones(3)
+
+    def forward(self, x, t):
+        return TF.cross_entropy(x, t, weight=self.weight, reduction=self.reduction)
+
+
+def test_the_kit_runs_every_check_after_the_epoch_hook_for_an_early_and_a_late_epoch():
+    with pytest.raises(LossCheckError) as info:
+        check_loss(ForgetsItsWeightsLate(), task="multiclass", num_classes=4)
+    report = info.value.report
+    assert len(report.results) == 2 * len(CHECKS)
+    assert not any(r.name.endswith("@ epoch 0") for r in report.results if not r.passed)
+    assert report.failed == [f"{name} @ epoch {LATE_EPOCH}" for name, _ in CHECKS]
 
 
 def test_a_loss_that_raises_fails_every_check_with_the_error_instead_of_stopping_the_kit():
@@ -216,6 +246,62 @@ def test_mse_compares_probabilities_or_logits_with_the_one_hot_target(on):
     torch.testing.assert_close(build_loss("mse", on=on)(x, t), expected)
 
 
+def test_logit_adjusted_shifts_the_logits_by_tau_log_priors_of_the_counts():
+    x, t = torch.randn(9, 4, dtype=torch.float64, requires_grad=True), torch.randint(0, 4, (9,))
+    loss = build_loss("logit_adjusted", class_counts=COUNTS, tau=0.5).double()
+    prior = COUNTS.double() / COUNTS.sum()
+    (ours,) = torch.autograd.grad(value := loss(x, t), x)
+    (truth,) = torch.autograd.grad(expected := TF.cross_entropy(x + 0.5 * prior.log(), t), x)
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(ours, truth)
+
+
+def test_the_balanced_softmax_config_is_logit_adjustment_with_tau_one():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["loss=balanced_softmax"])
+    loss = build_loss(**cfg.loss, class_counts=COUNTS)
+    assert type(loss).__name__ == "LogitAdjustedCrossEntropy" and loss.tau == 1.0
+
+
+def test_ldam_margins_and_deferred_reweighting_follow_the_paper():
+    loss = build_loss("ldam", class_counts=COUNTS, drw_epoch=3, scale=10.0).double()
+    expected = COUNTS.double() ** -0.25
+    torch.testing.assert_close(loss.margins, 0.5 * expected / expected.max())
+    x, t = torch.randn(12, 4, dtype=torch.float64), torch.arange(12) % 4
+    shifted = 10.0 * (x - TF.one_hot(t, 4) * loss.margins[t][:, None])
+    drw = weights.class_weights(COUNTS, "effective_number", beta=0.9999).double()
+    for epoch, weight in ((0, None), (2, None), (3, drw), (7, drw)):
+        loss.on_train_epoch_start(epoch)
+        torch.testing.assert_close(loss(x, t), TF.cross_entropy(shifted, t, weight=weight))
+    loss.on_train_epoch_start(1)  # a resumed run that goes back before drw_epoch drops the weights again
+    torch.testing.assert_close(loss(x, t), TF.cross_entropy(shifted, t))
+    assert build_loss("ldam", class_counts=COUNTS).drw_weight is None
+
+
+def test_poly1_and_gce_are_their_functions_of_the_true_class_probability():
+    x, t = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 4, (10,))
+    p_y = x.softmax(1).gather(1, t[:, None]).squeeze(1)
+    torch.testing.assert_close(build_loss("poly1")(x, t), (-p_y.log() + (1 - p_y)).mean())
+    torch.testing.assert_close(build_loss("gce")(x, t), ((1 - p_y**0.7) / 0.7).mean())
+
+
+@pytest.mark.parametrize("name", ["sigmoid_focal", "asl"])
+def test_sigmoid_losses_train_one_vs_rest_on_class_indices(name):
+    x, t = torch.randn(6, 3), torch.tensor([0, 2, 1, 1, 0, 2])
+    loss = build_loss(name)
+    torch.testing.assert_close(loss(x, t), loss(x, TF.one_hot(t, 3).float()))
+
+
+def test_every_builtin_declares_how_its_logits_map_to_probabilities():
+    sigmoid = {"bce", "sigmoid_focal", "asl"}
+    for entry in list_losses():
+        if entry.source != "built-in":
+            continue
+        loss = build_loss(entry.name, class_counts=COUNTS, num_examples=100)
+        assert loss.probability_map == ("sigmoid" if entry.name in sigmoid else "softmax"), entry.name
+    assert build_loss("mse", on="logits").probability_map == "sigmoid"
+
+
 # ---------------------------------------------------------------- state: buffers travel and checkpoint
 
 
@@ -233,6 +319,16 @@ def test_derived_vectors_are_buffers_that_move_and_checkpoint(name, params, buff
     torch.testing.assert_close(restored.get_buffer(buffer), loss.get_buffer(buffer))
     assert not torch.equal(loss.get_buffer(buffer), torch.ones(4))
     assert loss.double().get_buffer(buffer).dtype == torch.float64
+
+
+def test_count_derived_vectors_of_the_long_tail_losses_checkpoint():
+    adjusted = build_loss("logit_adjusted", class_counts=COUNTS)
+    assert set(adjusted.state_dict()) == {"log_prior"}
+    ldam = build_loss("ldam", class_counts=COUNTS, drw_epoch=2)
+    restored = build_loss("ldam", class_counts=torch.ones(4), drw_epoch=2)
+    restored.load_state_dict(ldam.state_dict())
+    torch.testing.assert_close(restored.margins, ldam.margins)
+    torch.testing.assert_close(restored.drw_weight, ldam.drw_weight)
 
 
 def test_losses_without_vectors_keep_no_state():
@@ -256,6 +352,14 @@ def test_losses_without_vectors_keep_no_state():
     ("mse", {"on": "probabilities"}, ValueError, "on must be one of probs, logits"),
     ("ce", {"reduction": "average"}, ValueError, "reduction must be one of none, mean, sum"),
     ("ce", {"backend": "cuda"}, ValueError, "backend must be one of auto, fused, triton, reference"),
+    ("logit_adjusted", {}, ValueError, "class counts, which were not given"),
+    ("ldam", {}, ValueError, "class counts, which were not given"),
+    ("ldam", {"class_counts": COUNTS, "drw_epoch": -1}, ValueError, "drw_epoch"),
+    ("ldam", {"class_counts": COUNTS, "scale": 0.0}, ValueError, "scale must be > 0"),
+    ("ldam", {"class_counts": COUNTS, "max_margin": 0.0}, ValueError, "max_margin"),
+    ("gce", {"q": 0.0}, ValueError, r"q must be in \(0, 1\]"),
+    ("poly1", {"epsilon": -2.0}, ValueError, "epsilon"),
+    ("asl", {"clip": 1.5}, ValueError, "clip"),
 ])
 def test_bad_parameters_fail_when_the_loss_is_built(name, params, error, fragment):
     with pytest.raises(error, match=fragment):

@@ -24,10 +24,15 @@ from _cases import (
     make_logits,
     make_prob_target,
     make_weight,
+    ridnik_asl,
     torch_bce,
     torch_cross_entropy,
     torch_focal_loss,
+    torch_gce,
+    torch_ldam,
+    torch_logit_adjusted,
     torch_mse_loss,
+    torch_poly1,
     torchvision_sigmoid_focal_loss,
 )
 from hypothesis import given, settings
@@ -35,7 +40,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from xentlab import functional as XF
-from xentlab import kernels
+from xentlab import kernels, weights
 from xentlab.kernels import fused, spec
 
 N, C = 23, 7  # small and odd so that nothing lines up with a chunk or a vector width by luck
@@ -149,6 +154,17 @@ LOSS_CASES = {  # name: (ours(x, target, **kw), ground truth(x, target), target 
             lambda x, y: torch_bce(x, y, pos_weight=make_weight(x.shape[1])), "binary"),
     "sigmoid-focal": (lambda x, y, **kw: XF.sigmoid_focal_loss(x, y, **kw),
                       lambda x, y: torchvision_sigmoid_focal_loss(x, y, reduction="mean"), "binary"),
+    "logit-adjusted": (lambda x, y, **kw: XF.logit_adjusted_loss(x, y, log_prior(x.shape[1]), 1.5, **kw),
+                       lambda x, y: torch_logit_adjusted(x, y, log_prior(x.shape[1]), 1.5), "index"),
+    "ldam": (lambda x, y, **kw: XF.ldam_loss(x, y, margins(x.shape[1]), 2.0, make_weight(x.shape[1]),
+                                             **kw),
+             lambda x, y: torch_ldam(x, y, margins(x.shape[1]), 2.0, make_weight(x.shape[1])),
+             "index"),
+    "poly1": (lambda x, y, **kw: XF.poly1_loss(x, y, 2.0, **kw), lambda x, y: torch_poly1(x, y, 2.0),
+              "index"),
+    "gce": (lambda x, y, **kw: XF.gce_loss(x, y, 0.5, **kw), lambda x, y: torch_gce(x, y, 0.5), "index"),
+    "asl": (lambda x, y, **kw: XF.asymmetric_loss(x, y, 1.0, 4.0, 0.05, **kw),
+            lambda x, y: ridnik_asl(x, y, 1.0, 4.0, 0.05), "multihot"),
 }
 
 
@@ -157,7 +173,81 @@ def make_target(kind: str, n: int, c: int, dtype, ignore: bool = True):
         return make_index_target(n, c, ignore_index=IGN if ignore else None)
     if kind == "probs":
         return make_prob_target(n, c, dtype)
-    return make_binary_target(n, c, dtype, soft=True)
+    return make_binary_target(n, c, dtype, soft=kind == "binary")
+
+
+def long_tail(c: int) -> torch.Tensor:
+    """Class counts halving from class to class, over and over for many classes (1000 down to 2)."""
+    return 1000 * 2.0 ** -(torch.arange(c, dtype=torch.float64) % 9)
+
+
+def log_prior(c: int) -> torch.Tensor:
+    return weights.log_priors(long_tail(c)).double()
+
+
+def margins(c: int) -> torch.Tensor:
+    return weights.ldam_margins(long_tail(c), 0.5).double()
+
+
+NEW_LOSSES = {  # name: (ours(x, y, reduction, backend), truth(x, y, reduction), target kind)
+    "logit-adjusted": (lambda x, y, r, b: XF.logit_adjusted_loss(x, y, log_prior(C), 0.7, None, IGN, r,
+                                                                 backend=b),
+                       lambda x, y, r: torch_logit_adjusted(x, y, log_prior(C), 0.7, IGN, r), "index"),
+    "ldam": (lambda x, y, r, b: XF.ldam_loss(x, y, margins(C), 3.0, make_weight(C), IGN, r, backend=b),
+             lambda x, y, r: torch_ldam(x, y, margins(C), 3.0, make_weight(C), IGN, r), "index"),
+    "poly1": (lambda x, y, r, b: XF.poly1_loss(x, y, 1.0, None, IGN, r, backend=b),
+              lambda x, y, r: torch_poly1(x, y, 1.0, IGN, r), "index"),
+    "poly1-neg": (lambda x, y, r, b: XF.poly1_loss(x, y, -1.0, None, IGN, r, backend=b),
+                  lambda x, y, r: torch_poly1(x, y, -1.0, IGN, r), "index"),
+    "gce": (lambda x, y, r, b: XF.gce_loss(x, y, 0.7, None, IGN, r, backend=b),
+            lambda x, y, r: torch_gce(x, y, 0.7, IGN, r), "index"),
+    "gce-mae": (lambda x, y, r, b: XF.gce_loss(x, y, 1.0, None, IGN, r, backend=b),
+                lambda x, y, r: torch_gce(x, y, 1.0, IGN, r), "index"),
+    "asl": (lambda x, y, r, b: XF.asymmetric_loss(x, y, 0.0, 4.0, 0.05, r, backend=b),
+            lambda x, y, r: ridnik_asl(x, y, 0.0, 4.0, 0.05, r), "multihot"),
+    "asl-no-clip": (lambda x, y, r, b: XF.asymmetric_loss(x, y, 1.0, 0.5, 0.0, r, backend=b),
+                    lambda x, y, r: ridnik_asl(x, y, 1.0, 0.5, 0.0, r), "multihot"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", list(NEW_LOSSES))
+def test_new_losses_match_their_published_formulas(loss, backend, chunking):
+    ours, truth, kind = NEW_LOSSES[loss]
+    x, target = make_logits(N, C), make_target(kind, N, C, torch.float64)
+    for reduction in REDUCTIONS:
+        check_parity(lambda x, r=reduction: ours(x, target, r, backend),
+                     lambda x, r=reduction: truth(x, target, r), x)
+
+
+@pytest.mark.parametrize("loss", list(NEW_LOSSES))
+def test_new_losses_gradcheck_on_every_backend(loss):
+    ours, _, kind = NEW_LOSSES[loss]
+    x = make_logits(4, C, scale=1.0).requires_grad_()
+    target = make_target(kind, 4, C, torch.float64)
+    for backend, reduction in itertools.product(BACKENDS, ("mean", "none")):
+        assert torch.autograd.gradcheck(lambda z, r=reduction, b=backend: ours(z, target, r, b), (x,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_numbers_of_the_new_losses_in_docs_losses_md(backend):
+    x, y = torch.tensor([[2.0, 1.0, 0.1]]), torch.tensor([0])
+    prior = torch.tensor([0.5, 0.3, 0.2]).log()
+    for value, expected in ((XF.focal_loss(x, y, 2.0, backend=backend), 0.0485),
+                            (XF.poly1_loss(x, y, 1.0, backend=backend), 0.7580),
+                            (XF.gce_loss(x, y, 0.7, backend=backend), 0.3617),
+                            (XF.logit_adjusted_loss(x, y, prior, 1.0, backend=backend), 0.2473)):
+        assert round(value.item(), 4) == expected
+
+
+def test_asl_without_focusing_or_clip_is_bce_and_the_balanced_softmax_is_tau_one():
+    x, t = make_logits(N, C), make_binary_target(N, C, soft=True)
+    assert_close(XF.asymmetric_loss(x, t, 0.0, 0.0, 0.0), F.binary_cross_entropy_with_logits(x, t))
+    y = make_index_target(N, C)
+    counts = torch.tensor([500.0, 200, 100, 50, 20, 10, 5])
+    prior = counts / counts.sum()
+    assert_close(XF.logit_adjusted_loss(x, y, weights.log_priors(counts).double()),
+                 F.cross_entropy(x + prior.log().double(), y))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -588,12 +678,12 @@ def test_softmax_loss_matches_its_formula(row_loss, transform, backend, chunking
                      x)
 
 
-@pytest.mark.parametrize("row_loss", ROW_LOSSES, ids=repr)
+@pytest.mark.parametrize("row_loss", [spec.Focal(0.5), spec.Poly1(1.0), spec.GCE(0.7)], ids=repr)
 def test_softmax_loss_gradcheck_with_a_transform(row_loss):
-    x, target = make_logits(5, 4, scale=1.0).requires_grad_(), make_index_target(5, 4, ignore_index=IGN)
-    t = _transforms(4)["all"]
-    for backend, reduction in itertools.product(BACKENDS, REDUCTIONS):
-        args = (row_loss, make_weight(4), t, IGN, reduction, 0.1)
+    x, target = make_logits(4, 3, scale=1.0).requires_grad_(), make_index_target(4, 3, ignore_index=IGN)
+    t = _transforms(3)["all"]
+    for backend, reduction in itertools.product(BACKENDS, ("mean", "none")):
+        args = (row_loss, make_weight(3), t, IGN, reduction, 0.1)
         assert torch.autograd.gradcheck(
             lambda z, a=args, b=backend: XF.softmax_loss(z, target, *a, backend=b), (x,))
 

@@ -1,4 +1,5 @@
-"""Metrics agree with scikit-learn on fixed predictions; calibration bins, loss curves, figures, grad norm."""
+"""Metrics agree with scikit-learn on fixed predictions; probability maps and post-hoc adjustments against
+hand computations; calibration bins, loss curves, figures, grad norm."""
 
 from __future__ import annotations
 
@@ -16,7 +17,17 @@ from sklearn.calibration import calibration_curve
 
 from xentlab import functional as xF
 from xentlab import plots
-from xentlab.metrics import N_BINS, StageMetrics, bin_index, loss_curve, per_label, probabilities
+from xentlab.metrics import (
+    N_BINS,
+    StageMetrics,
+    bin_index,
+    fit_temperature,
+    logit_adjusted,
+    loss_curve,
+    per_label,
+    probabilities,
+    temperature_scaled,
+)
 from xentlab.module import ClassifierModule
 
 
@@ -30,8 +41,9 @@ def fixed_predictions(n: int, c: int, seed: int, multilabel: bool = False):
     return logits + 1.5 * torch.nn.functional.one_hot(target, c), target
 
 
-def computed(task, logits, target, chunks=3, hold_elements=1 << 20):
-    metrics = StageMetrics(task, logits.shape[1], keep_predictions=True, hold_elements=hold_elements)
+def computed(task, logits, target, chunks=3, hold_elements=1 << 20, probability_map="softmax"):
+    metrics = StageMetrics(task, logits.shape[1], keep_predictions=True, hold_elements=hold_elements,
+                           probability_map=probability_map)
     for part_logits, part_target in zip(logits.chunk(chunks), target.chunk(chunks), strict=True):  # streaming
         metrics.update(part_logits, part_target, torch.tensor(0.0))
     return metrics, metrics.compute()
@@ -235,3 +247,108 @@ def test_figures_render_to_rgb_images():
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
         assert image.shape[0] > 100 and image.shape[1] > 100
         assert len(np.unique(image.reshape(-1, 3), axis=0)) > 10  # drawn, not blank
+
+
+def hand_scores(rows: list[list[float]], target: list[int], normalise) -> dict[str, float]:
+    """NLL, Brier, overconfidence and ECE (15 bins) in plain Python floats from `normalise(row) -> q`."""
+    qs = [normalise(row) for row in rows]
+    nll = sum(-math.log(q[y]) for q, y in zip(qs, target, strict=True)) / len(qs)
+    brier = sum(sum((qc - (c == y)) ** 2 for c, qc in enumerate(q)) for q, y in zip(qs, target, strict=True))
+    confidence = [max(q) for q in qs]
+    correct = [float(q.index(max(q)) == y) for q, y in zip(qs, target, strict=True)]
+    bins: dict[int, list[tuple[float, float]]] = {}
+    for conf, ok in zip(confidence, correct, strict=True):
+        bins.setdefault(min(int(conf * N_BINS), N_BINS - 1), []).append((conf, ok))
+    ece = sum(abs(sum(c for c, _ in b) - sum(o for _, o in b)) for b in bins.values()) / len(qs)
+    return {"nll": nll, "brier": brier / len(qs), "ece": ece,
+            "overconfidence": (sum(confidence) - sum(correct)) / len(qs)}
+
+
+def normalised_sigmoid(row):
+    s = [1 / (1 + math.exp(-z)) for z in row]
+    return [v / sum(s) for v in s]
+
+
+def softmax_row(row):
+    e = [math.exp(z) for z in row]
+    return [v / sum(e) for v in e]
+
+
+ROWS = [[2.0, 0.0, -1.0], [0.5, 1.5, -2.0], [-3.0, 4.0, 3.5], [0.1, 0.2, 0.3]]
+TARGET = [0, 1, 2, 2]
+
+
+@pytest.mark.parametrize(("probability_map", "normalise"),
+                         [("sigmoid", normalised_sigmoid), ("softmax", softmax_row)])
+def test_calibration_and_scores_use_the_loss_probability_map(probability_map, normalise):
+    logits, target = torch.tensor(ROWS), torch.tensor(TARGET)
+    metrics, values = computed("multiclass", logits, target, chunks=2, probability_map=probability_map)
+    expected = hand_scores(ROWS, TARGET, normalise)
+    for name, value in expected.items():
+        assert values[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    other = hand_scores(ROWS, TARGET, softmax_row if probability_map == "sigmoid" else normalised_sigmoid)
+    assert values["nll"] != pytest.approx(other["nll"], rel=1e-3)  # the two maps really differ here
+    probs, _ = metrics.kept_predictions()
+    np.testing.assert_allclose(probs.numpy(), [normalise(row) for row in ROWS], rtol=1e-5)
+
+
+def test_multilabel_scores_stay_per_label_sigmoid_and_a_bad_map_is_refused():
+    logits, target = fixed_predictions(200, 4, seed=3, multilabel=True)
+    _, sigmoid = computed("multilabel", logits, target, probability_map="sigmoid")
+    _, softmax = computed("multilabel", logits, target, probability_map="softmax")
+    assert sigmoid == softmax
+    with pytest.raises(ValueError, match="probability_map must be one of softmax, sigmoid, got 'probit'"):
+        StageMetrics("multiclass", 3, probability_map="probit")
+
+
+def test_module_measures_with_the_probability_map_its_loss_declares():
+    loss = torch.nn.BCEWithLogitsLoss()
+    loss.probability_map = "sigmoid"
+    module = ClassifierModule(torch.nn.Linear(3, 4), loss, task="multiclass", num_classes=4,
+                              optimizer=torch.optim.SGD)
+    assert {m.probability_map for m in module.metrics.values()} == {"sigmoid"}
+    plain = ClassifierModule(torch.nn.Linear(3, 4), torch.nn.CrossEntropyLoss(), task="multiclass",
+                             num_classes=4, optimizer=torch.optim.SGD)
+    assert {m.probability_map for m in plain.metrics.values()} == {"softmax"}
+
+
+def planted(temperature: float, probability_map: str, n: int = 20000, c: int = 4, seed: int = 0):
+    """Labels drawn from the map of true logits z; the model reports temperature * z (over-confident)."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, generator=generator, dtype=torch.float64) * 1.5
+    q = probabilities(z, "multiclass", probability_map)
+    target = torch.multinomial(q, 1, generator=generator).squeeze(1)
+    return z * temperature, target
+
+
+@pytest.mark.parametrize("probability_map", ["softmax", "sigmoid"])
+def test_temperature_scaling_recovers_a_planted_temperature_and_lowers_nll(probability_map):
+    logits, target = planted(2.5, probability_map)
+    assert fit_temperature(logits, target, "multiclass", probability_map) == pytest.approx(2.5, rel=0.05)
+    test_logits, test_target = planted(2.5, probability_map, seed=1)
+    scaled = temperature_scaled(logits, target, test_logits, test_target, "multiclass", probability_map)
+    raw = hand_scores(test_logits.tolist()[:2000], test_target.tolist()[:2000],
+                      normalised_sigmoid if probability_map == "sigmoid" else softmax_row)
+    assert scaled["temperature"] == pytest.approx(2.5, rel=0.05)
+    assert scaled["ts_nll"] < raw["nll"] and scaled["ts_ece"] < raw["ece"]
+    assert scaled["ts_overconfidence"] == pytest.approx(0.0, abs=0.02)  # over-confidence removed
+    assert raw["overconfidence"] > 0.05
+
+
+def test_temperature_scaling_of_multilabel_logits_fits_per_label_sigmoids():
+    generator = torch.Generator().manual_seed(2)
+    z = torch.randn(5000, 3, generator=generator, dtype=torch.float64)
+    target = torch.bernoulli(torch.sigmoid(z), generator=generator)
+    assert fit_temperature(0.5 * z, target, "multilabel") == pytest.approx(0.5, rel=0.08)
+
+
+def test_logit_adjustment_matches_a_hand_computation():
+    logits = torch.tensor([[1.0, 0.5], [0.2, 0.0], [0.0, 0.3], [2.0, -1.0]])
+    target = torch.tensor([0, 1, 1, 0])
+    # priors 0.9, 0.1: z - log pi adds 0.105 to class 0 and 2.303 to class 1, so rows 0-2 go to class 1
+    # (row 0 wrongly), row 3 stays class 0: recall 1/2 for class 0, 2/2 for class 1 (the minority).
+    values = logit_adjusted(logits, target, torch.tensor([90, 10]))
+    assert values == pytest.approx(
+        {"la_accuracy": 0.75, "la_balanced_accuracy": 0.75, "la_minority_recall": 1.0})
+    assert logit_adjusted(logits, target, torch.tensor([90, 10]), tau=0.0) == pytest.approx(
+        {"la_accuracy": 0.75, "la_balanced_accuracy": 0.75, "la_minority_recall": 0.5})

@@ -1,5 +1,5 @@
 """A real third-party loss: examples/xentlab-plugin-example is pip-installed into this environment, then found
-by `xentlab losses`, trained as `loss=poly1` (its YAML comes through its Hydra search-path plugin, so a
+by `xentlab losses`, trained as `loss=poly2` (its YAML comes through its Hydra search-path plugin, so a
 run that composes proves Hydra lists it among the loss choices), swept beside a built-in, and its own tests
 (which use check_loss) pass."""
 
@@ -81,27 +81,27 @@ def script(name: str) -> str:
 def test_xentlab_losses_lists_the_plugin_with_its_distribution(installed_plugin, tmp_path):
     result = run([script("xentlab"), "losses"], tmp_path)
     assert result.returncode == 0, result.stderr
-    (row,) = [line for line in result.stdout.splitlines() if " poly1 " in line]
-    assert "multiclass, binary" in row and "epsilon=1.0" in row and installed_plugin in row
+    (row,) = [line for line in result.stdout.splitlines() if " poly2 " in line]
+    assert "multiclass, binary" in row and "epsilon1=1.0" in row and installed_plugin in row
     for name in ("ce", "weighted_ce", "label_smoothing", "focal", "bce", "mse"):
         assert f" {name} " in result.stdout
     assert "failed to load" not in result.stdout
 
 
 def test_a_one_epoch_run_with_the_plugin_and_its_own_config(installed_plugin, tmp_path):
-    result = run([script("xentlab-train"), "loss=poly1", "loss.epsilon=2.5", *TINY], tmp_path)
+    result = run([script("xentlab-train"), "loss=poly2", "loss.epsilon2=2.5", *TINY], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (metrics,) = tmp_path.glob("outputs/*/*/metrics.json")
     record = json.loads(metrics.read_text())
     assert record["status"] == "completed" and record["epochs"] == 1
-    assert record["config"]["loss"] == {"name": "poly1", "epsilon": 2.5}
+    assert record["config"]["loss"] == {"name": "poly2", "epsilon1": 1.0, "epsilon2": 2.5}
 
 
 def test_a_multirun_mixes_a_builtin_and_the_plugin(installed_plugin, tmp_path):
-    result = run([script("xentlab-train"), "-m", "loss=ce,poly1", *TINY], tmp_path)
+    result = run([script("xentlab-train"), "-m", "loss=ce,poly2", *TINY], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/multirun/**/metrics.json")]
-    assert sorted(r["config"]["loss"]["name"] for r in records) == ["ce", "poly1"]
+    assert sorted(r["config"]["loss"]["name"] for r in records) == ["ce", "poly2"]
     for record in records:
         assert record["status"] == "completed", record.get("error")
         assert math.isfinite(record["metrics"]["test/loss"])

@@ -82,7 +82,7 @@ def test_write_your_own_loss_runs_as_printed(tmp_path):
     elsewhere.mkdir()
     blocks = code_blocks("Write your own loss")
     for language, text in blocks:
-        if language != "bash":  # each file's first line names it: "# my_pkg/gce.py" or "# <path>: why"
+        if language != "bash":  # each file's first line names it: "# my_pkg/taylor.py" or "# <path>: why"
             path = project / text.splitlines()[0].removeprefix("# ").split(":")[0]
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
@@ -97,10 +97,10 @@ def test_write_your_own_loss_runs_as_printed(tmp_path):
         else:
             outputs.append(run(shortened(args), elsewhere, pythonpath=site).stdout)
     listing = next(out for out in outputs if "xentlab losses" in out)
-    (row,) = [line for line in listing.splitlines() if " gce " in line]
-    assert "multiclass, binary" in row and "q=0.7" in row and "my-pkg" in row
+    (row,) = [line for line in listing.splitlines() if " taylor " in line]
+    assert "multiclass, binary" in row and "order=2" in row and "my-pkg" in row
     assert any("6/6 checks passed" in out for out in outputs)
     runs = [json.loads(p.read_text())["config"]["loss"] for p in elsewhere.glob("outputs/*/*/metrics.json")]
-    assert sorted(map(str, runs)) == sorted(map(str, [{"name": "gce", "q": 0.5},
-                                                      {"_target_": "my_pkg.gce.GCE", "name": "my_pkg.gce.GCE",
-                                                       "q": 0.5}]))
+    assert sorted(map(str, runs)) == sorted(map(str, [{"name": "taylor", "order": 3},
+                                                      {"_target_": "my_pkg.taylor.TaylorCE",
+                                                       "name": "my_pkg.taylor.TaylorCE", "order": 3}]))

@@ -23,6 +23,12 @@ BUILTIN_TASKS = {
     "focal": {"multiclass", "binary"},
     "mse": {"multiclass", "binary"},
     "bce": {"multilabel", "binary", "multiclass"},
+    "logit_adjusted": {"multiclass", "binary"},
+    "ldam": {"multiclass", "binary"},
+    "poly1": {"multiclass", "binary"},
+    "gce": {"multiclass", "binary"},
+    "sigmoid_focal": {"multilabel", "binary", "multiclass"},
+    "asl": {"multilabel", "binary", "multiclass"},
 }
 COUNTS = torch.tensor([50, 20, 10, 5])
 
@@ -212,7 +218,7 @@ def test_a_config_naming_one_loss_and_targeting_another_is_refused():
 def test_loss_custom_config_labels_the_run_with_the_class_path():
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[
-            "loss=custom", "loss._target_=torch.nn.CrossEntropyLoss", "+loss.label_smoothing=0.2"])
+            "loss=custom", "loss._target_=torch.nn.CrossEntropyLoss", "loss.label_smoothing=0.2"])
     assert cfg.loss.name == "torch.nn.CrossEntropyLoss"
     loss = build_loss(**cfg.loss, task="multiclass", class_counts=COUNTS, num_examples=85)
     assert type(loss) is nn.CrossEntropyLoss and loss.label_smoothing == 0.2

@@ -158,15 +158,16 @@ def test_bad_metrics_files_are_listed_and_the_rest_reported_normally(tmp_path):
            "config_string": '{"status": "completed", "config": "seed=0"}',
            "overrides_string": '{"status": "completed", "overrides": "loss=ce"}',
            "bool_metric": '{"status": "completed", "metrics": {"test/balanced_accuracy": true}}',
-           "binary": b"\xff\xfe\x00garbage"}
+           "binary": b"\xff\xfe\x00garbage", "deep_json": "[" * 100_000,
+           "deep_config": '{"status": "completed", "config": ' + '{"a": ' * 40 + "1" + "}" * 41}
     for name, content in bad.items():
         job = tmp_path / f"bad_{name}"
         job.mkdir()
         (job / "metrics.json").write_bytes(content if isinstance(content, bytes) else content.encode())
     report = build_report(tmp_path)
-    assert [g.label for g in report.groups] == ["loss=ce (baseline)"[:7], "loss=focal"]
+    assert [g.label for g in report.groups] == ["loss=ce", "loss=focal"]  # not ~35 config keys
     assert {p.path.name: p.status for p in report.problems} == {
-        f"bad_{n}": ("unreadable" if n in ("truncated", "binary") else "malformed") for n in bad}
+        f"bad_{n}": ("unreadable" if n in ("truncated", "binary", "deep_json") else "malformed") for n in bad}
     reasons = {p.path.name: p.error for p in report.problems}
     assert reasons["bad_list"] == "expected a JSON object, found a list"
     assert reasons["bad_string_metric"] == (

@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from xentlab.board import board_tag
 from xentlab.schedules import build_scheduler, lr_factor
 from xentlab.train import CONFIG_DIR, build_run
 
@@ -104,7 +105,8 @@ def test_a_run_steps_the_schedule_per_epoch_logs_the_lr_and_tells_the_loss_the_e
     assert module.loss.epochs == [0, 1, 2, 3]
     events = EventAccumulator(str(tmp_path))
     events.Reload()
-    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([0.005, 0.01, 0.01, 0.005])
+    lrs = [e.value for e in events.Scalars(board_tag("train/lr"))]
+    assert lrs == pytest.approx([0.005, 0.01, 0.01, 0.005])
 
 
 def test_the_default_is_no_schedule():

@@ -126,6 +126,7 @@ def test_adding_a_seed_to_the_batch_changes_no_other_seed(tmp_path):
 def test_each_seed_writes_a_run_of_its_own(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from xentlab.board import HPARAMS_RUN, board_tag
     from xentlab.report import build_report
 
     cfg = config("seed=7", "seeds=2", "trainer.log_every_n_steps=1")
@@ -139,9 +140,12 @@ def test_each_seed_writes_a_run_of_its_own(tmp_path):
         events = EventAccumulator(str(tmp_path / f"seed={seed}"))
         events.Reload()
         tags = events.Tags()
-        assert {"train/loss", "val/balanced_accuracy", "train/logit_grad_norm", "hp/balanced_accuracy"} \
+        assert {board_tag(t) for t in ("train/loss", "val/balanced_accuracy", "train/logit_grad_norm")} \
             <= set(tags["scalars"])
-        assert {"loss_curves", "test/confusion_matrix"} <= set(tags["images"])
+        assert {"loss_curves", board_tag("test/confusion_matrix")} <= set(tags["images"])
+        session = EventAccumulator(str(tmp_path / f"seed={seed}" / HPARAMS_RUN))
+        session.Reload()
+        assert "hp/balanced_accuracy" in session.Tags()["scalars"]
     report = build_report(tmp_path)
     assert [len(group.runs) for group in report.groups] == [2]
     assert not report.pending

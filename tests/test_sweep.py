@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from xentlab.board import board_tag
 from xentlab.train import CONFIG_DIR, available_cpus, sweep_value, threads_per_job, train
 
 TINY = ["data.n_samples=400", "trainer.max_epochs=1", "model.hidden_sizes=[16]"]
@@ -68,7 +69,7 @@ def test_joblib_sweep_with_a_failing_job_then_report(tmp_path):
     # The console: the sweep announced once, one line per finished job, the class-count table once.
     output = result.stdout + result.stderr
     assert f"[xentlab] 2 jobs -> {sweep_dir.relative_to(tmp_path)}\n" in result.stdout
-    assert "[1/2] data.imbalance_ratio=10 test/balanced_accuracy " in result.stdout
+    assert "[1/2] data.imbalance_ratio=10 val/balanced_accuracy " in result.stdout  # the objective
     assert "[2/2] data.imbalance_ratio=0.5 FAILED: ConfigError: data.imbalance_ratio" in result.stdout
     assert output.count("class counts per split") == 1 and "#0 :" not in output
     # Two parallel jobs share the cores: cores // 2 intra-op threads each, never more.
@@ -103,7 +104,7 @@ def composed(*overrides: str):
 def train_loss_steps(run_dir: Path) -> list[int]:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    return [event.step for event in events.Scalars("train/loss")]
+    return [event.step for event in events.Scalars(board_tag("train/loss"))]
 
 
 def test_resume_from_last_checkpoint_continues_the_curves(tmp_path):

@@ -1,9 +1,12 @@
-"""After short real runs, TensorBoard's reader and a real `tensorboard` server find what xentlab logged."""
+"""After short real runs (a small sweep), TensorBoard's reader and a real `tensorboard` server find what
+xentlab logged, laid out as docs/metrics.md says: numbered stage groups, no `epoch` card, an HParams
+session per run in its `hparams` sub-run with the varied keys and only the hp/ metrics."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -19,7 +22,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from xentlab.board import HPARAMS_RUN, board_tag
 from xentlab.data import build_datamodule
+from xentlab.report.sweep import read_curve
 from xentlab.train import CONFIG_DIR, train
 
 COMMON = ["trainer.max_epochs=2", "model.hidden_sizes=[16]"]
@@ -31,18 +36,20 @@ RUNS = {
     "multilabel": ["data=multilabel", "loss=bce", "data.n_samples=300", "data.n_classes=4",
                    "data.min_class_samples=30", "trainer.log_every_n_steps=3", *COMMON],
 }
+# The multiclass run again with another seed: same setting, so its loss-curve figure is not drawn twice.
+TWIN = {"multiclass_seed1": [*RUNS["multiclass"], "seed=1"]}
 STAGES = ("train", "val", "test")
 
 
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory):
-    """Two 2-epoch runs side by side under one log dir, as in a sweep: (root, {run: (cfg, record)})."""
+    """Three 2-epoch runs side by side under one log dir, as in a sweep: (root, {run: (cfg, record)})."""
     root = tmp_path_factory.mktemp("tensorboard")
     runs = {}
-    for name, overrides in RUNS.items():
+    for name, overrides in {**RUNS, **TWIN}.items():
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
-        runs[name] = (cfg, train(cfg, root / name))
+        runs[name] = (cfg, train(cfg, root / name, overrides=overrides, shared_dir=root))
     return root, runs
 
 
@@ -64,23 +71,24 @@ def test_scalars_are_grouped_by_stage_and_match_metrics_json(logs, run):
     assert record["status"] == "completed"
     events = accumulator(root / run)
     tags = set(events.Tags()["scalars"])
-    assert all(tag.split("/")[0] in (*STAGES, "hp") for tag in tags - {"epoch"}), sorted(tags)
-    assert "hp_metric" not in tags  # Lightning's -1 placeholder
+    groups = {board_tag(f"{stage}/x").split("/")[0] for stage in STAGES}
+    assert {tag.split("/")[0] for tag in tags} == groups, sorted(tags)
+    assert "epoch" not in tags and "hp_metric" not in tags  # Lightning's counter and -1 placeholder
     names = (["accuracy", "balanced_accuracy", "macro_f1", "nll", "brier", "ece"] if run == "multiclass" else
              ["balanced_accuracy", "micro_f1", "macro_f1", "map", "hamming_loss", "nll", "brier", "ece"])
     datamodule = build_datamodule(seed=cfg.seed, **cfg.data)
     counts = datamodule.class_counts
     for stage, epochs in (("val", 2), ("test", 1)):
         for name in [*names, "minority_recall", *(f"recall_class_{c}" for c in range(len(counts)))]:
-            values = [event.value for event in events.Scalars(f"{stage}/{name}")]
+            values = [event.value for event in events.Scalars(board_tag(f"{stage}/{name}"))]
             assert len(values) == epochs, (stage, name)
             assert values[-1] == pytest.approx(record["metrics"][f"{stage}/{name}"], rel=1e-6)
         rarest = int(torch.argmin(counts))
         metrics = record["metrics"]
         assert metrics[f"{stage}/minority_recall"] == metrics[f"{stage}/recall_class_{rarest}"]
     assert cfg.objective in record["metrics"]
-    assert len(events.Scalars("train/loss")) == 2
-    pushes = events.Scalars("train/logit_grad_norm")
+    assert len(events.Scalars(board_tag("train/loss"))) == 2
+    pushes = events.Scalars(board_tag("train/logit_grad_norm"))
     steps, every = len(datamodule.train_dataloader()) * record["epochs"], cfg.trainer.log_every_n_steps
     # Read on exactly the steps Lightning writes (steps every-1, 2*every-1, ...), none lost, none extra.
     assert [event.step for event in pushes] == list(range(every - 1, steps, every))
@@ -95,7 +103,7 @@ def test_figures_and_pr_curves_are_logged(logs, run, val_images):
     assert len(images["loss_curves"]) == 1
     for stage, expected in (("val", val_images), ("test", 1)):
         for figure in ("confusion_matrix", "reliability"):
-            logged = images[f"{stage}/{figure}"]
+            logged = images[board_tag(f"{stage}/{figure}")]
             assert len(logged) == expected, (stage, figure)
             picture = Image.open(io.BytesIO(logged[-1].encoded_image_string))
             assert picture.width > 100 and picture.height > 100
@@ -103,28 +111,65 @@ def test_figures_and_pr_curves_are_logged(logs, run, val_images):
     num_outputs = build_datamodule(seed=cfg.seed, **cfg.data).num_classes
     tensors = set(events.Tags()["tensors"])
     for c in range(num_outputs):
-        assert {f"val/pr_class_{c}", f"test/pr_class_{c}"} <= tensors
-        assert len(events.Tensors(f"val/pr_class_{c}")) == val_images
+        assert {board_tag(f"val/pr_class_{c}"), board_tag(f"test/pr_class_{c}")} <= tensors
+        assert len(events.Tensors(board_tag(f"val/pr_class_{c}"))) == val_images
     assert "data/class_counts/text_summary" in tensors
 
 
+def test_the_report_reads_the_validation_curve_under_its_board_tag(logs):
+    root, runs = logs
+    curve = read_curve(root / "multiclass", "val/balanced_accuracy")
+    final = runs["multiclass"][1]["metrics"]["val/balanced_accuracy"]
+    assert len(curve) == 2 and curve[-1] == pytest.approx(final)
+
+
+def test_loss_curves_are_drawn_once_per_setting_not_per_seed(logs):
+    root, _ = logs
+    drawn = {run: "loss_curves" in accumulator(root / run).Tags()["images"] for run in (*RUNS, *TWIN)}
+    assert drawn == {"multiclass": True, "multilabel": True, "multiclass_seed1": False}
+
+
 @pytest.mark.parametrize("run", RUNS)
-def test_hparams_session_holds_the_run_and_its_final_metrics(logs, run):
+def test_posthoc_adjustments_reach_metrics_json(logs, run):
+    _, runs = logs
+    metrics = runs[run][1]["metrics"]
+    assert metrics["test/temperature"] > 0
+    for name in ("ece", "nll", "brier", "overconfidence"):
+        assert math.isfinite(metrics[f"test/ts_{name}"])
+    # Scaling by the NLL-optimal validation temperature changes no decision, only the probabilities.
+    assert metrics["test/ts_nll"] != metrics["test/nll"]
+    adjusted = {"test/la_balanced_accuracy", "test/la_minority_recall", "test/la_accuracy"}
+    if run == "multilabel":
+        assert not adjusted & set(metrics)  # logit adjustment is for single-label decisions
+    else:
+        assert all(0 <= metrics[name] <= 1 for name in adjusted)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_hparams_session_holds_the_varied_keys_and_only_the_final_metrics(logs, run):
     root, runs = logs
     cfg, record = runs[run]
-    events = accumulator(root / run)
+    with pytest.raises(KeyError, match="hparams"):  # the run itself holds no HParams data
+        accumulator(root / run).PluginTagToContent("hparams")
+    events = accumulator(root / run / HPARAMS_RUN)
     data = hparams_data(events)
     (start,) = [d.session_start_info for d in data.values() if d.HasField("session_start_info")]
     # No per-run experiment summary: TensorBoard would show only the first run's hyperparameters.
     assert not any(d.HasField("experiment") for d in data.values())
     hparams = start.hparams
     assert hparams["loss.name"].string_value == cfg.loss.name
-    assert hparams["data.name"].string_value == cfg.data.name
-    assert hparams["seed"].number_value == cfg.seed
+    assert hparams["seed"].string_value == str(cfg.seed)
+    assert hparams["trainer.max_epochs"].number_value == 2  # given on the command line
+    assert not {"data.batch_size", "ckpt_path", "optimizer.lr", "model.dropout"} & set(hparams)  # constants
     if run == "multiclass":
         assert hparams["data.imbalance_ratio"].number_value == 10
-    metric_tags = {tag for tag in events.Tags()["scalars"] if tag.startswith("hp/")}
-    assert {"hp/balanced_accuracy", "hp/minority_recall", "hp/macro_f1", "hp/ece"} <= metric_tags
+        assert "data.name" not in hparams  # the default dataset, not chosen on the command line
+    else:
+        assert hparams["data.name"].string_value == "multilabel"
+        assert hparams["loss.pos_weight"].string_value == "None"
+    metric_tags = set(events.Tags()["scalars"])
+    assert all(tag.startswith("hp/") for tag in metric_tags)
+    assert {"hp/balanced_accuracy", "hp/minority_recall", "hp/macro_f1", "hp/ece", "hp/ts_ece"} <= metric_tags
     assert "hp/loss" not in metric_tags
     if run == "multiclass":  # every class's recall, so the HParams view compares losses per class
         assert {f"hp/recall_class_{c}" for c in range(5)} <= metric_tags
@@ -161,29 +206,57 @@ def poll(url: str, ready, deadline: float, server: subprocess.Popen):
 
 
 def test_tensorboard_server_answers_with_the_runs(logs):
-    root, _ = logs
+    root, runs_logged = logs
     port = free_port()
     script = Path(sys.executable).with_name("tensorboard")
     command = [str(script), "--logdir", str(root), "--port", str(port), "--host", "127.0.0.1"]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    names = [*RUNS, *TWIN]
+    sessions = [f"{run}/{HPARAMS_RUN}" for run in names]
     try:
-        runs = poll(f"{base}/data/runs", lambda answer: set(RUNS) <= set(answer), deadline, server)
-        assert set(runs) == set(RUNS)
-        tags = poll(f"{base}/data/plugin/scalars/tags", lambda got: set(RUNS) <= set(got), deadline, server)
-        expected = {"val/balanced_accuracy", "val/recall_class_4", "test/minority_recall",
-                    "train/logit_grad_norm"}
+        runs = poll(f"{base}/data/runs", lambda answer: set(names) <= set(answer), deadline, server)
+        assert set(runs) == {*names, *sessions}
+        tags = poll(f"{base}/data/plugin/scalars/tags", lambda got: set(names) <= set(got), deadline, server)
+        expected = {"1_val/balanced_accuracy", "1_val/recall_class_4", "2_test/minority_recall",
+                    "3_train/logit_grad_norm"}
         assert expected <= set(tags["multiclass"])
-        assert {"val/map", "val/hamming_loss"} <= set(tags["multilabel"])
+        assert {"1_val/map", "1_val/hamming_loss"} <= set(tags["multilabel"])
+        assert not any("epoch" in run_tags for run_tags in tags.values())
         images = get_json(f"{base}/data/plugin/images/tags")
-        assert {"val/confusion_matrix", "val/reliability", "loss_curves"} <= set(images["multiclass"])
-        # The HParams view unites both runs' hyperparameters (multilabel data has no imbalance_ratio).
+        assert {"1_val/confusion_matrix", "1_val/reliability", "loss_curves"} <= set(images["multiclass"])
+        assert "loss_curves" not in images.get("multiclass_seed1", {})
+        # Time Series sorts tag groups by name (digits first) and opens the first two.
+        groups = sorted({tag.split("/")[0] for found in (tags, images) for run_tags in found.values()
+                         for tag in run_tags})
+        assert groups[:2] == ["1_val", "2_test"], groups
+
+        # HParams: the union of the runs' varied keys and loss parameters, and only the hp/ metrics.
         experiment = get_json(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
-        hparam_names = {h["name"] for h in experiment["hparamInfos"]}
-        assert {"loss.name", "data.imbalance_ratio", "data.n_labels", "seed"} <= hparam_names
-        assert "hp/balanced_accuracy" in {m["name"]["tag"] for m in experiment["metricInfos"]}
-        loss_names = next(h for h in experiment["hparamInfos"] if h["name"] == "loss.name")["domainDiscrete"]
-        assert set(loss_names) == {"ce", "bce"}
+        infos = {h["name"]: h for h in experiment["hparamInfos"]}
+        assert {"loss.name", "loss.pos_weight", "seed", "data.imbalance_ratio", "data.name",
+                "data.n_classes", "trainer.max_epochs"} <= set(infos)
+        assert not {"data.batch_size", "ckpt_path", "optimizer.lr", "model.dropout", "data.n_features"} \
+            & set(infos)
+        assert set(infos["loss.name"]["domainDiscrete"]) == {"ce", "bce"}
+        assert infos["seed"]["type"] == "DATA_TYPE_STRING"
+        assert set(infos["seed"]["domainDiscrete"]) == {"0", "1"}
+        metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
+        assert {"hp/balanced_accuracy", "hp/ts_ece", "hp/la_balanced_accuracy"} <= metrics
+        assert all(tag.startswith("hp/") for tag in metrics), sorted(metrics)
+
+        statuses = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
+        request = {"experimentName": "", "startIndex": 0, "sliceSize": 100, "allowedStatuses": statuses,
+                   "colParams": [{"metric": {"tag": "hp/balanced_accuracy"}}, {"hparam": "seed"}]}
+        groups = get_json(f"{base}/data/plugin/hparams/session_groups", request)["sessionGroups"]
+        assert {group["name"] for group in groups} == set(sessions)
+        for group in groups:
+            run = group["name"].removesuffix(f"/{HPARAMS_RUN}")
+            cfg, record = runs_logged[run]
+            assert group["hparams"]["seed"] == str(cfg.seed)
+            (value,) = [m["value"] for m in group["metricValues"]
+                        if m["name"]["tag"] == "hp/balanced_accuracy"]
+            assert value == pytest.approx(record["metrics"]["test/balanced_accuracy"], rel=1e-6)
     finally:
         server.terminate()
         try:

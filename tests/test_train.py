@@ -85,6 +85,7 @@ def test_multirun_names_job_folders_after_overrides(tmp_path):
         (["data.n_sampels=400"], ["data.n_sampels", "did you mean data.n_samples"]),
         (["loss=nosuch"], ["loss/nosuch", "ce", "focal"]),
         (["-m", "loss=ce,nosuch"], ["loss/nosuch", "focal"]),  # refused before the sweep's first job
+        (["-m", "loss=focal", "loss.gamma=1,-1"], ["gamma", "got -1", "loss.gamma=-1", "no job was started"]),
         (["data.n_samples=-5"], ["data.n_samples", "-5"]),
         (["data=multilabel"], ["'ce' does not support multilabel", "bce"]),
     ],
@@ -138,6 +139,7 @@ def test_every_trainer_argument_and_loss_parameter_is_settable_without_plus(tmp_
     check_config(cfg)
     trainer, module, _ = build_run(cfg, tmp_path)
     assert (trainer.gradient_clip_val, trainer.accumulate_grad_batches) == (0.5, 2)
+    assert trainer.progress_bar_callback is None  # enable_progress_bar: null, and stdout is no terminal
     assert (module.loss.reduction, module.loss.backend, module.loss.ignore_index) == ("sum", "reference", -1)
 
 
@@ -146,6 +148,7 @@ def test_ddp_on_two_cpu_processes_shards_training_and_reports_global_metrics(tmp
     from sklearn.metrics import balanced_accuracy_score
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from xentlab.board import board_tag
     from xentlab.data import build_datamodule
     from xentlab.models import build_model
 
@@ -165,7 +168,7 @@ def test_ddp_on_two_cpu_processes_shards_training_and_reports_global_metrics(tmp
     events.Reload()
     per_process = -(-len(data.splits["train"][1]) // 2)
     steps_per_epoch = -(-per_process // cfg.data.batch_size)
-    assert events.Scalars("train/logit_grad_norm")[-1].step == 2 * steps_per_epoch - 1
+    assert events.Scalars(board_tag("train/logit_grad_norm"))[-1].step == 2 * steps_per_epoch - 1
     # Test metrics cover the whole test split, not one process's half: recompute from the final weights.
     model = build_model(**cfg.model, in_features=data.num_features, num_outputs=data.num_classes)
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]

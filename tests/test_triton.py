@@ -530,6 +530,23 @@ def test_functional_dispatch_with_spatial_inputs(reduction):
             torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6, msg=f"{name}/{reduction}: {what}")
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "mse_loss", "binary_cross_entropy_with_logits",
+                                  "sigmoid_focal_loss"])
+def test_functional_target_gradients_on_the_triton_backend(name):
+    """Issue 16 item 1's reproduction through xentlab.functional: t.grad is PyTorch's, not None."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64).to(DEVICE)
+    t = torch.softmax(torch.randn(2, 5, 3, generator=gen, dtype=torch.float64), 1).to(DEVICE)
+    grads = []
+    for backend in ("triton", "reference"):
+        xs, ts = x.clone().requires_grad_(), t.clone().requires_grad_()
+        getattr(functional, name)(xs, ts, backend=backend).backward()
+        grads.append((xs.grad, ts.grad))
+    assert grads[0][1] is not None
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 # ------------------------------------------------------------------- without the interpreter (subprocess)
 
 _NO_INTERPRETER = textwrap.dedent("""

@@ -105,6 +105,73 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: float = 0.25, gamma
     return out.reshape(input.shape) if reduction == "none" else out
 
 
+def logit_adjusted_loss(input: Tensor, target: Tensor, log_prior: Tensor, tau: float = 1.0,
+                        weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean", *,
+                        backend: str = "auto") -> Tensor:
+    """Logit-adjusted cross-entropy (Menon et al. 2021): cross-entropy of z + tau log pi, with log pi the
+    (C,) log class priors of the training split (`xentlab.weights.log_priors`), l_i = lse(z_i + tau log pi)
+    - z_iy - tau log pi_y. tau = 1 is Balanced Softmax (Ren et al. 2020). `mean` as cross_entropy."""
+    n_classes = _check_softmax_input(input)
+    tau = _check_real("tau", tau, -math.inf, math.inf)
+    log_prior = _class_values("log_prior", log_prior, n_classes, input, nonnegative=False)
+    transform = spec.LogitTransform(bias=tau * log_prior)
+    return _softmax_family(input, target, _NLL, weight, transform, ignore_index, reduction, backend)
+
+
+def ldam_loss(input: Tensor, target: Tensor, margins: Tensor, scale: float = 30.0,
+              weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean", *,
+              backend: str = "auto") -> Tensor:
+    """LDAM (Cao et al. 2019): cross-entropy of s (z - Delta_y e_y), the true class's logit lowered by its
+    margin Delta_y before scaling by s, l_i = lse(s z'_i) - s (z_iy - Delta_y) with z'_ic = z_ic - [c = y_i]
+    Delta_c. `margins` is (C,), >= 0 (`xentlab.weights.ldam_margins`); `weight` (the deferred re-weighting)
+    and `mean` as cross_entropy."""
+    n_classes = _check_softmax_input(input)
+    scale = _check_real("scale", scale, 0.0, math.inf)
+    if scale == 0:
+        raise ValueError("scale must be > 0, got 0")
+    margins = _class_values("margins", margins, n_classes, input)
+    transform = spec.LogitTransform(scale=scale, margin=margins)
+    return _softmax_family(input, target, _NLL, weight, transform, ignore_index, reduction, backend)
+
+
+def poly1_loss(input: Tensor, target: Tensor, epsilon: float = 1.0, weight: Tensor | None = None,
+               ignore_index: int = -100, reduction: str = "mean", *, backend: str = "auto") -> Tensor:
+    """Poly-1 (Leng et al. 2022): l_i = w[y_i] [-log p_iy + epsilon (1 - p_iy)], epsilon >= -1; `mean`
+    divides by the sum of w[y_i] over non-ignored rows, so epsilon = 0 is cross_entropy."""
+    _check_softmax_input(input)
+    row_loss = spec.Poly1(_check_real("epsilon", epsilon, -1.0, math.inf))
+    return _softmax_family(input, target, row_loss, weight, None, ignore_index, reduction, backend)
+
+
+def gce_loss(input: Tensor, target: Tensor, q: float = 0.7, weight: Tensor | None = None,
+             ignore_index: int = -100, reduction: str = "mean", *, backend: str = "auto") -> Tensor:
+    """Generalised cross-entropy (Zhang & Sabuncu 2018), robust to label noise: l_i = w[y_i] (1 - p_iy^q) / q
+    with q in (0, 1] (q -> 0 is cross-entropy, q = 1 the mean absolute error of p_y); `mean` as
+    cross_entropy."""
+    _check_softmax_input(input)
+    q = _check_real("q", q, 0.0, 1.0)
+    if q == 0:
+        raise ValueError("q must be in (0, 1]; q -> 0 is cross-entropy, use cross_entropy")
+    return _softmax_family(input, target, spec.GCE(q), weight, None, ignore_index, reduction, backend)
+
+
+def asymmetric_loss(input: Tensor, target: Tensor, gamma_pos: float = 0.0, gamma_neg: float = 4.0,
+                    clip: float = 0.05, reduction: str = "mean", *, backend: str = "auto") -> Tensor:
+    """Asymmetric loss for multi-label data (Ridnik et al. 2021), per element with p = sigmoid(x) and the
+    shifted probability p_m = max(p - clip, 0): l = -[t (1-p)^gamma_pos log p + (1-t) p_m^gamma_neg
+    log(1 - p_m)]; soft targets in [0, 1]; `mean` over all elements, like binary_cross_entropy_with_logits.
+    gamma_pos = gamma_neg = clip = 0 is BCE."""
+    _check_float_input(input)
+    _check_reduction(reduction)
+    gamma_pos = _check_real("gamma_pos", gamma_pos, 0.0, math.inf)
+    gamma_neg = _check_real("gamma_neg", gamma_neg, 0.0, math.inf)
+    clip = _check_real("clip", clip, 0.0, 1.0)
+    target = _binary_target(target, input)
+    out = get_backend(backend, input).asl_loss(_elements(input), target, gamma_pos, gamma_neg, clip,
+                                               reduction)
+    return out.reshape(input.shape) if reduction == "none" else out
+
+
 def softmax_loss(input: Tensor, target: Tensor, row_loss: spec.RowLoss, weight: Tensor | None = None,
                  transform: spec.LogitTransform | None = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, *, backend: str = "auto") -> Tensor:
@@ -114,37 +181,29 @@ def softmax_loss(input: Tensor, target: Tensor, row_loss: spec.RowLoss, weight: 
     and its slope (see `xentlab.kernels.spec`: NLL, Focal, Poly1, GCE, or your own); the gradient is
     -slope(log p'_y) w_y (p' - onehot(y)) times the transform's scale. Class-index targets only."""
     n_classes = _check_softmax_input(input)
-    _check_reduction(reduction)
-    _check_int("ignore_index", ignore_index)
     eps = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
     if not (callable(getattr(row_loss, "value", None)) and callable(getattr(row_loss, "slope", None))):
         raise TypeError(f"row_loss must have value(logpt) and slope(logpt) methods (a xentlab.kernels.spec "
                         f"RowLoss), got {type(row_loss).__name__}")
     if transform is not None and not isinstance(transform, spec.LogitTransform):
         raise TypeError(f"transform must be a LogitTransform or None, got {type(transform).__name__}")
-    weight = _class_vector("weight", weight, n_classes, input)
     transform = _transform(transform, n_classes, input)
+    return _softmax_family(input, target, row_loss, weight, transform, ignore_index, reduction, backend, eps)
+
+
+def _softmax_family(input, target, row_loss, weight, transform, ignore_index, reduction, backend, eps=0.0):
+    """The checks every index-target softmax loss shares (input already checked), then the backend."""
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    _check_reduction(reduction)
+    _check_int("ignore_index", ignore_index)
+    weight = _class_vector("weight", weight, n_classes, input)
     target = _softmax_target(target, input, n_classes, ignore_index, allow_probs=False)
     return _softmax_loss(backend, input, target, row_loss, weight, transform, ignore_index, reduction, eps)
 
 
 def _softmax_loss(backend, input, target, row_loss, weight, transform, ignore_index, reduction, eps):
-    module = get_backend(backend, input)
-    if not hasattr(module, "softmax_loss"):  # a backend still on per-loss entry points (Triton, being ported)
-        return _legacy_softmax_loss(module, input, target, row_loss, weight, transform, ignore_index,
-                                    reduction, eps)
-    out = module.softmax_loss(_rows(input), target, row_loss, weight, transform, ignore_index, reduction, eps)
-    return _unflatten_rows(out, input, reduction)
-
-
-def _legacy_softmax_loss(module, input, target, row_loss, weight, transform, ignore_index, reduction, eps):
-    if transform is None and isinstance(row_loss, spec.NLL):
-        out = module.cross_entropy(_rows(input), target, weight, ignore_index, reduction, eps)
-    elif transform is None and isinstance(row_loss, spec.Focal) and eps == 0:
-        out = module.focal_loss(_rows(input), target, row_loss.gamma, weight, ignore_index, reduction)
-    else:
-        raise NotImplementedError(f"backend {module.__name__} has no softmax_loss yet, so it runs only "
-                                  f"cross-entropy and focal loss; use backend='fused' or 'reference'")
+    out = get_backend(backend, input).softmax_loss(_rows(input), target, row_loss, weight, transform,
+                                                   ignore_index, reduction, eps)
     return _unflatten_rows(out, input, reduction)
 
 
@@ -188,18 +247,26 @@ def _check_real(name: str, value, low: float, high: float) -> float:
     return float(value)
 
 
-def _check_weights(name: str, values: Tensor) -> None:
+def _check_weights(name: str, values: Tensor, nonnegative: bool = True) -> None:
     if values.dtype.is_complex or values.dtype == torch.bool:
         raise TypeError(f"{name} must be real-valued, got dtype {values.dtype}")
-    bad = ~torch.isfinite(values) | (values < 0)
+    bad = ~torch.isfinite(values)
+    if nonnegative:
+        bad = bad | (values < 0)
     if bool(bad.any()):
-        raise ValueError(f"{name} must be finite and >= 0, got {values[bad].flatten()[0].item()}")
+        rule = "finite and >= 0" if nonnegative else "finite"
+        raise ValueError(f"{name} must be {rule}, got {values[bad].flatten()[0].item()}")
 
 
 def _class_vector(name: str, value, n_classes: int, input: Tensor) -> Tensor | None:
     """A per-class weight/alpha: a length-C tensor or sequence of finite values >= 0, as the compute dtype."""
     if value is None:
         return None
+    return _class_values(name, value, n_classes, input)
+
+
+def _class_values(name: str, value, n_classes: int, input: Tensor, nonnegative: bool = True) -> Tensor:
+    """A length-C tensor or sequence of finite values (>= 0 if `nonnegative`), as the compute dtype."""
     if not isinstance(value, Tensor):
         try:
             value = torch.as_tensor(value)
@@ -207,7 +274,7 @@ def _class_vector(name: str, value, n_classes: int, input: Tensor) -> Tensor | N
             raise TypeError(f"{name} must be a tensor or a sequence of numbers, got {value!r}") from err
     if tuple(value.shape) != (n_classes,):
         raise ValueError(f"{name} must have shape (C,) = ({n_classes},), got {tuple(value.shape)}")
-    _check_weights(name, value)
+    _check_weights(name, value, nonnegative)
     return value.to(device=input.device, dtype=compute_dtype(input.dtype)).contiguous()
 
 

@@ -3,7 +3,9 @@
 `StageMetrics` holds one stage's (train / val / test) streaming metrics and returns plain
 `name -> float` dicts; per-class vectors are expanded to `recall_class_<c>`. The scores torchmetrics
 lacks (NLL, Brier, binned calibration) are small `torchmetrics.Metric`s here, so they sync across
-processes like the rest. Metrics use torch's own log-softmax, never the losses under study.
+processes like the rest. Probabilities follow the loss's `probability_map` ("softmax", or "sigmoid":
+normalised one-vs-rest sigmoids) and use torch's own functions, never the losses under study.
+`temperature_scaled` and `logit_adjusted` are the post-hoc adjustments logged at test.
 """
 
 from __future__ import annotations
@@ -20,12 +22,64 @@ from torchmetrics import classification as tmc
 from torchmetrics.functional import classification as tmf
 
 N_BINS = 15
+PROBABILITY_MAPS = ("softmax", "sigmoid")
 
 
-def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
-    """softmax(logits) over classes for single-label tasks, sigmoid(logits) per label for multilabel."""
-    logits = logits.float()
-    return torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)
+def check_probability_map(probability_map: str) -> str:
+    """`probability_map` itself if it is one of PROBABILITY_MAPS, else a ValueError naming the choices."""
+    if probability_map not in PROBABILITY_MAPS:
+        raise ValueError(
+            f"probability_map must be one of {', '.join(PROBABILITY_MAPS)}, got {probability_map!r}")
+    return probability_map
+
+
+def _float(logits: torch.Tensor) -> torch.Tensor:
+    """float32 for every floating dtype but float64, which stays (post-hoc fits run in float64)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def log_probabilities(logits: torch.Tensor, probability_map: str = "softmax") -> torch.Tensor:
+    """Single-label log-probabilities log q of (N, C) logits, in float32 (float64 stays float64).
+
+    softmax: q = softmax(z). sigmoid (a one-vs-rest model: bce, sigmoid focal, mse on logits):
+    q_c = sigmoid(z_c) / sum_k sigmoid(z_k), computed as log sigmoid(z_c) - logsumexp_k log sigmoid(z_k).
+    """
+    logits = _float(logits)
+    if check_probability_map(probability_map) == "sigmoid":
+        log_s = F.logsigmoid(logits)
+        return log_s - torch.logsumexp(log_s, dim=1, keepdim=True)
+    return torch.log_softmax(logits, dim=1)
+
+
+def probabilities(logits: torch.Tensor, task: str, probability_map: str = "softmax") -> torch.Tensor:
+    """The model's probabilities: for single-label tasks exp(log_probabilities(logits, probability_map))
+    (rows sum to 1); for multilabel sigmoid(logits) per label, whatever the map."""
+    if task == "multilabel":
+        return torch.sigmoid(_float(logits))
+    return log_probabilities(logits, probability_map).exp()
+
+
+def nll_sum(logits: torch.Tensor, target: torch.Tensor, task: str, probability_map: str = "softmax") \
+        -> tuple[torch.Tensor, int]:
+    """(sum, count) of the negative log-likelihood: -log q_y per sample (single-label, q as in
+    `log_probabilities`), or -[t log s + (1-t) log(1-s)], s = sigmoid(z), per (sample, label) element."""
+    if task == "multilabel":
+        logits = _float(logits)
+        total = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="sum")
+        return total, target.numel()
+    log_q = log_probabilities(logits, probability_map)
+    return -log_q.gather(1, target.long().unsqueeze(1)).sum(), len(target)
+
+
+def brier_sum(logits: torch.Tensor, target: torch.Tensor, task: str, probability_map: str = "softmax") \
+        -> tuple[torch.Tensor, int]:
+    """(sum, count) of the Brier score: sum_c (q_c - [c = y])^2 per sample (single-label), or (s - t)^2
+    per (sample, label) element (multilabel)."""
+    probs = probabilities(logits, task, probability_map)
+    if task == "multilabel":
+        return ((probs - target.to(probs.dtype)) ** 2).sum(), target.numel()
+    one_hot = F.one_hot(target.long(), logits.shape[1]).to(probs.dtype)
+    return ((probs - one_hot) ** 2).sum(), len(target)
 
 
 def top_label(probs: torch.Tensor, target: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,6 +106,14 @@ class Reliability(NamedTuple):
         if not total:
             return float("nan")
         return float((self.count / total * (self.accuracy - self.confidence).abs()).sum())
+
+    @property
+    def overconfidence(self) -> float:
+        """Mean top-label confidence minus accuracy over all decisions (> 0: over-confident)."""
+        total = self.count.sum()
+        if not total:
+            return float("nan")
+        return float((self.count * (self.confidence - self.accuracy)).sum() / total)
 
 
 def bin_index(confidence: torch.Tensor, n_bins: int = N_BINS) -> torch.Tensor:
@@ -117,54 +179,33 @@ class BatchMean(RunningMean):
 
 
 class MeanScore(RunningMean):
-    """A mean of per-item scores; subclasses define `scores(logits, target) -> (sum, count)`."""
+    """A mean of per-item scores: `score(logits, target, task, probability_map) -> (sum, count)`."""
 
-    def __init__(self, task: str, **kwargs):
+    def __init__(self, score: Callable, task: str, probability_map: str = "softmax", **kwargs):
         super().__init__(**kwargs)
-        self.task = task
+        self.score, self.task, self.probability_map = score, task, check_probability_map(probability_map)
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        self.add(*self.scores(logits.float(), target))
-
-
-class NegativeLogLikelihood(MeanScore):
-    """NLL = mean_i -log p_i,y_i (softmax), or for multilabel the mean over all N*L elements of
-    -[t log s + (1-t) log(1-s)], s = sigmoid(logit); both from logits, stably."""
-
-    def scores(self, logits, target):
-        if self.task == "multilabel":
-            return F.binary_cross_entropy_with_logits(logits, target.float(), reduction="sum"), target.numel()
-        return F.cross_entropy(logits, target, reduction="sum"), len(target)
-
-
-class BrierScore(MeanScore):
-    """Brier = mean_i sum_c (p_i,c - [c == y_i])^2 (the original multi-class form, range [0, 2]); for
-    multilabel the mean over all N*L elements of (s - t)^2 (the binary form, range [0, 1])."""
-
-    def scores(self, logits, target):
-        if self.task == "multilabel":
-            return ((torch.sigmoid(logits) - target.float()) ** 2).sum(), target.numel()
-        one_hot = F.one_hot(target, logits.shape[1]).float()
-        return ((torch.softmax(logits, dim=1) - one_hot) ** 2).sum(), len(target)
+        self.add(*self.score(logits, target, self.task, self.probability_map))
 
 
 class Predictions(torchmetrics.Metric):
-    """Every probability row and target of the stage, concatenated (for PR curves and confusion matrices)."""
+    """Every logit row and target of the stage, concatenated (PR curves, confusion matrices, post-hoc)."""
 
     full_state_update = False
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.add_state("probs", [], dist_reduce_fx="cat")
+        self.add_state("logits", [], dist_reduce_fx="cat")
         self.add_state("target", [], dist_reduce_fx="cat")
 
-    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
-        self.probs.append(probs)
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        self.logits.append(logits)
         self.target.append(target)
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         cat = torchmetrics.utilities.dim_zero_cat
-        return cat(self.probs), cat(self.target)
+        return cat(self.logits), cat(self.target)
 
 
 def _probability_metrics(task: str, num_classes: int, full: bool) -> dict[str, torchmetrics.Metric]:
@@ -187,7 +228,8 @@ def _probability_metrics(task: str, num_classes: int, full: bool) -> dict[str, t
 
 class StageMetrics(nn.Module):
     """One stage's metrics. `full=False` keeps the cheap ones (for training steps); `keep_predictions`
-    also stores probabilities and targets for PR curves and the confusion matrix.
+    also stores logits and targets for PR curves, the confusion matrix and post-hoc adjustments.
+    `probability_map` is the loss's ("softmax" or "sigmoid", see `log_probabilities`).
 
     Batches are held back and folded into the metrics together, once `hold_elements` logits are
     waiting and before every `compute`: a torchmetrics update costs 30-400 µs whatever the batch size,
@@ -196,13 +238,15 @@ class StageMetrics(nn.Module):
     """
 
     def __init__(self, task: str, num_classes: int, *, full: bool = True, keep_predictions: bool = False,
-                 hold_elements: int = 1 << 20):
+                 hold_elements: int = 1 << 20, probability_map: str = "softmax"):
         super().__init__()
         self.task, self.num_classes, self.hold_elements = task, num_classes, hold_elements
+        self.probability_map = check_probability_map(probability_map)
         self.loss = BatchMean()  # the loss under study, averaged over the stage's samples
         self.on_probs = nn.ModuleDict(_probability_metrics(task, num_classes, full))
         self.on_logits = nn.ModuleDict(
-            {"nll": NegativeLogLikelihood(task), "brier": BrierScore(task)} if full else {})
+            {"nll": MeanScore(nll_sum, task, probability_map),
+             "brier": MeanScore(brier_sum, task, probability_map)} if full else {})
         self.calibration = CalibrationBins(task) if full else None
         self.predictions = Predictions() if keep_predictions else None
         self._held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -223,7 +267,7 @@ class StageMetrics(nn.Module):
         self._held, self._held_elements = [], 0
         self.loss.update(torch.stack(losses), torch.tensor([len(t) for t in target]))
         logits, target = torch.cat(logits), torch.cat(target)
-        probs = probabilities(logits, self.task)
+        probs = probabilities(logits, self.task, self.probability_map)
         target_int = target.long() if self.task == "multilabel" else target
         for metric in self.on_probs.values():
             metric.update(probs, target_int)
@@ -232,7 +276,7 @@ class StageMetrics(nn.Module):
         if self.calibration is not None:
             self.calibration.update(probs, target)
         if self.predictions is not None:
-            self.predictions.update(probs, target)
+            self.predictions.update(logits, target)
 
     def compute(self) -> dict[str, float]:
         """name -> value; `recall` becomes `recall_class_<c>`, and for multilabel data
@@ -241,7 +285,8 @@ class StageMetrics(nn.Module):
         values = {name: metric.compute()
                   for name, metric in {"loss": self.loss, **self.on_probs, **self.on_logits}.items()}
         if self.calibration is not None:
-            values["ece"] = self.calibration.compute()
+            bins = self.calibration.bins()
+            values["ece"], values["overconfidence"] = bins.ece, bins.overconfidence
         if "specificity" in values:
             values["balanced_accuracy"] = ((values["recall"] + values.pop("specificity")) / 2).mean()
         out = {}
@@ -259,16 +304,84 @@ class StageMetrics(nn.Module):
             return tmf.multilabel_confusion_matrix(probs, target.long(), self.num_classes)
         return tmf.multiclass_confusion_matrix(probs, target, self.num_classes)
 
-    def kept_predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every probability row and target of the stage so far (`keep_predictions=True` only)."""
+    def kept_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every logit row and target of the stage so far (`keep_predictions=True` only)."""
         self._fold()
         return self.predictions.compute()
+
+    def kept_predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every probability row (the model's probability map) and target of the stage so far."""
+        logits, target = self.kept_logits()
+        return probabilities(logits, self.task, self.probability_map), target
 
     def reset(self) -> None:
         self._held, self._held_elements = [], 0
         for metric in self.modules():
             if isinstance(metric, torchmetrics.Metric):
                 metric.reset()
+
+
+# --- post-hoc adjustments (fitted or applied after training; docs/metrics.md) ---------------------------
+
+def calibration_scores(logits: torch.Tensor, target: torch.Tensor, task: str,
+                       probability_map: str = "softmax") -> dict[str, float]:
+    """ECE, overconfidence (mean confidence - accuracy), NLL and Brier of one set of predictions,
+    by the same definitions as `StageMetrics`."""
+    bins = CalibrationBins(task).to(logits.device)
+    bins.update(probabilities(logits, task, probability_map), target)
+    reliability = bins.bins()
+    scores = {"ece": reliability.ece, "overconfidence": reliability.overconfidence}
+    for name, score in (("nll", nll_sum), ("brier", brier_sum)):
+        total, count = score(logits, target, task, probability_map)
+        scores[name] = float(total) / count
+    return scores
+
+
+def fit_temperature(logits: torch.Tensor, target: torch.Tensor, task: str, probability_map: str = "softmax",
+                    bounds: tuple[float, float] = (0.01, 100.0)) -> float:
+    """Temperature scaling (Guo et al. 2017): T = argmin_T mean NLL(z / T), T in `bounds`.
+
+    One parameter, so a bounded Brent search over log T (scipy's `minimize_scalar`) in float64 finds it
+    without a learning rate; NLL is `nll_sum` under the model's probability map (per-label sigmoids
+    for multilabel data). Fitted on validation logits, never on test.
+    """
+    from scipy.optimize import minimize_scalar  # scipy's import is paid only when a run ends
+
+    logits, target = logits.detach().double().cpu(), target.detach().cpu()
+
+    def mean_nll(log_t: float) -> float:
+        total, count = nll_sum(logits / math.exp(log_t), target, task, probability_map)
+        return float(total) / count
+
+    found = minimize_scalar(mean_nll, bounds=tuple(math.log(b) for b in bounds), method="bounded",
+                            options={"xatol": 1e-6})
+    return math.exp(found.x)
+
+
+def temperature_scaled(fit_logits: torch.Tensor, fit_target: torch.Tensor, logits: torch.Tensor,
+                       target: torch.Tensor, task: str, probability_map: str = "softmax") -> dict[str, float]:
+    """`temperature` fitted on (fit_logits, fit_target) and `ts_<score>` of `calibration_scores` on
+    logits / temperature. Dividing by T > 0 keeps every argmax, so only calibration changes."""
+    temperature = fit_temperature(fit_logits, fit_target, task, probability_map)
+    scores = calibration_scores(_float(logits) / temperature, target, task, probability_map)
+    return {"temperature": temperature, **{f"ts_{name}": value for name, value in scores.items()}}
+
+
+def logit_adjusted(logits: torch.Tensor, target: torch.Tensor, class_counts: torch.Tensor,
+                   tau: float = 1.0) -> dict[str, float]:
+    """Post-hoc logit adjustment (Menon et al. 2021): decide argmax_c (z_c - tau * log pi_c), pi the
+    training split's class priors n_c / sum_k n_k. Returns `la_accuracy`, `la_balanced_accuracy` and
+    `la_minority_recall` (recall of the class with the fewest training samples) of those decisions.
+    Single-label data only."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64, device=logits.device)
+    log_prior = (counts / counts.sum()).log()
+    predicted = (logits.double() - tau * log_prior).argmax(dim=1)
+    num_classes = logits.shape[1]
+    recall = tmf.multiclass_recall(predicted, target, num_classes, average="none")
+    return {"la_accuracy": float(tmf.multiclass_accuracy(predicted, target, num_classes, average="micro")),
+            "la_balanced_accuracy": float(tmf.multiclass_accuracy(predicted, target, num_classes,
+                                                                  average="macro")),
+            "la_minority_recall": float(recall[int(counts.argmin())])}
 
 
 def loss_curve(loss: Callable, p_true: torch.Tensor, *, task: str, num_classes: int, true_class: int = 0,

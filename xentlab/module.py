@@ -1,26 +1,42 @@
 """The LightningModule: forward the model, apply the loss it was given, log metrics and figures.
 
 No loss math here, and no loss registry: the loss object comes from `train.py`. Logged names are
-`<stage>/<metric>` (train/, val/, test/) so TensorBoard groups them; `hp/<metric>` are the final test
-metrics of the HParams session written when testing ends. Conventions: docs/metrics.md.
+`<stage>/<metric>` (train/, val/, test/); in TensorBoard the stages are numbered (`BoardLogger`) so
+its Time Series opens on validation and test. `hp/<metric>` are the final test metrics of the HParams
+session, written into the run's `hparams` sub-run when testing ends. Conventions: docs/metrics.md.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from xentlab import functional as xF
 from xentlab import plots
-from xentlab.metrics import StageMetrics, loss_curve, per_label
+from xentlab.board import HPARAMS_RUN, board_tag
+from xentlab.metrics import StageMetrics, logit_adjusted, loss_curve, per_label, temperature_scaled
 
 CURVE_POINTS = 49
+# Overrides that do not change what a run computes (as hydra.job.config.override_dirname.exclude_keys).
+NOT_HPARAMS = ("experiment", "ckpt_path", "threads")
+
+
+class BoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger with xentlab's layout: stage groups numbered by `board_tag`, and
+    without the `epoch` counter Lightning adds to every epoch-level write (the step axis says it)."""
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        super().log_metrics({board_tag(k): v for k, v in metrics.items() if k != "epoch"}, step)
 
 
 class LeanModule(pl.LightningModule):
@@ -47,24 +63,29 @@ class ClassifierModule(LeanModule):
                  optimizer: Callable[..., torch.optim.Optimizer], run_params: dict | None = None,
                  figure_every_n_epochs: int = 0,
                  scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
-                 | None = None):
+                 | None = None, overrides: Sequence[str] = (), shared_dir: str | Path | None = None):
         super().__init__()
         if isinstance(figure_every_n_epochs, bool) or not isinstance(figure_every_n_epochs, int) \
                 or figure_every_n_epochs < 0:
             raise ValueError(f"figure_every_n_epochs must be an integer >= 0, got {figure_every_n_epochs!r}")
-        # The run's flattened config (loss and its parameters, dataset, imbalance ratio, seed, ...),
-        # for the TensorBoard HParams view.
-        self.run_params = dict(run_params or {})
+        # The run's flattened config (loss and its parameters, dataset, imbalance ratio, seed, ...) and
+        # its command-line overrides, for the TensorBoard HParams view (`session_hparams`).
+        self.run_params, self.overrides = dict(run_params or {}), list(overrides)
+        # A sweep's folder: the loss-curve figure, the same for every seed, is drawn once per setting.
+        self.shared_dir = None if shared_dir is None else Path(shared_dir)
         self.model, self.loss, self.task, self.num_classes = model, loss, task, num_classes
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.figure_every_n_epochs = figure_every_n_epochs
+        # How the loss turns logits into probabilities: calibration, NLL and Brier are measured on those.
+        probability_map = getattr(loss, "probability_map", "softmax")
         # ModuleDict keys may not shadow nn.Module.train, hence the trailing underscore.
         self.metrics = nn.ModuleDict({
-            "train_": StageMetrics(task, num_classes, full=False),
-            "val_": StageMetrics(task, num_classes, keep_predictions=True),
-            "test_": StageMetrics(task, num_classes, keep_predictions=True),
+            "train_": StageMetrics(task, num_classes, full=False, probability_map=probability_map),
+            "val_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=probability_map),
+            "test_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=probability_map),
         })
         self._logit_grad_norm: torch.Tensor | None = None
+        self._val_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # last validation epoch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -126,6 +147,7 @@ class ClassifierModule(LeanModule):
         writer = self._writer()
         if writer is not None:
             write_data_description(writer, self.trainer.datamodule)
+        if writer is not None and self._claim_loss_curves():
             name = self.run_params.get("loss.name", type(self.loss).__name__)
             figure = loss_curves_figure(self.loss, name, task=self.task, num_classes=self.num_classes,
                                         minority=self._minority_class() or 0, device=self.device)
@@ -147,10 +169,19 @@ class ClassifierModule(LeanModule):
             return
         epoch, every = self.current_epoch + 1, self.figure_every_n_epochs
         last = epoch == self.trainer.max_epochs
+        # Kept for the post-hoc fits at test time; the last epoch's logits are the tested model's.
+        self._val_logits = self.metrics["val_"].kept_logits()
         self._log_stage("val", figures=last or (every > 0 and epoch % every == 0))
 
     def on_test_epoch_end(self) -> None:
+        posthoc = self._posthoc(*self.metrics["test_"].kept_logits())
         self._log_stage("test", figures=True)
+        self.log_dict({f"test/{name}": value for name, value in posthoc.items()}, sync_dist=True)
+
+    def _posthoc(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        return posthoc_metrics(self._val_logits, logits, target, task=self.task,
+                               probability_map=self.metrics["test_"].probability_map,
+                               class_counts=getattr(self.trainer.datamodule, "class_counts", None))
 
     def on_test_end(self) -> None:
         # Per-class recalls included: they are what a loss for imbalanced data is judged by. The loss
@@ -158,11 +189,9 @@ class ClassifierModule(LeanModule):
         final = {f"hp/{name.removeprefix('test/')}": float(value)
                  for name, value in self.trainer.callback_metrics.items()
                  if name.startswith("test/") and name != "test/loss"}
-        if self.logger is not None:
-            self.logger.log_metrics(final, step=self.global_step)
         writer = self._writer()
         if writer is not None:
-            write_hparams(writer, self.run_params, final, self.global_step)
+            write_hparams(writer, self.run_params, final, self.global_step, self.overrides)
 
     def _log_stage(self, stage: str, figures: bool = False) -> dict[str, float]:
         """Logs the stage's epoch metrics (and figures), resets them and returns the logged values."""
@@ -196,6 +225,33 @@ class ClassifierModule(LeanModule):
         log_figures(self._writer(), self.global_step, stage, metrics, task=self.task,
                     num_classes=self.num_classes)
 
+    def _claim_loss_curves(self) -> bool:
+        """Whether this run draws the loss-curve figure: always, unless another run of the sweep with
+        the same settings but the seed already claimed it (an atomic mkdir in the sweep folder)."""
+        if self.shared_dir is None:
+            return True
+        setting = json.dumps({k: str(v) for k, v in sorted(self.run_params.items()) if k != "seed"})
+        claims = self.shared_dir / ".loss_curves"
+        claims.mkdir(parents=True, exist_ok=True)
+        try:
+            (claims / hashlib.sha256(setting.encode()).hexdigest()[:20]).mkdir()
+        except FileExistsError:
+            return False
+        return True
+
+
+def posthoc_metrics(val: tuple[torch.Tensor, torch.Tensor] | None, logits: torch.Tensor, target: torch.Tensor,
+                    *, task: str, probability_map: str, class_counts=None) -> dict[str, float]:
+    """Temperature scaling fitted on `val` (the last validation epoch's logits and targets; skipped when
+    None) and, for single-label data, logit adjustment by the training priors `class_counts`, both
+    scored on the test logits and targets (docs/metrics.md)."""
+    values = {}
+    if val is not None:
+        values.update(temperature_scaled(*val, logits, target, task, probability_map))
+    if task != "multilabel" and class_counts is not None:
+        values.update(logit_adjusted(logits, target, class_counts))
+    return values
+
 
 # --- what a run writes to TensorBoard besides scalars (shared with xentlab.seedbatch) -----------------
 
@@ -221,10 +277,10 @@ def log_figures(writer, step: int, stage: str, metrics: StageMetrics, *, task: s
     reliability = plots.reliability_figure(*(b.cpu().numpy() for b in bins), bins.ece,
                                            title=f"{stage} reliability")
     for tag, figure in (("confusion_matrix", confusion_figure), ("reliability", reliability)):
-        writer.add_image(f"{stage}/{tag}", plots.to_image(figure), step, dataformats="HWC")
+        writer.add_image(board_tag(f"{stage}/{tag}"), plots.to_image(figure), step, dataformats="HWC")
     for c in range(num_classes):
         labels = target[:, c] > 0.5 if task == "multilabel" else target == c
-        writer.add_pr_curve(f"{stage}/pr_class_{c}", labels, probs[:, c], step)
+        writer.add_pr_curve(board_tag(f"{stage}/pr_class_{c}"), labels, probs[:, c], step)
 
 
 def loss_curves_figure(loss: Callable, loss_name: str, *, task: str, num_classes: int, minority: int,
@@ -242,15 +298,21 @@ def loss_curves_figure(loss: Callable, loss_name: str, *, task: str, num_classes
     return plots.loss_curves_figure(p.numpy(), arrays, title=title)
 
 
-def write_hparams(writer, run_params: dict, final: dict[str, float], step: int) -> None:
-    """The run's HParams session: its flattened config and final `hp/` metrics."""
-    # Session summaries only, no per-run experiment summary (Lightning's log_hyperparams writes one):
-    # TensorBoard shows the first experiment summary it finds, so in a sweep mixing losses the other
-    # losses' parameters would vanish; without one it unites the hyperparameters of all runs.
-    _, start, end = hparams(hparam_values(run_params), final)
-    for summary in (start, end):
-        writer.file_writer.add_summary(summary, step)
-    writer.flush()
+def write_hparams(writer, run_params: dict, final: dict[str, float], step: int,
+                  overrides: Sequence[str] = ()) -> None:
+    """The run's HParams session (`session_hparams` of its config and overrides) and its final `hp/`
+    metrics, in the sub-run `<run>/hparams`."""
+    # A sub-run of its own: TensorBoard's HParams view takes its metric columns from the scalars of a
+    # session's run and the runs below it, so this keeps them to hp/*. Session summaries only, no
+    # experiment summary (Lightning's log_hyperparams writes one): TensorBoard shows the first it finds,
+    # so in a sweep mixing losses the other losses' parameters would vanish; without one it unites the
+    # hyperparameters of all runs.
+    _, start, end = hparams(session_hparams(run_params, overrides), final)
+    with SummaryWriter(str(Path(writer.log_dir) / HPARAMS_RUN)) as session:
+        session.file_writer.add_summary(start, step)
+        for name, value in final.items():
+            session.add_scalar(name, value, step)
+        session.file_writer.add_summary(end, step)
 
 
 def hparam_values(params: dict) -> dict:
@@ -262,3 +324,23 @@ def hparam_values(params: dict) -> dict:
         return value if isinstance(value, (bool, int, float, str)) else str(value)
 
     return {key: plain(value) for key, value in params.items()}
+
+
+def session_hparams(params: dict, overrides: Sequence[str] = ()) -> dict:
+    """A run's HParams columns: the loss's name and parameters (`loss.*`), the seed, and each key its
+    overrides set (the command line's and a sweeper's: what can vary across runs); the config's
+    constants stay out. A group choice (`data=digits`, `optimizer=sgd`) shows as the group's `name`
+    (else its `_target_`). The seed is a string so TensorBoard shows `3`, not `3.0000`.
+
+    One run cannot know which keys its sweep varies; overrides are the best evidence it has."""
+    keys = [key for key in params if key.startswith("loss.")]
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra") or key in (*NOT_HPARAMS, "seed"):
+            continue
+        group = key.replace("/", ".")
+        keys += [k for k in (key, f"{group}.name", f"{group}._target_") if k in params][:1]
+    shown = hparam_values({key: params[key] for key in dict.fromkeys(keys)})
+    if "seed" in params:
+        shown["seed"] = str(params["seed"])
+    return shown

@@ -32,7 +32,15 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from xentlab import plots
 from xentlab.metrics import StageMetrics
-from xentlab.module import LeanModule, log_figures, loss_curves_figure, write_data_description, write_hparams
+from xentlab.module import (
+    BoardLogger,
+    LeanModule,
+    log_figures,
+    loss_curves_figure,
+    posthoc_metrics,
+    write_data_description,
+    write_hparams,
+)
 from xentlab.schedules import build_scheduler
 from xentlab.train import (
     CHECKPOINT_DIR,
@@ -233,12 +241,15 @@ class SeedBatchModule(LeanModule):
         self.optimizer_factory, self.figure_every_n_epochs = optimizer, figure_every_n_epochs
         # A schedule is a function of the epoch alone (xentlab.schedules), the same for every seed.
         self.scheduler_factory = scheduler
+        # Each seed's metrics on its loss's probabilities (ClassifierModule does the same).
+        maps = [getattr(loss, "probability_map", "softmax") for loss in losses]
         self.metrics = nn.ModuleList(nn.ModuleDict({
-            "train_": StageMetrics(task, num_classes, full=False),
-            "val_": StageMetrics(task, num_classes, keep_predictions=True),
-            "test_": StageMetrics(task, num_classes, keep_predictions=True),
-        }) for _ in runs)
+            "train_": StageMetrics(task, num_classes, full=False, probability_map=m),
+            "val_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=m),
+            "test_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=m),
+        }) for m in maps)
         self._logit_grad_norms: torch.Tensor | None = None
+        self._val_logits: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(runs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -349,18 +360,27 @@ class SeedBatchModule(LeanModule):
         epoch, every = self.current_epoch + 1, self.figure_every_n_epochs
         figures = epoch == self.trainer.max_epochs or (every > 0 and epoch % every == 0)
         for k in range(len(self.runs)):
+            # For the post-hoc fits at test time, as ClassifierModule keeps them.
+            self._val_logits[k] = self.metrics[k]["val_"].kept_logits()
             self._log_stage(k, "val", figures=figures)
 
     def on_test_epoch_end(self) -> None:
-        for k in range(len(self.runs)):
+        for k, run in enumerate(self.runs):
+            metrics = self.metrics[k]["test_"]
+            posthoc = posthoc_metrics(self._val_logits[k], *metrics.kept_logits(), task=self.task,
+                                      probability_map=metrics.probability_map,
+                                      class_counts=run.datamodule.class_counts)
             self._log_stage(k, "test", figures=True)
+            logged = {f"test/{name}": value for name, value in posthoc.items()}
+            run.final.update(logged)
+            if run.logger is not None:
+                run.logger.log_metrics(logged, step=self.global_step)
 
     def on_test_end(self) -> None:
         for run in self.runs:
             final = {f"hp/{name.removeprefix('test/')}": value for name, value in run.final.items()
                      if name.startswith("test/") and name != "test/loss"}
-            if run.logger is not None:
-                run.logger.log_metrics(final, step=self.global_step)
+            if run.logger is not None:  # the hp/ scalars go into the session's own sub-run
                 write_hparams(run.writer, run.run_params, final, self.global_step)
 
     def _log_stage(self, k: int, stage: str, figures: bool = False) -> dict[str, float]:
@@ -402,8 +422,7 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
         datamodules.append(datamodule)
         losses.append(loss)
         models.append(model)
-        logger = TensorBoardLogger(save_dir=str(seed_dir(output_dir, seed)), name="", version="",
-                                   **cfg.logger)
+        logger = BoardLogger(save_dir=str(seed_dir(output_dir, seed)), name="", version="", **cfg.logger)
         runs.append(SeedRun(seed, logger, flat_params(one), datamodule))
     # The seeds' runs drew their own initialisations above; what follows (dropout masks) draws from the
     # first seed's stream, as a single run of it would.

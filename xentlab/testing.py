@@ -29,7 +29,7 @@ Tensor = torch.Tensor
 TOY_COUNTS = (64, 32, 16, 8)
 EXTREME = 1e4
 MIN_ACCURACY = 0.9
-LEARNING_RATES = (0.5, 0.05)
+LEARNING_RATES = (0.5, 0.05, 5.0)
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,9 @@ def check_loss(loss_or_name: nn.Module | str, *, task: str = "multiclass", num_c
     float64 for every reduction; reduction consistency (`none` sums to `sum`, and `sum = mean * D` with the
     same D for any logits, i.e. `mean` divides by a constant of the targets); invariance to the batch order;
     and, over 30 SGD steps of a linear model on a linearly separable toy set, a loss that falls by at least 1%
-    and a model that ends up fitting at least 90% of it.
+    and a model that ends up fitting at least 90% of it. A loss with the epoch hook
+    `on_train_epoch_start(epoch)` (called by the training loop before each epoch, e.g. LDAM's deferred
+    re-weighting) runs every check twice: after the hook for epoch 0 and after it for a late epoch.
     """
     check_task(task)
     num_classes = _num_classes(loss_or_name, task, num_classes)
@@ -101,13 +103,35 @@ def check_loss(loss_or_name: nn.Module | str, *, task: str = "multiclass", num_c
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = tuple(_run(name, check, loss, toy) for name, check in CHECKS)
+        results = tuple(result for epoch in _epochs(loss) for result in _run_phase(loss, toy, epoch))
     finally:
         torch.set_num_threads(threads)
     report = LossReport(label, task, num_classes, results)
     if not report.ok:
         raise LossCheckError(report)
     return report
+
+
+LATE_EPOCH = 10_000
+
+
+def _epochs(loss: nn.Module) -> tuple[int | None, ...]:
+    return (0, LATE_EPOCH) if callable(getattr(loss, "on_train_epoch_start", None)) else (None,)
+
+
+def _run_phase(loss: nn.Module, toy: _ToyData, epoch: int | None) -> list[CheckResult]:
+    """Every check on the loss as built (epoch None) or on a copy after `on_train_epoch_start(epoch)`."""
+    if epoch is None:
+        return [_run(name, check, loss, toy) for name, check in CHECKS]
+    loss = copy.deepcopy(loss)
+    hook = f"on_train_epoch_start({epoch})"
+    try:
+        returned = loss.on_train_epoch_start(epoch)
+    except Exception as error:
+        return [CheckResult(hook, False, f"raised {type(error).__name__}: {error}")]
+    if returned is not None:
+        return [CheckResult(hook, False, f"the hook must return None, got {returned!r}")]
+    return [_run(f"{name} @ epoch {epoch}", check, loss, toy) for name, check in CHECKS]
 
 
 # ---------------------------------------------------------------- the checks
@@ -189,8 +213,9 @@ def _learns(loss: nn.Module, toy: _ToyData, steps: int = 30) -> str:
     features, t = toy.separable(96)
     initial = 0.1 * torch.randn(toy.num_classes, features.shape[1], generator=toy.generator).to(toy.device)
     outcomes = []
-    # Losses differ in scale (MSE on logits has a larger curvature than CE), so a smaller step gets a second
-    # chance before the loss is judged not to learn.
+    # Losses differ in scale (MSE on logits has a larger curvature than CE; ASL's down-weighted negatives give
+    # small gradients), so a smaller and then a larger step get a chance before the loss is judged not to
+    # learn.
     for lr in LEARNING_RATES:
         first, last, accuracy = _sgd(loss, features, t, initial, lr, steps, toy)
         if last < first - 0.01 * abs(first) and accuracy >= MIN_ACCURACY:

@@ -62,16 +62,16 @@ def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module
     return datamodule, loss, model
 
 
-def build_run(cfg: DictConfig, output_dir: Path) \
+def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path | None = None) \
         -> tuple[pl.Trainer, ClassifierModule, pl.LightningDataModule]:
-    """Everything a run needs, built (and so validated) before the first training step."""
+    """Everything a run needs, built (and so validated) before the first training step. `overrides` pick
+    the TensorBoard HParams columns; `shared_dir` is the sweep folder of a multirun job."""
     # Imported here, not at the top: the process that launches a parallel sweep never trains, and
     # importing Lightning there would cost ~5 s of every joblib sweep (docs/benchmarks.md).
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import TensorBoardLogger
 
-    from xentlab.module import ClassifierModule
+    from xentlab.module import BoardLogger, ClassifierModule
     from xentlab.schedules import build_scheduler
 
     quiet_lightning()
@@ -80,8 +80,9 @@ def build_run(cfg: DictConfig, output_dir: Path) \
     datamodule, loss, model = build_parts(cfg)
     module = ClassifierModule(model, loss, task=datamodule.task, num_classes=datamodule.num_classes,
                               optimizer=instantiate(cfg.optimizer), run_params=flat_params(cfg),
-                              figure_every_n_epochs=cfg.figure_every_n_epochs, scheduler=scheduler)
-    logger = TensorBoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
+                              figure_every_n_epochs=cfg.figure_every_n_epochs, scheduler=scheduler,
+                              overrides=overrides, shared_dir=shared_dir)
+    logger = BoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
     callbacks = []
     if cfg.trainer.get("enable_checkpointing", True):
         # last.ckpt, refreshed every epoch, is what `ckpt_path=last` resumes from.
@@ -127,14 +128,14 @@ def flat_params(cfg: DictConfig) -> dict:
 
 
 def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
-          threads: int | None = None) -> dict:
+          threads: int | None = None, shared_dir: str | Path | None = None) -> dict:
     """Fit on the training split, test on the held-out split, write `metrics.json`; return its content.
 
     With `ckpt_path=last` an interrupted run continues from `<output_dir>/checkpoints/last.ckpt` (global
     step, epoch, optimizer state and the TensorBoard curves carry on); a run whose `metrics.json` already
     says it completed `trainer.max_epochs` epochs is not trained again, so a resumed sweep redoes only
     its unfinished jobs. `overrides` (the job's command-line overrides) are stored for the report;
-    `threads`, if given, sets torch's intra-op threads first.
+    `threads`, if given, sets torch's intra-op threads first; `shared_dir` is a multirun's sweep folder.
     """
     import torch
 
@@ -148,7 +149,7 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
         return done
     started = time.time()
     try:
-        trainer, module, datamodule = build_run(cfg, output_dir)
+        trainer, module, datamodule = build_run(cfg, output_dir, overrides, shared_dir)
     except (ValueError, TypeError) as error:
         # Building validates what the config checks could not (the data's settings, the loss for this data,
         # Lightning's view of the Trainer arguments): any refusal here is a setting to change.
@@ -165,13 +166,13 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
 
 
 def train_seeds(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
-                threads: int | None = None) -> list[dict]:
+                threads: int | None = None, shared_dir: str | Path | None = None) -> list[dict]:
     """The run's records: `[train(...)]` for `seeds: 1`; for `seeds: K > 1` the K runs of seeds
     seed ... seed+K-1, trained as one batch (`xentlab.seedbatch`), each in `<output_dir>/seed=<s>/`."""
     from xentlab.seedbatch import check_seeds, train_batch
 
     if check_seeds(cfg.get("seeds", 1)) == 1:
-        return [train(cfg, output_dir, overrides=overrides, threads=threads)]
+        return [train(cfg, output_dir, overrides=overrides, threads=threads, shared_dir=shared_dir)]
     return train_batch(cfg, output_dir, overrides=overrides, threads=threads)
 
 
@@ -267,38 +268,66 @@ def shown(path: str | Path) -> str:
 
 
 class SweepProgress(Callback):
-    """Hydra callback (`hydra.callbacks.progress`): announces a multirun once and tells its jobs the sweep's
-    size and varying keys, so each prints one `[k/N] loss=focal,seed=1 <metric> (<s> s)` line at its end."""
+    """Hydra callback (`hydra.callbacks.progress`): checks every job's config before the first job starts,
+    announces the multirun once and tells its jobs the sweep's size and varying keys, so each prints one
+    `[k/N] loss=focal,seed=1 <metric> (<s> s)` line at its end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        size, keys = sweep_plan(config)
+        jobs, keys = sweep_plan(config)
+        if jobs is not None:
+            try:
+                check_sweep(config, jobs)
+            except ConfigError as error:
+                # Hydra turns a callback's exception into a warning and goes on: stop here instead.
+                if not _BRIEF_ERRORS:
+                    traceback.print_exc()
+                refuse(str(error))
+        size = len(jobs) if jobs is not None else config.hydra.sweeper.get("n_trials")
         os.environ[SWEEP_ENV] = json.dumps({"size": size, "keys": keys})
         # Hydra's launchers log one line per job at its start; the job's own line at its end says more.
         for name in ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher"):
             logging.getLogger(name).setLevel(logging.WARNING)
         sweep_dir = shown(config.hydra.sweep.dir)
-        jobs = f"{size} jobs" if size is not None else "a sweep"
-        print(f"[xentlab] {jobs} -> {sweep_dir}\n[xentlab] view: tensorboard --logdir {sweep_dir}",
+        announced = f"{size} jobs" if size is not None else "a sweep"
+        print(f"[xentlab] {announced} -> {sweep_dir}\n[xentlab] view: tensorboard --logdir {sweep_dir}",
               flush=True)
 
 
-def sweep_plan(config: DictConfig) -> tuple[int | None, list[str]]:
-    """How many jobs a multirun launches and which keys it varies: Optuna's n_trials and its `params`, or the
-    basic sweeper's combinations of its `params` and the command line's sweeps (counted by the sweeper's
-    own splitting); (None, []) for another sweeper."""
+def sweep_plan(config: DictConfig) -> tuple[list[list[str]] | None, list[str]]:
+    """The basic sweeper's jobs (each a list of overrides, as its own splitting of its `params` and the
+    command line's sweeps makes them; None for another sweeper) and the keys the sweep varies."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     sweeper = config.hydra.sweeper
-    arguments = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
-    arguments += list(config.hydra.overrides.task)
+    params = sweeper.get("params") or {}
+    if "BasicSweeper" not in str(sweeper.get("_target_", "")):
+        return None, sorted(params)
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
     overrides = OverridesParser.create().parse_overrides(arguments)
     keys = sorted({o.key_or_group for o in overrides if o.is_sweep_override()})
-    if "n_trials" in sweeper:
-        return int(sweeper.n_trials), sorted(sweeper.get("params") or {})
-    if "BasicSweeper" not in str(sweeper.get("_target_", "")):
-        return None, []
-    return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None)), keys
+    return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch], keys
+
+
+def check_sweep(config: DictConfig, jobs: list[list[str]]) -> None:
+    """Every job's composed config through check_config before the sweep starts: an invalid setting stops
+    the sweep with one message instead of failing its jobs one by one."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    for overrides in jobs:
+        job_cfg = loader.load_sweep_config(config, overrides)
+        name_the_loss(job_cfg, job_cfg.hydra.runtime.choices)
+        try:
+            check_config(job_cfg)
+        except ConfigError as error:
+            raise ConfigError(f"{error} (in job {','.join(overrides)}; no job was started)") from error
+
+
+def name_the_loss(cfg: DictConfig, choices) -> None:
+    """A loss YAML need not repeat its name: without `name` (or a `_target_`) the loss is its group choice."""
+    if "name" not in cfg.loss and "_target_" not in cfg.loss:
+        with open_dict(cfg):
+            cfg.loss.name = choices.loss
 
 
 def job_line(hydra_cfg: DictConfig, text: str, seconds: float) -> str:
@@ -321,9 +350,7 @@ def run_job(cfg: DictConfig) -> float:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
     raises_failures = "optuna" in str(hydra_cfg.sweeper.get("_target_", ""))
-    if "name" not in cfg.loss and "_target_" not in cfg.loss:  # a loss YAML need not repeat its name
-        with open_dict(cfg):
-            cfg.loss.name = hydra_cfg.runtime.choices.loss
+    name_the_loss(cfg, hydra_cfg.runtime.choices)
     if cfg.trainer.get("enable_progress_bar") is None:  # null: a bar for a single run watched in a terminal
         cfg.trainer.enable_progress_bar = not multirun and sys.stdout.isatty()
     if multirun and hydra_cfg.job.num > 0:  # the class-count table once per sweep, by its first job
@@ -334,7 +361,8 @@ def run_job(cfg: DictConfig) -> float:
             where = shown(output_dir)
             print(f"[xentlab] logs: {where}\n[xentlab] view: tensorboard --logdir {where}")
         threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
-        records = train_seeds(cfg, output_dir, overrides=overrides, threads=threads)
+        records = train_seeds(cfg, output_dir, overrides=overrides, threads=threads,
+                              shared_dir=Path(hydra_cfg.sweep.dir) if multirun else None)
     except Exception as error:
         if not multirun:
             if isinstance(error, ConfigError) and _BRIEF_ERRORS:

@@ -38,6 +38,24 @@ def class_weights(counts: Tensor | Sequence[float], method: str = "inverse_frequ
     return (raw * (n.numel() / raw.sum())).to(torch.float32)
 
 
+def log_priors(counts: Tensor | Sequence[float]) -> Tensor:
+    """Log class priors of the training split, log pi_c = log(n_c / sum_k n_k) (float32, shape (C,)): the
+    bias of logit-adjusted cross-entropy and of post-hoc logit adjustment (argmax of z - tau log pi). A class
+    with n_c = 0 is a ValueError naming the class (its log prior is -inf)."""
+    n = _counts(counts, "class")
+    return (n / n.sum()).log().to(torch.float32)
+
+
+def ldam_margins(counts: Tensor | Sequence[float], max_margin: float = 0.5) -> Tensor:
+    """LDAM's per-class margins (Cao et al. 2019), Delta_c proportional to n_c^(-1/4) and scaled so the
+    rarest class gets `max_margin` (> 0) (float32, shape (C,))."""
+    n = _counts(counts, "class")
+    if isinstance(max_margin, bool) or not isinstance(max_margin, (int, float)) or not 0 < max_margin < 1e6:
+        raise ValueError(f"max_margin must be a positive number, got {max_margin!r}")
+    raw = n.pow(-0.25)
+    return (raw * (max_margin / raw.max())).to(torch.float32)
+
+
 def pos_weight_from_counts(positives: Tensor | Sequence[float], total: int) -> Tensor:
     """BCE pos_weight per label, negatives / positives = (N - n_l) / n_l, from the positive counts n_l of each
     label among N training examples (float32, shape (L,)). A label with no positives is a ValueError naming

@@ -4,8 +4,8 @@ Every backend module exposes
 `softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduction, label_smoothing)`, the
 whole index-target softmax family over a row loss of log p_y and a logit transform (see
 `xentlab.kernels.spec`), plus the losses with their own kernels (cross_entropy for probability targets,
-mse_loss, binary_cross_entropy_with_logits, sigmoid_focal_loss), all over already-validated, flattened
-(N, C) arguments.
+mse_loss, binary_cross_entropy_with_logits, sigmoid_focal_loss, asl_loss), all over already-validated,
+flattened (N, C) arguments.
 Triton is imported only when the Triton backend is actually chosen, so importing xentlab never needs it.
 """
 

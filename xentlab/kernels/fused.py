@@ -492,3 +492,56 @@ class _SigmoidFocal:
 def sigmoid_focal_loss(input, target, alpha, gamma, reduction):
     """torchvision.ops.sigmoid_focal_loss: alpha_t (1 - p_t)^gamma BCE(x, t), mean over all elements."""
     return _FusedLoss.apply(input, _SigmoidFocal(target, float(alpha), float(gamma)), reduction)
+
+
+@dataclass(eq=False)
+class _Asl:
+    """Asymmetric loss, with p = s(x), q = 1 - p = s(-x) and p_m = max(p - clip, 0):
+    l = t q^g+ softplus(-x) - (1-t) p_m^g- log(1 - p_m). dl/dx = t q^g+ (-g+ p softplus(-x) - q) +
+    (1-t) [p_m > 0] p_m^g- p q (1 / (1 - p_m) - g- r) with r = log(1 - p_m) / p_m (-> -1 as p_m -> 0, so
+    p_m^(g-1) is never formed) and 1 - p_m = q + clip there."""
+
+    target: Tensor
+    gamma_pos: float
+    gamma_neg: float
+    clip: float
+    elementwise = True
+    slots = 0
+
+    def denominator(self) -> Tensor:
+        return torch.tensor(float(self.target.numel()), device=self.target.device)
+
+    def chunk(self, x, rows, out, ws, s):
+        t = self.target[rows].to(x.dtype)
+        neg_logp = _softplus(-x, torch.empty_like(x))
+        p, q = torch.sigmoid(x), torch.sigmoid(-x)
+        q_pow = q.pow(self.gamma_pos)
+        if self.clip > 0:
+            p_m = (p - self.clip).clamp_(min=0)
+            rest = q + self.clip
+            log_rest = torch.where(p_m > 0, rest.log(), 0.0)
+        else:
+            p_m, rest = p, q
+            log_rest = -_softplus(x, torch.empty_like(x))
+        p_m_pow = p_m.pow(self.gamma_neg)
+        negative = -p_m_pow * log_rest
+        loss = _mix(t, q_pow * neg_logp, negative)
+        if s is None:
+            return loss
+        d_positive = q_pow * (-self.gamma_pos * p * neg_logp - q)
+        ratio = torch.where(p_m > 0, log_rest / p_m, -1.0)
+        pq = p * q  # p q / (1 - p_m) is p when clip = 0, where 1 - p_m = q can underflow
+        slope = p if self.clip == 0 else pq / rest
+        d_negative = torch.where(p_m > 0, p_m_pow * (slope - self.gamma_neg * ratio * pq), 0.0)
+        out.copy_(_mix(t, d_positive, d_negative)).mul_(s)
+        return loss.sum(1)
+
+
+def _mix(t: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+    """t positive + (1 - t) negative, where a zero weight drops its term even when it is infinite."""
+    return torch.where(t != 0, t * positive, 0.0) + torch.where(t != 1, (1 - t) * negative, 0.0)
+
+
+def asl_loss(input, target, gamma_pos, gamma_neg, clip, reduction):
+    """Asymmetric loss (Ridnik et al. 2021) per element, `mean` over all elements; see `_Asl`."""
+    return _FusedLoss.apply(input, _Asl(target, float(gamma_pos), float(gamma_neg), float(clip)), reduction)

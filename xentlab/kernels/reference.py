@@ -100,3 +100,20 @@ def sigmoid_focal_loss(input, target, alpha, gamma, reduction):
     if alpha >= 0:
         loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
     return _reduce(loss, reduction, loss.numel()).to(input.dtype)
+
+
+def asl_loss(input, target, gamma_pos, gamma_neg, clip, reduction):
+    """Asymmetric loss (Ridnik et al. 2021): l = -[t (1-p)^g+ log p + (1-t) p_m^g- log(1 - p_m)] with
+    p = sigmoid(x), p_m = max(p - clip, 0); `mean` over all elements."""
+    x = input.to(compute_dtype(input.dtype))
+    t = target.to(x.dtype)
+    tiny = torch.finfo(x.dtype).tiny  # clamps keep autograd's pow(0, g - 1) finite; they move no value
+    positive = -torch.sigmoid(-x).clamp(min=tiny).pow(gamma_pos) * F.logsigmoid(x)
+    if clip > 0:
+        p_m = (torch.sigmoid(x) - clip).clamp(min=0)
+        log_rest = torch.log1p(-p_m)
+    else:  # 1 - p_m = sigmoid(-x), whose log stays exact as p -> 1
+        p_m, log_rest = torch.sigmoid(x), F.logsigmoid(-x)
+    negative = -p_m.clamp(min=tiny).pow(gamma_neg) * log_rest
+    loss = t * positive + (1 - t) * negative
+    return _reduce(loss, reduction, loss.numel()).to(input.dtype)

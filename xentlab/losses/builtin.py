@@ -32,6 +32,8 @@ class _Loss(nn.Module):
     """The knobs every built-in shares; `reduction` is public so reductions can be checked and switched."""
 
     _shown: tuple[str, ...] = ()  # scalar parameters for the repr (buffers print themselves)
+    # How the logits map to probabilities for the metrics: "softmax" rows or independent "sigmoid"s.
+    probability_map = "softmax"
 
     def __init__(self, *, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
@@ -126,6 +128,8 @@ class BinaryCrossEntropy(_Loss):
     label, or `balanced`: negatives/positives per label of the training split (pw_c = (N - n_c) / n_c).
     """
 
+    probability_map = "sigmoid"
+
     def __init__(self, *, pos_weight, class_counts: Tensor | None = None, num_examples: int | None = None,
                  **common):
         super().__init__(**common)
@@ -149,9 +153,137 @@ class MSELoss(_SoftmaxLoss):
         _choice("on", on, F.MSE_TARGETS)
         self.on = on
 
+    @property
+    def probability_map(self) -> str:
+        # On logits each output is regressed onto 0/1 on its own, a one-vs-rest model like bce.
+        return "sigmoid" if self.on == "logits" else "softmax"
+
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.mse_loss(input, target, ignore_index=self.ignore_index, reduction=self.reduction, on=self.on,
                           backend=self.backend)
+
+
+@builtin("logit_adjusted", SOFTMAX_TASKS)
+class LogitAdjustedCrossEntropy(_SoftmaxLoss):
+    """Logit-adjusted cross-entropy (Menon et al. 2021): cross-entropy of z + tau log pi, pi the training
+    split's class priors; tau = 1 is Balanced Softmax (Ren et al. 2020, the `balanced_softmax` config)."""
+
+    _shown = ("tau",)
+
+    def __init__(self, *, tau: float, class_counts: Tensor | None = None, **common):
+        super().__init__(**common)
+        self.tau = F._check_real("tau", tau, -float("inf"), float("inf"))
+        self.register_buffer("log_prior", weights.log_priors(_counts_for("logit_adjusted", class_counts)))
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.logit_adjusted_loss(input, target, self.log_prior, self.tau, ignore_index=self.ignore_index,
+                                     reduction=self.reduction, backend=self.backend)
+
+
+@builtin("ldam", SOFTMAX_TASKS)
+class LDAMLoss(_SoftmaxLoss):
+    """LDAM (Cao et al. 2019): cross-entropy of s (z - Delta_y e_y) with margins Delta_c ~ n_c^(-1/4), the
+    largest `max_margin`; s = `scale` suits a normalised (cosine) head. With `drw_epoch` set, deferred
+    re-weighting: from that epoch on (the `on_train_epoch_start` hook) rows are weighted by the class-balanced
+    effective-number weights (1-beta)/(1-beta^n_c), normalised to sum C, as in weighted_ce."""
+
+    _shown = ("scale", "drw_epoch")
+
+    def __init__(self, *, max_margin: float, scale: float, drw_epoch: int | None, beta: float,
+                 class_counts: Tensor | None = None, **common):
+        super().__init__(**common)
+        counts = _counts_for("ldam", class_counts)
+        self.register_buffer("margins", weights.ldam_margins(counts, max_margin))
+        self.scale = F._check_real("scale", scale, 0.0, float("inf"))
+        if self.scale == 0:
+            raise ValueError("scale must be > 0, got 0")
+        if drw_epoch is not None and (isinstance(drw_epoch, bool) or not isinstance(drw_epoch, int)
+                                      or drw_epoch < 0):
+            raise ValueError(f"drw_epoch must be null or an epoch number >= 0, got {drw_epoch!r}")
+        self.drw_epoch = drw_epoch
+        drw = None if drw_epoch is None else weights.class_weights(counts, "effective_number", beta=beta)
+        self.register_buffer("drw_weight", drw)
+        self.reweighting = False
+
+    def on_train_epoch_start(self, epoch: int) -> None:
+        """Deferred re-weighting: the class-balanced weights apply from epoch `drw_epoch` on."""
+        self.reweighting = self.drw_epoch is not None and epoch >= self.drw_epoch
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        weight = self.drw_weight if self.reweighting else None
+        return F.ldam_loss(input, target, self.margins, self.scale, weight=weight,
+                           ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
+
+
+@builtin("poly1", SOFTMAX_TASKS)
+class Poly1CrossEntropy(_SoftmaxLoss):
+    """Poly-1 (Leng et al. 2022): l_i = -log p_iy + epsilon (1 - p_iy); epsilon = 0 is cross-entropy."""
+
+    _shown = ("epsilon",)
+
+    def __init__(self, *, epsilon: float, **common):
+        super().__init__(**common)
+        self.epsilon = F._check_real("epsilon", epsilon, -1.0, float("inf"))
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.poly1_loss(input, target, self.epsilon, ignore_index=self.ignore_index,
+                            reduction=self.reduction, backend=self.backend)
+
+
+@builtin("gce", SOFTMAX_TASKS)
+class GeneralizedCrossEntropy(_SoftmaxLoss):
+    """Generalised cross-entropy (Zhang & Sabuncu 2018) for noisy labels: l_i = (1 - p_iy^q) / q with q in
+    (0, 1]."""
+
+    _shown = ("q",)
+
+    def __init__(self, *, q: float, **common):
+        super().__init__(**common)
+        self.q = F._check_real("q", q, 0.0, 1.0)
+        if self.q == 0:
+            raise ValueError("q must be in (0, 1]; q -> 0 is cross-entropy (loss=ce)")
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.gce_loss(input, target, self.q, ignore_index=self.ignore_index, reduction=self.reduction,
+                          backend=self.backend)
+
+
+@builtin("sigmoid_focal", ("multilabel", "binary", "multiclass"))
+class SigmoidFocalLoss(_Loss):
+    """Sigmoid focal loss (torchvision's): alpha_t (1 - p_t)^gamma BCE(x, t) per label, mean over all
+    elements; class-index targets become one-hot rows (one-vs-rest), as for bce."""
+
+    _shown = ("alpha", "gamma")
+    probability_map = "sigmoid"
+
+    def __init__(self, *, alpha: float, gamma: float, **common):
+        super().__init__(**common)
+        self.alpha = F._check_real("alpha", alpha, -float("inf"), 1.0)
+        self.gamma = F._check_real("gamma", gamma, 0.0, float("inf"))
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.sigmoid_focal_loss(input, binary_targets(input, target), self.alpha, self.gamma,
+                                    reduction=self.reduction, backend=self.backend)
+
+
+@builtin("asl", ("multilabel", "binary", "multiclass"))
+class AsymmetricLoss(_Loss):
+    """Asymmetric loss (Ridnik et al. 2021) for multi-label data: -[t (1-p)^gamma_pos log p + (1-t)
+    p_m^gamma_neg log(1-p_m)], p_m = max(p - clip, 0), mean over all elements; class-index targets become
+    one-hot rows (one-vs-rest), as for bce."""
+
+    _shown = ("gamma_pos", "gamma_neg", "clip")
+    probability_map = "sigmoid"
+
+    def __init__(self, *, gamma_pos: float, gamma_neg: float, clip: float, **common):
+        super().__init__(**common)
+        self.gamma_pos = F._check_real("gamma_pos", gamma_pos, 0.0, float("inf"))
+        self.gamma_neg = F._check_real("gamma_neg", gamma_neg, 0.0, float("inf"))
+        self.clip = F._check_real("clip", clip, 0.0, 1.0)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.asymmetric_loss(input, binary_targets(input, target), self.gamma_pos, self.gamma_neg,
+                                 self.clip, reduction=self.reduction, backend=self.backend)
 
 
 # ---------------------------------------------------------------- parameters from configs and counts
@@ -194,6 +326,13 @@ def _needs_counts(name: str, rule: str, class_counts: Tensor | None) -> Tensor:
         raise ValueError(f"{name}={rule!r} is derived from the training split's class counts, which were "
                          f"not given; pass them as class_counts (build_loss and xentlab-train do) or give "
                          f"explicit values")
+    return torch.as_tensor(class_counts)
+
+
+def _counts_for(loss: str, class_counts: Tensor | None) -> Tensor:
+    if class_counts is None:
+        raise ValueError(f"{loss} is derived from the training split's class counts, which were not given; "
+                         f"pass them as class_counts (build_loss and xentlab-train do)")
     return torch.as_tensor(class_counts)
 
 

@@ -12,10 +12,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from xentlab.board import board_tag
+
 # Same name as xentlab.train.METRICS_FILE; not imported from there, which would pull Hydra in.
 METRICS_FILE = "metrics.json"
 PLANNED_FILE = "multirun.yaml"  # Hydra writes the sweep's full config there when a multirun starts
 MAX_RECORD_BYTES = 16 * 2 ** 20  # a metrics.json is a few kB; anything this large is not one
+MAX_DEPTH = 32  # a run's config nests a few levels; deeper would only exhaust the report's recursion
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,8 @@ def read_run(file: Path) -> Run:
         if file.stat().st_size > MAX_RECORD_BYTES:
             raise ValueError(f"{file.stat().st_size} bytes, more than a metrics.json holds")
         record = json.loads(file.read_text())
-    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    # UnicodeDecodeError and JSONDecodeError are ValueErrors; absurdly deep nesting is a RecursionError.
+    except (OSError, ValueError, RecursionError) as error:
         return Run(file.parent, "unreadable", {}, {}, None, f"{type(error).__name__}: {error}")
     problem = shape_problem(record)
     if problem:
@@ -76,10 +80,23 @@ def shape_problem(record: object) -> str | None:
     for name, value in (record.get("metrics") or {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"metric {name!r} should be a number, found {json_type(value)}"
+    if depth(record.get("config")) > MAX_DEPTH:
+        return f"'config' is nested more than {MAX_DEPTH} levels deep"
     seed = (record.get("config") or {}).get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, str))):
         return f"'config.seed' should be an integer, found {json_type(seed)}"
     return None
+
+
+def depth(value: object) -> int:
+    """How deeply dicts nest in `value` (0 for a scalar), counted without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            deepest = max(deepest, level + 1)
+            stack.extend((child, level + 1) for child in node.values())
+    return deepest
 
 
 def text(item: object) -> str:
@@ -189,7 +206,10 @@ def read_curve(job_dir: Path, tag: str) -> list[float]:
         accumulator.Reload()
     except Exception:  # noqa: BLE001 - a truncated or foreign event file means no curve, not a crash
         return []
-    if tag not in accumulator.Tags().get("scalars", []):
+    # xentlab's TensorBoard tag of the name (`val/x` is `1_val/x`), or the plain name in older runs.
+    scalars = accumulator.Tags().get("scalars", [])
+    tag = next((t for t in (board_tag(tag), tag) if t in scalars), None)
+    if tag is None:
         return []
     by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
     return [float(by_step[step]) for step in sorted(by_step)]

@@ -1,9 +1,10 @@
 """The Triton backend: the loss kernels for CUDA tensors (or Triton's CPU interpreter).
 
 On a GPU, loss forward+backward is memory-bound, so every loss here reads the logits once in the forward
-(loss only) and once more in the backward, which writes the gradient with grad_output folded in: two reads
-and one write of the logits, against PyTorch's log_softmax + nll_loss (two reads, two writes, plus an
-(N, C) buffer kept between them).
+(loss only) and once more in the backward, which writes the gradient with grad_output folded in (the
+probability-target CE/MSE kernel walks a very long row twice, the second walk mostly from L2): two reads
+and one write of the logits, against at least two reads and two writes for PyTorch's log_softmax + nll_loss
+(which also keeps an (N, C) log-probability buffer between forward and backward).
 
 Index-target softmax family (`softmax_loss`; `cross_entropy` with class indices and `focal_loss` are calls
 of it): each loss is a `RowLoss` phi(log p_y) and a `LogitTransform` z' = scale (z - [c == y] margin) + bias

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from xentlab.kernels.triton.rows import (
     _BCE,
+    _CE_PROBS,
     _MSE_LOGITS,
     _MSE_PROBS,
     _NEG_INF,
@@ -164,7 +165,7 @@ def _softmax_family_kernel(
             grad, tgrad, err = _epilogue(x, t, w, u, col_ok, lse, k, c_p, g, eps, LOSS, WRITE_TGRAD)
             err_sum = _store_block(G, TG, L, rows64, stride_xn, cols, C, row_ok, col_ok, valid, grad, tgrad,
                                    err, WRITE_GRAD, WRITE_TGRAD, LOSS_OUT)
-        else:
+        elif WRITE_GRAD or WRITE_TGRAD or LOSS != _CE_PROBS:  # CE's loss needs no second walk
             n_blocks = tl.cdiv(C, BLOCK_C)
             for i in range(n_blocks):  # backwards: the blocks read last are the likeliest still in L2
                 cols = (n_blocks - 1 - i) * BLOCK_C + tl.arange(0, BLOCK_C)

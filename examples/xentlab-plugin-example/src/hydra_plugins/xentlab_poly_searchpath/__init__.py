@@ -1,4 +1,4 @@
-"""Adds the plugin's configs to Hydra's search path, so `xentlab-train loss=poly1` finds conf/loss/poly1.yaml.
+"""Adds the plugin's configs to Hydra's search path, so `xentlab-train loss=poly2` finds conf/loss/poly2.yaml.
 
 Hydra imports every module under the `hydra_plugins` namespace package and applies each SearchPathPlugin.
 """
