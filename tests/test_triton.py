@@ -21,7 +21,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU and "triton" not in sys.modules:
@@ -72,20 +71,11 @@ def _on_device(fn, *args, **kwargs):
     return lambda x: fn(move(x), *map(move, args), **kwargs).cpu()
 
 
-def asl_float64(x, target, gamma_pos, gamma_neg, clip, reduction):
-    """ASL (Ridnik et al. 2021) written from its formula in float64, autograd for the gradient:
-    -[t (1-p)^g+ log p + (1-t) p_m^g- log(1 - p_m)], p_m = max(p - clip, 0), mean over all elements."""
-    x, t = x.double(), target.double()
-    p_m = (torch.sigmoid(x) - clip).clamp(min=0)
-    log_1m = torch.log((torch.sigmoid(-x) + clip).clamp(max=1)) if clip > 0 else F.logsigmoid(-x)
-    loss = -(t * torch.sigmoid(-x) ** gamma_pos * F.logsigmoid(x) + (1 - t) * p_m**gamma_neg * log_1m)
-    return {"none": loss, "sum": loss.sum(), "mean": loss.mean()}[reduction]
-
-
 # The ground truth of each backend function; it takes the same positional arguments (and makes them float64).
+# ASL has no PyTorch version: its truth is the reference backend (autograd through its formula).
 TRUTH = {"cross_entropy": cases.torch_cross_entropy, "focal_loss": cases.torch_focal_loss,
          "mse_loss": cases.torch_mse_loss, "binary_cross_entropy_with_logits": cases.torch_bce,
-         "sigmoid_focal_loss": cases.torchvision_sigmoid_focal_loss, "asl_loss": asl_float64}
+         "sigmoid_focal_loss": cases.torchvision_sigmoid_focal_loss, "asl_loss": reference.asl_loss}
 
 
 def _softmax_case(case_id, d, r):
@@ -518,6 +508,7 @@ def test_functional_dispatch_with_spatial_inputs(reduction):
              ("mse_loss", (y,), {"reduction": reduction}),
              ("binary_cross_entropy_with_logits", (soft,), {"reduction": reduction}),
              ("sigmoid_focal_loss", (soft,), {"reduction": reduction}),
+             ("asymmetric_loss", (soft,), {"reduction": reduction, "gamma_pos": 1.0}),
              ("softmax_loss", (y, GCE(0.7)), {"reduction": reduction, "transform": LogitTransform(
                  scale=2.0, bias=torch.linspace(-1, 1, 5, device=DEVICE), margin=torch.full((5,), 0.3))})]
     for name, args, kwargs in calls:
@@ -531,7 +522,7 @@ def test_functional_dispatch_with_spatial_inputs(reduction):
 
 
 @pytest.mark.parametrize("name", ["cross_entropy", "mse_loss", "binary_cross_entropy_with_logits",
-                                  "sigmoid_focal_loss"])
+                                  "sigmoid_focal_loss", "asymmetric_loss"])
 def test_functional_target_gradients_on_the_triton_backend(name):
     """Issue 16 item 1's reproduction through xentlab.functional: t.grad is PyTorch's, not None."""
     gen = torch.Generator().manual_seed(11)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,18 +17,39 @@ class ReportCallback(Callback):
     """Hydra callback (`hydra.callbacks.report`, conf/hydra/default.yaml): writes and prints the sweep report.
 
     Runs in the process that launched the sweep, after every job returned, whatever the launcher. Every
-    loss is compared with the `report.baseline` group (conf/config.yaml). A report that cannot be written
-    is logged, never raised: the jobs' results are already on disk and `xentlab report <sweep dir>` can
-    rebuild it.
+    loss is compared with the `report.baseline` group (conf/config.yaml). A sweep that dies on its way
+    never reaches `on_multirun_end` (Hydra itself fails writing a job's config on a full disk, Ctrl-C, a
+    job that raises); the report of what exists is then written when the process exits. A report that
+    cannot be written is logged, never raised: the jobs' results are already on disk and
+    `xentlab report <sweep dir>` can rebuild it.
     """
 
+    def __init__(self) -> None:
+        self._unreported: tuple[Path, str | None] | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._unreported = self._target(config)
+        atexit.register(self._report_if_unreported, at_exit=True)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._unreported = self._target(config)
+        self._report_if_unreported()
+
+    @staticmethod
+    def _target(config: DictConfig) -> tuple[Path, str | None]:
+        baseline = config.get("report", {}).get("baseline") if "report" in config else None
+        return Path(str(config.hydra.sweep.dir)), None if baseline is None else str(baseline)
+
+    def _report_if_unreported(self, at_exit: bool = False) -> None:
+        if self._unreported is None:
+            return
+        (sweep_dir, baseline), self._unreported = self._unreported, None
+        if at_exit and not any(sweep_dir.rglob("metrics.json")):
+            return  # stopped before any job ended (e.g. a refused setting): nothing to report
         from xentlab.report import write_report  # matplotlib and scipy only when a sweep ends
 
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        baseline = config.get("report", {}).get("baseline") if "report" in config else None
         try:
-            report = write_report(sweep_dir, baseline=None if baseline is None else str(baseline))
+            report = write_report(sweep_dir, baseline=baseline)
         except Exception as error:  # noqa: BLE001 - a broken report must not turn a finished sweep into a failure
             log.warning("sweep report for %s failed: %s: %s", sweep_dir, type(error).__name__, error)
             return

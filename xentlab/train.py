@@ -14,6 +14,7 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"  # ModelCheckpoint(save_last=True) refreshes it every epoch
 SUMMARY = ("balanced_accuracy", "macro_f1", "minority_recall", "ece")  # printed when a run ends
 CONFIG_DIR = str(config_dir())
 # Set by SweepProgress in the process that launches a multirun, read by each job (joblib and submitit
@@ -71,7 +73,9 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    from xentlab.checkpoint import SafeCheckpointIO
     from xentlab.module import BoardLogger, ClassifierModule
+    from xentlab.runs import RunRecorder
     from xentlab.schedules import build_scheduler
 
     quiet_lightning()
@@ -83,12 +87,12 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
                               figure_every_n_epochs=cfg.figure_every_n_epochs, scheduler=scheduler,
                               overrides=overrides, shared_dir=shared_dir)
     logger = BoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
-    callbacks = []
+    callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True))]
     if cfg.trainer.get("enable_checkpointing", True):
         # last.ckpt, refreshed every epoch, is what `ckpt_path=last` resumes from.
         callbacks.append(ModelCheckpoint(dirpath=output_dir / CHECKPOINT_DIR, save_last=True))
     trainer = pl.Trainer(**trainer_arguments(cfg), logger=logger, callbacks=callbacks,
-                         default_root_dir=str(output_dir))
+                         default_root_dir=str(output_dir), plugins=[SafeCheckpointIO()])
     return trainer, module, datamodule
 
 
@@ -127,17 +131,40 @@ def flat_params(cfg: DictConfig) -> dict:
     return flat
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM, after its `interrupted` record was written (or not: the message
+    says). `exit_code` is the shell's convention, 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RunNotRecorded(RuntimeError):
+    """A run failed and its `failed` record could not be written either (e.g. the disk is full)."""
+
+
 def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
-          threads: int | None = None, shared_dir: str | Path | None = None) -> dict:
+          threads: int | None = None, shared_dir: str | Path | None = None,
+          fresh_if_nothing_to_resume: bool = False) -> dict:
     """Fit on the training split, test on the held-out split, write `metrics.json`; return its content.
 
-    With `ckpt_path=last` an interrupted run continues from `<output_dir>/checkpoints/last.ckpt` (global
-    step, epoch, optimizer state and the TensorBoard curves carry on); a run whose `metrics.json` already
-    says it completed `trainer.max_epochs` epochs is not trained again, so a resumed sweep redoes only
-    its unfinished jobs. `overrides` (the job's command-line overrides) are stored for the report;
-    `threads`, if given, sets torch's intra-op threads first; `shared_dir` is a multirun's sweep folder.
+    Every run that starts ends with a `metrics.json` whose `status` is `completed` (with `warnings`, e.g.
+    `diverged: ...` by `xentlab.runs.divergence_warnings`), `failed` (with the error and traceback; the
+    error is re-raised) or `interrupted` (Ctrl-C or SIGTERM; `RunInterrupted` is raised). If that record
+    cannot be written either (a full disk), the error raised says so (`RunNotRecorded`).
+
+    With `ckpt_path=last` the run continues from `<output_dir>/checkpoints/last.ckpt` (global step, epoch,
+    optimizer state and the TensorBoard curves carry on) if the folder holds this run's configuration
+    (`resume_point`); a run already completed for `trainer.max_epochs` epochs is not trained again, so a
+    resumed sweep redoes only its unfinished jobs. Without a checkpoint this is an error, or a fresh start
+    if `fresh_if_nothing_to_resume` (a resumed sweep's jobs that never reached one). `overrides` (the
+    job's command-line overrides) are stored for the report; `threads`, if given, sets torch's intra-op
+    threads first; `shared_dir` is a multirun's sweep folder.
     """
     import torch
+
+    from xentlab.runs import FolderHoldsAnotherRun, Interruption, RunRecorder, divergence_warnings
 
     if cfg.get("seeds", 1) != 1:
         raise ValueError(f"train() runs one seed; seeds={cfg.seeds} is train_seeds()'s")
@@ -145,35 +172,130 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
         torch.set_num_threads(threads)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.ckpt_path == "last" and (done := finished_record(output_dir, cfg.trainer.max_epochs)) is not None:
-        return done
-    started = time.time()
+    started, trainer, interruption = time.time(), None, Interruption()
+
+    def record(status: str, **fields) -> dict:
+        return write_record(output_dir, cfg, {
+            "status": status, "duration_s": round(time.time() - started, 3),
+            "epochs": trainer.current_epoch if trainer is not None else 0,
+            "torch_threads": torch.get_num_threads(), "metrics": {}, **fields}, overrides)
+
     try:
-        trainer, module, datamodule = build_run(cfg, output_dir, overrides, shared_dir)
-    except (ValueError, TypeError) as error:
-        # Building validates what the config checks could not (the data's settings, the loss for this data,
-        # Lightning's view of the Trainer arguments): any refusal here is a setting to change.
-        raise ConfigError(str(error)) from error
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    status = "interrupted" if trainer.interrupted else "completed"
-    final = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if not trainer.interrupted:
-        tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        ckpt_path = cfg.ckpt_path
+        if ckpt_path == "last":
+            done, ckpt_path = resume_point(cfg, output_dir, fresh_ok=fresh_if_nothing_to_resume)
+            if done is not None:
+                return done
+        with interruption.watching():
+            try:
+                trainer, module, datamodule = build_run(cfg, output_dir, overrides, shared_dir)
+            except (ValueError, TypeError) as error:
+                # Building validates what the config checks could not (the data's settings, the loss for
+                # this data, Lightning's view of the Trainer arguments): a refusal is a setting to change.
+                raise ConfigError(str(error)) from error
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            final = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         final.update({k: float(v) for k, v in tested.items()})
-    record = {"status": status, "duration_s": round(time.time() - started, 3),
-              "epochs": trainer.current_epoch, "torch_threads": torch.get_num_threads(), "metrics": final}
-    return write_record(output_dir, cfg, record, overrides)
+        recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
+        return record("completed", metrics=final,
+                      warnings=divergence_warnings(recorder.initial_loss, recorder.epoch_losses))
+    except FolderHoldsAnotherRun:
+        raise  # the folder's record belongs to that other run: leave it
+    except Exception as error:
+        message, trace = f"{type(error).__name__}: {error}", traceback.format_exc()
+        unrecorded = try_to_record(lambda: record("failed", error=message, traceback=trace), "failed")
+        if unrecorded:
+            raise RunNotRecorded(f"{message}; {unrecorded}") from error
+        error.xentlab_recorded = True  # run_job need not record it again
+        raise
+    except (KeyboardInterrupt, SystemExit) as stop:  # Lightning turns Ctrl-C and SIGTERM into SystemExit
+        cause = interruption.describe(stop)
+        partial = {k: float(v) for k, v in trainer.callback_metrics.items()} if trainer is not None else {}
+        unrecorded = try_to_record(
+            lambda: record("interrupted", error=f"stopped by {cause}", metrics=partial), "interrupted")
+        epoch = f" in epoch {trainer.current_epoch + 1}" if trainer is not None else ""
+        raise RunInterrupted(
+            f"interrupted by {cause}{epoch}; " + (unrecorded or f"recorded in {output_dir / METRICS_FILE}"),
+            interruption.exit_code()) from stop
 
 
 def train_seeds(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
-                threads: int | None = None, shared_dir: str | Path | None = None) -> list[dict]:
+                threads: int | None = None, shared_dir: str | Path | None = None,
+                fresh_if_nothing_to_resume: bool = False) -> list[dict]:
     """The run's records: `[train(...)]` for `seeds: 1`; for `seeds: K > 1` the K runs of seeds
     seed ... seed+K-1, trained as one batch (`xentlab.seedbatch`), each in `<output_dir>/seed=<s>/`."""
     from xentlab.seedbatch import check_seeds, train_batch
 
     if check_seeds(cfg.get("seeds", 1)) == 1:
-        return [train(cfg, output_dir, overrides=overrides, threads=threads, shared_dir=shared_dir)]
+        return [train(cfg, output_dir, overrides=overrides, threads=threads, shared_dir=shared_dir,
+                      fresh_if_nothing_to_resume=fresh_if_nothing_to_resume)]
     return train_batch(cfg, output_dir, overrides=overrides, threads=threads)
+
+
+def try_to_record(write: Callable[[], object], status: str) -> str | None:
+    """`write()` the record of a run that ended early; None, or why that record could not be written."""
+    try:
+        write()
+    except OSError as error:
+        return f"its {status!r} record could not be written either: {type(error).__name__}: {error}"
+    return None
+
+
+def resume_point(cfg: DictConfig, output_dir: Path, *, fresh_ok: bool) -> tuple[dict | None, str | None]:
+    """For `ckpt_path=last`: (the record, None) if this run already completed its `trainer.max_epochs`
+    epochs in `output_dir`; else (None, the checkpoint to resume), or (None, None) for a fresh start
+    when there is none and `fresh_ok`.
+
+    A folder holds one configuration. Its `metrics.json`, or else the config stamped in its last.ckpt, is
+    compared with `cfg` (ignoring `xentlab.runs.RESUME_MAY_CHANGE`, e.g. threads); any other difference
+    raises `FolderHoldsAnotherRun` rather than hand this job another run's results or weights.
+    """
+    from xentlab.atomic import remove_staging_files
+    from xentlab.checkpoint import load_checkpoint
+    from xentlab.runs import FolderHoldsAnotherRun, RunRecorder, config_differences
+
+    record_file, checkpoint = output_dir / METRICS_FILE, output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    for folder in (output_dir, checkpoint.parent):
+        if folder.is_dir():
+            remove_staging_files(folder)  # left by a process killed mid-write; this job owns the folder
+    record = read_record(record_file) if record_file.exists() else None
+    source, recorded = (record_file, record.get("config")) if record is not None else (None, None)
+    if record is None and checkpoint.exists():
+        source, recorded = checkpoint, RunRecorder.config_in(load_checkpoint(checkpoint))
+    if recorded is not None:
+        differences = config_differences(recorded, OmegaConf.to_container(cfg, resolve=True))
+        if differences:
+            raise FolderHoldsAnotherRun(
+                f"ckpt_path=last: {output_dir} holds another configuration's run ({source} was written for "
+                f"it); differences (recorded -> this job): {'; '.join(differences[:8])}"
+                f"{' ...' if len(differences) > 8 else ''}. Resume a job with the overrides it was started "
+                "with, or start it in a new folder (ckpt_path=null).")
+    if record is not None and record.get("status") == "completed" \
+            and record.get("epochs") == cfg.trainer.max_epochs:
+        return record, None
+    if checkpoint.exists():
+        return None, str(checkpoint)
+    if fresh_ok:
+        return None, None
+    raise ConfigError(
+        f"ckpt_path=last: nothing to resume in {output_dir} (no {CHECKPOINT_DIR}/{LAST_CHECKPOINT}). "
+        "Point at the run's folder: `xentlab-train <its overrides> hydra.run.dir=<its folder> "
+        "ckpt_path=last` (a sweep: `xentlab-train -m <its overrides> hydra.sweep.dir=<its folder> "
+        "ckpt_path=last`), or at a checkpoint file: ckpt_path=<path/to/file.ckpt>.")
+
+
+def read_record(path: Path) -> dict:
+    """A run's `metrics.json`; a ValueError naming the file if it is unreadable or not a record."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read the run record {path}: {type(error).__name__}: {error}; move it away "
+                         "to start that run over") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config", {}), dict):
+        raise ValueError(f"{path} is not a run record (a JSON object with a 'config' object); move it away "
+                         "to start that run over")
+    return record
 
 
 def finished_record(output_dir: Path, max_epochs: int) -> dict | None:
@@ -188,13 +310,13 @@ def finished_record(output_dir: Path, max_epochs: int) -> dict | None:
 def write_record(output_dir: Path, cfg: DictConfig, record: dict, overrides=()) -> dict:
     """metrics.json: the run's status and final metrics, its overrides and the plain values of its config.
 
-    Written to a temporary file and renamed into place, so a report reading a sweep in progress never
-    sees half a file. Returns the record as written.
+    Written atomically (`xentlab.atomic`), so a report reading a sweep in progress, a crash or a full disk
+    never leaves half a file. Returns the record as written.
     """
+    from xentlab.atomic import atomic_write
+
     record = {**record, "overrides": list(overrides), "config": OmegaConf.to_container(cfg, resolve=True)}
-    staging = output_dir / f".{METRICS_FILE}.{os.getpid()}"
-    staging.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(staging, output_dir / METRICS_FILE)
+    atomic_write(output_dir / METRICS_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
 
 
@@ -355,6 +477,14 @@ def run_job(cfg: DictConfig) -> float:
         cfg.trainer.enable_progress_bar = not multirun and sys.stdout.isatty()
     if multirun and hydra_cfg.job.num > 0:  # the class-count table once per sweep, by its first job
         logging.getLogger("xentlab.data").setLevel(logging.WARNING)
+    from xentlab.runs import FolderHoldsAnotherRun  # here, not at the top: it imports Lightning
+
+    if cfg.ckpt_path == "last" and multirun and not any(
+            o.startswith("hydra.sweep.dir=") for o in hydra_cfg.overrides.hydra):
+        # Raised, not recorded: every job of this sweep would fail alike.
+        raise ConfigError("ckpt_path=last resumes a sweep in its own folder, and none was given (this sweep "
+                          f"got a new one, {shown(hydra_cfg.sweep.dir)}): run `xentlab-train -m <the sweep's "
+                          "overrides> hydra.sweep.dir=<its folder> ckpt_path=last`")
     try:
         check_config(cfg)
         if not multirun:
@@ -362,17 +492,28 @@ def run_job(cfg: DictConfig) -> float:
             print(f"[xentlab] logs: {where}\n[xentlab] view: tensorboard --logdir {where}")
         threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
         records = train_seeds(cfg, output_dir, overrides=overrides, threads=threads,
-                              shared_dir=Path(hydra_cfg.sweep.dir) if multirun else None)
+                              shared_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
+                              fresh_if_nothing_to_resume=multirun)
+    except RunInterrupted as stop:
+        print(f"[xentlab] {stop}", flush=True)
+        if multirun:
+            raise
+        raise SystemExit(stop.exit_code) from None
     except Exception as error:
         if not multirun:
             if isinstance(error, ConfigError) and _BRIEF_ERRORS:
                 refuse(str(error))  # here, not in main(): Hydra would first print "Error executing job"
             raise
+        if isinstance(error, FolderHoldsAnotherRun):
+            raise  # the sweep was resumed with other settings: stop it, leaving that folder's record alone
         # In a sweep one failing job must not stop the others: record it for the report and move on.
-        write_record(output_dir, cfg, {"status": "failed", "error": f"{type(error).__name__}: {error}",
-                                       "traceback": traceback.format_exc(), "metrics": {}}, overrides)
-        print(job_line(hydra_cfg, f"FAILED: {type(error).__name__}: {error}", time.time() - started),
-              flush=True)
+        message = f"{type(error).__name__}: {error}"
+        if not getattr(error, "xentlab_recorded", False) and not isinstance(error, RunNotRecorded):
+            failure = {"status": "failed", "error": message, "traceback": traceback.format_exc(),
+                       "metrics": {}}
+            unrecorded = try_to_record(lambda: write_record(output_dir, cfg, failure, overrides), "failed")
+            message += f"; {unrecorded}" if unrecorded else ""
+        print(job_line(hydra_cfg, f"FAILED: {message}", time.time() - started), flush=True)
         if raises_failures:
             raise
         return math.nan
@@ -389,6 +530,8 @@ def run_job(cfg: DictConfig) -> float:
                                 if f"test/{name}" in metrics)
             written = shown(output_dir / batched / METRICS_FILE)
             print(f"[xentlab] {record['status']}: test {summary or 'not run'} ({written})")
+        for warning in record.get("warnings", []):
+            print(" ".join(filter(None, ("[xentlab] warning:", batched, warning))), flush=True)
     # A batch of seeds gives the sweeper its mean over the seeds.
     values = [sweep_value(record, cfg.objective, must_be_finite=multirun and raises_failures)
               for record in records]

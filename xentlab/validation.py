@@ -2,9 +2,9 @@
 
 `xentlab-train` prints a `ConfigError`, and Hydra's own composition errors, as one message naming the key,
 the bad value and the valid choices, and exits with status 2 (`HYDRA_FULL_ERROR=1` shows the traceback).
-The checks here need no data and no Lightning, so they answer within a couple of seconds of the command;
-what only the data can tell (a ratio a bundled dataset cannot supply, a loss for the wrong task) is checked
-where the data is built, and reported the same way.
+The checks here need neither data nor Lightning (only the loss check imports torch), so they answer
+within a few seconds of the command; what only the data can tell (a ratio a bundled dataset cannot
+supply, a loss for the wrong task) is checked where the data is built, and reported the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_top_level(cfg: DictConfig) -> None:
+    """The run's own keys: an integer seed, a figure interval, a checkpoint that exists."""
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
     every = cfg.get("figure_every_n_epochs", 0)
@@ -49,7 +50,7 @@ def check_top_level(cfg: DictConfig) -> None:
 
 def check_trainer(trainer: DictConfig) -> None:
     """Trainer arguments Lightning has, settings that can train, and an accelerator this machine has."""
-    accepted = trainer_arguments()
+    accepted = lightning_trainer_arguments()
     for key in trainer:
         if accepted and key not in accepted:
             close = difflib.get_close_matches(str(key), accepted, n=3, cutoff=0.6)
@@ -93,7 +94,7 @@ def check_loss(loss: DictConfig) -> None:
 
 
 @functools.cache
-def trainer_arguments() -> tuple[str, ...]:
+def lightning_trainer_arguments() -> tuple[str, ...]:
     """The keyword arguments of the installed Lightning's `Trainer.__init__`, read from its source without
     importing it (importing Lightning takes seconds); empty when the source cannot be read, and Lightning
     itself then refuses an unknown argument."""

@@ -13,8 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import secrets
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from xentlab.atomic import atomic_write
 from xentlab.report.compare import (
     DEFAULT_BASELINE,
     KEY_METRICS,
@@ -144,23 +143,6 @@ def write_report(sweep_dir: str | Path, console: Console | None = None,
                                ) from error
     console.print("written: " + ", ".join(str(p) for p in report.files), highlight=False)
     return report
-
-
-def atomic_write(path: Path, content: str | bytes) -> Path:
-    """Write `content` to a temporary file in `path`'s folder, then rename it over `path`: a reader sees
-    the old file or the new one, never a part, and a full disk leaves no truncated file under the name."""
-    data = content.encode() if isinstance(content, str) else content
-    staging = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        # O_EXCL: never write through a file or link someone placed under the temporary name.
-        handle = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(staging, path)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def figure_bytes(figure) -> bytes:

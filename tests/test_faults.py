@@ -1,0 +1,335 @@
+"""Faults a run or a sweep must survive: a full disk, a corrupt checkpoint, SIGKILL, SIGTERM and Ctrl-C, a
+resume into the wrong folder, a diverged run. Each one ends in a clear error or an honest record, never a
+truncated file under a final name or two jobs in one folder."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from xentlab.atomic import atomic_open, atomic_write, remove_staging_files
+from xentlab.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
+from xentlab.runs import FolderHoldsAnotherRun, RunRecorder, config_differences, divergence_warnings
+from xentlab.train import CONFIG_DIR, RunInterrupted, train
+
+TINY = ["data.n_samples=400", "model.hidden_sizes=[16]"]
+SCRIPT = Path(sys.executable).with_name("xentlab-train")
+
+
+def composed(*overrides: str, hydra: bool = False):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[*TINY, *overrides], return_hydra_config=hydra)
+
+
+def cli(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([str(SCRIPT), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+class Custom:
+    pass
+
+
+def staging_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob(".*.tmp")]
+
+
+# --- job folders ---------------------------------------------------------------------------------------
+
+
+def job_folder(*overrides: str) -> str:
+    return composed(*overrides, hydra=True).hydra.job.override_dirname
+
+
+@pytest.mark.parametrize(("one", "other"), [
+    (["experiment=ce_vs_mse", "loss=ce"], ["experiment=calibration", "loss=ce"]),
+    (["loss=ce", "threads=1"], ["loss=ce", "threads=2"]),
+])
+def test_jobs_that_differ_in_any_setting_get_their_own_folders(one, other):
+    assert job_folder(*one) != job_folder(*other)
+
+
+def test_a_resumed_job_is_named_like_the_job_it_resumes():
+    assert job_folder("seed=1", "threads=2") == job_folder("seed=1", "threads=2", "ckpt_path=last")
+
+
+def test_resume_into_a_folder_holding_another_configuration_is_an_error(tmp_path):
+    first = train(composed("trainer.max_epochs=1", "loss=focal"), tmp_path)
+    written = (tmp_path / "metrics.json").read_bytes()
+    with pytest.raises(FolderHoldsAnotherRun, match=r"loss.name: 'focal' -> 'ce'") as raised:
+        train(composed("trainer.max_epochs=1", "ckpt_path=last"), tmp_path)
+    assert str(tmp_path / "metrics.json") in str(raised.value)
+    assert (tmp_path / "metrics.json").read_bytes() == written  # the other run's record is left alone
+    # The same configuration is matched: its completed record comes back untrained, threads aside.
+    again = train(composed("trainer.max_epochs=1", "loss=focal", "ckpt_path=last", "threads=1"), tmp_path)
+    assert again["metrics"] == first["metrics"]
+
+
+def test_a_checkpoint_without_a_record_is_matched_by_the_config_it_carries(tmp_path):
+    train(composed("trainer.max_epochs=1", "seed=3"), tmp_path)
+    (tmp_path / "metrics.json").unlink()  # as after a SIGKILL: a checkpoint, no record
+    stamped = RunRecorder.config_in(load_checkpoint(tmp_path / "checkpoints" / "last.ckpt"))
+    assert stamped["seed"] == 3
+    with pytest.raises(FolderHoldsAnotherRun, match=r"last\.ckpt was written for it.*seed: 3 -> 4\."):
+        train(composed("trainer.max_epochs=2", "seed=4", "ckpt_path=last"), tmp_path)
+
+
+def test_config_differences_ignore_what_a_resume_may_change():
+    recorded = {"seed": 0, "threads": 1, "ckpt_path": None, "trainer": {"max_epochs": 1, "devices": 1}}
+    assert config_differences(recorded, {**recorded, "threads": 4, "ckpt_path": "last",
+                                         "trainer": {"max_epochs": 9, "devices": 1}}) == []
+    assert config_differences(recorded, {**recorded, "loss": {"gamma": 2.0}, "trainer": {"max_epochs": 1}}) \
+        == ["loss.gamma: (unset) -> 2.0", "trainer.devices: 1 -> (unset)"]
+
+
+def test_resume_with_nothing_to_resume_says_how_to_point_at_a_run(tmp_path):
+    with pytest.raises(ValueError, match=r"nothing to resume in .*hydra\.run\.dir=<its folder> ckpt_path="):
+        train(composed("ckpt_path=last"), tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+
+
+# --- atomic files and corrupt checkpoints ---------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (root only: CI runs as root); skipped with the reason where mounting is refused."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {mounted.stderr.strip() or 'refused'}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Fill `disk` up to `leave` bytes of free space."""
+    with open(disk / "filler", "wb") as filler, contextlib.suppress(OSError):
+        while os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize > leave:
+            filler.write(b"\0" * 4096)
+            filler.flush()
+
+
+def test_a_full_disk_leaves_the_previous_file_whole_and_no_temporary_file(small_disk):
+    target = small_disk / "metrics.json"
+    atomic_write(target, "old\n")
+    fill(small_disk, leave=16 * 1024)
+    with pytest.raises(OSError) as raised:
+        atomic_write(target, "x" * 200_000)
+    assert raised.value.errno == errno.ENOSPC
+    assert target.read_text() == "old\n"
+    assert staging_files(small_disk) == []
+
+    last = small_disk / "last.ckpt"
+    (small_disk / "filler").unlink()
+    SafeCheckpointIO().save_checkpoint({"step": 1}, last)
+    fill(small_disk, leave=16 * 1024)
+    with pytest.raises(OSError, match="No space left"):
+        SafeCheckpointIO().save_checkpoint({"step": 2, "weights": torch.zeros(100_000)}, last)
+    assert load_checkpoint(last) == {"step": 1}
+    assert staging_files(small_disk) == []
+
+
+def test_atomic_open_removes_its_temporary_file_when_the_writer_fails(tmp_path):
+    with pytest.raises(RuntimeError, match="half way"), atomic_open(tmp_path / "report.md") as file:
+        file.write("partial")
+        raise RuntimeError("half way")
+    assert list(tmp_path.iterdir()) == []
+    killed = tmp_path / f".last.ckpt.{os.getpid()}.0123abcd.tmp"  # what a SIGKILL mid-write leaves
+    killed.write_bytes(b"x")
+    (tmp_path / ".keep.tmp").write_bytes(b"x")  # not ours: kept
+    assert remove_staging_files(tmp_path) == [killed] and not killed.exists()
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (lambda good: good[: len(good) // 3], "truncated or damaged"),
+    (lambda good: b"not a checkpoint\n", "not a PyTorch checkpoint"),
+    (lambda good: b"", "truncated or damaged"),
+    (lambda good: None, r"Python object \([\w.]*Custom\) beyond tensors"),
+])
+def test_a_corrupt_checkpoint_names_the_file_and_never_suggests_unsafe_loading(tmp_path, content, reason):
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(64)}, "epoch": 1}, path)
+    data = content(path.read_bytes())
+    if data is None:
+        torch.save({"object": Custom()}, path)  # unpickling it would import and build a class
+    else:
+        path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=reason) as raised:
+        SafeCheckpointIO().load_checkpoint(path)
+    assert str(path) in str(raised.value)
+    assert "weights_only" not in str(raised.value) and raised.value.__cause__ is None
+
+
+def test_resume_from_a_truncated_last_checkpoint_names_it(tmp_path):
+    train(composed("trainer.max_epochs=1"), tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {last}: it is truncated"):
+        train(composed("trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "failed" and str(last) in record["error"]
+
+
+def test_a_sweep_on_a_full_disk_says_the_record_was_lost_and_still_reports(small_disk):
+    sweep_dir = small_disk / "sweep"
+    sweep_dir.mkdir()
+    # Room for Hydra's multirun.yaml only; .hydra/ is switched off, as Hydra writes it unguarded and a
+    # failure there ends the sweep inside Hydra (the report is then still written at exit, see below).
+    fill(small_disk, leave=8 * 1024)
+    process = cli(["-m", *TINY, "trainer.max_epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep_dir}",
+                   "hydra.output_subdir=null"], small_disk.parent)
+    output = process.communicate(timeout=240)[0]
+    assert process.returncode == 0, output[-3000:]
+    assert output.count("its 'failed' record could not be written either") == 2, output[-3000:]
+    assert "No space left on device" in output
+    assert "sweep report" in output  # the report callback ran (and said why it could not write files)
+    assert not list(sweep_dir.rglob("metrics.json")) and not list(sweep_dir.rglob("*.ckpt"))
+    assert staging_files(small_disk) == [] and list(small_disk.rglob(".metrics.json*")) == []
+
+
+def test_a_sweep_that_dies_inside_hydra_still_reports_what_exists(tmp_path):
+    # Hydra writes a job's .hydra/ itself, unguarded (a full disk there ends the sweep inside Hydra, before
+    # on_multirun_end); a file where the second job's .hydra/ folder goes fails the same way, every time.
+    sweep_dir = tmp_path / "sweep"
+    blocked = sweep_dir / "data.n_samples=400,model.hidden_sizes=[16],seed=1,trainer.max_epochs=1"
+    blocked.mkdir(parents=True)
+    (blocked / ".hydra").write_text("in the way\n")
+    process = cli(["-m", *TINY, "trainer.max_epochs=1", "seed=0,1", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    output = process.communicate(timeout=240)[0]
+    assert process.returncode != 0  # Hydra's own error
+    assert "sweep report" in output and (sweep_dir / "report.md").exists(), output[-3000:]
+    assert "1 completed runs" in (sweep_dir / "report.md").read_text()
+
+
+# --- how a single run ends -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sig", "cause"), [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")])
+def test_a_signal_during_training_is_recorded_as_interrupted(tmp_path, monkeypatch, sig, cause):
+    from xentlab.module import ClassifierModule
+
+    original = ClassifierModule.on_train_epoch_end
+
+    def signal_in_second_epoch(self):
+        original(self)
+        if self.current_epoch == 1:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(ClassifierModule, "on_train_epoch_end", signal_in_second_epoch)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(RunInterrupted, match=f"interrupted by {cause}.*in epoch 2; recorded in") as raised:
+        train(composed("trainer.max_epochs=5"), tmp_path)
+    assert raised.value.exit_code == 128 + sig
+    assert signal.getsignal(signal.SIGINT) == handler  # Lightning leaves Ctrl-C ignored; train restores it
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "interrupted" and cause in record["error"] and record["epochs"] == 1
+    assert record["metrics"]["train/loss"] > 0  # what the run had measured when it stopped
+
+
+def test_sigterm_to_the_console_script_records_the_run_and_exits_with_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    process = cli([*TINY, "trainer.max_epochs=500", f"hydra.run.dir={run_dir}"], tmp_path)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "last.ckpt").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=60)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Traceback" not in output
+    (line,) = [line for line in output.splitlines() if "interrupted" in line]
+    assert line.startswith("[xentlab] interrupted by SIGTERM in epoch") and str(run_dir) in line
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
+
+
+def test_a_failed_single_run_is_recorded_with_its_error(tmp_path):
+    with pytest.raises(FloatingPointError, match="train/loss is nan"):
+        train(composed("optimizer.lr=1e30", "trainer.max_epochs=3"), tmp_path)
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["status"] == "failed"
+    assert record["error"].startswith("FloatingPointError: train/loss is nan")
+    assert "Traceback" in record["traceback"] and record["config"]["optimizer"]["lr"] == 1e30
+
+
+def test_a_diverged_run_is_flagged(tmp_path):
+    # Adam at lr=1e6 stays finite but ends at a training loss ~1e5 times its starting one, at chance.
+    record = train(composed("optimizer.lr=1e6", "trainer.max_epochs=2"), tmp_path)
+    assert record["status"] == "completed"
+    assert any(w.startswith("diverged: the last epoch's training loss") for w in record["warnings"]), record
+    healthy = train(composed("trainer.max_epochs=2"), tmp_path / "healthy")
+    assert healthy["warnings"] == []
+
+
+@pytest.mark.parametrize(("initial", "losses", "flagged"), [
+    (2.8, [2.9, 5.5, 8.0, 5.2], ["its first epoch's 2.9 (lowest of the 3 later epochs: 5.2)"]),
+    (1.6, [1.42, 1.20, 0.97], []),
+    (1.6, [1.637, 1.636], []),                       # slow, not diverged
+    (1.6, [1.5e20, 2.0e5, 3.6e5], ["the last epoch's training loss 3.6e+05 is 2.25e+05x the loss before"]),
+    (1.6, [1.4], []),                                # one epoch: rule (1) needs two
+    (None, [3.0, 3.0], ["never fell below"]),
+])
+def test_divergence_rules(initial, losses, flagged):
+    warnings = divergence_warnings(initial, losses)
+    assert len(warnings) == len(flagged)
+    for warning, fragment in zip(warnings, flagged, strict=True):
+        assert warning.startswith("diverged: ") and fragment in warning
+
+
+# --- SIGKILL in the middle of a parallel sweep, then resume ---------------------------------------------
+
+
+def test_a_sweep_killed_with_sigkill_resumes_to_completion_with_every_record_intact(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", *TINY, "trainer.max_epochs=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+            "seed=0", "threads=1,2,3", f"hydra.sweep.dir={sweep_dir}"]
+    process = cli(args, tmp_path, start_new_session=True)  # its own process group: the joblib workers too
+    try:
+        deadline = time.monotonic() + 180
+        while not list(sweep_dir.glob("*/metrics.json")) and process.poll() is None:
+            assert time.monotonic() < deadline, "no job finished within 180 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers, wherever they are
+        process.communicate(timeout=30)
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in sweep_dir.glob("*/metrics.json")}
+    assert 1 <= len(finished) < 3, "the kill did not land mid-sweep"
+
+    resumed = cli([*args, "ckpt_path=last"], tmp_path)
+    output = resumed.communicate(timeout=240)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert "sweep report" in output
+    folders = sorted(p.parent for p in sweep_dir.glob("*/.hydra"))
+    name = "data.n_samples=400,model.hidden_sizes=[16],seed=0,threads={},trainer.max_epochs=2"
+    assert [f.name for f in folders] == [name.format(t) for t in (1, 2, 3)]
+    for folder in folders:
+        record = json.loads((folder / "metrics.json").read_text())
+        assert record["status"] == "completed" and record["epochs"] == 2, folder.name
+        # One job per folder: the record, its overrides and the checkpoint all describe the folder's job.
+        settings = dict(o.split("=", 1) for o in folder.name.split(",") if not o.startswith("model."))
+        assert (str(record["config"]["seed"]), str(record["config"]["threads"])) \
+            == (settings["seed"], settings["threads"])
+        overrides = sorted(o for o in record["overrides"] if not o.startswith("ckpt_path="))
+        assert ",".join(overrides) == folder.name
+        checkpoint = load_checkpoint(folder / "checkpoints" / "last.ckpt")
+        assert checkpoint["epoch"] == 1  # the second epoch, counted from 0
+        assert config_differences(RunRecorder.config_in(checkpoint), record["config"]) == []
+        if folder.name in finished:  # completed before the kill: not trained again
+            assert (folder / "metrics.json").stat().st_mtime_ns == finished[folder.name]
+    assert staging_files(sweep_dir) == []
