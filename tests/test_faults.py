@@ -100,6 +100,14 @@ def test_resume_with_nothing_to_resume_says_how_to_point_at_a_run(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
 
 
+def test_resuming_a_sweep_without_its_folder_is_refused_before_any_job(tmp_path):
+    process = cli(["-m", *TINY, "seed=0,1", "ckpt_path=last"], tmp_path)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 2, output[-3000:]
+    assert "hydra.sweep.dir=<its folder> ckpt_path=last" in output
+    assert not list(tmp_path.rglob("metrics.json")) and "Traceback" not in output
+
+
 # --- atomic files and corrupt checkpoints ---------------------------------------------------------------
 
 

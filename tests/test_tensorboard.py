@@ -24,6 +24,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from xentlab.board import HPARAMS_RUN, board_tag
 from xentlab.data import build_datamodule
+from xentlab.module import session_hparams
 from xentlab.report.sweep import read_curve
 from xentlab.train import CONFIG_DIR, train
 
@@ -264,3 +265,18 @@ def test_tensorboard_server_answers_with_the_runs(logs):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_session_hparams_keep_the_loss_the_seed_and_what_the_sweep_varies():
+    params = {"loss.name": "focal", "loss.gamma": 2.0, "loss.alpha": None, "seed": 3, "data.name": "digits",
+              "data.n_samples": 3000, "data.batch_size": 128, "optimizer._target_": "torch.optim.SGD",
+              "optimizer.lr": 0.1, "ckpt_path": None}
+    overrides = ["loss=focal", "seed=3", "data=digits", "data.n_samples=3000", "optimizer=sgd",
+                 "experiment=calibration", "ckpt_path=last", "hydra/launcher=joblib"]
+    every_override = session_hparams(params, overrides)
+    assert every_override == {"loss.name": "focal", "loss.gamma": 2.0, "loss.alpha": "None", "seed": "3",
+                              "data.name": "digits", "data.n_samples": 3000,
+                              "optimizer._target_": "torch.optim.SGD"}
+    swept = session_hparams(params, overrides, varied=["loss", "seed", "optimizer"])
+    assert swept == {"loss.name": "focal", "loss.gamma": 2.0, "loss.alpha": "None", "seed": "3",
+                     "optimizer._target_": "torch.optim.SGD"}

@@ -27,7 +27,8 @@ from xentlab.board import HPARAMS_RUN, board_tag
 from xentlab.metrics import StageMetrics, logit_adjusted, loss_curve, per_label, temperature_scaled
 
 CURVE_POINTS = 49
-# Overrides that do not change what a run computes (as hydra.job.config.override_dirname.exclude_keys).
+# Overrides that are no HParams column: threads and ckpt_path change nothing computed, and an experiment's
+# settings show as their own keys. (Job folder names do include experiment and threads: conf/hydra.)
 NOT_HPARAMS = ("experiment", "ckpt_path", "threads")
 
 
@@ -63,7 +64,8 @@ class ClassifierModule(LeanModule):
                  optimizer: Callable[..., torch.optim.Optimizer], run_params: dict | None = None,
                  figure_every_n_epochs: int = 0,
                  scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
-                 | None = None, overrides: Sequence[str] = (), shared_dir: str | Path | None = None):
+                 | None = None, overrides: Sequence[str] = (), shared_dir: str | Path | None = None,
+                 varied: Sequence[str] | None = None):
         super().__init__()
         if isinstance(figure_every_n_epochs, bool) or not isinstance(figure_every_n_epochs, int) \
                 or figure_every_n_epochs < 0:
@@ -71,6 +73,7 @@ class ClassifierModule(LeanModule):
         # The run's flattened config (loss and its parameters, dataset, imbalance ratio, seed, ...) and
         # its command-line overrides, for the TensorBoard HParams view (`session_hparams`).
         self.run_params, self.overrides = dict(run_params or {}), list(overrides)
+        self.varied = None if varied is None else list(varied)
         # A sweep's folder: the loss-curve figure, the same for every seed, is drawn once per setting.
         self.shared_dir = None if shared_dir is None else Path(shared_dir)
         self.model, self.loss, self.task, self.num_classes = model, loss, task, num_classes
@@ -191,7 +194,7 @@ class ClassifierModule(LeanModule):
                  if name.startswith("test/") and name != "test/loss"}
         writer = self._writer()
         if writer is not None:
-            write_hparams(writer, self.run_params, final, self.global_step, self.overrides)
+            write_hparams(writer, self.run_params, final, self.global_step, self.overrides, self.varied)
 
     def _log_stage(self, stage: str, figures: bool = False) -> dict[str, float]:
         """Logs the stage's epoch metrics (and figures), resets them and returns the logged values."""
@@ -299,7 +302,7 @@ def loss_curves_figure(loss: Callable, loss_name: str, *, task: str, num_classes
 
 
 def write_hparams(writer, run_params: dict, final: dict[str, float], step: int,
-                  overrides: Sequence[str] = ()) -> None:
+                  overrides: Sequence[str] = (), varied: Sequence[str] | None = None) -> None:
     """The run's HParams session (`session_hparams` of its config and overrides) and its final `hp/`
     metrics, in the sub-run `<run>/hparams`."""
     # A sub-run of its own: TensorBoard's HParams view takes its metric columns from the scalars of a
@@ -307,7 +310,7 @@ def write_hparams(writer, run_params: dict, final: dict[str, float], step: int,
     # experiment summary (Lightning's log_hyperparams writes one): TensorBoard shows the first it finds,
     # so in a sweep mixing losses the other losses' parameters would vanish; without one it unites the
     # hyperparameters of all runs.
-    _, start, end = hparams(session_hparams(run_params, overrides), final)
+    _, start, end = hparams(session_hparams(run_params, overrides, varied), final)
     with SummaryWriter(str(Path(writer.log_dir) / HPARAMS_RUN)) as session:
         session.file_writer.add_summary(start, step)
         for name, value in final.items():
@@ -326,17 +329,17 @@ def hparam_values(params: dict) -> dict:
     return {key: plain(value) for key, value in params.items()}
 
 
-def session_hparams(params: dict, overrides: Sequence[str] = ()) -> dict:
+def session_hparams(params: dict, overrides: Sequence[str] = (), varied: Sequence[str] | None = None) -> dict:
     """A run's HParams columns: the loss's name and parameters (`loss.*`), the seed, and each key its
-    overrides set (the command line's and a sweeper's: what can vary across runs); the config's
-    constants stay out. A group choice (`data=digits`, `optimizer=sgd`) shows as the group's `name`
-    (else its `_target_`). The seed is a string so TensorBoard shows `3`, not `3.0000`.
-
-    One run cannot know which keys its sweep varies; overrides are the best evidence it has."""
+    overrides set that its sweep varies (`varied`, the sweep's varying keys or parameters; None: every
+    override, all a single run has to go by); the config's constants stay out. A group choice
+    (`data=digits`, `optimizer=sgd`) shows as the group's `name` (else its `_target_`). The seed is a
+    string so TensorBoard shows `3`, not `3.0000`."""
     keys = [key for key in params if key.startswith("loss.")]
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key.startswith("hydra") or key in (*NOT_HPARAMS, "seed"):
+        constant = varied is not None and key not in varied
+        if key.startswith("hydra") or key in (*NOT_HPARAMS, "seed") or constant:
             continue
         group = key.replace("/", ".")
         keys += [k for k in (key, f"{group}.name", f"{group}._target_") if k in params][:1]

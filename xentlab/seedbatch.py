@@ -31,6 +31,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from xentlab import plots
+from xentlab.checkpoint import SafeCheckpointIO, load_checkpoint
 from xentlab.metrics import StageMetrics
 from xentlab.module import (
     BoardLogger,
@@ -435,7 +436,7 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
     if cfg.trainer.get("enable_checkpointing", True):
         callbacks.append(ModelCheckpoint(dirpath=Path(output_dir) / CHECKPOINT_DIR, save_last=True))
     trainer = pl.Trainer(**trainer_arguments(cfg), logger=False, callbacks=callbacks,
-                         default_root_dir=str(output_dir))
+                         default_root_dir=str(output_dir), plugins=[SafeCheckpointIO()])
     return trainer, module, data
 
 
@@ -485,7 +486,7 @@ def split_checkpoint(path: Path, module: SeedBatchModule, out_dirs: list[Path]) 
     single run of that seed writes (model, loss and optimizer state under the single run's names and
     parameter order; epoch, step, loop and schedule state as they are), so one seed can be loaded or
     continued alone (`seeds=1 seed=<s> ckpt_path=<that file>`)."""
-    batch = torch.load(path, map_location="cpu", weights_only=False)
+    batch = load_checkpoint(path)
     stacked = [name for name, _ in module.model.model.named_parameters()]
     own = [len(list(loss.parameters())) for loss in module.losses]
     for k, out_dir in enumerate(out_dirs):
@@ -511,5 +512,4 @@ def split_checkpoint(path: Path, module: SeedBatchModule, out_dirs: list[Path]) 
                                    for name, value in optimizer["state"][old].items()}
             groups = [{**group, "params": list(range(len(indices)))} for group in optimizer["param_groups"]]
             one["optimizer_states"].append({"state": sliced, "param_groups": groups})
-        out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(one, out_dir / "last.ckpt")
+        SafeCheckpointIO().save_checkpoint(one, out_dir / "last.ckpt")

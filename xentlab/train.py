@@ -64,10 +64,12 @@ def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module
     return datamodule, loss, model
 
 
-def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path | None = None) \
+def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path | None = None,
+              varied: list[str] | None = None) \
         -> tuple[pl.Trainer, ClassifierModule, pl.LightningDataModule]:
-    """Everything a run needs, built (and so validated) before the first training step. `overrides` pick
-    the TensorBoard HParams columns; `shared_dir` is the sweep folder of a multirun job."""
+    """Everything a run needs, built (and so validated) before the first training step. `overrides` (those
+    of the keys in `varied`, the keys its sweep varies, when known) pick the TensorBoard HParams columns;
+    `shared_dir` is the sweep folder of a multirun job."""
     # Imported here, not at the top: the process that launches a parallel sweep never trains, and
     # importing Lightning there would cost ~5 s of every joblib sweep (docs/benchmarks.md).
     import pytorch_lightning as pl
@@ -85,7 +87,7 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
     module = ClassifierModule(model, loss, task=datamodule.task, num_classes=datamodule.num_classes,
                               optimizer=instantiate(cfg.optimizer), run_params=flat_params(cfg),
                               figure_every_n_epochs=cfg.figure_every_n_epochs, scheduler=scheduler,
-                              overrides=overrides, shared_dir=shared_dir)
+                              overrides=overrides, shared_dir=shared_dir, varied=varied)
     logger = BoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
     callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True))]
     if cfg.trainer.get("enable_checkpointing", True):
@@ -146,7 +148,7 @@ class RunNotRecorded(RuntimeError):
 
 def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
           threads: int | None = None, shared_dir: str | Path | None = None,
-          fresh_if_nothing_to_resume: bool = False) -> dict:
+          varied: list[str] | None = None, fresh_if_nothing_to_resume: bool = False) -> dict:
     """Fit on the training split, test on the held-out split, write `metrics.json`; return its content.
 
     Every run that starts ends with a `metrics.json` whose `status` is `completed` (with `warnings`, e.g.
@@ -160,7 +162,8 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     resumed sweep redoes only its unfinished jobs. Without a checkpoint this is an error, or a fresh start
     if `fresh_if_nothing_to_resume` (a resumed sweep's jobs that never reached one). `overrides` (the
     job's command-line overrides) are stored for the report; `threads`, if given, sets torch's intra-op
-    threads first; `shared_dir` is a multirun's sweep folder.
+    threads first; `shared_dir` and `varied` are a multirun's sweep folder and the keys it varies (for
+    TensorBoard's HParams columns).
     """
     import torch
 
@@ -188,7 +191,7 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
                 return done
         with interruption.watching():
             try:
-                trainer, module, datamodule = build_run(cfg, output_dir, overrides, shared_dir)
+                trainer, module, datamodule = build_run(cfg, output_dir, overrides, shared_dir, varied)
             except (ValueError, TypeError) as error:
                 # Building validates what the config checks could not (the data's settings, the loss for
                 # this data, Lightning's view of the Trainer arguments): a refusal is a setting to change.
@@ -222,14 +225,14 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
 
 def train_seeds(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
                 threads: int | None = None, shared_dir: str | Path | None = None,
-                fresh_if_nothing_to_resume: bool = False) -> list[dict]:
+                varied: list[str] | None = None, fresh_if_nothing_to_resume: bool = False) -> list[dict]:
     """The run's records: `[train(...)]` for `seeds: 1`; for `seeds: K > 1` the K runs of seeds
     seed ... seed+K-1, trained as one batch (`xentlab.seedbatch`), each in `<output_dir>/seed=<s>/`."""
     from xentlab.seedbatch import check_seeds, train_batch
 
     if check_seeds(cfg.get("seeds", 1)) == 1:
         return [train(cfg, output_dir, overrides=overrides, threads=threads, shared_dir=shared_dir,
-                      fresh_if_nothing_to_resume=fresh_if_nothing_to_resume)]
+                      varied=varied, fresh_if_nothing_to_resume=fresh_if_nothing_to_resume)]
     return train_batch(cfg, output_dir, overrides=overrides, threads=threads)
 
 
@@ -491,9 +494,10 @@ def run_job(cfg: DictConfig) -> float:
             where = shown(output_dir)
             print(f"[xentlab] logs: {where}\n[xentlab] view: tensorboard --logdir {where}")
         threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
+        varied = json.loads(os.environ.get(SWEEP_ENV, "{}")).get("keys") if multirun else None
         records = train_seeds(cfg, output_dir, overrides=overrides, threads=threads,
                               shared_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
-                              fresh_if_nothing_to_resume=multirun)
+                              varied=varied, fresh_if_nothing_to_resume=multirun)
     except RunInterrupted as stop:
         print(f"[xentlab] {stop}", flush=True)
         if multirun:
