@@ -50,3 +50,18 @@ def test_noisy_labels_sweeps_robust_losses_over_noise_levels():
     assert swept["loss"].split(",") == ["ce", "gce", "poly1", "label_smoothing"]
     assert [float(v) for v in swept["data.label_noise"].split(",")] == [0.0, 0.2, 0.4]
     assert cfg.data.imbalance_ratio == 1 and cfg.report.baseline == "loss=ce"
+
+
+def test_the_evaluation_experiments_have_the_power_their_questions_need():
+    imbalance = composed(["experiment=imbalance_sweep"])
+    swept = imbalance.hydra.sweeper.params
+    assert {"ce", "weighted_ce", "logit_adjusted"} <= set(swept["loss"].split(","))
+    assert swept["data.imbalance_ratio"].split(",") == ["1", "10", "100"] and swept["seed"] == "range(0,10)"
+    assert imbalance.data.eval_split == "balanced"  # hundreds of test samples in the rarest class
+    calibration = composed(["experiment=calibration"])
+    assert calibration.hydra.sweeper.params["seed"] == "range(0,10)"
+    ce_vs_mse = composed(["experiment=ce_vs_mse"])
+    assert ce_vs_mse.optimizer._target_ == "torch.optim.SGD"  # Adam would hide MSE's small gradients
+    assert ce_vs_mse.hydra.sweeper.params["loss"] == "ce,mse"
+    for cfg in (imbalance, calibration, ce_vs_mse, composed(["experiment=tune_focal"]), composed([])):
+        assert cfg.objective.startswith("val/")  # tuned on validation, never on test
