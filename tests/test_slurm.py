@@ -4,6 +4,7 @@ without accounting, and a preempted job that is requeued and resumes from its ch
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 import slurm_cluster
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_readme import code_blocks
 
 from xentlab.board import board_tag
 
@@ -110,3 +112,20 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, tmp_
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == "last.ckpt"
     assert not list(run_dir.rglob("hpc_ckpt_*")), list(run_dir.rglob("*"))
     assert "[1/1] " in output and "sacct" not in output
+
+
+def test_readme_cluster_example_runs_as_printed(cluster, tmp_path):
+    """README's SLURM sweep, plus one epoch on a small dataset: 2 jobs of 5 seeds each, threads from
+    cpus_per_task."""
+    (block,) = [text for _, text in code_blocks("On a SLURM cluster")]
+    args = shlex.split(block.replace("\\\n", " "), comments=True)
+    assert args[:2] == ["xentlab-train", "-m"]
+    output = finish(xentlab_train(cluster, [*args[2:], *TINY], tmp_path), cluster)
+    (sweep_dir,) = (tmp_path / "outputs" / "multirun").glob("*/*")
+    assert len(list(sweep_dir.glob(".submitit/*/*_log.out"))) == 2  # one SLURM job per loss
+    runs = [json.loads(p.read_text()) for p in sweep_dir.glob("*/seed=*/metrics.json")]
+    assert sorted((r["config"]["loss"]["name"], r["config"]["seed"]) for r in runs) == [
+        (loss, seed) for loss in ("ce", "focal") for seed in range(5)]
+    assert all(r["status"] == "completed" and r["torch_threads"] == 2 for r in runs)  # cpus_per_task=2
+    assert "sweep report" in output and "sacct" not in output
+    assert "10 completed runs in 2 groups" in (sweep_dir / "report.md").read_text()
