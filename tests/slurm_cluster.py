@@ -179,7 +179,10 @@ if __name__ == "__main__":  # a cluster by hand: python tests/slurm_cluster.py /
     if reason:
         sys.exit(reason)
     running = start(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/xentlab-slurm"))
-    print(f"export SLURM_CONF={running.env['SLURM_CONF']}  # Ctrl-C stops the cluster", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill <pid>` stops it too (a background job
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))   # of a script ignores SIGINT)
+    print(f"export SLURM_CONF={running.env['SLURM_CONF']}  # Ctrl-C or kill {os.getpid()} stops the cluster",
+          flush=True)
     try:
         signal.pause()
     finally:

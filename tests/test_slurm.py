@@ -129,3 +129,33 @@ def test_readme_cluster_example_runs_as_printed(cluster, tmp_path):
     assert all(r["status"] == "completed" and r["torch_threads"] == 2 for r in runs)  # cpus_per_task=2
     assert "sweep report" in output and "sacct" not in output
     assert "10 completed runs in 2 groups" in (sweep_dir / "report.md").read_text()
+
+
+def test_ddp_over_two_slurm_tasks_shards_training_into_one_run(cluster, tmp_path):
+    """docs/cluster.md's multi-node recipe on one node: `srun` starts 2 tasks, Lightning's SLURM environment
+    makes them one DDP run (ranks from SLURM), each trains on its half of the data."""
+    from hydra import compose, initialize_config_dir
+
+    from xentlab.data import build_datamodule
+    from xentlab.train import CONFIG_DIR
+
+    run_dir = tmp_path / "run"
+    overrides = ["data.n_samples=400", "trainer.max_epochs=2", "model.hidden_sizes=[16]"]
+    command = ["srun", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem=2G",
+               str(Path(sys.executable).with_name("xentlab-train")), "trainer=ddp", "trainer.accelerator=cpu",
+               "trainer.devices=2", "trainer.num_nodes=1", *overrides, f"hydra.run.dir={run_dir}"]
+    env = {**cluster.env, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in output and "GLOBAL_RANK: 1, MEMBER: 2/2" in output
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "completed" and record["epochs"] == 2
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    data = build_datamodule(seed=cfg.seed, **cfg.data)
+    per_process = -(-len(data.splits["train"][1]) // 2)
+    steps_per_epoch = -(-per_process // cfg.data.batch_size)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 2 * steps_per_epoch  # each task ran its half of the training split
+    assert not list(tmp_path.glob("*_1"))  # both tasks wrote into the one run folder
