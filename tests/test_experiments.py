@@ -56,12 +56,14 @@ def test_the_evaluation_experiments_have_the_power_their_questions_need():
     imbalance = composed(["experiment=imbalance_sweep"])
     swept = imbalance.hydra.sweeper.params
     assert {"ce", "weighted_ce", "logit_adjusted"} <= set(swept["loss"].split(","))
-    assert swept["data.imbalance_ratio"].split(",") == ["1", "10", "100"] and swept["seed"] == "range(0,10)"
+    # Ten seeds per job, trained as one seed batch (seeds 0-9), rather than a swept seed.
+    assert swept["data.imbalance_ratio"].split(",") == ["1", "10", "100"] and imbalance.seeds == 10
+    assert "seed" not in swept and imbalance.seed == 0
     assert imbalance.data.eval_split == "balanced"  # hundreds of test samples in the rarest class
     calibration = composed(["experiment=calibration"])
-    assert calibration.hydra.sweeper.params["seed"] == "range(0,10)"
+    assert calibration.seeds == 10 and "seed" not in calibration.hydra.sweeper.params
     ce_vs_mse = composed(["experiment=ce_vs_mse"])
     assert ce_vs_mse.optimizer._target_ == "torch.optim.SGD"  # Adam would hide MSE's small gradients
-    assert ce_vs_mse.hydra.sweeper.params["loss"] == "ce,mse"
+    assert ce_vs_mse.hydra.sweeper.params["loss"] == "ce,mse" and ce_vs_mse.seeds == 10
     for cfg in (imbalance, calibration, ce_vs_mse, composed(["experiment=tune_focal"]), composed([])):
         assert cfg.objective.startswith("val/")  # tuned on validation, never on test

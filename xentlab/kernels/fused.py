@@ -309,9 +309,8 @@ class _SmallSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         (grad,) = ctx.saved_tensors
-        with torch.no_grad():  # scaled in the compute dtype, rounded once to the input's dtype
-            go = grad_output.to(grad.dtype)
-            grad = (grad * (go[:, None] if ctx.reduction == "none" else go)).to(ctx.dtype)
+        go = grad_output.to(grad.dtype)  # scaled in the compute dtype, rounded once to the input's dtype
+        grad = (grad * (go[:, None] if ctx.reduction == "none" else go)).to(ctx.dtype)
         if torch.is_grad_enabled():
             grad = _NoDoubleBackward.apply(grad.detach().requires_grad_())
         return grad, None, None
@@ -455,12 +454,60 @@ class _Mse:
 def mse_loss(input, target, ignore_index, reduction, on):
     """Elementwise (pred - onehot(y))^2 with pred = softmax(x) (on="probs") or x (on="logits"), or against a
     probability target; `mean` divides by (non-ignored rows) * C."""
+    if input.numel() <= _SMALL_ELEMS:
+        return _SmallMse.apply(input, (target, ignore_index, on), reduction)
     if target.dtype.is_floating_point:
         kernel = _Mse(target, None, True, on, input.shape[1])
     else:
         valid = target != ignore_index
         kernel = _Mse(torch.where(valid, target, 0), valid, bool(valid.all()), on, input.shape[1])
     return _FusedLoss.apply(input, kernel, reduction)
+
+
+class _SmallMse(torch.autograd.Function):
+    """Small inputs: err = pred - goal in a few whole-batch ops (the one-hot goal from nll_loss_backward,
+    which also zeroes ignored rows), and the gradient 2 err through the softmax with PyTorch's own
+    _softmax_backward_data, p (g - sum_k g_k p_k). No host sync."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, problem, reduction: str) -> Tensor:
+        target, ignore_index, on = problem
+        cdt = compute_dtype(input.dtype)
+        z = input if input.dtype == cdt else input.to(cdt)
+        pred = torch.softmax(z, 1) if on == "probs" else z
+        if target.dtype.is_floating_point:
+            err = pred - target.to(cdt)
+            count = err.new_tensor(float(err.numel()))
+        else:  # nll_loss_backward with grad_output -1 writes 1 at (i, y_i) for every kept row
+            minus_one = pred.new_full(target.shape, -1.0)
+            onehot = torch.ops.aten.nll_loss_backward(minus_one, pred, target, None, 0, ignore_index,
+                                                      pred.new_ones(()))
+            valid = (target != ignore_index)[:, None]
+            err = torch.where(valid, pred - onehot, 0.0)
+            count = valid.sum() * pred.shape[1]
+        flat = err.view(-1)
+        if reduction == "none":
+            loss = err.square()
+        else:
+            loss = torch.dot(flat, flat)
+            loss = loss / count if reduction == "mean" else loss
+        ctx.save_for_backward(err, pred if on == "probs" else None, count)
+        ctx.reduction, ctx.dtype = reduction, input.dtype
+        return loss.to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        err, pred, count = ctx.saved_tensors
+        go = grad_output.to(err.dtype)
+        if ctx.reduction == "mean":  # an empty or all-ignored batch: zero gradient, as PyTorch's
+            go = go / count.clamp(min=1)
+        g = err * (2 * go)
+        if pred is not None:
+            g = torch._softmax_backward_data(g, pred, 1, pred.dtype)
+        g = g.to(ctx.dtype)
+        if torch.is_grad_enabled():
+            g = _NoDoubleBackward.apply(g.detach().requires_grad_())
+        return g, None, None
 
 
 def _softplus(x: Tensor, out: Tensor) -> Tensor:
@@ -510,7 +557,45 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
     cdt = compute_dtype(input.dtype)
     weight = None if weight is None else weight.to(cdt)
     pos_weight = None if pos_weight is None else pos_weight.to(cdt)
+    if input.numel() <= _SMALL_ELEMS:
+        return _SmallBce.apply(input, (target, weight, pos_weight), reduction)
     return _FusedLoss.apply(input, _Bce(target, weight, pos_weight), reduction)
+
+
+class _SmallBce(torch.autograd.Function):
+    """Small inputs: _Bce's formulas over the whole batch in a few ops, loss and gradient in the forward."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, problem, reduction: str) -> Tensor:
+        target, weight, pos_weight = problem
+        cdt = compute_dtype(input.dtype)
+        x = input if input.dtype == cdt else input.to(cdt)
+        t = target.to(cdt)
+        k = None if pos_weight is None else t * (pos_weight - 1) + 1  # pw t + 1 - t
+        soft = torch.nn.functional.softplus(-x)
+        loss = (1 - t) * x + (soft if k is None else k * soft)
+        if weight is not None:
+            loss = loss * weight
+        if ctx.needs_input_grad[0]:
+            sig = torch.sigmoid(x)
+            grad = sig - t if k is None else sig * k - t * pos_weight
+            if weight is not None:
+                grad = grad * weight
+            if reduction == "mean":
+                grad = grad / max(grad.numel(), 1)
+            ctx.save_for_backward(grad)
+        ctx.reduction, ctx.dtype = reduction, input.dtype
+        if reduction != "none":
+            loss = loss.sum() if reduction == "sum" else loss.mean()
+        return loss.to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors
+        grad = (grad * grad_output.to(grad.dtype)).to(ctx.dtype)
+        if torch.is_grad_enabled():
+            grad = _NoDoubleBackward.apply(grad.detach().requires_grad_())
+        return grad, None, None
 
 
 @dataclass(eq=False)
