@@ -43,6 +43,7 @@ from xentlab.module import (
     write_hparams,
 )
 from xentlab.schedules import build_scheduler
+from xentlab.slurm import lightning_plugins
 from xentlab.train import (
     CHECKPOINT_DIR,
     build_parts,
@@ -436,7 +437,8 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
     if cfg.trainer.get("enable_checkpointing", True):
         callbacks.append(ModelCheckpoint(dirpath=Path(output_dir) / CHECKPOINT_DIR, save_last=True))
     trainer = pl.Trainer(**trainer_arguments(cfg), logger=False, callbacks=callbacks,
-                         default_root_dir=str(output_dir), plugins=[SafeCheckpointIO()])
+                         default_root_dir=str(output_dir),
+                         plugins=[SafeCheckpointIO(), *lightning_plugins()])
     return trainer, module, data
 
 
