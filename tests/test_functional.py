@@ -698,3 +698,79 @@ def test_row_loss_parameters_are_checked():
     with pytest.raises(ValueError, match=r"transform.bias must have shape \(C,\)"):
         XF.softmax_loss(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), spec.NLL(),
                         transform=spec.LogitTransform(bias=torch.zeros(4)))
+
+
+# ---------------------------------------------------------------- arguments that require grad, odd layouts
+
+
+def _target_grads(ours, truth, x, t):
+    """Gradients of the target from ours and from PyTorch's composition, for the same inputs."""
+    ta, tb = t.detach().clone().requires_grad_(), t.detach().clone().requires_grad_()
+    xa, xb = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    ga = torch.autograd.grad(ours(xa, ta), (xa, ta))
+    gb = torch.autograd.grad(truth(xb, tb), (xb, tb))
+    return ga, gb
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", ["ce-probs", "mse-probs", "bce", "sigmoid-focal", "asl"])
+def test_a_target_that_requires_grad_gets_its_gradient_as_in_pytorch(loss, backend):
+    x = make_logits(N, C)
+    w, soft = make_weight(C), partial(make_binary_target, soft=True)
+    cases = {
+        "ce-probs": (lambda x, t: XF.cross_entropy(x, t, w, label_smoothing=0.1, backend=backend),
+                     lambda x, t: F.cross_entropy(x, t, w, label_smoothing=0.1), make_prob_target),
+        "mse-probs": (lambda x, t: XF.mse_loss(x, t, backend=backend),
+                      lambda x, t: F.mse_loss(torch.softmax(x, 1), t), make_prob_target),
+        "bce": (lambda x, t: XF.binary_cross_entropy_with_logits(x, t, pos_weight=w, backend=backend),
+                lambda x, t: F.binary_cross_entropy_with_logits(x, t, pos_weight=w), soft),
+        "sigmoid-focal": (lambda x, t: XF.sigmoid_focal_loss(x, t, backend=backend),
+                          lambda x, t: torchvision_sigmoid_focal_loss(x, t, reduction="mean"), soft),
+        "asl": (lambda x, t: XF.asymmetric_loss(x, t, 0.0, 0.0, 0.0, backend=backend),
+                lambda x, t: F.binary_cross_entropy_with_logits(x, t), soft),
+    }
+    ours, truth, make = cases[loss]
+    (gx_a, gt_a), (gx_b, gt_b) = _target_grads(ours, truth, x, make(N, C))
+    assert_close(gx_a, gx_b)
+    assert_close(gt_a, gt_b)
+
+
+@pytest.mark.parametrize("call", [
+    lambda w: XF.cross_entropy(make_logits(4, 3), torch.tensor([0, 1, 2, 0]), weight=w),
+    lambda w: XF.focal_loss(make_logits(4, 3), torch.tensor([0, 1, 2, 0]), alpha=w),
+    lambda w: XF.binary_cross_entropy_with_logits(make_logits(4, 3), make_binary_target(4, 3), weight=w),
+    lambda w: XF.binary_cross_entropy_with_logits(make_logits(4, 3), make_binary_target(4, 3), pos_weight=w),
+    lambda w: XF.softmax_loss(make_logits(4, 3), torch.tensor([0, 1, 2, 0]), spec.NLL(),
+                              transform=spec.LogitTransform(bias=w)),
+], ids=["weight", "alpha", "bce-weight", "pos_weight", "transform-bias"])
+def test_a_constant_that_requires_grad_is_refused_by_name_not_silently_dropped(call):
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"requires grad.*constant.*detach\(\)"):
+        call(w)
+    with torch.no_grad():  # no graph, nothing to drop: fine, as in PyTorch
+        call(w)
+
+
+def test_sparse_and_meta_tensors_are_a_clear_type_error_up_front():
+    x, y = make_logits(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(TypeError, match=r"input must be a dense \(strided\) tensor.*to_dense"):
+        XF.cross_entropy(x.to_sparse(), y)
+    with pytest.raises(TypeError, match=r"target must be a dense"):
+        XF.binary_cross_entropy_with_logits(x, make_binary_target(4, 3).to_sparse())
+    with pytest.raises(TypeError, match=r"input is a meta tensor"):
+        XF.focal_loss(torch.empty(4, 3, device="meta"), y.to("meta"))
+    with pytest.raises(TypeError, match=r"weight must be a dense"):
+        XF.cross_entropy(x, y, weight=torch.ones(3, dtype=torch.float64).to_sparse())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bce_at_infinite_logits_is_pytorchs_value(backend):
+    inf = math.inf
+    x = torch.tensor([[inf, -inf, inf, -inf, 0.0, 40.0, -40.0]], dtype=torch.float64)
+    t = torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.5, 0.0, 1.0]], dtype=torch.float64)
+    for pos_weight in (None, torch.tensor([2.0], dtype=torch.float64)):
+        ours = XF.binary_cross_entropy_with_logits(x, t, pos_weight=pos_weight, reduction="none",
+                                                   backend=backend)
+        theirs = F.binary_cross_entropy_with_logits(x, t, pos_weight=pos_weight, reduction="none")
+        assert_close(ours, theirs, equal_nan=True)
+    assert XF.binary_cross_entropy_with_logits(x[:, :1], t[:, :1], backend=backend).item() == inf

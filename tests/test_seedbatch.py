@@ -179,14 +179,23 @@ def test_gradient_norm_clipping_is_per_seed(tmp_path):
     assert_metrics_close(batch[1]["metrics"], alone["metrics"])
 
 
-def test_stacked_model_applies_model_k_to_slice_k():
+@pytest.mark.parametrize("layers", [
+    lambda: nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)),  # batched matmuls
+    lambda: nn.Linear(3, 2, bias=False),
+    lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.LayerNorm(4), nn.Linear(4, 2)),  # vmap
+], ids=["mlp", "linear", "other"])
+def test_stacked_model_applies_model_k_to_slice_k(layers):
     torch.manual_seed(0)
-    models = [nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)) for _ in range(3)]
+    models = [layers() for _ in range(3)]
     stacked = StackedModel(models)
     x = torch.randn(3, 5, 3)
     out = stacked(x)
+    out.sum().backward()
     for k, model in enumerate(models):
         torch.testing.assert_close(out[k], model(x[k]))
+        model(x[k]).sum().backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(dict(stacked.model.named_parameters())[name].grad[k], param.grad)
         assert stacked.unstacked(k).keys() == model.state_dict().keys()
 
 

@@ -280,3 +280,5 @@ def test_session_hparams_keep_the_loss_the_seed_and_what_the_sweep_varies():
     swept = session_hparams(params, overrides, varied=["loss", "seed", "optimizer"])
     assert swept == {"loss.name": "focal", "loss.gamma": 2.0, "loss.alpha": "None", "seed": "3",
                      "optimizer._target_": "torch.optim.SGD"}
+    # A choice of a group that only sets other keys shows as itself.
+    assert session_hparams(params, ["+method=ldam_drw"], varied=["method"])["method"] == "ldam_drw"

@@ -36,8 +36,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     weight = _class_vector("weight", weight, n_classes, input)
     target = _softmax_target(target, input, n_classes, ignore_index, allow_probs=True)
     if target.dtype.is_floating_point:
-        out = get_backend(backend, input).cross_entropy(_rows(input), target, weight, ignore_index, reduction,
-                                                        eps)
+        out = _backend_for(backend, input, target).cross_entropy(_rows(input), target, weight, ignore_index,
+                                                                 reduction, eps)
         return _unflatten_rows(out, input, reduction)
     return _softmax_loss(backend, input, target, _NLL, weight, None, ignore_index, reduction, eps)
 
@@ -67,7 +67,7 @@ def mse_loss(input: Tensor, target: Tensor, ignore_index: int = -100, reduction:
     if on not in MSE_TARGETS:
         raise ValueError(f"on must be one of {MSE_TARGETS}, got {on!r}")
     target = _softmax_target(target, input, n_classes, ignore_index, allow_probs=True)
-    out = get_backend(backend, input).mse_loss(_rows(input), target, ignore_index, reduction, on)
+    out = _backend_for(backend, input, target).mse_loss(_rows(input), target, ignore_index, reduction, on)
     if reduction != "none" or input.dim() == 2:
         return out
     if input.dim() == 1:
@@ -87,7 +87,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tens
     target = _binary_target(target, input)
     weight = _elementwise_weight(weight, input)
     pos_weight = _pos_weight(pos_weight, input)
-    out = get_backend(backend, input).binary_cross_entropy_with_logits(
+    out = _backend_for(backend, input, target).binary_cross_entropy_with_logits(
         _elements(input), target, weight, pos_weight, reduction)
     return out.reshape(input.shape) if reduction == "none" else out
 
@@ -101,7 +101,8 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: float = 0.25, gamma
     alpha = _check_real("alpha", alpha, -math.inf, 1.0)
     gamma = _check_real("gamma", gamma, 0.0, math.inf)
     target = _binary_target(target, input)
-    out = get_backend(backend, input).sigmoid_focal_loss(_elements(input), target, alpha, gamma, reduction)
+    out = _backend_for(backend, input, target).sigmoid_focal_loss(_elements(input), target, alpha, gamma,
+                                                                  reduction)
     return out.reshape(input.shape) if reduction == "none" else out
 
 
@@ -167,7 +168,7 @@ def asymmetric_loss(input: Tensor, target: Tensor, gamma_pos: float = 0.0, gamma
     gamma_neg = _check_real("gamma_neg", gamma_neg, 0.0, math.inf)
     clip = _check_real("clip", clip, 0.0, 1.0)
     target = _binary_target(target, input)
-    out = get_backend(backend, input).asl_loss(_elements(input), target, gamma_pos, gamma_neg, clip,
+    out = _backend_for(backend, input, target).asl_loss(_elements(input), target, gamma_pos, gamma_neg, clip,
                                                reduction)
     return out.reshape(input.shape) if reduction == "none" else out
 
@@ -210,9 +211,37 @@ def _softmax_loss(backend, input, target, row_loss, weight, transform, ignore_in
 # ---------------------------------------------------------------- argument checks
 
 
+def _backend_for(backend: str, input: Tensor, target: Tensor):
+    """The backend module, except that a floating-point target that requires grad (a soft label being learnt,
+    distillation) is differentiated by the reference backend's autograd, as PyTorch differentiates it: the
+    fused and Triton kernels return the gradient of the logits only."""
+    module = get_backend(backend, input)
+    if target.requires_grad and torch.is_grad_enabled():
+        return get_backend("reference", input)
+    return module
+
+
+def _check_dense(name: str, value: Tensor) -> None:
+    """Sparse and meta tensors are refused up front, not deep inside a kernel."""
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}; convert it "
+                        f"with .to_dense()")
+    if value.is_meta:
+        raise TypeError(f"{name} is a meta tensor (a shape and dtype without data); a loss needs real values")
+
+
+def _check_constant(name: str, value: Tensor) -> None:
+    """weight, alpha, pos_weight and the transform's tensors are constants of the loss, as PyTorch treats
+    weight and pos_weight: one that requires grad is refused rather than silently given no gradient."""
+    if value.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but xentlab's losses take it as a constant (PyTorch refuses "
+                         f"a weight or pos_weight that requires grad too); pass {name}.detach()")
+
+
 def _check_float_input(input) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    _check_dense("input", input)
     if input.dtype not in FLOAT_DTYPES:
         raise TypeError(f"input dtype must be one of float16, bfloat16, float32, float64, got {input.dtype}")
 
@@ -272,6 +301,8 @@ def _class_values(name: str, value, n_classes: int, input: Tensor, nonnegative: 
             value = torch.as_tensor(value)
         except (TypeError, ValueError, RuntimeError) as err:
             raise TypeError(f"{name} must be a tensor or a sequence of numbers, got {value!r}") from err
+    _check_dense(name, value)
+    _check_constant(name, value)
     if tuple(value.shape) != (n_classes,):
         raise ValueError(f"{name} must have shape (C,) = ({n_classes},), got {tuple(value.shape)}")
     _check_weights(name, value, nonnegative)
@@ -286,6 +317,8 @@ def _transform(transform, n_classes: int, input: Tensor):
     for name in ("scale", "bias", "margin"):
         value = getattr(transform, name)
         if isinstance(value, Tensor):
+            _check_dense(f"transform.{name}", value)
+            _check_constant(f"transform.{name}", value)
             if tuple(value.shape) not in ((n_classes,), ()):
                 raise ValueError(f"transform.{name} must have shape (C,) = ({n_classes},), got "
                                  f"{tuple(value.shape)}")
@@ -301,6 +334,7 @@ def _softmax_target(target, input: Tensor, n_classes: int, ignore_index: int, al
     and returns them flattened like the input rows."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    _check_dense("target", target)
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
     if target.dtype.is_floating_point and allow_probs:
@@ -337,6 +371,7 @@ def _binary_target(target, input: Tensor) -> Tensor:
     dtype."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    _check_dense("target", target)
     if target.shape != input.shape:
         raise ValueError(f"target shape {tuple(target.shape)} must equal input shape {tuple(input.shape)}")
     if target.device != input.device:
@@ -355,6 +390,8 @@ def _elementwise_weight(weight, input: Tensor) -> Tensor | None:
         return None
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    _check_dense("weight", weight)
+    _check_constant("weight", weight)
     try:
         shape = torch.broadcast_shapes(weight.shape, input.shape)
     except RuntimeError:
@@ -373,6 +410,8 @@ def _pos_weight(pos_weight, input: Tensor) -> Tensor | None:
         return None
     if not isinstance(pos_weight, Tensor):
         raise TypeError(f"pos_weight must be a torch.Tensor, got {type(pos_weight).__name__}")
+    _check_dense("pos_weight", pos_weight)
+    _check_constant("pos_weight", pos_weight)
     n_labels = input.shape[-1] if input.dim() > 0 else 1
     if pos_weight.dim() > 1 or pos_weight.numel() not in (1, n_labels):
         raise ValueError(f"pos_weight must be a scalar or have shape ({n_labels},) (the input's last "

@@ -335,15 +335,20 @@ def session_hparams(params: dict, overrides: Sequence[str] = (), varied: Sequenc
     override, all a single run has to go by); the config's constants stay out. A group choice
     (`data=digits`, `optimizer=sgd`) shows as the group's `name` (else its `_target_`). The seed is a
     string so TensorBoard shows `3`, not `3.0000`."""
-    keys = [key for key in params if key.startswith("loss.")]
+    keys, choices = [key for key in params if key.startswith("loss.")], {}
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         constant = varied is not None and key not in varied
         if key.startswith("hydra") or key in (*NOT_HPARAMS, "seed") or constant:
             continue
         group = key.replace("/", ".")
-        keys += [k for k in (key, f"{group}.name", f"{group}._target_") if k in params][:1]
+        found = [k for k in (key, f"{group}.name", f"{group}._target_") if k in params][:1]
+        # A group that only sets other keys (a `@package _global_` choice such as `+method=ldam_drw`)
+        # shows as the choice itself.
+        choices[key] = None if found else override.split("=", 1)[1]
+        keys += found
     shown = hparam_values({key: params[key] for key in dict.fromkeys(keys)})
+    shown.update({key: choice for key, choice in choices.items() if choice is not None})
     if "seed" in params:
         shown["seed"] = str(params["seed"])
     return shown

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from xentlab import config_dir
+from xentlab.slurm import requeued
 from xentlab.validation import ConfigError, check_config, describe_composition_error, install_open_groups
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
     from xentlab.module import BoardLogger, ClassifierModule
     from xentlab.runs import RunRecorder
     from xentlab.schedules import build_scheduler
+    from xentlab.slurm import lightning_plugins
 
     quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)
@@ -94,7 +96,7 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
         # last.ckpt, refreshed every epoch, is what `ckpt_path=last` resumes from.
         callbacks.append(ModelCheckpoint(dirpath=output_dir / CHECKPOINT_DIR, save_last=True))
     trainer = pl.Trainer(**trainer_arguments(cfg), logger=logger, callbacks=callbacks,
-                         default_root_dir=str(output_dir), plugins=[SafeCheckpointIO()])
+                         default_root_dir=str(output_dir), plugins=[SafeCheckpointIO(), *lightning_plugins()])
     return trainer, module, datamodule
 
 
@@ -412,10 +414,22 @@ class SweepProgress(Callback):
         # Hydra's launchers log one line per job at its start; the job's own line at its end says more.
         for name in ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        if "SlurmLauncher" in str(config.hydra.launcher.get("_target_", "")):
+            from xentlab.slurm import quiet_submitit_polling
+
+            quiet_submitit_polling()
         sweep_dir = shown(config.hydra.sweep.dir)
         announced = f"{size} jobs" if size is not None else "a sweep"
         print(f"[xentlab] {announced} -> {sweep_dir}\n[xentlab] view: tensorboard --logdir {sweep_dir}",
               flush=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        # submitit's jobs print their line into their own log, not this console: shown here, in job order.
+        if "submitit" in str(config.hydra.launcher.get("_target_", "")):
+            from xentlab.slurm import job_lines
+
+            for line in job_lines(config.hydra.sweep.dir):
+                print(line, flush=True)
 
 
 def sweep_plan(config: DictConfig) -> tuple[list[list[str]] | None, list[str]]:
@@ -493,11 +507,13 @@ def run_job(cfg: DictConfig) -> float:
         if not multirun:
             where = shown(output_dir)
             print(f"[xentlab] logs: {where}\n[xentlab] view: tensorboard --logdir {where}")
+        if requeued() and cfg.ckpt_path is None:
+            cfg.ckpt_path = "last"  # SLURM requeued this job (xentlab.slurm): it resumes its own run
         threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
         varied = json.loads(os.environ.get(SWEEP_ENV, "{}")).get("keys") if multirun else None
         records = train_seeds(cfg, output_dir, overrides=overrides, threads=threads,
                               shared_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
-                              varied=varied, fresh_if_nothing_to_resume=multirun)
+                              varied=varied, fresh_if_nothing_to_resume=multirun or requeued())
     except RunInterrupted as stop:
         print(f"[xentlab] {stop}", flush=True)
         if multirun:

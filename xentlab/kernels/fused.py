@@ -93,43 +93,6 @@ class _FusedLoss(torch.autograd.Function):
         return grad, None, None
 
 
-class _OneShot(torch.autograd.Function):
-    """Small inputs: one call of the kernel over the whole batch computes the loss and, when the input needs
-    a gradient, the gradient unscaled by grad_output (scaled by 1/D for `mean`), saved for backward, for
-    every reduction: with few rows the saved gradient costs less than a second sweep."""
-
-    @staticmethod
-    def forward(ctx, input: Tensor, kernel, reduction: str) -> Tensor:
-        ctx.reduction, ctx.dtype = reduction, input.dtype
-        cdt = compute_dtype(input.dtype)
-        x = input if input.dtype == cdt else input.to(cdt)
-        want_grad = ctx.needs_input_grad[0]
-        denominator = kernel.denominator() if reduction == "mean" else None
-        scale = None
-        if want_grad:  # an empty or all-ignored batch: NaN mean loss, zero gradient (as PyTorch)
-            scale = 1.0 if denominator is None else denominator.clamp(min=torch.finfo(cdt).tiny).reciprocal()
-        out = torch.empty_like(x)
-        loss = kernel.chunk(x, slice(None), out, [], scale)
-        if want_grad:
-            ctx.save_for_backward(out)
-        if reduction != "none":
-            loss = loss.sum() if denominator is None else loss.sum() / denominator
-        return loss.to(input.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        (grad,) = ctx.saved_tensors
-        with torch.no_grad():  # the gradient is scaled in the compute dtype and rounded once, at the end
-            if ctx.reduction == "none":
-                grad = grad * grad_output.to(grad.dtype)[:, None]
-            elif not bool(grad_output == 1):
-                grad = grad * grad_output.to(grad.dtype)
-            grad = grad.to(ctx.dtype)
-        if torch.is_grad_enabled():
-            grad = _NoDoubleBackward.apply(grad.detach().requires_grad_())
-        return grad, None, None
-
-
 def _input_gradient(ctx, grad_output: Tensor) -> Tensor:
     (saved,) = ctx.saved_tensors
     if ctx.reduction == "none":
@@ -211,9 +174,7 @@ class _SoftmaxIndex:
     target has ignored rows sent to class 0; w_y is the true class's weight (alpha for focal), 0 on ignored
     rows. Per row the gradient with respect to z' is coef p' - [c == y] coef_y - smooth w (the last only
     with label smoothing), with coef_y = -(1-eps) w_y slope(log p'_y) and coef = coef_y + smooth W; the
-    transform's scale multiplies it on the way back to z. `small` computes the row statistics with one
-    log_softmax over the whole input (few dispatched ops, for small inputs); otherwise per chunk with the
-    softmax, which keeps large rows in cache."""
+    transform's scale multiplies it on the way back to z."""
 
     target: Tensor
     valid: Tensor
@@ -222,7 +183,6 @@ class _SoftmaxIndex:
     eps: float
     row_loss: spec.RowLoss
     transform: spec.LogitTransform | None
-    small: bool = False
     elementwise = False
 
     @property
@@ -236,24 +196,18 @@ class _SoftmaxIndex:
         y, w_y = self.target[rows, None], self.w_y[rows]
         if self.transform is not None:
             x = self._transformed(x, y, ws.pop() if ws else None)
-        if self.small:
-            logp = torch.log_softmax(x, 1, out=out) if out.shape == x.shape else torch.log_softmax(x, 1)
-            logpt = logp.gather(1, y).squeeze(1)
-        else:
-            p = _softmax(x, out)
-            logpt = _log_true_class(p, x, y)
+        p = _softmax(x, out)
+        logpt = _log_true_class(p, x, y)
         nll = isinstance(self.row_loss, spec.NLL)
         value = -logpt if nll else self.row_loss.value(logpt)
         keep = 1 - self.eps
         loss = w_y * value if keep == 1 else (keep * w_y) * value
         smooth = None
         if self.eps:
-            smooth, total_w, row_sum = self._smoothing(x, logp if self.small else None, y, logpt, rows)
+            smooth, total_w, row_sum = self._smoothing(x, y, logpt, rows)
             loss = loss - smooth * row_sum
         if s is None:
             return torch.where(self.valid[rows], loss, 0.0)
-        if self.small:
-            p = logp.exp_()
         coef_y = w_y if nll else w_y * -self.row_loss.slope(logpt)
         if keep != 1:
             coef_y = keep * coef_y
@@ -282,33 +236,139 @@ class _SoftmaxIndex:
             z = z + t.bias if z is x else z.add_(t.bias)
         return z
 
-    def _smoothing(self, x, logp, y, logpt, rows):
+    def _smoothing(self, x, y, logpt, rows):
         """smooth_i = valid_i eps/C, W = sum_c w_c and sum_c w_c log p'_ic (the smoothing term's row sum)."""
         n_classes = x.shape[1]
         smooth = self.valid[rows].to(x.dtype) * (self.eps / n_classes)
         total_w = n_classes if self.weight is None else self.weight.sum()
-        if logp is not None:
-            row_sum = logp.sum(1) if self.weight is None else logp @ self.weight
-        else:  # sum_c w_c log p_c = sum_c w_c x_c - W lse, with lse = x_y - log p_y
-            lse = x.gather(1, y).squeeze(1) - logpt
-            row_sum = (x.sum(1) if self.weight is None else x @ self.weight) - total_w * lse
+        # sum_c w_c log p_c = sum_c w_c x_c - W lse, with lse = x_y - log p_y
+        lse = x.gather(1, y).squeeze(1) - logpt
+        row_sum = (x.sum(1) if self.weight is None else x @ self.weight) - total_w * lse
         return smooth, total_w, row_sum
 
 
 def softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduction, label_smoothing):
     """The index-target softmax family (`xentlab.kernels.spec`): per non-ignored row l_i = (1-eps) w[y_i]
     phi(log p'_iy) + (eps/C) sum_c w_c (lse'_i - z'_ic) on the transformed logits z'; `mean` divides by the
-    sum of w[y_i] over non-ignored rows. Gradient in closed form from the row loss's slope."""
+    sum of w[y_i] over non-ignored rows. Gradient in closed form from the row loss's slope. Small inputs
+    (`checks_targets`) get their class indices range-checked by PyTorch's nll kernels, as F.cross_entropy
+    does; an out-of-range index raises IndexError there."""
     cdt = compute_dtype(input.dtype)
     weight = None if weight is None else weight.to(cdt)
     if transform is not None and transform.is_identity:
         transform = None
+    if checks_targets(input):
+        problem = (target, row_loss, weight, transform, ignore_index, label_smoothing)
+        return _SmallSoftmax.apply(input, problem, reduction)
     valid = target != ignore_index
     y = torch.where(valid, target, 0)
     w_y = valid.to(cdt) if weight is None else weight[y] * valid
-    small = input.numel() <= _SMALL_ELEMS
-    kernel = _SoftmaxIndex(y, valid, w_y, weight, label_smoothing, row_loss, transform, small)
-    return (_OneShot if small else _FusedLoss).apply(input, kernel, reduction)
+    kernel = _SoftmaxIndex(y, valid, w_y, weight, label_smoothing, row_loss, transform)
+    return _FusedLoss.apply(input, kernel, reduction)
+
+
+def checks_targets(input: Tensor) -> bool:
+    """Whether softmax_loss on this (validated, (N, C)) input range-checks the class indices itself (in
+    PyTorch's nll kernels, raising IndexError), so xentlab.functional need not spend a host sync on it."""
+    return input.numel() <= _SMALL_ELEMS
+
+
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
+
+
+class _SmallSoftmax(torch.autograd.Function):
+    """Small inputs: the whole batch in a few dispatched ops, built from PyTorch's own row kernels. With
+    logp = log_softmax(z'), nll_loss gives -log p'_y per row (0 on ignored rows, and the target range check),
+    and the gradient is that of logp's sparse gradient g (-coef_i at (i, y_i), minus the smoothing term)
+    through the log-softmax, _log_softmax_backward_data(g, logp) = g - p' sum_c g_c: two ops for any row
+    loss. Plain cross-entropy is nll_loss's own forward and backward, so it matches F.cross_entropy
+    bit for bit. Loss and gradient come out of the forward; backward only scales the saved gradient."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, problem, reduction: str) -> Tensor:
+        target, row_loss, weight, transform, ignore_index, eps = problem
+        cdt = compute_dtype(input.dtype)
+        z = input if input.dtype == cdt else input.to(cdt)
+        if transform is not None:  # a margin is gathered at y: ignored rows take class 0's (their loss is 0)
+            y = torch.where(target == ignore_index, 0, target) if transform.margin is not None else target
+            z = transform.apply(z, y)
+        logp = torch.log_softmax(z, 1)
+        want_grad = ctx.needs_input_grad[0]
+        if _is_nll(row_loss) and not eps:
+            loss, grad = _nll_terms(logp, target, weight, ignore_index, reduction, want_grad)
+        else:
+            loss, grad = _row_terms(logp, target, row_loss, weight, ignore_index, reduction, eps, want_grad)
+        if grad is not None:
+            scale = transform.scale if transform is not None else 1.0
+            if isinstance(scale, Tensor) or scale != 1.0:
+                grad = grad.mul_(scale)
+            ctx.save_for_backward(grad)
+        ctx.reduction, ctx.dtype = reduction, input.dtype
+        return loss.to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors
+        go = grad_output.to(grad.dtype)  # scaled in the compute dtype, rounded once to the input's dtype
+        grad = (grad * (go[:, None] if ctx.reduction == "none" else go)).to(ctx.dtype)
+        if torch.is_grad_enabled():
+            grad = _NoDoubleBackward.apply(grad.detach().requires_grad_())
+        return grad, None, None
+
+
+def _is_nll(row_loss) -> bool:
+    """Row losses that are -log p_y exactly (focal with gamma 0 is weighted CE bit for bit)."""
+    return isinstance(row_loss, spec.NLL) or (isinstance(row_loss, (spec.Focal, spec.Poly1))
+                                               and getattr(row_loss, "gamma", getattr(row_loss, "epsilon", 1))
+                                               == 0)
+
+
+def _nll_terms(logp, target, weight, ignore_index, reduction, want_grad):
+    """Cross-entropy with PyTorch's semantics (weights, ignore_index, the mean over sum of w[y]), and its
+    gradient for a grad_output of 1 (per row for `none`)."""
+    enum = _REDUCTION_ENUM[reduction]
+    loss, total_weight = torch.ops.aten.nll_loss_forward(logp, target, weight, enum, ignore_index)
+    if not want_grad:
+        return loss, None
+    ones = logp.new_ones(target.shape if enum == 0 else ())
+    g = torch.ops.aten.nll_loss_backward(ones, logp, target, weight, enum, ignore_index, total_weight)
+    return loss, torch._log_softmax_backward_data(g, logp, 1, logp.dtype)
+
+
+def _row_terms(logp, target, row_loss, weight, ignore_index, reduction, eps, want_grad):
+    """Any row loss, with label smoothing: the loss and its gradient for a grad_output of 1 (per row for
+    `none`); `mean` divides by D = sum of w[y_i] over non-ignored rows."""
+    n_classes = logp.shape[1]
+    logpt = -torch.nn.functional.nll_loss(logp, target, ignore_index=ignore_index, reduction="none")
+    valid = target != ignore_index
+    if weight is None:
+        w_y = valid.to(logp.dtype)
+    else:  # nll_loss picks w[y_i] per row, 0 on ignored rows, without an index that could be out of range
+        w_y = torch.nn.functional.nll_loss(-weight.expand(logp.shape), target, ignore_index=ignore_index,
+                                           reduction="none")
+    value = row_loss.value(logpt)
+    keep = 1 - eps
+    loss = torch.where(valid, w_y * value, 0.0)
+    if eps:
+        smooth = valid.to(logp.dtype) * (eps / n_classes)
+        row_sum = logp.sum(1) if weight is None else logp @ weight
+        loss = keep * loss - smooth * row_sum
+    denominator = w_y.sum() if reduction == "mean" else None
+    if reduction != "none":
+        loss = loss.sum() if denominator is None else loss.sum() / denominator
+    if not want_grad:
+        return loss, None
+    coef = w_y * row_loss.slope(logpt).neg_()
+    if keep != 1:
+        coef = coef * keep
+    if denominator is not None:  # an empty or all-ignored batch: NaN mean loss, zero gradient (as PyTorch)
+        coef = coef / denominator.clamp(min=torch.finfo(logp.dtype).tiny)
+    no_rows = logp.new_ones(())
+    g = torch.ops.aten.nll_loss_backward(coef, logp, target, None, 0, ignore_index, no_rows)
+    if eps:
+        s = smooth if denominator is None else smooth / denominator.clamp(min=torch.finfo(logp.dtype).tiny)
+        g = g.sub_(s[:, None]) if weight is None else g.addr_(s, weight, alpha=-1)
+    return loss, torch._log_softmax_backward_data(g, logp, 1, logp.dtype)
 
 
 @dataclass(eq=False)
@@ -394,12 +454,60 @@ class _Mse:
 def mse_loss(input, target, ignore_index, reduction, on):
     """Elementwise (pred - onehot(y))^2 with pred = softmax(x) (on="probs") or x (on="logits"), or against a
     probability target; `mean` divides by (non-ignored rows) * C."""
+    if input.numel() <= _SMALL_ELEMS:
+        return _SmallMse.apply(input, (target, ignore_index, on), reduction)
     if target.dtype.is_floating_point:
         kernel = _Mse(target, None, True, on, input.shape[1])
     else:
         valid = target != ignore_index
         kernel = _Mse(torch.where(valid, target, 0), valid, bool(valid.all()), on, input.shape[1])
     return _FusedLoss.apply(input, kernel, reduction)
+
+
+class _SmallMse(torch.autograd.Function):
+    """Small inputs: err = pred - goal in a few whole-batch ops (the one-hot goal from nll_loss_backward,
+    which also zeroes ignored rows), and the gradient 2 err through the softmax with PyTorch's own
+    _softmax_backward_data, p (g - sum_k g_k p_k). No host sync."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, problem, reduction: str) -> Tensor:
+        target, ignore_index, on = problem
+        cdt = compute_dtype(input.dtype)
+        z = input if input.dtype == cdt else input.to(cdt)
+        pred = torch.softmax(z, 1) if on == "probs" else z
+        if target.dtype.is_floating_point:
+            err = pred - target.to(cdt)
+            count = err.new_tensor(float(err.numel()))
+        else:  # nll_loss_backward with grad_output -1 writes 1 at (i, y_i) for every kept row
+            minus_one = pred.new_full(target.shape, -1.0)
+            onehot = torch.ops.aten.nll_loss_backward(minus_one, pred, target, None, 0, ignore_index,
+                                                      pred.new_ones(()))
+            valid = (target != ignore_index)[:, None]
+            err = torch.where(valid, pred - onehot, 0.0)
+            count = valid.sum() * pred.shape[1]
+        flat = err.view(-1)
+        if reduction == "none":
+            loss = err.square()
+        else:
+            loss = torch.dot(flat, flat)
+            loss = loss / count if reduction == "mean" else loss
+        ctx.save_for_backward(err, pred if on == "probs" else None, count)
+        ctx.reduction, ctx.dtype = reduction, input.dtype
+        return loss.to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        err, pred, count = ctx.saved_tensors
+        go = grad_output.to(err.dtype)
+        if ctx.reduction == "mean":  # an empty or all-ignored batch: zero gradient, as PyTorch's
+            go = go / count.clamp(min=1)
+        g = err * (2 * go)
+        if pred is not None:
+            g = torch._softmax_backward_data(g, pred, 1, pred.dtype)
+        g = g.to(ctx.dtype)
+        if torch.is_grad_enabled():
+            g = _NoDoubleBackward.apply(g.detach().requires_grad_())
+        return g, None, None
 
 
 def _softplus(x: Tensor, out: Tensor) -> Tensor:
@@ -409,7 +517,9 @@ def _softplus(x: Tensor, out: Tensor) -> Tensor:
 
 @dataclass(eq=False)
 class _Bce:
-    """l = w [(pw t + 1 - t) softplus(x) - pw t x], whose gradient is w [sigmoid(x) (pw t + 1 - t) - pw t]."""
+    """l = w [(1 - t) x + k softplus(-x)] with k = pw t + 1 - t, PyTorch's own form of -w [pw t log s(x) +
+    (1-t) log s(-x)] (so x = +-inf gives what PyTorch gives: inf for x = +inf, t = 0, NaN where a zero
+    weight meets an infinite x); the gradient is w [sigmoid(x) k - pw t]."""
 
     target: Tensor
     weight: Tensor | None
@@ -424,12 +534,11 @@ class _Bce:
         loss, k = ws
         t = self.target[rows]
         w = None if self.weight is None else self.weight.expand(self.target.shape)[rows]
-        _softplus(x, loss)
-        if self.pos_weight is None:
-            loss.addcmul_(t, x, value=-1)
-        else:  # k = pw t + 1 - t multiplies softplus(x); pw t multiplies x
+        _softplus(torch.neg(x, out=loss), loss)
+        if self.pos_weight is not None:
             torch.mul(t, self.pos_weight - 1, out=k).add_(1)
-            loss.mul_(k).addcmul_(t * self.pos_weight, x, value=-1)
+            loss.mul_(k)
+        loss.addcmul_(torch.rsub(t, 1), x)
         if w is not None:
             loss.mul_(w)
         if s is None:
@@ -448,7 +557,45 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
     cdt = compute_dtype(input.dtype)
     weight = None if weight is None else weight.to(cdt)
     pos_weight = None if pos_weight is None else pos_weight.to(cdt)
+    if input.numel() <= _SMALL_ELEMS:
+        return _SmallBce.apply(input, (target, weight, pos_weight), reduction)
     return _FusedLoss.apply(input, _Bce(target, weight, pos_weight), reduction)
+
+
+class _SmallBce(torch.autograd.Function):
+    """Small inputs: _Bce's formulas over the whole batch in a few ops, loss and gradient in the forward."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, problem, reduction: str) -> Tensor:
+        target, weight, pos_weight = problem
+        cdt = compute_dtype(input.dtype)
+        x = input if input.dtype == cdt else input.to(cdt)
+        t = target.to(cdt)
+        k = None if pos_weight is None else t * (pos_weight - 1) + 1  # pw t + 1 - t
+        soft = torch.nn.functional.softplus(-x)
+        loss = (1 - t) * x + (soft if k is None else k * soft)
+        if weight is not None:
+            loss = loss * weight
+        if ctx.needs_input_grad[0]:
+            sig = torch.sigmoid(x)
+            grad = sig - t if k is None else sig * k - t * pos_weight
+            if weight is not None:
+                grad = grad * weight
+            if reduction == "mean":
+                grad = grad / max(grad.numel(), 1)
+            ctx.save_for_backward(grad)
+        ctx.reduction, ctx.dtype = reduction, input.dtype
+        if reduction != "none":
+            loss = loss.sum() if reduction == "sum" else loss.mean()
+        return loss.to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors
+        grad = (grad * grad_output.to(grad.dtype)).to(ctx.dtype)
+        if torch.is_grad_enabled():
+            grad = _NoDoubleBackward.apply(grad.detach().requires_grad_())
+        return grad, None, None
 
 
 @dataclass(eq=False)

@@ -76,13 +76,12 @@ def mse_loss(input, target, ignore_index, reduction, on):
 
 
 def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction):
-    """l = -weight [pos_weight t log sigmoid(x) + (1-t) log sigmoid(-x)], the mean taken over all elements."""
+    """l = -weight [pos_weight t log sigmoid(x) + (1-t) log sigmoid(-x)], the mean over all elements,
+    written as PyTorch does, (1-t) x - (pw t + 1 - t) log sigmoid(x), so +-inf logits give its results."""
     x = input.to(compute_dtype(input.dtype))
     t = target.to(x.dtype)
-    positive = t * F.logsigmoid(x)
-    if pos_weight is not None:
-        positive = positive * pos_weight.to(x.dtype)
-    loss = -(positive + (1 - t) * F.logsigmoid(-x))
+    log_weight = 1 if pos_weight is None else (pos_weight.to(x.dtype) - 1) * t + 1
+    loss = (1 - t) * x - log_weight * F.logsigmoid(x)
     if weight is not None:
         loss = loss * weight.to(x.dtype)
     return _reduce(loss, reduction, loss.numel()).to(input.dtype)
