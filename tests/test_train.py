@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from xentlab.train import CONFIG_DIR, build_run, train
+from xentlab.train import CONFIG_DIR, build_run, covering_jobs, train
 from xentlab.validation import ConfigError, check_config
 
 TINY = ["data.n_samples=400", "model.hidden_sizes=[16]"]
@@ -178,3 +178,13 @@ def test_ddp_on_two_cpu_processes_shards_training_and_reports_global_metrics(tmp
         predicted = model(x).argmax(1)
     expected = balanced_accuracy_score(y.numpy(), predicted.numpy())
     assert record["metrics"]["test/balanced_accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_pre_sweep_check_composes_one_job_per_swept_value_not_the_whole_grid():
+    grid = [[f"loss={loss}", f"data.imbalance_ratio={ratio}", f"seed={seed}"]
+            for loss in ("ce", "focal", "mse") for ratio in (1, 10, 100) for seed in range(10)]
+    kept = covering_jobs(grid)
+    assert len(kept) == 10
+    assert {o for job in kept for o in job} == {o for job in grid for o in job}
+    assert kept[0] == grid[0] and all(job in grid for job in kept)
+    assert covering_jobs([[]]) == [[]]
