@@ -5,6 +5,7 @@ Parity cases come from tests/_cases.py so that backend suites (tests/test_triton
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from functools import partial
@@ -423,7 +424,7 @@ def test_fused_matches_reference_on_random_problems(problem, label_smoothing, ga
         fused._CHUNK_ELEMS, fused._SMALL_ELEMS = old, old_small
 
 
-# ---------------------------------------------------------------- LOSSES.md numbers and corner cases
+# ---------------------------------------------------------------- docs/losses.md numbers and corner cases
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -774,3 +775,55 @@ def test_bce_at_infinite_logits_is_pytorchs_value(backend):
         theirs = F.binary_cross_entropy_with_logits(x, t, pos_weight=pos_weight, reduction="none")
         assert_close(ours, theirs, equal_nan=True)
     assert XF.binary_cross_entropy_with_logits(x[:, :1], t[:, :1], backend=backend).item() == inf
+
+
+# ---------------------------------------------------------------- validate=False (CUDA-graph callers)
+
+
+def _value_checks_calls(call) -> list[str]:
+    """The host reads of tensor values (`bool(t)`, `t.item()`) that `call` makes outside the kernels."""
+    reads = []
+    original_bool, original_item = torch.Tensor.__bool__, torch.Tensor.item
+
+    def spy(name, original):
+        def read(self, *args):
+            reads.append(name)
+            return original(self, *args)
+        return read
+
+    torch.Tensor.__bool__, torch.Tensor.item = spy("bool", original_bool), spy("item", original_item)
+    try:
+        call()
+    finally:
+        torch.Tensor.__bool__, torch.Tensor.item = original_bool, original_item
+    return reads
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "focal_loss", "bce", "asl"])
+def test_validate_false_skips_exactly_the_checks_that_read_tensor_values(name):
+    x = make_logits(8, 5, torch.float32)
+    y, w = make_index_target(8, 5), torch.rand(5) + 0.1
+    multi_hot = (torch.rand(8, 5) > 0.5).float()
+    call = {
+        "cross_entropy": lambda **k: XF.cross_entropy(x, y, w, backend="reference", **k),
+        "focal_loss": lambda **k: XF.focal_loss(x, y, alpha=w, backend="reference", **k),
+        "bce": lambda **k: XF.binary_cross_entropy_with_logits(x, multi_hot, backend="reference", **k),
+        "asl": lambda **k: XF.asymmetric_loss(x, multi_hot, backend="reference", **k),
+    }[name]
+    assert "validate" in inspect.signature(getattr(XF, name if name in ("cross_entropy", "focal_loss")
+                                                  else "asymmetric_loss")).parameters
+    assert _value_checks_calls(call) != []  # the default checks read values (one sync each on a GPU)
+    assert _value_checks_calls(lambda: call(validate=False)) == []
+    assert_close(call(validate=False), call())
+
+
+def test_validate_false_keeps_the_metadata_checks_and_validate_must_be_a_bool():
+    x = make_logits(4, 3, torch.float32)
+    with pytest.raises(ValueError, match="class index 7"):
+        XF.cross_entropy(x, torch.tensor([0, 1, 2, 7]))
+    with pytest.raises(ValueError, match="shape"):
+        XF.cross_entropy(x, torch.tensor([0, 1]), validate=False)
+    with pytest.raises(ValueError, match="reduction"):
+        XF.cross_entropy(x, torch.tensor([0, 1, 2, 0]), reduction="avg", validate=False)
+    with pytest.raises(TypeError, match="validate must be True or False"):
+        XF.cross_entropy(x, torch.tensor([0, 1, 2, 0]), validate="no")

@@ -171,7 +171,7 @@ def test_loss_curves_reproduce_cross_entropy_and_mse_in_closed_form():
     torch.testing.assert_close(ce_grad, ((1 - p) ** 2 + (c - 1) * rest ** 2).sqrt(), atol=1e-5, rtol=1e-5)
     mse, _ = loss_curve(xF.mse_loss, p, task="multiclass", num_classes=c, true_class=2)
     torch.testing.assert_close(mse, ((1 - p) ** 2 + (c - 1) * rest ** 2) / c, atol=1e-5, rtol=1e-5)
-    # The LOSSES.md anchor values: p_true -> -log p.
+    # The docs/losses.md anchor values: p_true -> -log p.
     assert loss_curve(xF.cross_entropy, torch.tensor([0.01]), task="multiclass", num_classes=3)[0].item() == \
         pytest.approx(4.605, abs=1e-3)
 

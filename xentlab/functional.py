@@ -3,11 +3,20 @@
 All validation lives here and runs before any kernel, so a bad target is a ValueError naming the value, never
 a device-side assert. Inputs (N, C, d1, ...) follow PyTorch's class-dimension-1 convention for the softmax
 family; they are flattened to (N*d1*..., C) rows and `reduction="none"` outputs are reshaped back. The
-semantics are those of LOSSES.md; `backend` is "auto" | "fused" | "triton" | "reference".
+semantics are those of docs/losses.md; `backend` is "auto" | "fused" | "triton" | "reference".
+
+Every loss takes `validate=True`. `validate=False` skips only the checks that read tensor values on the host
+(class indices in range, weights finite and >= 0, binary targets in [0, 1]), each a device synchronisation,
+so that a CUDA graph can capture the call; types, dtypes, shapes, devices and scalar parameters are still
+checked. Out-of-range targets then give undefined values (the Triton kernels treat them as ignored rows and
+never read out of bounds) instead of a ValueError.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
 import math
 from numbers import Real
 
@@ -21,8 +30,28 @@ REDUCTIONS = ("none", "mean", "sum")
 MSE_TARGETS = ("probs", "logits")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NLL = spec.NLL()
+_CHECK_VALUES = contextvars.ContextVar("xentlab_check_values", default=True)
 
 
+def _validating(loss):
+    """Adds the keyword-only `validate` (see the module docstring) to a public loss function."""
+    @functools.wraps(loss)
+    def wrapper(*args, validate: bool = True, **kwargs):
+        if not isinstance(validate, bool):
+            raise TypeError(f"validate must be True or False, got {validate!r}")
+        token = _CHECK_VALUES.set(validate)
+        try:
+            return loss(*args, **kwargs)
+        finally:
+            _CHECK_VALUES.reset(token)
+
+    signature = inspect.signature(loss)
+    keyword = inspect.Parameter("validate", inspect.Parameter.KEYWORD_ONLY, default=True, annotation="bool")
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), keyword])
+    return wrapper
+
+
+@_validating
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, *, backend: str = "auto") -> Tensor:
     """Cross-entropy with `torch.nn.functional.cross_entropy`'s semantics. Index targets: l_i = (1-eps) w[y_i]
@@ -42,6 +71,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     return _softmax_loss(backend, input, target, _NLL, weight, None, ignore_index, reduction, eps)
 
 
+@_validating
 def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, alpha: Tensor | None = None,
                ignore_index: int = -100, reduction: str = "mean", *, backend: str = "auto") -> Tensor:
     """Softmax focal loss (Lin et al. 2017), l_i = -a[y_i] (1 - p_iy)^gamma log p_iy with p = softmax(x) and a
@@ -56,6 +86,7 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, alpha: Tensor 
     return _softmax_loss(backend, input, target, spec.Focal(gamma), alpha, None, ignore_index, reduction, 0.0)
 
 
+@_validating
 def mse_loss(input: Tensor, target: Tensor, ignore_index: int = -100, reduction: str = "mean", *,
              on: str = "probs", backend: str = "auto") -> Tensor:
     """Squared error against the one-hot (or probability) target: sum (pred - onehot(y))^2 with pred =
@@ -75,6 +106,7 @@ def mse_loss(input: Tensor, target: Tensor, ignore_index: int = -100, reduction:
     return out.reshape(input.shape[0], *input.shape[2:], n_classes).movedim(-1, 1)
 
 
+@_validating
 def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tensor | None = None,
                                      pos_weight: Tensor | None = None, reduction: str = "mean", *,
                                      backend: str = "auto") -> Tensor:
@@ -92,6 +124,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor, weight: Tens
     return out.reshape(input.shape) if reduction == "none" else out
 
 
+@_validating
 def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0,
                        reduction: str = "mean", *, backend: str = "auto") -> Tensor:
     """`torchvision.ops.sigmoid_focal_loss`: alpha_t (1 - p_t)^gamma BCE(x, t) with p = sigmoid(x),
@@ -106,6 +139,7 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: float = 0.25, gamma
     return out.reshape(input.shape) if reduction == "none" else out
 
 
+@_validating
 def logit_adjusted_loss(input: Tensor, target: Tensor, log_prior: Tensor, tau: float = 1.0,
                         weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean", *,
                         backend: str = "auto") -> Tensor:
@@ -119,6 +153,7 @@ def logit_adjusted_loss(input: Tensor, target: Tensor, log_prior: Tensor, tau: f
     return _softmax_family(input, target, _NLL, weight, transform, ignore_index, reduction, backend)
 
 
+@_validating
 def ldam_loss(input: Tensor, target: Tensor, margins: Tensor, scale: float = 30.0,
               weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean", *,
               backend: str = "auto") -> Tensor:
@@ -135,6 +170,7 @@ def ldam_loss(input: Tensor, target: Tensor, margins: Tensor, scale: float = 30.
     return _softmax_family(input, target, _NLL, weight, transform, ignore_index, reduction, backend)
 
 
+@_validating
 def poly1_loss(input: Tensor, target: Tensor, epsilon: float = 1.0, weight: Tensor | None = None,
                ignore_index: int = -100, reduction: str = "mean", *, backend: str = "auto") -> Tensor:
     """Poly-1 (Leng et al. 2022): l_i = w[y_i] [-log p_iy + epsilon (1 - p_iy)], epsilon >= -1; `mean`
@@ -144,6 +180,7 @@ def poly1_loss(input: Tensor, target: Tensor, epsilon: float = 1.0, weight: Tens
     return _softmax_family(input, target, row_loss, weight, None, ignore_index, reduction, backend)
 
 
+@_validating
 def gce_loss(input: Tensor, target: Tensor, q: float = 0.7, weight: Tensor | None = None,
              ignore_index: int = -100, reduction: str = "mean", *, backend: str = "auto") -> Tensor:
     """Generalised cross-entropy (Zhang & Sabuncu 2018), robust to label noise: l_i = w[y_i] (1 - p_iy^q) / q
@@ -156,6 +193,7 @@ def gce_loss(input: Tensor, target: Tensor, q: float = 0.7, weight: Tensor | Non
     return _softmax_family(input, target, spec.GCE(q), weight, None, ignore_index, reduction, backend)
 
 
+@_validating
 def asymmetric_loss(input: Tensor, target: Tensor, gamma_pos: float = 0.0, gamma_neg: float = 4.0,
                     clip: float = 0.05, reduction: str = "mean", *, backend: str = "auto") -> Tensor:
     """Asymmetric loss for multi-label data (Ridnik et al. 2021), per element with p = sigmoid(x) and the
@@ -173,6 +211,7 @@ def asymmetric_loss(input: Tensor, target: Tensor, gamma_pos: float = 0.0, gamma
     return out.reshape(input.shape) if reduction == "none" else out
 
 
+@_validating
 def softmax_loss(input: Tensor, target: Tensor, row_loss: spec.RowLoss, weight: Tensor | None = None,
                  transform: spec.LogitTransform | None = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, *, backend: str = "auto") -> Tensor:
@@ -279,6 +318,8 @@ def _check_real(name: str, value, low: float, high: float) -> float:
 def _check_weights(name: str, values: Tensor, nonnegative: bool = True) -> None:
     if values.dtype.is_complex or values.dtype == torch.bool:
         raise TypeError(f"{name} must be real-valued, got dtype {values.dtype}")
+    if not _CHECK_VALUES.get():
+        return
     bad = ~torch.isfinite(values)
     if nonnegative:
         bad = bad | (values < 0)
@@ -347,6 +388,8 @@ def _softmax_target(target, input: Tensor, n_classes: int, ignore_index: int, al
         raise ValueError(f"class-index target must have shape {tuple(index_shape)} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
     target = target.reshape(-1).to(torch.int64)
+    if not _CHECK_VALUES.get():
+        return target
     bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
     if bool(bad.any()):
         raise ValueError(f"target contains class index {target[bad][0].item()}, outside [0, {n_classes}) "
@@ -378,8 +421,8 @@ def _binary_target(target, input: Tensor) -> Tensor:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
     if target.dtype.is_complex:
         raise TypeError(f"target must be real-valued, got dtype {target.dtype}")
-    bad = ~((target >= 0) & (target <= 1))
-    if bool(bad.any()):
+    bad = ~((target >= 0) & (target <= 1)) if _CHECK_VALUES.get() else None
+    if bad is not None and bool(bad.any()):
         raise ValueError(f"binary targets must be in [0, 1], got {target[bad][0].item()}")
     return _elements(target.to(input.dtype))
 

@@ -1,9 +1,9 @@
 """The CPU fast path: one autograd.Function whose forward sweeps the logits once, in row chunks.
 
 Each chunk's row statistic (the softmax, i.e. exp(x - lse)) is computed once, in float32 (float64 for float64
-inputs), and the loss and the closed-form gradient of LOSSES.md come out of that same chunk while it is still
-in cache. For `mean`/`sum` the gradient is written during the forward pass into one logits-sized buffer, the
-only thing saved; backward hands it over untouched when grad_output is 1 (autograd then adopts it as .grad
+inputs), and the loss and the closed-form gradient (docs/losses.md) come out of that same chunk while it is
+still in cache. For `mean`/`sum` the gradient is written during the forward pass into one logits-sized buffer,
+the only thing saved; backward hands it over untouched when grad_output is 1 (autograd then adopts it as .grad
 without a copy). For `none` the forward saves only the logits and backward re-sweeps them, because the
 gradient depends on the per-row/per-element grad_output. No softmax is ever kept beyond that buffer.
 
