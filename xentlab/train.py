@@ -111,11 +111,13 @@ def trainer_arguments(cfg: DictConfig) -> dict:
 
 def quiet_lightning() -> None:
     """Silences Lightning's start-up chatter, which every job of a sweep would repeat: accelerator
-    availability, a product tip, "Seed set to", and a deprecation warning its own code triggers in
-    recent torch (`LeafSpec`). Lightning's warnings about the run itself still show."""
+    availability, a product tip, "Seed set to", a deprecation warning its own code triggers in recent
+    torch (`LeafSpec`), and its hint to prefix `srun` whenever SLURM is installed (a SLURM job of a sweep
+    goes through submitit, which needs no srun). Lightning's warnings about the run itself still show."""
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.seed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
 
 
 def flat_params(cfg: DictConfig) -> dict:
