@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 import time
 from pathlib import Path
@@ -417,10 +418,18 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
     check_optimizer(optimizer)
     scheduler = build_scheduler(**OmegaConf.to_container(cfg.scheduler), total_epochs=cfg.trainer.max_epochs)
     datamodules, losses, models, runs = [], [], [], []
-    for seed in seeds:
+    data_log = logging.getLogger("xentlab.data")
+    shown_level = data_log.level
+    for k, seed in enumerate(seeds):
         one = seed_config(cfg, seed)
         pl.seed_everything(seed, workers=True)
-        datamodule, loss, model = build_parts(one)
+        # The class-count table once, with the first seed's: the other seeds' repeat it (or differ only
+        # by their label noise), ten tables deep in a sweep's console.
+        data_log.setLevel(logging.WARNING if k > 0 else shown_level)
+        try:
+            datamodule, loss, model = build_parts(one)
+        finally:
+            data_log.setLevel(shown_level)
         datamodules.append(datamodule)
         losses.append(loss)
         models.append(model)
