@@ -41,7 +41,10 @@ class BoardLogger(TensorBoardLogger):
 
 
 class LeanModule(pl.LightningModule):
-    """A LightningModule whose plain attributes are set without nn.Module's checks."""
+    """The glue both training modules (one run, a seed batch) share: plain attributes set without
+    nn.Module's checks; train/val/test steps through the subclass's `_step(batch, stage)`; the optimizer
+    (and learning-rate schedule) from the factories it stores as `optimizer_factory` and
+    `scheduler_factory` (None: a constant rate)."""
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning sets bookkeeping attributes (the current hook's name) around every hook call, some 40
@@ -51,6 +54,22 @@ class LeanModule(pl.LightningModule):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        # Lightning's default interval: stepped once per epoch, after it.
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
 
 class ClassifierModule(LeanModule):
@@ -117,22 +136,6 @@ class ClassifierModule(LeanModule):
             self.logger.log_metrics({"train/logit_grad_norm": float(self._logit_grad_norm)},
                                     step=self.global_step)
             self._logit_grad_norm = None
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        # Lightning's default interval: stepped once per epoch, after it.
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     def on_train_epoch_start(self) -> None:
         # A loss may change with the epoch (LDAM's deferred re-weighting): the documented hook, optional.

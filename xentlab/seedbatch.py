@@ -283,21 +283,6 @@ class SeedBatchModule(LeanModule):
                     run.logger.log_metrics({"train/logit_grad_norm": value}, step=self.global_step)
             self._logit_grad_norms = None
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
-
-    def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
-
     def on_train_epoch_start(self) -> None:
         for loss in self.losses:
             hook = getattr(loss, "on_train_epoch_start", None)
