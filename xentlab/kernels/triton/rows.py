@@ -89,6 +89,15 @@ def _transform(x, is_y, margin_y, SCALE, BIAS, cols, col_ok, HAS_SCALE: tl.const
 
 
 @triton.jit
+def _weighted_centred_sums(a1, a2, beta, z, m, ref, col_ok):
+    """The online pair a1 = sum beta, a2 = sum beta (z - m): a2 is first shifted by a1 (m - m_old) as the
+    row maximum m grows to `ref`, then the block's terms are added (columns past C count 0)."""
+    shift = tl.where(m == _NEG_INF, 0.0, m - ref)
+    centred = tl.where(col_ok[None, :], z - ref[:, None], 0.0)
+    return a1 + tl.sum(beta, 1), a2 + a1 * shift + tl.sum(beta * centred, 1)
+
+
+@triton.jit
 def _stats_block(X, stride_xn, W, SCALE, BIAS, rows64, row_ok, y, margin_y, cols, C, m, s, other, z_y, a1, a2,
                  HAS_WEIGHT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_MARGIN: tl.constexpr, SMOOTH: tl.constexpr, ACC: tl.constexpr):
@@ -113,10 +122,7 @@ def _stats_block(X, stride_xn, W, SCALE, BIAS, rows64, row_ok, y, margin_y, cols
             w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)[None, :] + tl.zeros_like(z)
         else:
             w = tl.where(col_ok[None, :], 1.0, 0.0) + tl.zeros_like(z)
-        shift = tl.where(m == _NEG_INF, 0.0, m - ref)
-        centred = tl.where(col_ok[None, :], z - ref[:, None], 0.0)
-        a2 = a2 + a1 * shift + tl.sum(w * centred, 1)
-        a1 = a1 + tl.sum(w, 1)
+        a1, a2 = _weighted_centred_sums(a1, a2, w, z, m, ref, col_ok)
     return m_new, s, other, z_y, a1, a2
 
 
@@ -241,11 +247,7 @@ def _accumulate(m, s, e1, e2, a1, a2, x, t, w, u, col_ok, LOSS: tl.constexpr, PR
             e1 = e1 * scale + tl.sum(e * (1.0 - t), 1)
             e2 = e2 * scale * scale + tl.sum(e * e * u * (1.0 - t), 1)
     if LOSS == _CE_PROBS:
-        beta = w * t
-        shift = tl.where(m == _NEG_INF, 0.0, m - ref)
-        centred = tl.where(col_ok[None, :], x - ref[:, None], 0.0)
-        a2 = a2 + a1 * shift + tl.sum(beta * centred, 1)
-        a1 = a1 + tl.sum(beta, 1)
+        a1, a2 = _weighted_centred_sums(a1, a2, w * t, x, m, ref, col_ok)
     return m_new, s, e1, e2, a1, a2
 
 
