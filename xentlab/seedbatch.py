@@ -436,8 +436,8 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
     return trainer, module, data
 
 
-def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), threads: int | None = None) \
-        -> list[dict]:
+def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), threads: int | None = None,
+                announce=None) -> list[dict]:
     """Train seeds cfg.seed ... cfg.seed + cfg.seeds - 1 as one batch; each writes `seed=<s>/metrics.json`
     as its single run would (overrides with `seed=<s>`, config with `seed: <s>`). Returns the K records.
 
@@ -457,6 +457,8 @@ def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), thread
         trainer, module, data = build_batch(cfg, output_dir, seeds)
     except (ValueError, TypeError) as error:  # as train(): a refusal while building is a setting to change
         raise ConfigError(str(error)) from error
+    if announce is not None:  # train_seeds' announce(): the batch is built, its settings accepted
+        announce()
     trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
     batch_checkpoint = Path(output_dir) / CHECKPOINT_DIR / "last.ckpt"
     if batch_checkpoint.is_file():
