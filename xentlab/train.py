@@ -391,7 +391,7 @@ def threads_per_job(launcher: DictConfig, cpu_count: int, requested: int | None 
     """
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise ValueError(f"threads must be a positive integer or null (automatic), got {requested!r}")
+            raise ConfigError(f"threads must be a positive integer or null (automatic), got {requested!r}")
         return requested
     if "n_jobs" in launcher:
         jobs = launcher.n_jobs if launcher.n_jobs > 0 else cpu_count + 1 + launcher.n_jobs

@@ -35,6 +35,7 @@ def check_config(cfg: DictConfig) -> None:
     task = check_data(cfg.data)
     check_trainer(cfg.trainer)
     check_loss(cfg.loss, task)
+    check_optimizer_arguments(cfg.optimizer)
 
 
 def check_data(data: DictConfig) -> str:
@@ -105,6 +106,25 @@ def check_loss(loss: DictConfig, task: str | None = None) -> None:
     except (ValueError, TypeError) as error:
         message = str(error)
         raise ConfigError(message if message.startswith("loss ") else f"loss {label!r}: {message}") from error
+
+
+def check_optimizer_arguments(optimizer: DictConfig) -> None:
+    """The optimizer, built over one placeholder parameter: its class must import and its own constructor
+    accept the arguments (torch's optimizers refuse e.g. a negative lr or momentum); otherwise the mistake
+    would surface only when Lightning configures the optimizers, after the whole run is built."""
+    import torch
+    from hydra.errors import HydraException
+    from hydra.utils import instantiate
+
+    target = optimizer.get("_target_", "?")
+    try:
+        instantiate(optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError, ImportError, HydraException) as error:
+        # Hydra's first line ("Error locating target ...") is the message; its advice about HYDRA_FULL_ERROR
+        # and the full_key line after it are not.
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        reason = reason.split(", set env var HYDRA_FULL_ERROR")[0]
+        raise ConfigError(f"optimizer {target}: {reason}") from error
 
 
 @functools.cache
