@@ -110,6 +110,33 @@ def test_every_loss_gives_each_seed_its_own_gradient_in_a_batched_step(tmp_path,
             torch.testing.assert_close(stacked.grad[k], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("loss, shared", [("ce", True), ("focal", True), ("mse", True),
+                                          ("weighted_ce", False), ("ldam", False)])
+def test_one_loss_call_serves_the_batch_only_where_it_equals_the_seeds_own_calls(tmp_path, loss, shared):
+    # Without label noise the seeds' class counts, and so their losses, are equal; weighted_ce's weighted
+    # mean is still no mean of rows (the first step's check refuses it), and LDAM's epoch hook may change it.
+    from xentlab.seedbatch import build_batch, row_means
+
+    cfg = compose_config([*TINY[:3], f"loss={loss}"], "seed=2", "seeds=3")
+    trainer, module, data = build_batch(cfg, tmp_path, [2, 3, 4])
+    module.trainer = trainer
+    batches = iter(data.train_dataloader())
+    module.training_step(next(batches), 0)
+    assert module._shared_loss is shared
+    x, y = next(batches)
+    logits = module(x).detach().requires_grad_(True)
+    values = module._seed_losses(logits, y)
+    own = torch.stack([seed_loss(logits[k], y[k]) for k, seed_loss in enumerate(module.losses)])
+    torch.testing.assert_close(values, own, rtol=1e-5, atol=1e-7)
+    (grad,), (own_grad,) = (torch.autograd.grad(v.sum(), logits) for v in (values, own))
+    torch.testing.assert_close(grad, own_grad, rtol=1e-5, atol=1e-8)
+    if loss == "ce":  # rows of the ignored class leave each seed's mean as they leave PyTorch's
+        module.losses[0].ignore_index = 0
+        expected = torch.stack([torch.nn.functional.cross_entropy(logits[k], y[k], ignore_index=0)
+                                for k in range(3)])
+        torch.testing.assert_close(row_means(module.losses[0], logits, y), expected)
+
+
 def test_adding_a_seed_to_the_batch_changes_no_other_seed(tmp_path):
     two = train_seeds(config("seed=0", "seeds=2"), tmp_path / "two")
     three = train_seeds(config("seed=0", "seeds=3"), tmp_path / "three")

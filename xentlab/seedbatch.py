@@ -234,6 +234,52 @@ class SeedRun:
         return int(torch.as_tensor(self.datamodule.class_counts).argmin())
 
 
+def interchangeable(losses: list[nn.Module]) -> bool:
+    """Whether the seeds' losses are one function: one class with `reduction="mean"` to switch, equal plain
+    settings and buffers, and no parameters, submodules or epoch hook (which could make them differ later)."""
+    first = losses[0]
+    if getattr(first, "reduction", None) != "mean" or callable(getattr(first, "on_train_epoch_start", None)):
+        return False
+
+    def settings(loss: nn.Module) -> dict | None:
+        plain = {k: v for k, v in vars(loss).items() if not k.startswith("_") and k != "training"}
+        if any(not isinstance(v, (bool, int, float, str, type(None))) for v in plain.values()):
+            return None
+        if loss._parameters or loss._modules:
+            return None
+        return plain
+
+    reference = settings(first)
+    if reference is None:
+        return False
+    for loss in losses[1:]:
+        if type(loss) is not type(first) or settings(loss) != reference \
+                or loss._buffers.keys() != first._buffers.keys():
+            return False
+        for name, value in loss._buffers.items():
+            other = first._buffers[name]
+            if (value is None) != (other is None) or (value is not None and not torch.equal(value, other)):
+                return False
+    return True
+
+
+def row_means(loss: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(K,) the mean over each seed's rows of `loss`'s reduction="none" values on all K*B rows of `logits`
+    (K, B, C) at once, rows whose target is the loss's `ignore_index` left out as PyTorch's mean does."""
+    k, b = y.shape[:2]
+    loss.reduction = "none"
+    try:
+        values = loss(logits.flatten(0, 1), y.flatten(0, 1))
+    finally:
+        loss.reduction = "mean"
+    values = values.reshape(k, b, -1)
+    ignore = getattr(loss, "ignore_index", None)
+    if isinstance(ignore, int) and y.dim() == 2 and not y.is_floating_point():
+        kept = (y != ignore).sum(1).to(values.dtype)
+        return values.sum((1, 2)) / (kept * values.shape[2])
+    return values.mean((1, 2))
+
+
 class SeedBatchModule(LeanModule):
     """Trains a StackedModel with one loss per seed (each on its seed's slice of the logits) and logs
     every seed's metrics, figures and HParams session to that seed's own TensorBoard logger."""
@@ -261,6 +307,8 @@ class SeedBatchModule(LeanModule):
             "test_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=m),
         }) for m in maps)
         self._logit_grad_norms: torch.Tensor | None = None
+        # None: one call may serve all seeds, checked at the first step (`_seed_losses`); False: it may not.
+        self._shared_loss: bool | None = None if interchangeable(losses) else False
         self._val_logits: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(runs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -278,7 +326,7 @@ class SeedBatchModule(LeanModule):
         """The K seeds' losses on their slices of the stacked batch."""
         x, y = batch
         logits = self(x)
-        values = torch.stack([loss(logits[k], y[k]) for k, loss in enumerate(self.losses)])
+        values = self._seed_losses(logits, y)
         every = self.trainer.log_every_n_steps
         if logits.requires_grad and every and (self.global_step + 1) % every == 0:
             logits.register_hook(self._record_logit_grads)
@@ -286,6 +334,25 @@ class SeedBatchModule(LeanModule):
         for k, metrics in enumerate(self.metrics):
             metrics[f"{stage}_"].update(detached[k], y[k], losses[k])
         return values
+
+    def _seed_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(K,) each seed's loss on its own slice. When every seed's loss is the same function
+        (`interchangeable`) the K means come from one call on all K*B rows with reduction="none": ten small
+        loss calls a step cost more than the stacked model's whole forward. The first call checks that form
+        against the seeds' own calls (a weighted mean, say, is not a mean of rows) and keeps to the seeds'
+        own calls for good if it differs."""
+        if self._shared_loss is False:
+            return torch.stack([loss(logits[k], y[k]) for k, loss in enumerate(self.losses)])
+        if self._shared_loss:
+            return row_means(self.losses[0], logits, y)
+        own = torch.stack([loss(logits[k], y[k]) for k, loss in enumerate(self.losses)])
+        try:
+            shared = row_means(self.losses[0], logits, y).detach()
+        except (RuntimeError, ValueError, TypeError):  # a "none" output that is not one value per row
+            shared = None
+        self._shared_loss = shared is not None and shared.shape == own.shape and bool(
+            torch.allclose(shared, own.detach(), rtol=1e-5, atol=1e-7))
+        return own
 
     def _record_logit_grads(self, grad: torch.Tensor) -> None:
         # Per seed, as ClassifierModule: N * mean_i ||dL_k/dx_i||.
