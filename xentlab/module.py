@@ -108,6 +108,7 @@ class ClassifierModule(LeanModule):
         })
         self._logit_grad_norm: torch.Tensor | None = None
         self._val_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # last validation epoch
+        self._redrawn = plots.Redrawn()  # the validation figures' layouts, redrawn at test
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -226,7 +227,7 @@ class ClassifierModule(LeanModule):
 
     def _log_figures(self, stage: str, metrics: StageMetrics) -> None:
         log_figures(self._writer(), self.global_step, stage, metrics, task=self.task,
-                    num_classes=self.num_classes)
+                    num_classes=self.num_classes, redrawn=self._redrawn)
 
     def _claim_loss_curves(self) -> bool:
         """Whether this run draws the loss-curve figure: always, unless another run of the sweep with
@@ -265,8 +266,10 @@ def write_data_description(writer, datamodule) -> None:
         writer.add_text("data/class_counts", "    " + datamodule.describe().replace("\n", "\n    "), 0)
 
 
-def log_figures(writer, step: int, stage: str, metrics: StageMetrics, *, task: str, num_classes: int) -> None:
-    """Confusion matrix, reliability diagram and per-class PR curves of the stage so far.
+def log_figures(writer, step: int, stage: str, metrics: StageMetrics, *, task: str, num_classes: int,
+                redrawn: plots.Redrawn | None = None) -> None:
+    """Confusion matrix, reliability diagram and per-class PR curves of the stage so far; `redrawn` keeps
+    the figures to draw the next stage's (or seed's) into.
 
     Collective under DDP: every rank gathers the predictions; only a rank with a `writer` draws.
     """
@@ -275,12 +278,15 @@ def log_figures(writer, step: int, stage: str, metrics: StageMetrics, *, task: s
     bins = metrics.calibration.bins()
     if writer is None:
         return
-    confusion_figure = (plots.multilabel_confusion_figure if task == "multilabel"
-                        else plots.confusion_matrix_figure)(confusion, title=f"{stage} confusion")
-    reliability = plots.reliability_figure(*(b.cpu().numpy() for b in bins), bins.ece,
-                                           title=f"{stage} reliability")
-    for tag, figure in (("confusion_matrix", confusion_figure), ("reliability", reliability)):
-        writer.add_image(board_tag(f"{stage}/{tag}"), plots.to_image(figure), step, dataformats="HWC")
+    redrawn, title = redrawn or plots.Redrawn(), f"{stage} confusion"
+    if task == "multilabel":
+        confusion_image = plots.to_image(plots.multilabel_confusion_figure(confusion, title=title))
+    else:
+        confusion_image = redrawn.confusion_matrix(confusion, title=title)
+    reliability = redrawn.reliability(*(b.cpu().numpy() for b in bins), bins.ece,
+                                      title=f"{stage} reliability")
+    for tag, image in (("confusion_matrix", confusion_image), ("reliability", reliability)):
+        writer.add_image(board_tag(f"{stage}/{tag}"), image, step, dataformats="HWC")
     for c in range(num_classes):
         labels = target[:, c] > 0.5 if task == "multilabel" else target == c
         writer.add_pr_curve(board_tag(f"{stage}/pr_class_{c}"), labels, probs[:, c], step)

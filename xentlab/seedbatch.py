@@ -310,6 +310,7 @@ class SeedBatchModule(LeanModule):
         # None: one call may serve all seeds, checked at the first step (`_seed_losses`); False: it may not.
         self._shared_loss: bool | None = None if interchangeable(losses) else False
         self._val_logits: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(runs)
+        self._redrawn = plots.Redrawn()  # one figure per layout, redrawn for every seed and stage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -464,7 +465,7 @@ class SeedBatchModule(LeanModule):
             run.logger.log_metrics({**logged, "epoch": self.current_epoch}, step=self.global_step)
             if figures:
                 log_figures(run.writer, self.global_step, stage, metrics, task=self.task,
-                            num_classes=self.num_classes)
+                            num_classes=self.num_classes, redrawn=self._redrawn)
         metrics.reset()
         return values
 
