@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from xentlab import functional as xF
 from xentlab import plots
 from xentlab.board import HPARAMS_RUN, board_tag
 from xentlab.metrics import StageMetrics, logit_adjusted, loss_curve, per_label, temperature_scaled
+from xentlab.runs import nonfinite_loss
 
 CURVE_POINTS = 49
 # Overrides that are no HParams column: threads and ckpt_path change nothing computed, and an experiment's
@@ -162,13 +162,10 @@ class ClassifierModule(LeanModule):
 
     def on_train_epoch_end(self) -> None:
         loss = self._log_stage("train")["loss"]
-        # A diverged run would otherwise train on and report a broken model's metrics; in a sweep the
-        # error marks the job failed and the others go on. The epoch mean is NaN if any batch was, and
-        # checking it here, once per epoch, costs no per-step device sync.
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"train/loss is {loss} at epoch {self.current_epoch} (step {self.global_step}); "
-                "try a lower optimizer.lr or check the loss parameters")
+        # In a sweep the error marks the job failed and the others go on.
+        error = nonfinite_loss(loss, self.current_epoch, self.global_step)
+        if error is not None:
+            raise error
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
