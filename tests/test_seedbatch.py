@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -363,30 +365,29 @@ def test_a_seed_that_diverges_with_a_finite_loss_is_flagged_as_a_single_run_is(t
     assert all(r["warnings"] for r in seed_records(tmp_path).values())
 
 
-def test_an_interrupted_batch_records_every_unfinished_seed(tmp_path, monkeypatch):
-    import signal
-
+@pytest.mark.parametrize(("sig", "cause"), [(signal.SIGINT, r"SIGINT \(Ctrl-C\)"),
+                                           (signal.SIGTERM, "SIGTERM")])
+def test_an_interrupted_batch_records_every_unfinished_seed(tmp_path, monkeypatch, sig, cause):
     from xentlab.seedbatch import SeedBatchModule
     from xentlab.train import RunInterrupted
 
     original = SeedBatchModule.on_train_epoch_end
 
-    def ctrl_c_in_second_epoch(self):
+    def signal_in_second_epoch(self):
         original(self)
         if self.current_epoch == 1:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
 
-    monkeypatch.setattr(SeedBatchModule, "on_train_epoch_end", ctrl_c_in_second_epoch)
+    monkeypatch.setattr(SeedBatchModule, "on_train_epoch_end", signal_in_second_epoch)
     poison_seed(monkeypatch, 1)
     handler = signal.getsignal(signal.SIGINT)
-    stopped = r"interrupted by SIGINT \(Ctrl-C\) in epoch 2; recorded in"
-    with pytest.raises(RunInterrupted, match=stopped) as raised:
+    with pytest.raises(RunInterrupted, match=f"interrupted by {cause} in epoch 2; recorded in") as raised:
         train_seeds(config("seed=0", "seeds=3", "trainer.max_epochs=5"), tmp_path)
-    assert raised.value.exit_code == 128 + signal.SIGINT
+    assert raised.value.exit_code == 128 + sig
     assert signal.getsignal(signal.SIGINT) == handler
     records = seed_records(tmp_path)
     assert {s: r["status"] for s, r in records.items()} == {0: "interrupted", 1: "failed", 2: "interrupted"}
     for seed in (0, 2):
-        assert "SIGINT" in records[seed]["error"] and records[seed]["epochs"] == 1
+        assert re.search(cause, records[seed]["error"]) and records[seed]["epochs"] == 1
         assert records[seed]["metrics"]["train/loss"] > 0  # what the seed had measured when it stopped
     assert records[1]["error"].startswith("FloatingPointError: train/loss is nan")
