@@ -5,6 +5,7 @@ Run `xentlab-train --help` for the config groups, or `xentlab-train -m loss=ce,f
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -185,7 +186,7 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     """
     import torch
 
-    from xentlab.runs import FolderHoldsAnotherRun, Interruption, RunRecorder, divergence_warnings
+    from xentlab.runs import FolderHoldsAnotherRun, Interruption, RunRecord, RunRecorder
 
     if cfg.get("seeds", 1) != 1:
         raise ValueError(f"train() runs one seed; seeds={cfg.seeds} is train_seeds()'s")
@@ -193,13 +194,10 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
         torch.set_num_threads(threads)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    started, trainer, interruption = time.time(), None, Interruption()
+    trainer, interruption, record = None, Interruption(), RunRecord(output_dir, cfg, overrides)
 
-    def record(status: str, **fields) -> dict:
-        return write_record(output_dir, cfg, {
-            "status": status, "duration_s": round(time.time() - started, 3),
-            "epochs": trainer.current_epoch if trainer is not None else 0,
-            "torch_threads": torch.get_num_threads(), "metrics": {}, **fields}, overrides)
+    def epochs() -> int:
+        return trainer.current_epoch if trainer is not None else 0
 
     try:
         ckpt_path = cfg.ckpt_path
@@ -221,22 +219,22 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
             tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         final.update({k: float(v) for k, v in tested.items()})
         recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
-        return record("completed", metrics=final,
-                      warnings=divergence_warnings(recorder.initial_loss, recorder.epoch_losses))
+        return record.completed(final, epochs=epochs(), warnings=recorder.warnings())
     except FolderHoldsAnotherRun:
         raise  # the folder's record belongs to that other run: leave it
     except Exception as error:
-        message, trace = f"{type(error).__name__}: {error}", traceback.format_exc()
-        unrecorded = try_to_record(lambda: record("failed", error=message, traceback=trace), "failed")
+        trace = traceback.format_exc()
+        unrecorded = try_to_record(functools.partial(record.failed, error, epochs=epochs(), trace=trace),
+                                   "failed")
         if unrecorded:
-            raise RunNotRecorded(f"{message}; {unrecorded}") from error
+            raise RunNotRecorded(f"{type(error).__name__}: {error}; {unrecorded}") from error
         error.xentlab_recorded = True  # run_job need not record it again
         raise
     except (KeyboardInterrupt, SystemExit) as stop:  # Lightning turns Ctrl-C and SIGTERM into SystemExit
         cause = interruption.describe(stop)
         partial = {k: float(v) for k, v in trainer.callback_metrics.items()} if trainer is not None else {}
         unrecorded = try_to_record(
-            lambda: record("interrupted", error=f"stopped by {cause}", metrics=partial), "interrupted")
+            functools.partial(record.interrupted, cause, epochs=epochs(), metrics=partial), "interrupted")
         epoch = f" in epoch {trainer.current_epoch + 1}" if trainer is not None else ""
         raise RunInterrupted(
             f"interrupted by {cause}{epoch}; " + (unrecorded or f"recorded in {output_dir / METRICS_FILE}"),
@@ -256,7 +254,8 @@ def train_seeds(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str]
         return [train(cfg, output_dir, overrides=overrides, threads=threads, shared_dir=shared_dir,
                       varied=varied, fresh_if_nothing_to_resume=fresh_if_nothing_to_resume,
                       announce=announce)]
-    return train_batch(cfg, output_dir, overrides=overrides, threads=threads, announce=announce)
+    return train_batch(cfg, output_dir, overrides=overrides, threads=threads,
+                       fresh_if_nothing_to_resume=fresh_if_nothing_to_resume, announce=announce)
 
 
 def try_to_record(write: Callable[[], object], status: str) -> str | None:
@@ -304,7 +303,12 @@ def resume_point(cfg: DictConfig, output_dir: Path, *, fresh_ok: bool) -> tuple[
         return None, str(checkpoint)
     if fresh_ok:
         return None, None
-    raise ConfigError(
+    raise nothing_to_resume(output_dir)
+
+
+def nothing_to_resume(output_dir: Path) -> ConfigError:
+    """The error of `ckpt_path=last` in a folder without a checkpoint: how to point at the run instead."""
+    return ConfigError(
         f"ckpt_path=last: nothing to resume in {output_dir} (no {CHECKPOINT_DIR}/{LAST_CHECKPOINT}). "
         "Point at the run's folder: `xentlab-train <its overrides> hydra.run.dir=<its folder> "
         "ckpt_path=last` (a sweep: `xentlab-train -m <its overrides> hydra.sweep.dir=<its folder> "
@@ -322,15 +326,6 @@ def read_record(path: Path) -> dict:
         raise ValueError(f"{path} is not a run record (a JSON object with a 'config' object); move it away "
                          "to start that run over")
     return record
-
-
-def finished_record(output_dir: Path, max_epochs: int) -> dict | None:
-    """The run's `metrics.json` content if it records a completed run of `max_epochs` epochs, else None."""
-    try:
-        record = json.loads((output_dir / METRICS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if record.get("status") == "completed" and record.get("epochs") == max_epochs else None
 
 
 def write_record(output_dir: Path, cfg: DictConfig, record: dict, overrides=()) -> dict:
