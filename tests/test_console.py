@@ -91,6 +91,8 @@ def test_a_data_setting_only_the_data_refuses_is_one_line_without_a_run_folder(t
     # tell, so this check may import what building needs; the refusal looks like any other.
     result, _ = refused(tmp_path, "data=digits", "data.imbalance_ratio=200", f"seeds={seeds}")
     assert_one_line_refusal(result, "leaves class 9 with 0 samples", tmp_path)
+    # A bundled dataset cannot be given more samples: the advice names what can change.
+    assert "lower the ratio or data.min_class_samples (this dataset has no more samples)" in result.stderr
 
 
 def run_in_terminal(args: list[str], cwd: Path) -> tuple[int, str]:

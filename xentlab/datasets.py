@@ -21,6 +21,8 @@ PROFILES = ("exponential", "step")
 SPLITS = ("train", "val", "test")
 EVAL_SPLITS = ("natural", "balanced")
 SAMPLERS = ("instance", "class_balanced", "sqrt")
+# What a user can change when a fixed (bundled) dataset's rarest class is too small: not its size.
+BUNDLED_REMEDY = "lower the ratio or data.min_class_samples (this dataset has no more samples)"
 
 # --- class counts -------------------------------------------------------------------------------------
 
@@ -70,15 +72,16 @@ def counts_within(available: np.ndarray, imbalance_ratio: float, profile: str) -
     return long_tail_counts(n_min * imbalance_ratio, len(available), imbalance_ratio, profile)
 
 
-def check_min_count(counts: list[int], min_class_samples: int, imbalance_ratio: float) -> None:
-    """Refuse counts that leave a class with fewer than `min_class_samples` samples."""
+def check_min_count(counts: list[int], min_class_samples: int, imbalance_ratio: float,
+                    remedy: str = "lower the ratio or raise data.n_samples") -> None:
+    """Refuse counts that leave a class with fewer than `min_class_samples` samples; `remedy` says what
+    the user can change for this dataset."""
     check_positive_int("min_class_samples", min_class_samples)
     rarest = len(counts) - 1 - int(np.argmin(counts[::-1]))  # on ties, the tail class
     if counts[rarest] < min_class_samples:
         raise ValueError(
             f"data.imbalance_ratio={imbalance_ratio} leaves class {rarest} with {counts[rarest]} samples, "
-            f"fewer than data.min_class_samples={min_class_samples}; lower the ratio or add samples "
-            f"(counts: {counts})")
+            f"fewer than data.min_class_samples={min_class_samples}; {remedy} (counts: {counts})")
 
 
 def subsample(y: np.ndarray, counts: list[int], rng: np.random.Generator) -> np.ndarray:
@@ -212,7 +215,7 @@ def _bundled(loader, source: str):
             check_positive_int("max_per_class", max_per_class)
             available = np.minimum(available, max_per_class)
         counts = counts_within(available, imbalance_ratio, profile)
-        check_min_count(counts, min_class_samples, imbalance_ratio)
+        check_min_count(counts, min_class_samples, imbalance_ratio, BUNDLED_REMEDY)
         keep = subsample(y, counts, np.random.default_rng(seed))
         return x[keep], y[keep]
 
@@ -346,7 +349,7 @@ def balanced_eval_splits(make, params: dict, val_fraction: float, test_fraction:
         _check_eval_size(n_val, n_test, val_fraction, test_fraction, f"data (its rarest class has {rarest})")
         left = np.bincount(y) - n_val - n_test
         train_counts = counts_within(left, ratio, profile)
-        check_min_count(train_counts, p["min_class_samples"], ratio)
+        check_min_count(train_counts, p["min_class_samples"], ratio, BUNDLED_REMEDY)
     return split_per_class(x, y, n_val, n_test, train_counts, seed)
 
 
