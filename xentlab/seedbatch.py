@@ -602,7 +602,8 @@ def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), thread
         raise
     except (KeyboardInterrupt, SystemExit) as stop:  # Lightning turns Ctrl-C and SIGTERM into SystemExit
         cause = interruption.describe(stop)
-        lost = [try_to_record(lambda k=k: stopped(k, cause=cause), "interrupted") for k in range(len(seeds))]
+        lost = [try_to_record(functools.partial(stopped, k, cause=cause), "interrupted")
+                for k in range(len(seeds))]
         epoch = f" in epoch {trainer.current_epoch + 1}" if trainer is not None else ""
         where = f"recorded in {seed_dir(output_dir, '*') / 'metrics.json'}"
         raise RunInterrupted(f"interrupted by {cause}{epoch}; {next(filter(None, lost), where)}",
