@@ -552,11 +552,52 @@ X = make_logits(4, 3, torch.float32)
 Y = torch.tensor([0, 1, 2, 1])
 T = make_binary_target(4, 3, torch.float32)
 
+# Class indices out of range: at training shapes PyTorch's own kernels find them (as in F.cross_entropy,
+# without a separate host-synchronising pass) and xentlab turns their error into this ValueError.
+INDEX_ERRORS = [  # (loss, its keyword arguments, 4 class indices with a bad one, the message)
+    (XF.cross_entropy, {}, [0, 1, 3, 1], r"class index 3.*\[0, 3\).*C=3"),
+    (XF.cross_entropy, {}, [0, -1, 2, 1], r"class index -1"),
+    (XF.cross_entropy, {"ignore_index": -1, "label_smoothing": 0.1, "weight": [1.0, 2.0, 3.0]}, [0, -1, 9, 1],
+     r"class index 9"),
+    (XF.cross_entropy, {"weight": [1.0, 2.0, 3.0]}, [0, 1, 2, 3], r"class index 3"),
+    (XF.focal_loss, {}, [0, 7, 2, 1], r"class index 7"),
+    (XF.focal_loss, {}, [-100, 3, 2, 1], r"class index 3"),
+    (XF.mse_loss, {}, [0, 1, 2, 5], r"class index 5"),
+    (XF.mse_loss, {}, [-100, -2, 2, 1], r"class index -2"),
+    (XF.ldam_loss, {"margins": torch.ones(3)}, [0, 1, 2, 4], r"class index 4"),
+    (XF.logit_adjusted_loss, {"log_prior": torch.zeros(3)}, [0, 3, 2, 1], r"class index 3"),
+]
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("rows", [4, 40_000], ids=["training-shape", "large"])
+@pytest.mark.parametrize("loss, kwargs, target, message", INDEX_ERRORS,
+                         ids=[f"index-{i}" for i in range(len(INDEX_ERRORS))])
+def test_out_of_range_class_index_is_a_value_error_on_every_path(loss, kwargs, target, message, rows, backend):
+    """Small fused inputs are checked inside PyTorch's kernels, large ones (and other backends) by one check
+    before the kernel; the caller sees the same ValueError either way, whatever the weights, transform,
+    smoothing or ignore_index."""
+    x = X.repeat(rows // 4, 1).requires_grad_()
+    with pytest.raises(ValueError, match=message):
+        loss(x, torch.tensor(target).repeat(rows // 4), **kwargs, backend=backend)
+
+
+def test_valid_class_indices_at_training_shapes_cost_no_separate_check(monkeypatch):
+    """At training shapes the range check is the kernel's: valid targets never run the host-synchronising
+    check (which would cost more than the loss itself there); large inputs run it once."""
+    calls = []
+    monkeypatch.setattr(XF, "_bad_index_message", lambda *a: calls.append(a) or None)
+    x, y = make_logits(128, 5).requires_grad_(), make_index_target(128, 5, ignore_index=IGN)
+    for loss in (XF.cross_entropy, XF.focal_loss, XF.mse_loss, XF.poly1_loss):
+        loss(x, y, ignore_index=IGN).backward()
+    XF.cross_entropy(x, y, ignore_index=IGN, label_smoothing=0.2, weight=make_weight(5)).backward()
+    assert calls == []
+    big_x, big_y = make_logits(20_000, 5), make_index_target(20_000, 5)
+    XF.cross_entropy(big_x, big_y)
+    assert len(calls) == 1
+
+
 ERRORS = [
-    (lambda: XF.cross_entropy(X, torch.tensor([0, 1, 3, 1])), ValueError, r"class index 3.*\[0, 3\).*C=3"),
-    (lambda: XF.cross_entropy(X, torch.tensor([0, -1, 2, 1])), ValueError, r"class index -1"),
-    (lambda: XF.focal_loss(X, torch.tensor([0, 7, 2, 1])), ValueError, r"class index 7"),
-    (lambda: XF.mse_loss(X, torch.tensor([0, 1, 2, 5])), ValueError, r"class index 5"),
     (lambda: XF.cross_entropy(X, Y[:3]), ValueError, r"shape \(4,\)"),
     (lambda: XF.cross_entropy(X, Y.float()), ValueError, r"class indices must be an integer tensor"),
     (lambda: XF.cross_entropy(X, Y.bool()), TypeError, r"class indices"),
