@@ -242,7 +242,8 @@ def machine() -> str:
         pass
     threads = torch.get_num_threads()
     timer = "thread CPU time" if threads == 1 else "wall time"
-    return f"{model}, {threads} threads ({timer}), torch {torch.__version__}, Python {platform.python_version()}"
+    return (f"{model}, {threads} threads ({timer}), torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def load() -> str:

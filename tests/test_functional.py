@@ -350,12 +350,27 @@ def test_fused_gradcheck_float64(loss, reduction):
     assert torch.autograd.gradcheck(lambda x: GRADCHECK_CASES[loss](x, reduction), (x,))
 
 
-@pytest.mark.parametrize("loss", list(GRADCHECK_CASES))
+# At training shapes plain cross-entropy and BCE are PyTorch's own ops (see fused._small_cross_entropy), so
+# they are twice differentiable there; every other fused loss is once-differentiable and says so.
+NATIVE_AT_SMALL_SHAPES = {
+    "ce": lambda x: XF.cross_entropy(x, make_index_target(6, 5, ignore_index=IGN), make_weight(5), IGN,
+                                     backend="fused"),
+    "bce": lambda x: GRADCHECK_CASES["bce"](x, "mean"),
+}
+
+
+@pytest.mark.parametrize("loss", [name for name in GRADCHECK_CASES if name not in NATIVE_AT_SMALL_SHAPES])
 def test_fused_double_backward_raises_clearly(loss):
     x = make_logits(6, 5).requires_grad_()
     (g,) = torch.autograd.grad(GRADCHECK_CASES[loss](x, "mean"), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once-differentiable.*backend='reference'"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("loss", list(NATIVE_AT_SMALL_SHAPES))
+def test_fused_losses_that_are_pytorch_ops_at_training_shapes_are_twice_differentiable(loss):
+    x = make_logits(6, 5, scale=1.5).requires_grad_()
+    assert torch.autograd.gradgradcheck(NATIVE_AT_SMALL_SHAPES[loss], (x,))
 
 
 def test_reference_backend_supports_double_backward_as_the_error_message_promises():
@@ -573,7 +588,8 @@ INDEX_ERRORS = [  # (loss, its keyword arguments, 4 class indices with a bad one
 @pytest.mark.parametrize("rows", [4, 40_000], ids=["training-shape", "large"])
 @pytest.mark.parametrize("loss, kwargs, target, message", INDEX_ERRORS,
                          ids=[f"index-{i}" for i in range(len(INDEX_ERRORS))])
-def test_out_of_range_class_index_is_a_value_error_on_every_path(loss, kwargs, target, message, rows, backend):
+def test_out_of_range_class_index_is_a_value_error_on_every_path(loss, kwargs, target, message, rows,
+                                                                 backend):
     """Small fused inputs are checked inside PyTorch's kernels, large ones (and other backends) by one check
     before the kernel; the caller sees the same ValueError either way, whatever the weights, transform,
     smoothing or ignore_index."""

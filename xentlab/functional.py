@@ -275,8 +275,8 @@ def _bad_index_message(target: Tensor, n_classes: int, ignore_index: int) -> str
     bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
     if not bool(bad.any()):
         return None
-    return (f"target contains class index {target[bad][0].item()}, outside [0, {n_classes}) for C={n_classes} "
-            f"classes and not ignore_index={ignore_index}")
+    return (f"target contains class index {target[bad][0].item()}, outside [0, {n_classes}) for "
+            f"C={n_classes} classes and not ignore_index={ignore_index}")
 
 
 def _raise_if_bad_indices(target: Tensor, n_classes: int, ignore_index: int) -> None:

@@ -38,7 +38,7 @@ def get_backend(name: str, input: torch.Tensor) -> ModuleType:
     if name == "auto":
         name = "triton" if input.is_cuda and triton_available() else "fused"
     module = _loaded.get(name)
-    if module is None:  # first use of this backend (the call sits on every loss call's path: keep it a lookup)
+    if module is None:  # first use of this backend (this sits on every loss call's path: keep it a lookup)
         if name not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
         module = _loaded[name] = importlib.import_module(f"{__name__}.{name}")

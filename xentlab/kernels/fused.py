@@ -11,8 +11,13 @@ Chunk temporaries live in a per-thread workspace reused across calls (at most a 
 elements): fresh chunk-sized allocations cost page faults on every call, which on CPU can take longer than the
 math. Peak extra memory is therefore the one logits-sized buffer plus that bounded workspace.
 
+Inputs of at most _SMALL_ELEMS elements (the shapes the lab trains on) take one-shot paths instead: the whole
+batch in a few dispatched ops, where dispatch, not arithmetic, is the cost. There plain cross-entropy and BCE
+are PyTorch's own ops (nothing written in Python can undercut one native op and its C++ autograd node), and
+the other losses compute loss and gradient in one pass as above.
+
 Double backward is not supported: differentiating the gradient again raises a RuntimeError saying so
-(backend="reference" is plain autograd and supports it).
+(backend="reference" is plain autograd and supports it), except where the small path is PyTorch's own op.
 """
 
 from __future__ import annotations
@@ -585,44 +590,18 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
     weight = None if weight is None else weight.to(cdt)
     pos_weight = None if pos_weight is None else pos_weight.to(cdt)
     if input.numel() <= _SMALL_ELEMS:
-        return _SmallBce.apply(input, (target, weight, pos_weight), reduction)
+        return _small_bce(input, target, weight, pos_weight, reduction)
     return _FusedLoss.apply(input, _Bce(target, weight, pos_weight), reduction)
 
 
-class _SmallBce(torch.autograd.Function):
-    """Small inputs: _Bce's formulas over the whole batch in a few ops, loss and gradient in the forward."""
-
-    @staticmethod
-    def forward(ctx, input: Tensor, problem, reduction: str) -> Tensor:
-        target, weight, pos_weight = problem
-        cdt = compute_dtype(input.dtype)
-        x = input if input.dtype == cdt else input.to(cdt)
-        t = target.to(cdt)
-        k = None if pos_weight is None else t * (pos_weight - 1) + 1  # pw t + 1 - t
-        soft = torch.nn.functional.softplus(-x)
-        loss = (1 - t) * x + (soft if k is None else k * soft)
-        if weight is not None:
-            loss = loss * weight
-        if ctx.needs_input_grad[0]:
-            sig = torch.sigmoid(x)
-            grad = sig - t if k is None else sig * k - t * pos_weight
-            if weight is not None:
-                grad = grad * weight
-            if reduction == "mean":
-                grad = grad / max(grad.numel(), 1)
-            ctx.save_for_backward(grad)
-        ctx.reduction, ctx.dtype = reduction, input.dtype
-        if reduction != "none":
-            loss = loss.sum() if reduction == "sum" else loss.mean()
-        return loss.to(input.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        (grad,) = ctx.saved_tensors
-        grad = (grad * grad_output.to(grad.dtype)).to(ctx.dtype)
-        if torch.is_grad_enabled():
-            grad = _NoDoubleBackward.apply(grad.detach().requires_grad_())
-        return grad, None, None
+def _small_bce(input, target, weight, pos_weight, reduction):
+    """At training shapes BCE is PyTorch's own element-wise op with its native autograd node, for the reason
+    given in _small_cross_entropy; half inputs are computed in float32."""
+    cdt = compute_dtype(input.dtype)
+    x = input if input.dtype == cdt else input.to(cdt)
+    loss = torch.binary_cross_entropy_with_logits(x, target.to(cdt), weight, pos_weight,
+                                                  _REDUCTION_ENUM[reduction])
+    return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
 
 @dataclass(eq=False)
