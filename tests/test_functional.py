@@ -48,12 +48,15 @@ N, C = 23, 7  # small and odd so that nothing lines up with a chunk or a vector 
 IGN = -100
 
 
-@pytest.fixture(params=[5, None], ids=["tiny-chunks", "default-chunks"])
+@pytest.fixture(params=["tiny-chunks", "one-shot", "default-chunks"])
 def chunking(request, monkeypatch):
-    """Runs a test once with 5-element row chunks (no one-shot path for small inputs), so every multi-chunk
-    path of the fused backend runs, and once with the defaults (small inputs take the one-shot path)."""
-    if request.param is not None:
-        monkeypatch.setattr(fused, "_CHUNK_ELEMS", request.param)
+    """Runs a test on each path of the fused backend: 5-element row chunks (no one-shot path for small
+    inputs), so every multi-chunk path runs; the one-shot closed-form path that inputs of up to
+    _SMALL_ELEMS elements take; and the defaults (the smallest inputs take PyTorch's row kernels)."""
+    if request.param != "default-chunks":
+        monkeypatch.setattr(fused, "_TINY_ELEMS", 0)
+    if request.param == "tiny-chunks":
+        monkeypatch.setattr(fused, "_CHUNK_ELEMS", 5)
         monkeypatch.setattr(fused, "_SMALL_ELEMS", 0)
 
 
@@ -345,32 +348,41 @@ GRADCHECK_CASES = {
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("loss", list(GRADCHECK_CASES))
-def test_fused_gradcheck_float64(loss, reduction):
+def test_fused_gradcheck_float64(loss, reduction, chunking):
     x = make_logits(6, 5, scale=1.5).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: GRADCHECK_CASES[loss](x, reduction), (x,))
 
 
-# At training shapes plain cross-entropy and BCE are PyTorch's own ops (see fused._small_cross_entropy), so
-# they are twice differentiable there; every other fused loss is once-differentiable and says so.
-NATIVE_AT_SMALL_SHAPES = {
-    "ce": lambda x: XF.cross_entropy(x, make_index_target(6, 5, ignore_index=IGN), make_weight(5), IGN,
+# The smallest batches (fused._TINY_ELEMS elements or fewer) are PyTorch's own row kernels plus autograd,
+# so they are twice differentiable; above that the fused losses have closed-form gradients,
+# once-differentiable and saying so. Each case builds its arguments for an (n, c) batch.
+BIG_N, BIG_C = 1000, 5
+ONCE_DIFFERENTIABLE = {
+    "ce-smoothed": lambda x: XF.cross_entropy(x, make_index_target(BIG_N, BIG_C, ignore_index=IGN),
+                                              make_weight(BIG_C), IGN, label_smoothing=0.3, backend="fused"),
+    "ce-probs": lambda x: XF.cross_entropy(x, make_prob_target(BIG_N, BIG_C), backend="fused"),
+    "focal": lambda x: XF.focal_loss(x, make_index_target(BIG_N, BIG_C), 2.0, make_weight(BIG_C),
                                      backend="fused"),
-    "bce": lambda x: GRADCHECK_CASES["bce"](x, "mean"),
+    "mse": lambda x: XF.mse_loss(x, make_index_target(BIG_N, BIG_C, ignore_index=IGN), backend="fused"),
+    "sigmoid-focal": lambda x: XF.sigmoid_focal_loss(x, make_binary_target(BIG_N, BIG_C), backend="fused"),
+    "asl": lambda x: XF.asymmetric_loss(x, make_binary_target(BIG_N, BIG_C), backend="fused"),
 }
+TWICE_AT_TINY_SHAPES = ["ce", "focal", "focal-gamma-0.5", "mse", "mse-probs-target", "mse-logits", "bce"]
 
 
-@pytest.mark.parametrize("loss", [name for name in GRADCHECK_CASES if name not in NATIVE_AT_SMALL_SHAPES])
+@pytest.mark.parametrize("loss", list(ONCE_DIFFERENTIABLE))
 def test_fused_double_backward_raises_clearly(loss):
-    x = make_logits(6, 5).requires_grad_()
-    (g,) = torch.autograd.grad(GRADCHECK_CASES[loss](x, "mean"), x, create_graph=True)
+    x = make_logits(BIG_N, BIG_C).requires_grad_()
+    assert x.numel() > fused._TINY_ELEMS
+    (g,) = torch.autograd.grad(ONCE_DIFFERENTIABLE[loss](x), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once-differentiable.*backend='reference'"):
         g.sum().backward()
 
 
-@pytest.mark.parametrize("loss", list(NATIVE_AT_SMALL_SHAPES))
-def test_fused_losses_that_are_pytorch_ops_at_training_shapes_are_twice_differentiable(loss):
+@pytest.mark.parametrize("loss", TWICE_AT_TINY_SHAPES)
+def test_fused_losses_at_the_smallest_shapes_are_twice_differentiable(loss):
     x = make_logits(6, 5, scale=1.5).requires_grad_()
-    assert torch.autograd.gradgradcheck(NATIVE_AT_SMALL_SHAPES[loss], (x,))
+    assert torch.autograd.gradgradcheck(lambda x: GRADCHECK_CASES[loss](x, "mean"), (x,))
 
 
 def test_reference_backend_supports_double_backward_as_the_error_message_promises():
@@ -411,7 +423,7 @@ def loss_problems(draw):
     n = draw(st.integers(0, min(300, 30000 // c)))
     loss = draw(st.sampled_from(list(LOSS_CASES)))
     reduction = draw(st.sampled_from(REDUCTIONS))
-    chunk = draw(st.sampled_from([None, 97, 4096]))
+    chunk = draw(st.sampled_from([None, 0, 97, 4096]))  # defaults, one-shot path, chunk sizes
     seed = draw(st.integers(0, 2**16))
     return dtype, n, c, loss, reduction, chunk, seed
 
@@ -429,14 +441,16 @@ def test_fused_matches_reference_on_random_problems(problem, label_smoothing, ga
         "focal": lambda x, b: XF.focal_loss(x, target, gamma, make_weight(c), IGN, reduction, backend=b),
         "sigmoid-focal": lambda x, b: XF.sigmoid_focal_loss(x, target, 0.25, gamma, reduction, backend=b),
     }.get(loss, lambda x, b: LOSS_CASES[loss][0](x, target, reduction=reduction, backend=b))
-    old, old_small = fused._CHUNK_ELEMS, fused._SMALL_ELEMS
-    fused._CHUNK_ELEMS = chunk or old
-    fused._SMALL_ELEMS = old_small if chunk is None else 0
+    old = fused._CHUNK_ELEMS, fused._SMALL_ELEMS, fused._TINY_ELEMS
+    if chunk is not None:
+        fused._TINY_ELEMS = 0
+    if chunk:
+        fused._CHUNK_ELEMS, fused._SMALL_ELEMS = chunk, 0
     try:  # the float64 "truth" here is the reference backend run on the same dtype
         check_parity(partial(call, b="fused"), lambda x: call(x.to(dtype), "reference").double(), x,
                      tol=TOLERANCES[dtype] if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-5))
     finally:
-        fused._CHUNK_ELEMS, fused._SMALL_ELEMS = old, old_small
+        fused._CHUNK_ELEMS, fused._SMALL_ELEMS, fused._TINY_ELEMS = old
 
 
 # ---------------------------------------------------------------- docs/losses.md numbers and corner cases

@@ -42,6 +42,9 @@ _SMALL_C = 64
 # loss and gradient in the forward. At training shapes (128 x 5) each op costs microseconds of dispatch while
 # the math costs nanoseconds, so op count is the whole cost; chunking pays off only once rows leave cache.
 _SMALL_ELEMS = 1 << 16
+# Up to this many elements (128 x 32) even the one-shot path's ~25 dispatched ops cost more than PyTorch's own
+# row kernels plus autograd's C++ nodes do, measured inside a whole training step of the default model.
+_TINY_ELEMS = 1 << 12
 _NLL = spec.NLL()
 _local = threading.local()
 
@@ -262,9 +265,12 @@ def softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduc
     weight = None if weight is None else weight.to(cdt)
     if transform is not None and transform.is_identity:
         transform = None
+    if input.numel() <= _TINY_ELEMS:
+        if transform is None and _is_nll(row_loss):
+            return _small_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+        if not label_smoothing:
+            return _tiny_row_loss(input, target, row_loss, weight, transform, ignore_index, reduction)
     if checks_targets(input):
-        if transform is None and not label_smoothing and _is_nll(row_loss):
-            return _small_cross_entropy(input, target, weight, ignore_index, reduction)
         problem = (target, row_loss, weight, transform, ignore_index, label_smoothing)
         return _SmallSoftmax.apply(input, problem, reduction)
     valid = target != ignore_index
@@ -284,14 +290,35 @@ def checks_targets(input: Tensor) -> bool:
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 
 
-def _small_cross_entropy(input, target, weight, ignore_index, reduction):
-    """Plain (weighted) cross-entropy at training shapes is PyTorch's own op, log_softmax + nll_loss with
-    native autograd nodes: at 128 x 5 a whole forward and backward costs about two dozen microseconds, most
-    of it fixed per-op and autograd cost that any Python autograd.Function adds to, never removes. It is
+def _small_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
+    """(Weighted, label-smoothed) cross-entropy at training shapes is PyTorch's own op, log_softmax + nll_loss
+    with native autograd nodes: at 128 x 5 a whole forward and backward costs about thirty microseconds,
+    most of it fixed per-op and autograd cost that a Python autograd.Function adds to, never removes. It is
     the same row logsumexp computed once; half inputs are computed in float32 as everywhere else."""
     cdt = compute_dtype(input.dtype)
     z = input if input.dtype == cdt else input.to(cdt)
-    loss = torch._C._nn.cross_entropy_loss(z, target, weight, _REDUCTION_ENUM[reduction], ignore_index, 0.0)
+    loss = torch._C._nn.cross_entropy_loss(z, target, weight, _REDUCTION_ENUM[reduction], ignore_index,
+                                           label_smoothing)
+    return loss if loss.dtype == input.dtype else loss.to(input.dtype)
+
+
+def _tiny_row_loss(input, target, row_loss, weight, transform, ignore_index, reduction):
+    """The smallest batches (at most _TINY_ELEMS elements, e.g. 128 x 5): -log p'_y per row from PyTorch's
+    cross-entropy op (0 on ignored rows, where phi is then evaluated at p = 1 and weighted by 0; and the range
+    check), phi through autograd. Inside a whole training step this costs the same as PyTorch's eager
+    composition, where the closed-form one-pass path's two dozen extra dispatched ops cost ~20% more
+    (docs/benchmarks.md). The logit transform, too, is differentiated by autograd."""
+    cdt = compute_dtype(input.dtype)
+    z = input if input.dtype == cdt else input.to(cdt)
+    y = target.clamp(0, z.shape[1] - 1)  # ignored rows may hold any index; their weight is 0
+    if transform is not None:
+        z = transform.apply(z, y)
+    neg_logpt = torch._C._nn.cross_entropy_loss(z, target, None, 0, ignore_index, 0.0)
+    valid = target != ignore_index
+    w_y = valid.to(cdt) if weight is None else weight.gather(0, y).mul_(valid)
+    loss = (neg_logpt if isinstance(row_loss, spec.NLL) else row_loss.value(neg_logpt.neg())) * w_y
+    if reduction != "none":
+        loss = loss.sum() if reduction == "sum" else loss.sum() / w_y.sum()
     return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
 
@@ -468,6 +495,8 @@ class _Mse:
 def mse_loss(input, target, ignore_index, reduction, on):
     """Elementwise (pred - onehot(y))^2 with pred = softmax(x) (on="probs") or x (on="logits"), or against a
     probability target; `mean` divides by (non-ignored rows) * C."""
+    if input.numel() <= _TINY_ELEMS:
+        return _tiny_mse(input, target, ignore_index, reduction, on)
     if input.numel() <= _SMALL_ELEMS:
         return _SmallMse.apply(input, (target, ignore_index, on), reduction)
     if target.dtype.is_floating_point:
@@ -476,6 +505,27 @@ def mse_loss(input, target, ignore_index, reduction, on):
         valid = target != ignore_index
         kernel = _Mse(torch.where(valid, target, 0), valid, bool(valid.all()), on, input.shape[1])
     return _FusedLoss.apply(input, kernel, reduction)
+
+
+def _tiny_mse(input, target, ignore_index, reduction, on):
+    """The smallest batches (see _tiny_row_loss): the squared error through autograd, with PyTorch's softmax
+    op; one_hot range-checks the class indices. An all-ignored batch has a NaN mean and a zero gradient."""
+    cdt = compute_dtype(input.dtype)
+    z = input if input.dtype == cdt else input.to(cdt)
+    pred = torch.softmax(z, 1) if on == "probs" else z
+    if target.dtype.is_floating_point:
+        err, count = pred - target.to(cdt), None
+    else:
+        valid = target != ignore_index
+        goal = torch.nn.functional.one_hot(torch.where(valid, target, 0), z.shape[1])
+        err = (pred - goal).mul_(valid[:, None])
+        count = valid.sum() * z.shape[1]
+    loss = err * err
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        loss = loss.mean() if count is None else torch.where(count > 0, loss.sum() / count.clamp(min=1), torch.nan)
+    return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
 
 class _SmallMse(torch.autograd.Function):
