@@ -852,9 +852,10 @@ def test_bce_at_infinite_logits_is_pytorchs_value(backend):
 
 
 def _value_checks_calls(call) -> list[str]:
-    """The host reads of tensor values (`bool(t)`, `t.item()`) that `call` makes outside the kernels."""
+    """The host reads of tensor values (`bool(t)`, `t.item()`, `t.tolist()`) that `call` makes outside the
+    kernels."""
     reads = []
-    original_bool, original_item = torch.Tensor.__bool__, torch.Tensor.item
+    originals = {name: getattr(torch.Tensor, name) for name in ("__bool__", "item", "tolist")}
 
     def spy(name, original):
         def read(self, *args):
@@ -862,11 +863,13 @@ def _value_checks_calls(call) -> list[str]:
             return original(self, *args)
         return read
 
-    torch.Tensor.__bool__, torch.Tensor.item = spy("bool", original_bool), spy("item", original_item)
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, spy(name, original))
     try:
         call()
     finally:
-        torch.Tensor.__bool__, torch.Tensor.item = original_bool, original_item
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
     return reads
 
 

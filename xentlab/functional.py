@@ -456,10 +456,15 @@ def _binary_target(target, input: Tensor) -> Tensor:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
     if target.dtype.is_complex:
         raise TypeError(f"target must be real-valued, got dtype {target.dtype}")
-    bad = ~((target >= 0) & (target <= 1)) if _CHECK_VALUES.get() else None
-    if bad is not None and bool(bad.any()):
-        raise ValueError(f"binary targets must be in [0, 1], got {target[bad][0].item()}")
-    return _elements(target.to(input.dtype))
+    converted = target if target.dtype == input.dtype else target.to(input.dtype)
+    if _CHECK_VALUES.get() and target.numel():
+        # one pass and one host sync (the comparisons fail for NaN); integer targets are exact as floats
+        checked = target if target.dtype.is_floating_point else converted
+        low, high = torch.stack(torch.aminmax(checked)).tolist()
+        if not (low >= 0 and high <= 1):
+            bad = ~((target >= 0) & (target <= 1))
+            raise ValueError(f"binary targets must be in [0, 1], got {target[bad][0].item()}")
+    return _elements(converted)
 
 
 def _elementwise_weight(weight, input: Tensor) -> Tensor | None:

@@ -43,7 +43,8 @@ _SMALL_C = 64
 # the math costs nanoseconds, so op count is the whole cost; chunking pays off only once rows leave cache.
 _SMALL_ELEMS = 1 << 16
 # Up to this many elements (128 x 32) even the one-shot path's ~25 dispatched ops cost more than PyTorch's own
-# row kernels plus autograd's C++ nodes do, measured inside a whole training step of the default model.
+# row kernels plus autograd's C++ nodes do, measured inside a whole training step of the default model; from
+# _SMALL_C classes on, PyTorch's row kernels win at every small size.
 _TINY_ELEMS = 1 << 12
 _NLL = spec.NLL()
 _local = threading.local()
@@ -265,11 +266,12 @@ def softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduc
     weight = None if weight is None else weight.to(cdt)
     if transform is not None and transform.is_identity:
         transform = None
-    if input.numel() <= _TINY_ELEMS:
+    if checks_targets(input) and (input.numel() <= _TINY_ELEMS or input.shape[1] >= _SMALL_C):
+        # where PyTorch's row kernels are at their best: the smallest batches, and rows of many classes
         if transform is None and _is_nll(row_loss):
             return _small_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
         if not label_smoothing:
-            return _tiny_row_loss(input, target, row_loss, weight, transform, ignore_index, reduction)
+            return _row_loss_by_autograd(input, target, row_loss, weight, transform, ignore_index, reduction)
     if checks_targets(input):
         problem = (target, row_loss, weight, transform, ignore_index, label_smoothing)
         return _SmallSoftmax.apply(input, problem, reduction)
@@ -302,12 +304,13 @@ def _small_cross_entropy(input, target, weight, ignore_index, reduction, label_s
     return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
 
-def _tiny_row_loss(input, target, row_loss, weight, transform, ignore_index, reduction):
-    """The smallest batches (at most _TINY_ELEMS elements, e.g. 128 x 5): -log p'_y per row from PyTorch's
-    cross-entropy op (0 on ignored rows, where phi is then evaluated at p = 1 and weighted by 0; and the range
-    check), phi through autograd. Inside a whole training step this costs the same as PyTorch's eager
-    composition, where the closed-form one-pass path's two dozen extra dispatched ops cost ~20% more
-    (docs/benchmarks.md). The logit transform, too, is differentiated by autograd."""
+def _row_loss_by_autograd(input, target, row_loss, weight, transform, ignore_index, reduction):
+    """The smallest batches (at most _TINY_ELEMS elements, e.g. 128 x 5) and small batches of many classes:
+    -log p'_y per row from PyTorch's cross-entropy op (0 on ignored rows, where phi is then evaluated at
+    p = 1 and weighted by 0; and the range check), phi through autograd. Inside a whole training step of the
+    default model this costs what PyTorch's eager composition costs, where the one-shot closed form's two
+    dozen extra dispatched ops cost ~20% more (docs/benchmarks.md). The logit transform, too, is
+    differentiated by autograd."""
     cdt = compute_dtype(input.dtype)
     z = input if input.dtype == cdt else input.to(cdt)
     y = target.clamp(0, z.shape[1] - 1)  # ignored rows may hold any index; their weight is 0
@@ -508,23 +511,23 @@ def mse_loss(input, target, ignore_index, reduction, on):
 
 
 def _tiny_mse(input, target, ignore_index, reduction, on):
-    """The smallest batches (see _tiny_row_loss): the squared error through autograd, with PyTorch's softmax
-    op; one_hot range-checks the class indices. An all-ignored batch has a NaN mean and a zero gradient."""
+    """The smallest batches (see _row_loss_by_autograd): PyTorch's softmax and mse_loss ops with autograd,
+    ignored rows zeroed on both sides; one_hot range-checks the class indices. An all-ignored batch has a NaN
+    mean and a zero gradient."""
     cdt = compute_dtype(input.dtype)
     z = input if input.dtype == cdt else input.to(cdt)
     pred = torch.softmax(z, 1) if on == "probs" else z
     if target.dtype.is_floating_point:
-        err, count = pred - target.to(cdt), None
-    else:
-        valid = target != ignore_index
-        goal = torch.nn.functional.one_hot(torch.where(valid, target, 0), z.shape[1])
-        err = (pred - goal).mul_(valid[:, None])
+        loss = torch.nn.functional.mse_loss(pred, target.to(cdt), reduction=reduction)
+        return loss if loss.dtype == input.dtype else loss.to(input.dtype)
+    valid = target != ignore_index
+    kept = valid[:, None]
+    goal = torch.nn.functional.one_hot(torch.where(valid, target, 0), z.shape[1]).mul_(kept)
+    summed = "sum" if reduction == "mean" else reduction
+    loss = torch.nn.functional.mse_loss(pred * kept, goal, reduction=summed)
+    if reduction == "mean":
         count = valid.sum() * z.shape[1]
-    loss = err * err
-    if reduction == "sum":
-        loss = loss.sum()
-    elif reduction == "mean":
-        loss = loss.mean() if count is None else torch.where(count > 0, loss.sum() / count.clamp(min=1), torch.nan)
+        loss = torch.where(count > 0, loss / count.clamp(min=1), torch.nan)
     return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
 
@@ -649,8 +652,8 @@ def _small_bce(input, target, weight, pos_weight, reduction):
     given in _small_cross_entropy; half inputs are computed in float32."""
     cdt = compute_dtype(input.dtype)
     x = input if input.dtype == cdt else input.to(cdt)
-    loss = torch.binary_cross_entropy_with_logits(x, target.to(cdt), weight, pos_weight,
-                                                  _REDUCTION_ENUM[reduction])
+    t = target if target.dtype == cdt else target.to(cdt)
+    loss = torch.binary_cross_entropy_with_logits(x, t, weight, pos_weight, _REDUCTION_ENUM[reduction])
     return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
 
