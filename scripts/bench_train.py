@@ -1,7 +1,10 @@
 """Training and sweep speed: a xentlab run against a bare PyTorch loop, and a sweep sequential vs joblib.
 
     python scripts/bench_train.py [--samples 20000] [--epochs 20] [--repeats 3] [--threads 1]
-                                  [--seeds 10] [--seed-repeats 2] [--sweep-repeats 2] [--skip-sweeps]
+                                  [--seeds 10] [--seed-repeats 2] [--sweep-repeats 1] [--skip-sweeps]
+
+With the defaults the whole benchmark takes ~5 minutes on an idle 2-core machine (parts 1 and 2 ~2.5,
+part 3 ~2.5); `--skip-sweeps` leaves out part 3. It prints its own total time at the end.
 
 1. Overhead. In one process, with the same torch threads: `xentlab.train.train` (Lightning fit with
    validation every epoch, test, TensorBoard logging and figures, checkpoints, metrics.json) against a
@@ -9,7 +12,8 @@
    size and epochs: train steps, a validation pass (loss + accuracy) per epoch and a test pass. Both
    sides build their data and model inside the timed region. Best of `--repeats` alternating runs, after
    one untimed warm-up of each, since the minimum is the figure least disturbed by other processes.
-   Prints xentlab / bare. As the third anchor, Lightning's own floor: a LightningModule that only
+   Prints xentlab / bare, in wall time and in this process's CPU time (the steadier figure on a shared
+   machine). As the third anchor, Lightning's own floor: a LightningModule that only
    applies the loss (no metrics, logging, figures or checkpoints), fitted and tested by a Trainer with
    the run's settings on the same data. `--threads` (default 1, as in xentlab's own runs) sets torch's
    threads here.
@@ -18,8 +22,9 @@
    another (`train`, one seed each); best of `--seed-repeats` alternating runs.
 3. Sweeps. `xentlab-train -m experiment=compare_losses` (6 losses × 10 seeds, one seed batch per loss)
    as a subprocess with the basic (sequential) launcher and with `hydra/launcher=joblib`, and with
-   joblib without seed batches (`seeds=1 seed=range(10)`: 60 jobs): wall time of the whole command,
-   report included, best of `--sweep-repeats` alternating runs, with the CPU time the command used.
+   joblib without seed batches (`seeds=1 seed=range(10)`: the same 60 runs as 60 jobs): wall time of the
+   whole command, report included, best of `--sweep-repeats` alternating runs, with the CPU time the
+   command used.
 """
 
 from __future__ import annotations
@@ -65,9 +70,20 @@ def parts(cfg):
     return build_parts(cfg)
 
 
-def bare_loop(cfg) -> float:
-    """Seconds for the plain-PyTorch equivalent of one xentlab run (data and model built inside)."""
-    started = time.perf_counter()
+def timed(run):
+    """`run(cfg)` returning (wall, CPU) seconds of it, CPU time being this process's."""
+    def measured(cfg) -> tuple[float, float]:
+        started, cpu = time.perf_counter(), time.process_time()
+        run(cfg)
+        return time.perf_counter() - started, time.process_time() - cpu
+
+    measured.__name__ = run.__name__
+    return measured
+
+
+@timed
+def bare_loop(cfg) -> None:
+    """The plain-PyTorch equivalent of one xentlab run (data and model built inside)."""
     data, loss_fn, model = parts(cfg)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     for _ in range(cfg.trainer.max_epochs):
@@ -79,7 +95,6 @@ def bare_loop(cfg) -> float:
             optimizer.step()
         evaluate(model, loss_fn, data.val_dataloader())
     evaluate(model, loss_fn, data.test_dataloader())
-    return time.perf_counter() - started
 
 
 @torch.no_grad()
@@ -115,10 +130,10 @@ class LossOnly(pl.LightningModule):
         return self.optimizer_factory(self.model.parameters())
 
 
-def lightning_floor(cfg) -> float:
-    """Seconds for `LossOnly` fitted and tested by a Trainer with the run's settings, without logger
-    or checkpoints (data and model built inside)."""
-    started = time.perf_counter()
+@timed
+def lightning_floor(cfg) -> None:
+    """`LossOnly` fitted and tested by a Trainer with the run's settings, without logger or checkpoints
+    (data and model built inside)."""
     data, loss_fn, model = parts(cfg)
     with tempfile.TemporaryDirectory() as out:
         trainer = pl.Trainer(**{**trainer_arguments(cfg), "enable_checkpointing": False}, logger=False,
@@ -126,18 +141,16 @@ def lightning_floor(cfg) -> float:
         module = LossOnly(model, loss_fn, instantiate(cfg.optimizer))
         trainer.fit(module, datamodule=data)
         trainer.test(module, datamodule=data, verbose=False)
-    return time.perf_counter() - started
 
 
-def xentlab_run(cfg) -> float:
-    started = time.perf_counter()
+@timed
+def xentlab_run(cfg) -> None:
     with tempfile.TemporaryDirectory() as out:
         train(cfg, out)
-    return time.perf_counter() - started
 
 
-def overhead(samples: int, epochs: int, repeats: int) -> dict[str, float]:
-    """Best-of-`repeats` seconds of the xentlab run, the Lightning floor and the bare loop."""
+def overhead(samples: int, epochs: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Best-of-`repeats` (wall, CPU) seconds of the xentlab run, the Lightning floor and the bare loop."""
     quiet_lightning()
     sides = {"xentlab": xentlab_run, "lightning": lightning_floor, "bare": bare_loop}
     warm = config(samples=400, epochs=1)
@@ -146,11 +159,11 @@ def overhead(samples: int, epochs: int, repeats: int) -> dict[str, float]:
         for run in sides.values():
             run(warm)
     cfg = config(samples, epochs)
-    times: dict[str, list[float]] = {name: [] for name in sides}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
     for _ in range(repeats):
         for name, run in sides.items():
             times[name].append(run(cfg))
-    return {name: min(seconds) for name, seconds in times.items()}
+    return {name: (min(w for w, _ in pairs), min(c for _, c in pairs)) for name, pairs in times.items()}
 
 
 def seed_batch(samples: int, epochs: int, seeds: int, repeats: int) -> dict[str, tuple[float, float]]:
@@ -229,9 +242,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for part 1")
     parser.add_argument("--seeds", type=int, default=10, help="seeds in the seed-batch comparison")
     parser.add_argument("--seed-repeats", type=int, default=2)
-    parser.add_argument("--sweep-repeats", type=int, default=2)
+    parser.add_argument("--sweep-repeats", type=int, default=1)
     parser.add_argument("--skip-sweeps", action="store_true")
     args = parser.parse_args()
+    began = time.perf_counter()
     torch.set_num_threads(args.threads)
     console = Console()
     console.print(machine(), soft_wrap=True)
@@ -239,13 +253,15 @@ def main() -> None:
     for column in ("measure", "seconds", "ratio", "goal"):
         table.add_column(column, justify="left" if column == "measure" else "right")
     best = overhead(args.samples, args.epochs, args.repeats)
-    bare = best["bare"]
-    table.add_row(f"bare PyTorch loop, {args.epochs} epochs on {args.samples} samples", f"{bare:.2f}", "", "")
-    table.add_row("Lightning floor: loss-only LightningModule, same Trainer settings",
-                  f"{best['lightning']:.2f}", f"{best['lightning'] / bare:.2f}×", "")
-    table.add_row("xentlab run, same work", f"{best['xentlab']:.2f}", f"{best['xentlab'] / bare:.2f}×",
-                  "≤ 1.5×")
-    table.add_row("xentlab run / Lightning floor", "", f"{best['xentlab'] / best['lightning']:.2f}×",
+    (bare, bare_cpu), (floor, floor_cpu), (run, run_cpu) = best["bare"], best["lightning"], best["xentlab"]
+    table.add_row(f"bare PyTorch loop, {args.epochs} epochs on {args.samples} samples (CPU {bare_cpu:.2f} s)",
+                  f"{bare:.2f}", "", "")
+    table.add_row(f"Lightning floor: loss-only LightningModule, same Trainer settings "
+                  f"(CPU {floor_cpu:.2f} s)", f"{floor:.2f}",
+                  f"{floor / bare:.2f}× (CPU {floor_cpu / bare_cpu:.2f}×)", "")
+    table.add_row(f"xentlab run, same work (CPU {run_cpu:.2f} s)", f"{run:.2f}",
+                  f"{run / bare:.2f}× (CPU {run_cpu / bare_cpu:.2f}×)", "≤ 1.5×")
+    table.add_row("xentlab run / Lightning floor", "", f"{run / floor:.2f}× (CPU {run_cpu / floor_cpu:.2f}×)",
                   "≤ 1.15×")
     k = args.seeds
     seeds = seed_batch(args.samples, args.epochs, k, args.seed_repeats)
@@ -264,10 +280,10 @@ def main() -> None:
         table.add_row(f"compare_losses sweep, joblib (CPU {parallel_cpu:.0f} s)", f"{parallel:.1f}",
                       f"{sequential / parallel:.2f}× faster", "< 120 s")
         table.add_row(f"compare_losses sweep, joblib, no seed batches (60 jobs; CPU {unbatched_cpu:.0f} s)",
-                      f"{unbatched:.1f}", f"{unbatched / parallel:.2f}× the batched sweep", "")
+                      f"{unbatched:.1f}", f"batched {unbatched / parallel:.2f}× faster", "")
     console.print(table)
-    if not args.skip_sweeps:
-        console.print(f"load average after: {os.getloadavg()[0]:.1f}")
+    console.print(f"load average after: {os.getloadavg()[0]:.1f}; benchmark took "
+                  f"{time.perf_counter() - began:.0f} s")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +100,7 @@ def test_every_loss_gives_each_seed_its_own_gradient_in_a_batched_step(tmp_path,
     trainer, module, data = build_batch(cfg, tmp_path, [2, 3])
     module.trainer = trainer
     x, y = next(iter(data.train_dataloader()))
-    module.training_step((x, y), 0).backward()
+    module.training_step((x, y), 0)["loss"].backward()
     for k, seed in enumerate((2, 3)):
         pl.seed_everything(seed)
         datamodule, own_loss, model = build_parts(seed_config(cfg, seed))
@@ -108,6 +110,33 @@ def test_every_loss_gives_each_seed_its_own_gradient_in_a_batched_step(tmp_path,
         for name, param in model.named_parameters():
             stacked = dict(module.model.model.named_parameters())[name]
             torch.testing.assert_close(stacked.grad[k], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("loss, shared", [("ce", True), ("focal", True), ("mse", True),
+                                          ("weighted_ce", False), ("ldam", False)])
+def test_one_loss_call_serves_the_batch_only_where_it_equals_the_seeds_own_calls(tmp_path, loss, shared):
+    # Without label noise the seeds' class counts, and so their losses, are equal; weighted_ce's weighted
+    # mean is still no mean of rows (the first step's check refuses it), and LDAM's epoch hook may change it.
+    from xentlab.seedbatch import build_batch, row_means
+
+    cfg = compose_config([*TINY[:3], f"loss={loss}"], "seed=2", "seeds=3")
+    trainer, module, data = build_batch(cfg, tmp_path, [2, 3, 4])
+    module.trainer = trainer
+    batches = iter(data.train_dataloader())
+    module.training_step(next(batches), 0)
+    assert module._shared_loss is shared
+    x, y = next(batches)
+    logits = module(x).detach().requires_grad_(True)
+    values = module._seed_losses(logits, y)
+    own = torch.stack([seed_loss(logits[k], y[k]) for k, seed_loss in enumerate(module.losses)])
+    torch.testing.assert_close(values, own, rtol=1e-5, atol=1e-7)
+    (grad,), (own_grad,) = (torch.autograd.grad(v.sum(), logits) for v in (values, own))
+    torch.testing.assert_close(grad, own_grad, rtol=1e-5, atol=1e-8)
+    if loss == "ce":  # rows of the ignored class leave each seed's mean as they leave PyTorch's
+        module.losses[0].ignore_index = 0
+        expected = torch.stack([torch.nn.functional.cross_entropy(logits[k], y[k], ignore_index=0)
+                                for k in range(3)])
+        torch.testing.assert_close(row_means(module.losses[0], logits, y), expected)
 
 
 def test_adding_a_seed_to_the_batch_changes_no_other_seed(tmp_path):
@@ -225,3 +254,140 @@ def test_multirun_of_seed_batches_reports_every_seed(tmp_path):
     assert "started but have no metrics.json" not in result.stdout
     report = (records[0].parents[2] / "report.csv").read_text()
     assert "loss=ce" in report and "loss=focal" in report
+
+
+# --- records, resume and failures of a batch: what a single run guarantees (docs/trust.md) ---------------
+
+
+class NaNLoss(nn.Module):
+    """A loss that is NaN from the first step, as too high a learning rate makes one seed's."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.inner = loss
+
+    def forward(self, logits, target):
+        return self.inner(logits, target) * torch.nan
+
+
+def poison_seed(monkeypatch, seed: int) -> None:
+    """Seed `seed` of any batch built from here on trains on a NaN loss."""
+    import xentlab.seedbatch as seedbatch
+
+    original = seedbatch.build_parts
+
+    def build_parts(cfg):
+        datamodule, loss, model = original(cfg)
+        return datamodule, NaNLoss(loss) if cfg.seed == seed else loss, model
+
+    monkeypatch.setattr(seedbatch, "build_parts", build_parts)
+
+
+def seed_records(folder: Path) -> dict[int, dict]:
+    return {json.loads(p.read_text())["config"]["seed"]: json.loads(p.read_text())
+            for p in folder.glob("seed=*/metrics.json")}
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "unfinished"])
+def test_resuming_a_batch_into_a_folder_of_another_configuration_is_an_error(tmp_path, finished):
+    from xentlab.runs import FolderHoldsAnotherRun
+
+    train_seeds(config("seeds=2", "loss=focal", "trainer.max_epochs=1"), tmp_path)
+    written = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "events" not in p.name}
+    epochs = 1 if finished else 2
+    with pytest.raises(FolderHoldsAnotherRun, match=r"loss.name: 'focal' -> 'ce'") as raised:
+        train_seeds(config("seeds=2", f"trainer.max_epochs={epochs}", "ckpt_path=last"), tmp_path)
+    assert "seed=0" in str(raised.value)  # names the folder whose record differs
+    assert {p: p.read_bytes() for p in written} == written  # not retrained, nothing overwritten
+    # A batch whose records are gone is matched by the config stamped in the batch checkpoint.
+    for record in tmp_path.glob("seed=*/metrics.json"):
+        record.unlink()
+    for folder in tmp_path.glob("seed=*/checkpoints"):
+        for checkpoint in folder.iterdir():
+            checkpoint.unlink()
+    with pytest.raises(FolderHoldsAnotherRun, match=r"checkpoints/last\.ckpt was written for it.*"
+                                                    r"loss.name: 'focal' -> 'ce'"):
+        train_seeds(config("seeds=2", f"trainer.max_epochs={epochs}", "ckpt_path=last"), tmp_path)
+    # ... and its own configuration resumes from it.
+    resumed = train_seeds(config("seeds=2", "loss=focal", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    assert [r["status"] for r in resumed] == ["completed"] * 2 and [r["epochs"] for r in resumed] == [2, 2]
+
+
+def test_a_single_run_record_in_the_folder_is_another_configuration_for_a_batch(tmp_path):
+    from xentlab.runs import FolderHoldsAnotherRun
+
+    train(config("trainer.max_epochs=1"), tmp_path)
+    with pytest.raises(FolderHoldsAnotherRun, match=r"seeds: 1 -> 2"):
+        train_seeds(config("seeds=2", "trainer.max_epochs=1", "ckpt_path=last"), tmp_path / ".")
+    # The other way round: a single run resuming a batch's folder finds the batch's checkpoint.
+    batch = tmp_path / "batch"
+    train_seeds(config("seeds=2", "trainer.max_epochs=1"), batch)
+    with pytest.raises(FolderHoldsAnotherRun, match=r"seeds: 2 -> 1"):
+        train(config("trainer.max_epochs=2", "ckpt_path=last"), batch)
+
+
+def test_resuming_a_batch_with_nothing_to_resume_is_an_error_unless_a_sweep_asks_for_a_fresh_start(tmp_path):
+    with pytest.raises(ValueError, match=r"nothing to resume in .*hydra\.run\.dir=<its folder>"):
+        train_seeds(config("seeds=2", "trainer.max_epochs=1", "ckpt_path=last"), tmp_path)
+    assert {s: r["status"] for s, r in seed_records(tmp_path).items()} == {0: "failed", 1: "failed"}
+    fresh = train_seeds(config("seeds=2", "trainer.max_epochs=1", "ckpt_path=last"), tmp_path / "sweep_job",
+                        fresh_if_nothing_to_resume=True)
+    assert [r["status"] for r in fresh] == ["completed"] * 2
+
+
+def test_a_seed_whose_loss_goes_nan_fails_alone_and_the_others_complete(tmp_path, monkeypatch):
+    alone = train(config("seed=0"), tmp_path / "alone")
+    failed_alone = tmp_path / "failed_alone"
+    with pytest.raises(FloatingPointError):
+        train(config("seed=0", "optimizer.lr=1e30"), failed_alone)
+    poison_seed(monkeypatch, 1)
+    records = train_seeds(config("seed=0", "seeds=3"), tmp_path / "batch")
+    assert [r["status"] for r in records] == ["completed", "failed", "completed"]
+    assert records[1]["error"].startswith("FloatingPointError: train/loss is nan at epoch 0")
+    assert records[1]["epochs"] == 0 and "FloatingPointError" in records[1]["traceback"]
+    # Seed 0 trained beside a NaN seed is seed 0 trained alone.
+    assert_metrics_close(records[0]["metrics"], alone["metrics"])
+    assert records[0]["warnings"] == alone["warnings"] == []
+    # One writer for both: each status has the single run's fields (plus the batch it was trained in).
+    on_disk = seed_records(tmp_path / "batch")
+    single_failed = json.loads((failed_alone / "metrics.json").read_text())
+    assert set(on_disk[0]) == set(alone) | {"seed_batch"}
+    assert set(on_disk[1]) == set(single_failed) | {"seed_batch"}
+    assert on_disk[1]["overrides"] == ["seed=1"] and on_disk[1]["config"]["seed"] == 1
+
+
+def test_a_seed_that_diverges_with_a_finite_loss_is_flagged_as_a_single_run_is(tmp_path):
+    # Adam at lr=1e6: finite losses ~1e5 times the initial one (tests/test_faults.py, single runs).
+    records = train_seeds(config("seeds=2", "optimizer.lr=1e6"), tmp_path)
+    assert [r["status"] for r in records] == ["completed"] * 2
+    for record in records:
+        assert any(w.startswith("diverged: the last epoch's training loss") for w in record["warnings"])
+    assert all(r["warnings"] for r in seed_records(tmp_path).values())
+
+
+@pytest.mark.parametrize(("sig", "cause"), [(signal.SIGINT, r"SIGINT \(Ctrl-C\)"),
+                                           (signal.SIGTERM, "SIGTERM")])
+def test_an_interrupted_batch_records_every_unfinished_seed(tmp_path, monkeypatch, sig, cause):
+    from xentlab.seedbatch import SeedBatchModule
+    from xentlab.train import RunInterrupted
+
+    original = SeedBatchModule.on_train_epoch_end
+
+    def signal_in_second_epoch(self):
+        original(self)
+        if self.current_epoch == 1:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(SeedBatchModule, "on_train_epoch_end", signal_in_second_epoch)
+    poison_seed(monkeypatch, 1)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(RunInterrupted, match=f"interrupted by {cause} in epoch 2; recorded in") as raised:
+        train_seeds(config("seed=0", "seeds=3", "trainer.max_epochs=5"), tmp_path)
+    assert raised.value.exit_code == 128 + sig
+    assert signal.getsignal(signal.SIGINT) == handler
+    records = seed_records(tmp_path)
+    assert {s: r["status"] for s, r in records.items()} == {0: "interrupted", 1: "failed", 2: "interrupted"}
+    for seed in (0, 2):
+        assert re.search(cause, records[seed]["error"]) and records[seed]["epochs"] == 1
+        assert records[seed]["metrics"]["train/loss"] > 0  # what the seed had measured when it stopped
+    assert records[1]["error"].startswith("FloatingPointError: train/loss is nan")

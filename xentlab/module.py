@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from xentlab import functional as xF
 from xentlab import plots
 from xentlab.board import HPARAMS_RUN, board_tag
 from xentlab.metrics import StageMetrics, logit_adjusted, loss_curve, per_label, temperature_scaled
+from xentlab.runs import nonfinite_loss
 
 CURVE_POINTS = 49
 # Overrides that are no HParams column: threads and ckpt_path change nothing computed, and an experiment's
@@ -108,6 +108,7 @@ class ClassifierModule(LeanModule):
         })
         self._logit_grad_norm: torch.Tensor | None = None
         self._val_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # last validation epoch
+        self._redrawn = plots.Redrawn()  # the validation figures' layouts, redrawn at test
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -161,13 +162,10 @@ class ClassifierModule(LeanModule):
 
     def on_train_epoch_end(self) -> None:
         loss = self._log_stage("train")["loss"]
-        # A diverged run would otherwise train on and report a broken model's metrics; in a sweep the
-        # error marks the job failed and the others go on. The epoch mean is NaN if any batch was, and
-        # checking it here, once per epoch, costs no per-step device sync.
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"train/loss is {loss} at epoch {self.current_epoch} (step {self.global_step}); "
-                "try a lower optimizer.lr or check the loss parameters")
+        # In a sweep the error marks the job failed and the others go on.
+        error = nonfinite_loss(loss, self.current_epoch, self.global_step)
+        if error is not None:
+            raise error
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -229,7 +227,7 @@ class ClassifierModule(LeanModule):
 
     def _log_figures(self, stage: str, metrics: StageMetrics) -> None:
         log_figures(self._writer(), self.global_step, stage, metrics, task=self.task,
-                    num_classes=self.num_classes)
+                    num_classes=self.num_classes, redrawn=self._redrawn)
 
     def _claim_loss_curves(self) -> bool:
         """Whether this run draws the loss-curve figure: always, unless another run of the sweep with
@@ -268,8 +266,10 @@ def write_data_description(writer, datamodule) -> None:
         writer.add_text("data/class_counts", "    " + datamodule.describe().replace("\n", "\n    "), 0)
 
 
-def log_figures(writer, step: int, stage: str, metrics: StageMetrics, *, task: str, num_classes: int) -> None:
-    """Confusion matrix, reliability diagram and per-class PR curves of the stage so far.
+def log_figures(writer, step: int, stage: str, metrics: StageMetrics, *, task: str, num_classes: int,
+                redrawn: plots.Redrawn | None = None) -> None:
+    """Confusion matrix, reliability diagram and per-class PR curves of the stage so far; `redrawn` keeps
+    the figures to draw the next stage's (or seed's) into.
 
     Collective under DDP: every rank gathers the predictions; only a rank with a `writer` draws.
     """
@@ -278,12 +278,15 @@ def log_figures(writer, step: int, stage: str, metrics: StageMetrics, *, task: s
     bins = metrics.calibration.bins()
     if writer is None:
         return
-    confusion_figure = (plots.multilabel_confusion_figure if task == "multilabel"
-                        else plots.confusion_matrix_figure)(confusion, title=f"{stage} confusion")
-    reliability = plots.reliability_figure(*(b.cpu().numpy() for b in bins), bins.ece,
-                                           title=f"{stage} reliability")
-    for tag, figure in (("confusion_matrix", confusion_figure), ("reliability", reliability)):
-        writer.add_image(board_tag(f"{stage}/{tag}"), plots.to_image(figure), step, dataformats="HWC")
+    redrawn, title = redrawn or plots.Redrawn(), f"{stage} confusion"
+    if task == "multilabel":
+        confusion_image = plots.to_image(plots.multilabel_confusion_figure(confusion, title=title))
+    else:
+        confusion_image = redrawn.confusion_matrix(confusion, title=title)
+    reliability = redrawn.reliability(*(b.cpu().numpy() for b in bins), bins.ece,
+                                      title=f"{stage} reliability")
+    for tag, image in (("confusion_matrix", confusion_image), ("reliability", reliability)):
+        writer.add_image(board_tag(f"{stage}/{tag}"), image, step, dataformats="HWC")
     for c in range(num_classes):
         labels = target[:, c] > 0.5 if task == "multilabel" else target == c
         writer.add_pr_curve(board_tag(f"{stage}/pr_class_{c}"), labels, probs[:, c], step)

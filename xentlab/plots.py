@@ -23,20 +23,34 @@ def to_image(figure: Figure) -> np.ndarray:
 def confusion_matrix_figure(matrix: np.ndarray, title: str = "confusion matrix") -> Figure:
     """Heatmap of the row-normalised confusion matrix M_ij / sum_j M_ij (rows: true class), so the
     diagonal is per-class recall whatever the class sizes; cells are annotated with raw counts."""
-    matrix = np.asarray(matrix, dtype=float)
-    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    n = len(matrix)
+    figure = _confusion_layout(len(matrix))
+    _fill_confusion(figure, matrix, title)
+    return figure
+
+
+def _confusion_layout(n: int) -> Figure:
+    """The confusion-matrix figure for n classes without its data (`_fill_confusion` adds it)."""
     figure = Figure(figsize=(2.2 + 0.45 * max(n, 4), 1.4 + 0.45 * max(n, 4)), dpi=DPI)
     ax = figure.add_subplot()
-    image = ax.imshow(rates, vmin=0, vmax=1, cmap="Blues")
+    image = ax.imshow(np.zeros((n, n)), vmin=0, vmax=1, cmap="Blues")
     figure.colorbar(image, ax=ax, fraction=0.046, label="fraction of true class")
     if n <= 20:
         for i, j in np.ndindex(n, n):
-            ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=8,
-                    color="white" if rates[i, j] > 0.5 else "black")
-    ax.set(xlabel="predicted class", ylabel="true class", title=title, xticks=range(n), yticks=range(n))
+            ax.text(j, i, "", ha="center", va="center", fontsize=8)
+    ax.set(xlabel="predicted class", ylabel="true class", xticks=range(n), yticks=range(n))
     figure.subplots_adjust(left=0.12, right=0.84, top=0.9, bottom=0.15)
     return figure
+
+
+def _fill_confusion(figure: Figure, matrix: np.ndarray, title: str) -> None:
+    matrix = np.asarray(matrix, dtype=float)
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    ax = figure.axes[0]
+    ax.images[0].set_data(rates)
+    for (i, j), text in zip(np.ndindex(*matrix.shape), ax.texts, strict=False):
+        text.set_text(f"{int(matrix[i, j])}")
+        text.set_color("white" if rates[i, j] > 0.5 else "black")
+    ax.set_title(title)
 
 
 def multilabel_confusion_figure(matrices: np.ndarray, title: str = "per-label confusion") -> Figure:
@@ -61,23 +75,73 @@ def reliability_figure(confidence: np.ndarray, accuracy: np.ndarray, count: np.n
                        title: str = "reliability") -> Figure:
     """Reliability diagram: per equal-width confidence bin, accuracy against the diagonal (perfect
     calibration), the gap to each bin's mean confidence shaded; below, how many samples fall in each bin."""
-    confidence, accuracy, count = (np.asarray(a, dtype=float) for a in (confidence, accuracy, count))
-    n_bins = len(count)
+    figure = _reliability_layout(len(count))
+    _fill_reliability(figure, confidence, accuracy, count, ece, title)
+    return figure
+
+
+def _reliability_layout(n_bins: int) -> Figure:
+    """The reliability figure for n_bins bins without its data (`_fill_reliability` adds it): one bar of
+    each series per bin, those of empty bins hidden when filled."""
     centers = (np.arange(n_bins) + 0.5) / n_bins
-    filled = count > 0
     figure = Figure(figsize=(4.5, 5.0), dpi=DPI)
     top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    top.bar(centers[filled], accuracy[filled], width=1 / n_bins, edgecolor="black", label="accuracy")
-    top.bar(centers[filled], confidence[filled] - accuracy[filled], bottom=accuracy[filled], width=1 / n_bins,
-            fill=False, hatch="//", edgecolor="red", label="gap to mean confidence")
+    top.bar(centers, np.zeros(n_bins), width=1 / n_bins, edgecolor="black", label="accuracy")
+    top.bar(centers, np.zeros(n_bins), width=1 / n_bins, fill=False, hatch="//", edgecolor="red",
+            label="gap to mean confidence")
     top.plot([0, 1], [0, 1], "k--", linewidth=1)
-    top.set(ylim=(0, 1), ylabel="accuracy", title=f"{title} (ECE {ece:.3f}, {n_bins} bins)")
+    top.set(ylim=(0, 1), ylabel="accuracy")
+    # Built while every bar is visible: a legend entry copies its series' first bar, visibility included.
     top.legend(loc="upper left", fontsize=8)
-    bottom.bar(centers, count, width=1 / n_bins, color="gray")
+    bottom.bar(centers, np.zeros(n_bins), width=1 / n_bins, color="gray")
     bottom.set(xlim=(0, 1), xlabel="top-label confidence", ylabel="samples")
     # Fixed margins: tight_layout would draw the figure twice, doubling its cost.
     figure.subplots_adjust(left=0.16, right=0.96, top=0.93, bottom=0.1, hspace=0.08)
     return figure
+
+
+def _fill_reliability(figure: Figure, confidence, accuracy, count, ece: float, title: str) -> None:
+    confidence, accuracy, count = (np.asarray(a, dtype=float) for a in (confidence, accuracy, count))
+    top, bottom = figure.axes
+    accuracy_bars, gap_bars = top.containers
+    for k, (acc, conf, n) in enumerate(zip(accuracy, confidence, count, strict=True)):
+        accuracy_bars[k].set_height(acc)
+        gap_bars[k].set_y(acc)
+        gap_bars[k].set_height(conf - acc)
+        accuracy_bars[k].set_visible(n > 0)
+        gap_bars[k].set_visible(n > 0)
+    for bar, n in zip(bottom.containers[0], count, strict=True):
+        bar.set_height(n)
+    bottom.relim()
+    bottom.autoscale_view()
+    top.set_title(f"{title} (ECE {ece:.3f}, {len(count)} bins)")
+
+
+class Redrawn:
+    """Confusion-matrix and reliability images drawn into one kept figure per layout, its data replaced
+    each time: building the figure costs as much as drawing it, and a run (a seed batch: each of its
+    seeds) draws the same layouts at its last validation epoch and at test. The pixels are those of a
+    fresh figure with the same data (tests/test_metrics.py)."""
+
+    def __init__(self) -> None:
+        self._figures: dict[tuple[str, int], Figure] = {}
+
+    def _figure(self, kind: str, size: int, layout) -> Figure:
+        if (kind, size) not in self._figures:
+            self._figures[kind, size] = layout(size)
+        return self._figures[kind, size]
+
+    def confusion_matrix(self, matrix: np.ndarray, title: str) -> np.ndarray:
+        """`to_image(confusion_matrix_figure(matrix, title))`."""
+        figure = self._figure("confusion", len(matrix), _confusion_layout)
+        _fill_confusion(figure, matrix, title)
+        return to_image(figure)
+
+    def reliability(self, confidence, accuracy, count, ece: float, title: str) -> np.ndarray:
+        """`to_image(reliability_figure(confidence, accuracy, count, ece, title))`."""
+        figure = self._figure("reliability", len(count), _reliability_layout)
+        _fill_reliability(figure, confidence, accuracy, count, ece, title)
+        return to_image(figure)
 
 
 def loss_curves_figure(p_true: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndarray]],

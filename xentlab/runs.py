@@ -1,5 +1,6 @@
 """What a run knows about itself beyond its metrics: which configuration a folder holds, whether training
-diverged, and whether it was stopped by a signal. `xentlab.train` writes all of it into `metrics.json`."""
+diverged, and whether it was stopped by a signal; and `RunRecord`, the one writer of a run's
+`metrics.json`, for single runs (`xentlab.train`) and for each seed of a batch (`xentlab.seedbatch`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import contextlib
 import math
 import signal
 import threading
+import time
+import traceback
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytorch_lightning as pl
 
@@ -69,42 +73,75 @@ def divergence_warnings(initial_loss: float | None, epoch_losses: list[float]) -
     return warnings
 
 
-class RunRecorder(pl.Callback):
-    """Keeps what the run's record needs and a checkpoint must carry for a resume.
+def nonfinite_loss(loss: float, epoch: int, step: int) -> FloatingPointError | None:
+    """The error a run fails with when its epoch's mean training loss is NaN or infinite, else None.
 
-    The training loss of the first batch (before any update) and each epoch's mean training loss feed
-    `divergence_warnings`; the run's config is stamped into every checkpoint, so a resumed job can tell
-    whether a folder's checkpoint is its own. All of it is callback state, saved and restored with the
-    checkpoint. Losses are summed on the device and read once per epoch (no per-step host sync).
+    A diverged run would otherwise train on and report a broken model's metrics. The epoch mean is NaN
+    if any batch was, so checking it once per epoch costs no per-step device sync. A single run raises
+    it (`ClassifierModule`); a seed of a batch is marked failed with it while the other seeds train on.
+    """
+    if math.isfinite(loss):
+        return None
+    return FloatingPointError(f"train/loss is {loss} at epoch {epoch} (step {step}); try a lower "
+                              "optimizer.lr or check the loss parameters")
+
+
+class RunRecorder(pl.Callback):
+    """Keeps what the records of the trainer's `runs` runs need and a checkpoint must carry for a resume.
+
+    Per run, the training loss of the first batch (before any update) and each epoch's mean training
+    loss feed `divergence_warnings` (`warnings(k)`); the config is stamped into every checkpoint, so a
+    resumed job can tell whether a folder's checkpoint is its own. All of it is callback state, saved
+    and restored with the checkpoint. A single run's training step returns its loss; a seed batch's
+    returns `{"loss": <the sum>, "run_losses": <one per seed>}` with batches stacked as (runs, B, ...).
+    Losses are summed on the device and read once per epoch (no per-step host sync).
     """
 
-    def __init__(self, config: dict):
-        self.config = config
-        self.initial_loss: float | None = None
-        self.epoch_losses: list[float] = []
+    def __init__(self, config: dict, runs: int = 1):
+        self.config, self.runs = config, runs
+        self.initial_losses: list[float] | None = None
+        self.epoch_losses: list[list[float]] = []  # per epoch, one mean per run
         self._sum = self._count = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("run_losses", outputs.get("loss")) if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        size = len(batch[1]) if isinstance(batch, (tuple, list)) and len(batch) > 1 else 1
-        if self.initial_loss is None and trainer.global_step <= 1:
-            self.initial_loss = float(loss)
-        self._sum = self._sum + loss.detach().float() * size  # float32: MPS has no float64
+        target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        size = 1 if target is None else target.shape[1 if self.runs > 1 else 0]
+        losses = loss.detach().float().reshape(-1)  # float32: MPS has no float64
+        if self.initial_losses is None and trainer.global_step <= 1:
+            self.initial_losses = losses.tolist()
+        self._sum = self._sum + losses * size
         self._count += size
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._count:
-            self.epoch_losses.append(float(self._sum / self._count))
+            self.epoch_losses.append((self._sum / self._count).tolist())
         self._sum = self._count = 0
 
+    def warnings(self, k: int = 0) -> list[str]:
+        """Run k's `divergence_warnings`."""
+        initial = self.initial_losses[k] if self.initial_losses is not None else None
+        return divergence_warnings(initial, [epoch[k] for epoch in self.epoch_losses])
+
     def state_dict(self) -> dict:
-        return {"config": self.config, "initial_loss": self.initial_loss, "epoch_losses": self.epoch_losses}
+        return {"config": self.config, "initial_losses": self.initial_losses,
+                "epoch_losses": self.epoch_losses}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.initial_loss = state_dict.get("initial_loss")
-        self.epoch_losses = list(state_dict.get("epoch_losses", []))
+        self.initial_losses = state_dict.get("initial_losses")
+        self.epoch_losses = [list(epoch) for epoch in state_dict.get("epoch_losses", [])]
+        if "initial_loss" in state_dict:  # a single run's checkpoint from before seed batches kept scalars
+            initial = state_dict["initial_loss"]
+            self.initial_losses = None if initial is None else [initial]
+            self.epoch_losses = [[loss] for loss in state_dict.get("epoch_losses", [])]
+
+    def state_of(self, k: int, config: dict) -> dict:
+        """Run k's part of this state, as the RunRecorder of run k trained alone (with `config`) holds it."""
+        return {"config": config,
+                "initial_losses": None if self.initial_losses is None else [self.initial_losses[k]],
+                "epoch_losses": [[epoch[k]] for epoch in self.epoch_losses]}
 
     @staticmethod
     def config_in(checkpoint: dict) -> dict | None:
@@ -149,3 +186,41 @@ class Interruption:
         finally:
             signal.signal(signal.SIGINT, previous[0])
             signal.signal(signal.SIGTERM, previous[1])
+
+
+class RunRecord:
+    """Writes one run's `metrics.json`: the only writer of that record, used by a single run
+    (`xentlab.train.train`) and by every seed of a batch (`xentlab.seedbatch.train_batch`), so the two
+    cannot drift apart. Each method writes the record (atomically) and returns it.
+
+    Every record holds `status`, `duration_s` (since this object was made), `epochs`, `torch_threads`,
+    `metrics`, plus what the status adds: `warnings` (completed), `error` and `traceback` (failed),
+    `error` ("stopped by <cause>", interrupted); `xentlab.train.write_record` adds the overrides and the
+    config. `extra` fields go into every record (a seed's `seed_batch`).
+    """
+
+    def __init__(self, output_dir: str | Path, cfg, overrides=(), **extra):
+        self.output_dir, self.cfg, self.overrides, self.extra = Path(output_dir), cfg, list(overrides), extra
+        self.started = time.time()
+
+    def completed(self, metrics: dict, *, epochs: int, warnings: list[str]) -> dict:
+        return self._write("completed", epochs, metrics, warnings=list(warnings))
+
+    def failed(self, error: BaseException, *, epochs: int, trace: str | None = None) -> dict:
+        """`trace`: the traceback as formatted where the error was caught; by default the error's own."""
+        trace = trace if trace is not None else "".join(traceback.format_exception(error))
+        return self._write("failed", epochs, {}, error=f"{type(error).__name__}: {error}", traceback=trace)
+
+    def interrupted(self, cause: str, *, epochs: int, metrics: dict) -> dict:
+        return self._write("interrupted", epochs, metrics, error=f"stopped by {cause}")
+
+    def _write(self, status: str, epochs: int, metrics: dict, **fields) -> dict:
+        import torch
+
+        from xentlab.train import write_record
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        return write_record(self.output_dir, self.cfg, {
+            "status": status, "duration_s": round(time.time() - self.started, 3), "epochs": epochs,
+            "torch_threads": torch.get_num_threads(), "metrics": dict(metrics), **self.extra, **fields},
+            self.overrides)

@@ -10,7 +10,12 @@ alone would get, and element-wise optimizers (Adam, SGD, ...) then update every 
 would. Gradient-norm clipping is done per seed. Each seed writes what a single run writes into
 `<run dir>/seed=<s>/`: TensorBoard events, `metrics.json` and `checkpoints/last.ckpt` (its own, in the
 single run's form, written when training ends). The batch's checkpoint (`<run dir>/checkpoints/last.ckpt`,
-refreshed every epoch) holds every seed, and `ckpt_path=last` resumes the batch from it.
+refreshed every epoch) holds every seed, and `ckpt_path=last` resumes the batch from it, after the checks a
+single run's resume makes (`resume_batch`).
+
+A seed's record is written by the single run's writer (`xentlab.runs.RunRecord`) and ends as a single run
+ends: `completed` (with the same divergence `warnings`), `failed` (its loss went NaN or infinite, detected
+as a single run's is: the other seeds train on; or the batch raised) or `interrupted` (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -18,8 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import math
-import time
+import traceback
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -43,16 +47,20 @@ from xentlab.module import (
     write_data_description,
     write_hparams,
 )
+from xentlab.runs import FolderHoldsAnotherRun, Interruption, RunRecord, RunRecorder, nonfinite_loss
 from xentlab.schedules import build_scheduler
 from xentlab.slurm import lightning_plugins
 from xentlab.train import (
     CHECKPOINT_DIR,
+    RunInterrupted,
+    RunNotRecorded,
     build_parts,
-    finished_record,
     flat_params,
+    nothing_to_resume,
     quiet_lightning,
+    resume_point,
     trainer_arguments,
-    write_record,
+    try_to_record,
 )
 from xentlab.validation import ConfigError
 
@@ -214,7 +222,8 @@ class SeedRun:
     def __init__(self, seed: int, logger: TensorBoardLogger | None, run_params: dict, datamodule):
         self.seed, self.logger, self.run_params, self.datamodule = seed, logger, run_params, datamodule
         self.final: dict[str, float] = {}  # the last value of each logged `<stage>/<metric>`
-        self.error: str | None = None  # set when the seed's training diverged
+        self.error: FloatingPointError | None = None  # set when the seed's loss went NaN or infinite
+        self.failed_epoch = 0  # the epoch it did
 
     @property
     def writer(self):
@@ -223,6 +232,52 @@ class SeedRun:
     @property
     def minority(self) -> int:
         return int(torch.as_tensor(self.datamodule.class_counts).argmin())
+
+
+def interchangeable(losses: list[nn.Module]) -> bool:
+    """Whether the seeds' losses are one function: one class with `reduction="mean"` to switch, equal plain
+    settings and buffers, and no parameters, submodules or epoch hook (which could make them differ later)."""
+    first = losses[0]
+    if getattr(first, "reduction", None) != "mean" or callable(getattr(first, "on_train_epoch_start", None)):
+        return False
+
+    def settings(loss: nn.Module) -> dict | None:
+        plain = {k: v for k, v in vars(loss).items() if not k.startswith("_") and k != "training"}
+        if any(not isinstance(v, (bool, int, float, str, type(None))) for v in plain.values()):
+            return None
+        if loss._parameters or loss._modules:
+            return None
+        return plain
+
+    reference = settings(first)
+    if reference is None:
+        return False
+    for loss in losses[1:]:
+        if type(loss) is not type(first) or settings(loss) != reference \
+                or loss._buffers.keys() != first._buffers.keys():
+            return False
+        for name, value in loss._buffers.items():
+            other = first._buffers[name]
+            if (value is None) != (other is None) or (value is not None and not torch.equal(value, other)):
+                return False
+    return True
+
+
+def row_means(loss: nn.Module, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(K,) the mean over each seed's rows of `loss`'s reduction="none" values on all K*B rows of `logits`
+    (K, B, C) at once, rows whose target is the loss's `ignore_index` left out as PyTorch's mean does."""
+    k, b = y.shape[:2]
+    loss.reduction = "none"
+    try:
+        values = loss(logits.flatten(0, 1), y.flatten(0, 1))
+    finally:
+        loss.reduction = "mean"
+    values = values.reshape(k, b, -1)
+    ignore = getattr(loss, "ignore_index", None)
+    if isinstance(ignore, int) and y.dim() == 2 and not y.is_floating_point():
+        kept = (y != ignore).sum(1).to(values.dtype)
+        return values.sum((1, 2)) / (kept * values.shape[2])
+    return values.mean((1, 2))
 
 
 class SeedBatchModule(LeanModule):
@@ -252,25 +307,53 @@ class SeedBatchModule(LeanModule):
             "test_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=m),
         }) for m in maps)
         self._logit_grad_norms: torch.Tensor | None = None
+        # None: one call may serve all seeds, checked at the first step (`_seed_losses`); False: it may not.
+        self._shared_loss: bool | None = None if interchangeable(losses) else False
         self._val_logits: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(runs)
+        self._redrawn = plots.Redrawn()  # one figure per layout, redrawn for every seed and stage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     # --- steps -------------------------------------------------------------------------------------
 
+    def training_step(self, batch, batch_idx):
+        values = self._step(batch, "train")
+        # Seed k's parameters reach only values[k], so the sum's gradient is each seed's own. The losses
+        # per seed are for xentlab.runs.RunRecorder (each seed's divergence warnings).
+        return {"loss": values.sum(), "run_losses": values.detach()}
+
     def _step(self, batch, stage: str) -> torch.Tensor:
+        """The K seeds' losses on their slices of the stacked batch."""
         x, y = batch
         logits = self(x)
-        values = torch.stack([loss(logits[k], y[k]) for k, loss in enumerate(self.losses)])
+        values = self._seed_losses(logits, y)
         every = self.trainer.log_every_n_steps
         if logits.requires_grad and every and (self.global_step + 1) % every == 0:
             logits.register_hook(self._record_logit_grads)
         detached, losses = logits.detach(), values.detach()
         for k, metrics in enumerate(self.metrics):
             metrics[f"{stage}_"].update(detached[k], y[k], losses[k])
-        # Seed k's parameters reach only values[k], so the sum's gradient is each seed's own.
-        return values.sum()
+        return values
+
+    def _seed_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(K,) each seed's loss on its own slice. When every seed's loss is the same function
+        (`interchangeable`) the K means come from one call on all K*B rows with reduction="none": ten small
+        loss calls a step cost more than the stacked model's whole forward. The first call checks that form
+        against the seeds' own calls (a weighted mean, say, is not a mean of rows) and keeps to the seeds'
+        own calls for good if it differs."""
+        if self._shared_loss is False:
+            return torch.stack([loss(logits[k], y[k]) for k, loss in enumerate(self.losses)])
+        if self._shared_loss:
+            return row_means(self.losses[0], logits, y)
+        own = torch.stack([loss(logits[k], y[k]) for k, loss in enumerate(self.losses)])
+        try:
+            shared = row_means(self.losses[0], logits, y).detach()
+        except (RuntimeError, ValueError, TypeError):  # a "none" output that is not one value per row
+            shared = None
+        self._shared_loss = shared is not None and shared.shape == own.shape and bool(
+            torch.allclose(shared, own.detach(), rtol=1e-5, atol=1e-7))
+        return own
 
     def _record_logit_grads(self, grad: torch.Tensor) -> None:
         # Per seed, as ClassifierModule: N * mean_i ||dL_k/dx_i||.
@@ -332,11 +415,10 @@ class SeedBatchModule(LeanModule):
     def on_train_epoch_end(self) -> None:
         for k, run in enumerate(self.runs):
             values = self._log_stage(k, "train")
-            loss = values.get("loss", math.nan)
-            if run.error is None and not math.isfinite(loss):
+            error = nonfinite_loss(values.get("loss", float("nan")), self.current_epoch, self.global_step)
+            if run.error is None and error is not None:
                 # As a single run would fail; the other seeds are unaffected and train on.
-                run.error = (f"FloatingPointError: train/loss is {loss} at epoch {self.current_epoch} (step "
-                             f"{self.global_step}); try a lower optimizer.lr or check the loss parameters")
+                run.error, run.failed_epoch = error, self.current_epoch
         if all(run.error is not None for run in self.runs):
             self.trainer.should_stop = True
 
@@ -383,24 +465,31 @@ class SeedBatchModule(LeanModule):
             run.logger.log_metrics({**logged, "epoch": self.current_epoch}, step=self.global_step)
             if figures:
                 log_figures(run.writer, self.global_step, stage, metrics, task=self.task,
-                            num_classes=self.num_classes)
+                            num_classes=self.num_classes, redrawn=self._redrawn)
         metrics.reset()
         return values
 
 
 # --- building and running a batch --------------------------------------------------------------------
 
-def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
-        -> tuple[pl.Trainer, SeedBatchModule, SeedBatchData]:
-    """Trainer, module and data of a batch: each seed's parts built exactly as its single run builds them
-    (same global seeding before `build_parts`, so the same initialisation), then stacked."""
-    quiet_lightning()
+def check_batch(cfg: DictConfig):
+    """Refuse the settings a batch cannot train (several devices or nodes, an optimizer that couples the
+    seeds) with a ValueError; return the optimizer factory."""
     devices, strategy = cfg.trainer.get("devices", 1), cfg.trainer.get("strategy")
     if cfg.trainer.get("num_nodes", 1) != 1 or devices not in (1, "1") or "ddp" in str(strategy):
         raise ValueError(f"seeds > 1 trains its seeds in one process on one device; got trainer.devices="
                          f"{devices}, trainer.strategy={strategy}: use seeds=1 with DDP")
     optimizer = instantiate(cfg.optimizer)
     check_optimizer(optimizer)
+    return optimizer
+
+
+def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
+        -> tuple[pl.Trainer, SeedBatchModule, SeedBatchData]:
+    """Trainer, module and data of a batch: each seed's parts built exactly as its single run builds them
+    (same global seeding before `build_parts`, so the same initialisation), then stacked."""
+    quiet_lightning()
+    optimizer = check_batch(cfg)
     scheduler = build_scheduler(**OmegaConf.to_container(cfg.scheduler), total_epochs=cfg.trainer.max_epochs)
     datamodules, losses, models, runs = [], [], [], []
     data_log = logging.getLogger("xentlab.data")
@@ -427,7 +516,8 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
     module = SeedBatchModule(StackedModel(models), losses, runs, task=data.task, num_classes=data.num_classes,
                              optimizer=optimizer, figure_every_n_epochs=cfg.figure_every_n_epochs,
                              scheduler=scheduler)
-    callbacks = []
+    # Each seed's losses for its divergence warnings; the batch's config stamped in its checkpoint.
+    callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True), runs=len(seeds))]
     if cfg.trainer.get("enable_checkpointing", True):
         callbacks.append(ModelCheckpoint(dirpath=Path(output_dir) / CHECKPOINT_DIR, save_last=True))
     trainer = pl.Trainer(**trainer_arguments(cfg), logger=False, callbacks=callbacks,
@@ -436,53 +526,123 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
     return trainer, module, data
 
 
-def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), threads: int | None = None) \
-        -> list[dict]:
+def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), threads: int | None = None,
+                fresh_if_nothing_to_resume: bool = False, announce=None) -> list[dict]:
     """Train seeds cfg.seed ... cfg.seed + cfg.seeds - 1 as one batch; each writes `seed=<s>/metrics.json`
     as its single run would (overrides with `seed=<s>`, config with `seed: <s>`). Returns the K records.
 
-    With `ckpt_path=last` the batch resumes from `<output_dir>/checkpoints/last.ckpt`, and a batch whose
-    seeds all recorded a completed run of `trainer.max_epochs` epochs is not trained again.
+    Each seed ends as `xentlab.train.train` ends a single run, its record written by the same
+    `RunRecord`: `completed` with its divergence `warnings`; `failed` if its loss went NaN (the others
+    train on) or if the batch raised (every seed not already failed is recorded with that error, which is
+    re-raised); `interrupted` for every seed not failed on Ctrl-C or SIGTERM (`RunInterrupted` is raised).
+    With `ckpt_path=last` the batch resumes every seed from `<output_dir>/checkpoints/last.ckpt` after the
+    checks of `resume_batch`; without a checkpoint that is an error, or a fresh start if
+    `fresh_if_nothing_to_resume`.
     """
     if threads is not None:
         torch.set_num_threads(threads)
     output_dir = Path(output_dir)
     seeds = [cfg.seed + k for k in range(check_seeds(cfg.seeds))]
-    if cfg.ckpt_path == "last":
-        done = [finished_record(seed_dir(output_dir, s), cfg.trainer.max_epochs) for s in seeds]
-        if all(record is not None for record in done):
-            return done
-    started = time.time()
     try:
-        trainer, module, data = build_batch(cfg, output_dir, seeds)
-    except (ValueError, TypeError) as error:  # as train(): a refusal while building is a setting to change
+        check_batch(cfg)  # refused before anything is written, as an invalid setting is
+    except (ValueError, TypeError) as error:
         raise ConfigError(str(error)) from error
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
-    batch_checkpoint = Path(output_dir) / CHECKPOINT_DIR / "last.ckpt"
-    if batch_checkpoint.is_file():
-        split_checkpoint(batch_checkpoint, module, [seed_dir(output_dir, s) / CHECKPOINT_DIR for s in seeds])
-    if not trainer.interrupted:
-        trainer.test(module, datamodule=data, verbose=False)
-    records = []
-    for run in module.runs:
-        record = {"status": "interrupted" if trainer.interrupted else "completed",
-                  "duration_s": round(time.time() - started, 3), "epochs": trainer.current_epoch,
-                  "torch_threads": torch.get_num_threads(), "seed_batch": seeds, "metrics": dict(run.final)}
-        if run.error is not None:
-            record.update(status="failed", error=run.error)
-        path = seed_dir(output_dir, run.seed)
-        path.mkdir(parents=True, exist_ok=True)
-        records.append(write_record(path, seed_config(cfg, run.seed), record,
-                                    seed_overrides(overrides, run.seed)))
-    return records
+    records = [RunRecord(seed_dir(output_dir, s), seed_config(cfg, s), seed_overrides(overrides, s),
+                         seed_batch=seeds) for s in seeds]
+    trainer, module, interruption = None, None, Interruption()
+
+    def epochs() -> int:
+        return trainer.current_epoch if trainer is not None else 0
+
+    def stopped(k: int, error: BaseException | None = None, trace: str | None = None,
+                cause: str | None = None) -> dict:
+        """Seed k's record when the batch ends early: `failed` with its own error if its loss went NaN,
+        else `interrupted` by `cause`, or `failed` with the batch's `error`."""
+        run = module.runs[k] if module is not None else None
+        if run is not None and run.error is not None:
+            return records[k].failed(run.error, epochs=run.failed_epoch)
+        if cause is not None:
+            return records[k].interrupted(cause, epochs=epochs(), metrics=run.final if run else {})
+        return records[k].failed(error, epochs=epochs(), trace=trace)
+
+    try:
+        ckpt_path = cfg.ckpt_path
+        if ckpt_path == "last":
+            done, ckpt_path = resume_batch(cfg, output_dir, seeds, fresh_ok=fresh_if_nothing_to_resume)
+            if done is not None:
+                return done
+        with interruption.watching():
+            try:
+                trainer, module, data = build_batch(cfg, output_dir, seeds)
+            except (ValueError, TypeError) as error:  # as train(): a refusal while building is a setting
+                raise ConfigError(str(error)) from error
+            if announce is not None:  # train_seeds' announce(): the batch is built, its settings accepted
+                announce()
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+            batch_checkpoint = output_dir / CHECKPOINT_DIR / "last.ckpt"
+            if batch_checkpoint.is_file():
+                split_checkpoint(batch_checkpoint, module,
+                                 [seed_dir(output_dir, s) / CHECKPOINT_DIR for s in seeds],
+                                 [OmegaConf.to_container(record.cfg, resolve=True) for record in records])
+            if any(run.error is None for run in module.runs):
+                trainer.test(module, datamodule=data, verbose=False)
+        recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
+        return [stopped(k) if run.error is not None else
+                records[k].completed(run.final, epochs=epochs(), warnings=recorder.warnings(k))
+                for k, run in enumerate(module.runs)]
+    except FolderHoldsAnotherRun:
+        raise  # the folder's records belong to that other run: leave them
+    except Exception as error:
+        trace = traceback.format_exc()
+        lost = [try_to_record(functools.partial(stopped, k, error, trace), "failed")
+                for k in range(len(seeds))]
+        if any(lost):
+            raise RunNotRecorded(f"{type(error).__name__}: {error}; {next(filter(None, lost))}") from error
+        error.xentlab_recorded = True  # run_job need not record it again
+        raise
+    except (KeyboardInterrupt, SystemExit) as stop:  # Lightning turns Ctrl-C and SIGTERM into SystemExit
+        cause = interruption.describe(stop)
+        lost = [try_to_record(functools.partial(stopped, k, cause=cause), "interrupted")
+                for k in range(len(seeds))]
+        epoch = f" in epoch {trainer.current_epoch + 1}" if trainer is not None else ""
+        where = f"recorded in {seed_dir(output_dir, '*') / 'metrics.json'}"
+        raise RunInterrupted(f"interrupted by {cause}{epoch}; {next(filter(None, lost), where)}",
+                             interruption.exit_code(cause)) from stop
 
 
-def split_checkpoint(path: Path, module: SeedBatchModule, out_dirs: list[Path]) -> None:
+def resume_batch(cfg: DictConfig, output_dir: Path, seeds: list[int], *, fresh_ok: bool) \
+        -> tuple[list[dict] | None, str | None]:
+    """For `ckpt_path=last` on a batch: (the seeds' records, None) if every seed already completed its
+    `trainer.max_epochs` epochs; else (None, the batch checkpoint to resume every seed from), or
+    (None, None) for a fresh start when there is none and `fresh_ok` (else the single run's error).
+
+    Each seed's folder and the batch's are checked as `xentlab.train.resume_point` checks a single run's:
+    each `seed=<s>/metrics.json` (or else its checkpoint) carries its seed's config, the batch checkpoint
+    the batch's (and a single run's record in the batch's folder is another configuration); any
+    difference other than those a resume may make raises `FolderHoldsAnotherRun` naming the folder and
+    the keys, before anything is trained or written.
+    """
+    done = [resume_point(seed_config(cfg, s), seed_dir(output_dir, s), fresh_ok=True)[0] for s in seeds]
+    _, checkpoint = resume_point(cfg, output_dir, fresh_ok=True)
+    if all(record is not None for record in done):
+        return done, None
+    if checkpoint is None and not fresh_ok:
+        raise nothing_to_resume(output_dir)
+    return None, checkpoint
+
+
+def split_checkpoint(path: Path, module: SeedBatchModule, out_dirs: list[Path], configs: list[dict]) -> None:
     """Writes `<out_dirs[k]>/last.ckpt`: the batch checkpoint at `path` cut into seed k's own, in the form a
     single run of that seed writes (model, loss and optimizer state under the single run's names and
-    parameter order; epoch, step, loop and schedule state as they are), so one seed can be loaded or
-    continued alone (`seeds=1 seed=<s> ckpt_path=<that file>`)."""
+    parameter order; its RunRecorder state, stamped with its config `configs[k]`; epoch, step, loop and
+    schedule state as they are), so one seed can be loaded or continued alone (`seeds=1 seed=<s>
+    ckpt_path=<that file>`), and its folder is matched to its config on a resume."""
     batch = load_checkpoint(path)
+    callbacks = batch.get("callbacks") or {}
+    recorded = callbacks.get(RunRecorder.__qualname__)
+    recorder = RunRecorder(configs[0], runs=len(out_dirs))
+    if recorded is not None:
+        recorder.load_state_dict(recorded)
     stacked = [name for name, _ in module.model.model.named_parameters()]
     own = [len(list(loss.parameters())) for loss in module.losses]
     for k, out_dir in enumerate(out_dirs):
@@ -495,6 +655,8 @@ def split_checkpoint(path: Path, module: SeedBatchModule, out_dirs: list[Path]) 
             elif head in ("losses", "metrics") and rest.partition(".")[0] == str(k):
                 state[("loss" if head == "losses" else head) + "." + rest.partition(".")[2]] = value
         one["state_dict"] = state
+        if recorded is not None:
+            one["callbacks"] = {**callbacks, RunRecorder.__qualname__: recorder.state_of(k, configs[k])}
         # Parameter order: the stacked model's, then loss 0's, loss 1's, ...; a single run: model, loss.
         first = len(stacked) + sum(own[:k])
         indices = list(range(len(stacked))) + list(range(first, first + own[k]))
