@@ -12,17 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from xentlab.data import (
-    DATASETS,
-    SPLITS,
-    TensorBatches,
-    build_datamodule,
-    counts_for_total,
-    flip_labels,
-    long_tail_counts,
-    split,
-    standardize,
-)
+from xentlab.data import TensorBatches, build_datamodule, flip_labels, standardize
+from xentlab.datasets import DATASETS, SPLITS, counts_for_total, long_tail_counts, split
 from xentlab.train import CONFIG_DIR
 
 DATA_CONFIGS = sorted(Path(CONFIG_DIR, "data").glob("*.yaml"))

@@ -212,6 +212,17 @@ def test_a_sweep_on_a_full_disk_says_the_record_was_lost_and_still_reports(small
     assert staging_files(small_disk) == [] and list(small_disk.rglob(".metrics.json*")) == []
 
 
+def test_a_seed_batch_on_a_full_disk_says_its_records_were_lost(small_disk):
+    from xentlab.train import RunNotRecorded, train_seeds
+
+    fill(small_disk, leave=8 * 1024)
+    with pytest.raises(RunNotRecorded, match=r"No space left.*its 'failed' record could not be written "
+                                             r"either: .*seed=0/metrics\.json"):
+        train_seeds(composed("seeds=2", "trainer.max_epochs=1"), small_disk / "batch")
+    assert not list(small_disk.rglob("metrics.json")) and not list(small_disk.rglob("*.ckpt"))
+    assert staging_files(small_disk) == []
+
+
 def test_a_sweep_that_dies_inside_hydra_still_reports_what_exists(tmp_path):
     # Hydra writes a job's .hydra/ itself, unguarded (a full disk there ends the sweep inside Hydra, before
     # on_multirun_end); a file where the second job's .hydra/ folder goes fails the same way, every time.

@@ -59,6 +59,9 @@ def test_cnn_sees_images_not_a_row_of_pixels():
     ("mlp", {"in_features": 5, "head": "arcface"}, ["model.head", "linear, cosine", "'arcface'"]),
     ("cnn", {"in_features": 64, "dropout": 1.0}, ["model.dropout", "1.0"]),
     ("resnet", {"in_features": 64}, ["resnet", "mlp, linear, cnn"]),
+    # `model.hidden_sizes=abc` on the command line: a string, not "'<' not supported between str and int".
+    ("mlp", {"in_features": 5, "hidden_sizes": "abc"}, ["model.hidden_sizes", "list of positive", "'abc'"]),
+    ("mlp", {"in_features": 5, "hidden_sizes": [8, 0]}, ["model.hidden_sizes", "[8, 0]"]),
 ])
 def test_bad_model_settings_are_refused_naming_the_key(name, params, fragments):
     with pytest.raises(ValueError) as error:

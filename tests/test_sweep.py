@@ -47,13 +47,14 @@ def assert_reported(result: subprocess.CompletedProcess, sweep_dir: Path, groups
 
 
 def assert_one_failed_one_reported(sweep_dir: Path, result: subprocess.CompletedProcess) -> dict:
-    """ratio 0.5 is refused by the data builder inside the job, after Hydra composed it: that job is
+    """ratio 100 leaves the 400 samples' rarest class 3 samples, fewer than data.min_class_samples: only
+    the data builder can tell, inside the job, after the pre-sweep check passed the setting. That job is
     recorded as failed with its error, the other completes, and the report lists both."""
     runs = records(sweep_dir)
     assert sorted((name.split(",")[0], r["status"]) for name, r in runs.items()) == [
-        ("data.imbalance_ratio=0.5", "failed"), ("data.imbalance_ratio=10", "completed")]
+        ("data.imbalance_ratio=10", "completed"), ("data.imbalance_ratio=100", "failed")]
     failed = next(r for r in runs.values() if r["status"] == "failed")
-    assert "imbalance_ratio" in failed["error"] and "0.5" in failed["error"] and failed["traceback"]
+    assert "imbalance_ratio=100" in failed["error"] and "3 samples" in failed["error"] and failed["traceback"]
     md = assert_reported(result, sweep_dir, groups=1)
     assert "1 completed runs" in md and "1 failed or incomplete" in md
     assert "| failed | ConfigError: data.imbalance_ratio" in md
@@ -64,13 +65,13 @@ def assert_one_failed_one_reported(sweep_dir: Path, result: subprocess.Completed
 
 def test_joblib_sweep_with_a_failing_job_then_report(tmp_path):
     result, sweep_dir = sweep(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                               "data.imbalance_ratio=10,0.5"], tmp_path)
+                               "data.imbalance_ratio=10,100"], tmp_path)
     completed = assert_one_failed_one_reported(sweep_dir, result)
     # The console: the sweep announced once, one line per finished job, the class-count table once.
     output = result.stdout + result.stderr
     assert f"[xentlab] 2 jobs -> {sweep_dir.relative_to(tmp_path)}\n" in result.stdout
     assert "[1/2] data.imbalance_ratio=10 val/balanced_accuracy " in result.stdout  # the objective
-    assert "[2/2] data.imbalance_ratio=0.5 FAILED: ConfigError: data.imbalance_ratio" in result.stdout
+    assert "[2/2] data.imbalance_ratio=100 FAILED: ConfigError: data.imbalance_ratio" in result.stdout
     assert output.count("class counts per split") == 1 and "#0 :" not in output
     # Two parallel jobs share the cores: cores // 2 intra-op threads each, never more.
     assert completed["torch_threads"] == max(1, available_cpus() // 2)
@@ -78,7 +79,7 @@ def test_joblib_sweep_with_a_failing_job_then_report(tmp_path):
 
 def test_submitit_local_sweep_with_a_failing_job_then_report(tmp_path):
     result, sweep_dir = sweep(["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
-                               "data.imbalance_ratio=10,0.5"], tmp_path)
+                               "data.imbalance_ratio=10,100"], tmp_path)
     assert (sweep_dir / ".submitit").is_dir()  # the jobs really went through submitit
     completed = assert_one_failed_one_reported(sweep_dir, result)
     assert completed["torch_threads"] == 1  # cpus_per_task unset: every local job starts at once

@@ -38,8 +38,10 @@ def make_head(name: str, in_features: int, num_outputs: int) -> nn.Module:
 def mlp(in_features: int, num_outputs: int, hidden_sizes: Sequence[int] = (64, 64), dropout: float = 0.0,
         head: str = "linear") -> nn.Module:
     """Fully connected network: (Linear → ReLU → Dropout) per hidden size, then the head to the logits."""
-    if any(h < 1 for h in hidden_sizes):
-        raise ValueError(f"model.hidden_sizes must be positive integers, got {list(hidden_sizes)}")
+    if isinstance(hidden_sizes, str) or any(isinstance(h, bool) or not isinstance(h, int) or h < 1
+                                            for h in hidden_sizes):
+        raise ValueError(f"model.hidden_sizes must be a list of positive integers (e.g. [64, 64]), "
+                         f"got {hidden_sizes!r}")
     _check_dropout(dropout)
     layers: list[nn.Module] = []
     width = in_features

@@ -527,7 +527,7 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
 
 
 def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), threads: int | None = None,
-                fresh_if_nothing_to_resume: bool = False) -> list[dict]:
+                fresh_if_nothing_to_resume: bool = False, announce=None) -> list[dict]:
     """Train seeds cfg.seed ... cfg.seed + cfg.seeds - 1 as one batch; each writes `seed=<s>/metrics.json`
     as its single run would (overrides with `seed=<s>`, config with `seed: <s>`). Returns the K records.
 
@@ -576,6 +576,8 @@ def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), thread
                 trainer, module, data = build_batch(cfg, output_dir, seeds)
             except (ValueError, TypeError) as error:  # as train(): a refusal while building is a setting
                 raise ConfigError(str(error)) from error
+            if announce is not None:  # train_seeds' announce(): the batch is built, its settings accepted
+                announce()
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
             batch_checkpoint = output_dir / CHECKPOINT_DIR / "last.ckpt"
             if batch_checkpoint.is_file():
@@ -600,7 +602,8 @@ def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), thread
         raise
     except (KeyboardInterrupt, SystemExit) as stop:  # Lightning turns Ctrl-C and SIGTERM into SystemExit
         cause = interruption.describe(stop)
-        lost = [try_to_record(lambda k=k: stopped(k, cause=cause), "interrupted") for k in range(len(seeds))]
+        lost = [try_to_record(functools.partial(stopped, k, cause=cause), "interrupted")
+                for k in range(len(seeds))]
         epoch = f" in epoch {trainer.current_epoch + 1}" if trainer is not None else ""
         where = f"recorded in {seed_dir(output_dir, '*') / 'metrics.json'}"
         raise RunInterrupted(f"interrupted by {cause}{epoch}; {next(filter(None, lost), where)}",

@@ -93,20 +93,32 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
                               overrides=overrides, shared_dir=shared_dir, varied=varied)
     logger = BoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
     callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True))]
+    arguments = trainer_arguments(cfg, train_batches=len(datamodule.train_dataloader()))
     if cfg.trainer.get("enable_checkpointing", True):
         # last.ckpt, refreshed every epoch, is what `ckpt_path=last` resumes from.
         callbacks.append(ModelCheckpoint(dirpath=output_dir / CHECKPOINT_DIR, save_last=True))
-    trainer = pl.Trainer(**trainer_arguments(cfg), logger=logger, callbacks=callbacks,
+    trainer = pl.Trainer(**arguments, logger=logger, callbacks=callbacks,
                          default_root_dir=str(output_dir), plugins=[SafeCheckpointIO(), *lightning_plugins()])
     return trainer, module, datamodule
 
 
-def trainer_arguments(cfg: DictConfig) -> dict:
+def trainer_arguments(cfg: DictConfig, train_batches: int | None = None) -> dict:
     """`cfg.trainer` as Trainer keyword arguments; `enable_progress_bar: null` becomes a bar only when a
-    person watches a terminal."""
+    person watches a terminal. Given the training batches per epoch, `log_every_n_steps` is at most the
+    batches an epoch runs (after `limit_train_batches`): a small dataset then logs once per epoch instead
+    of Lightning warning that the interval exceeds the epoch."""
     arguments = dict(cfg.trainer)
     if arguments.get("enable_progress_bar") is None:
         arguments["enable_progress_bar"] = sys.stdout.isatty()
+    if train_batches is not None:
+        limit = arguments.get("limit_train_batches")
+        if isinstance(limit, float):
+            train_batches = int(train_batches * limit)
+        elif isinstance(limit, int) and not isinstance(limit, bool):
+            train_batches = min(train_batches, limit)
+        interval = arguments.get("log_every_n_steps", 50)  # Lightning's default
+        if isinstance(interval, int) and train_batches >= 1:
+            arguments["log_every_n_steps"] = min(interval, train_batches)
     return arguments
 
 
@@ -153,7 +165,8 @@ class RunNotRecorded(RuntimeError):
 
 def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
           threads: int | None = None, shared_dir: str | Path | None = None,
-          varied: list[str] | None = None, fresh_if_nothing_to_resume: bool = False) -> dict:
+          varied: list[str] | None = None, fresh_if_nothing_to_resume: bool = False,
+          announce: Callable[[], None] | None = None) -> dict:
     """Fit on the training split, test on the held-out split, write `metrics.json`; return its content.
 
     Every run that starts ends with a `metrics.json` whose `status` is `completed` (with `warnings`, e.g.
@@ -168,7 +181,8 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     if `fresh_if_nothing_to_resume` (a resumed sweep's jobs that never reached one). `overrides` (the
     job's command-line overrides) are stored for the report; `threads`, if given, sets torch's intra-op
     threads first; `shared_dir` and `varied` are a multirun's sweep folder and the keys it varies (for
-    TensorBoard's HParams columns).
+    TensorBoard's HParams columns). `announce()`, if given, is called once the run is built (and so its
+    settings accepted), before training starts.
     """
     import torch
 
@@ -198,6 +212,8 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
                 # Building validates what the config checks could not (the data's settings, the loss for
                 # this data, Lightning's view of the Trainer arguments): a refusal is a setting to change.
                 raise ConfigError(str(error)) from error
+            if announce is not None:
+                announce()
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             final = {k: float(v) for k, v in trainer.callback_metrics.items()}
             tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
@@ -227,16 +243,19 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
 
 def train_seeds(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tuple[str, ...] = (),
                 threads: int | None = None, shared_dir: str | Path | None = None,
-                varied: list[str] | None = None, fresh_if_nothing_to_resume: bool = False) -> list[dict]:
+                varied: list[str] | None = None, fresh_if_nothing_to_resume: bool = False,
+                announce: Callable[[], None] | None = None) -> list[dict]:
     """The run's records: `[train(...)]` for `seeds: 1`; for `seeds: K > 1` the K runs of seeds
-    seed ... seed+K-1, trained as one batch (`xentlab.seedbatch`), each in `<output_dir>/seed=<s>/`."""
+    seed ... seed+K-1, trained as one batch (`xentlab.seedbatch`), each in `<output_dir>/seed=<s>/`.
+    `announce()` is called once the run (the batch) is built, before training."""
     from xentlab.seedbatch import check_seeds, train_batch
 
     if check_seeds(cfg.get("seeds", 1)) == 1:
         return [train(cfg, output_dir, overrides=overrides, threads=threads, shared_dir=shared_dir,
-                      varied=varied, fresh_if_nothing_to_resume=fresh_if_nothing_to_resume)]
+                      varied=varied, fresh_if_nothing_to_resume=fresh_if_nothing_to_resume,
+                      announce=announce)]
     return train_batch(cfg, output_dir, overrides=overrides, threads=threads,
-                       fresh_if_nothing_to_resume=fresh_if_nothing_to_resume)
+                       fresh_if_nothing_to_resume=fresh_if_nothing_to_resume, announce=announce)
 
 
 def try_to_record(write: Callable[[], object], status: str) -> str | None:
@@ -322,6 +341,9 @@ def write_record(output_dir: Path, cfg: DictConfig, record: dict, overrides=()) 
     return record
 
 
+_CREATED_DIRS: set[Path] = set()  # the folders unique_dir created in this process
+
+
 def unique_dir(base: str) -> str:
     """`base`, or else `base_1`, `base_2`, ...: the first of these that did not exist, created here.
 
@@ -334,12 +356,23 @@ def unique_dir(base: str) -> str:
         path = base if attempt == 0 else f"{base}_{attempt}"
         try:
             Path(path).mkdir(parents=True)
+            _CREATED_DIRS.add(Path(path).resolve())
             return path
         except FileExistsError:
             continue
 
 
 OmegaConf.register_new_resolver("xentlab.unique_dir", unique_dir, use_cache=True, replace=True)
+
+
+def discard_unstarted_run(output_dir: Path) -> None:
+    """Removes the folder of a single run refused before training (a ConfigError) if this process created
+    it for the run (`unique_dir`): it holds only Hydra's copy of the refused config and log. A folder the
+    user named (`hydra.run.dir=`, a resumed run) is left as it is."""
+    import shutil
+
+    if Path(output_dir).resolve() in _CREATED_DIRS:
+        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def threads_per_job(launcher: DictConfig, cpu_count: int, requested: int | None = None) -> int:
@@ -353,7 +386,7 @@ def threads_per_job(launcher: DictConfig, cpu_count: int, requested: int | None 
     """
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise ValueError(f"threads must be a positive integer or null (automatic), got {requested!r}")
+            raise ConfigError(f"threads must be a positive integer or null (automatic), got {requested!r}")
         return requested
     if "n_jobs" in launcher:
         jobs = launcher.n_jobs if launcher.n_jobs > 0 else cpu_count + 1 + launcher.n_jobs
@@ -506,7 +539,10 @@ def run_job(cfg: DictConfig) -> float:
         cfg.trainer.enable_progress_bar = not multirun and sys.stdout.isatty()
     if multirun and hydra_cfg.job.num > 0:  # the class-count table once per sweep, by its first job
         logging.getLogger("xentlab.data").setLevel(logging.WARNING)
-    from xentlab.runs import FolderHoldsAnotherRun  # here, not at the top: it imports Lightning
+
+    def announce() -> None:  # a single run's folder, once the run is built: a refused one prints nothing
+        where = shown(output_dir)
+        print(f"[xentlab] logs: {where}\n[xentlab] view: tensorboard --logdir {where}", flush=True)
 
     if cfg.ckpt_path == "last" and multirun and not any(
             o.startswith("hydra.sweep.dir=") for o in hydra_cfg.overrides.hydra):
@@ -516,16 +552,14 @@ def run_job(cfg: DictConfig) -> float:
                           "overrides> hydra.sweep.dir=<its folder> ckpt_path=last`")
     try:
         check_config(cfg)
-        if not multirun:
-            where = shown(output_dir)
-            print(f"[xentlab] logs: {where}\n[xentlab] view: tensorboard --logdir {where}")
         if requeued() and cfg.ckpt_path is None:
             cfg.ckpt_path = "last"  # SLURM requeued this job (xentlab.slurm): it resumes its own run
         threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
         varied = json.loads(os.environ.get(SWEEP_ENV, "{}")).get("keys") if multirun else None
         records = train_seeds(cfg, output_dir, overrides=overrides, threads=threads,
                               shared_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
-                              varied=varied, fresh_if_nothing_to_resume=multirun or requeued())
+                              varied=varied, fresh_if_nothing_to_resume=multirun or requeued(),
+                              announce=None if multirun else announce)
     except RunInterrupted as stop:
         print(f"[xentlab] {stop}", flush=True)
         if multirun:
@@ -533,9 +567,13 @@ def run_job(cfg: DictConfig) -> float:
         raise SystemExit(stop.exit_code) from None
     except Exception as error:
         if not multirun:
-            if isinstance(error, ConfigError) and _BRIEF_ERRORS:
-                refuse(str(error))  # here, not in main(): Hydra would first print "Error executing job"
+            if isinstance(error, ConfigError):
+                discard_unstarted_run(output_dir)
+                if _BRIEF_ERRORS:
+                    refuse(str(error))  # here, not in main(): Hydra would first print "Error executing job"
             raise
+        from xentlab.runs import FolderHoldsAnotherRun  # here, not at the top: it imports Lightning
+
         if isinstance(error, FolderHoldsAnotherRun):
             raise  # the sweep was resumed with other settings: stop it, leaving that folder's record alone
         # In a sweep one failing job must not stop the others: record it for the report and move on.
@@ -552,18 +590,23 @@ def run_job(cfg: DictConfig) -> float:
     for record in records:
         metrics = record["metrics"]
         batched = "" if len(records) == 1 else f"seed={record['config']['seed']}"
+        # A run that did not complete shows its error, never metrics beside its status.
+        failed = record["status"] != "completed"
         if multirun:
             objective = cfg.objective if cfg.objective in metrics else "test/balanced_accuracy"
-            value = metrics.get(objective, math.nan)
-            print(job_line(hydra_cfg, f"{batched} {objective} {value:.3f}".lstrip(), time.time() - started),
-                  flush=True)
+            text = f"FAILED: {record.get('error')}" if failed \
+                else f"{objective} {metrics.get(objective, math.nan):.3f}"
+            print(job_line(hydra_cfg, f"{batched} {text}".lstrip(), time.time() - started), flush=True)
         else:
             summary = ", ".join(f"{name} {metrics[f'test/{name}']:.3f}" for name in SUMMARY
                                 if f"test/{name}" in metrics)
             written = shown(output_dir / batched / METRICS_FILE)
-            print(f"[xentlab] {record['status']}: test {summary or 'not run'} ({written})")
+            text = record.get("error") if failed else f"test {summary or 'not run'}"
+            print(f"[xentlab] {record['status']}: {text} ({written})")
         for warning in record.get("warnings", []):
             print(" ".join(filter(None, ("[xentlab] warning:", batched, warning))), flush=True)
+    if not multirun and any(record["status"] != "completed" for record in records):
+        raise SystemExit(1)  # the runs are recorded and their errors printed above
     # A batch of seeds gives the sweeper its mean over the seeds.
     values = [sweep_value(record, cfg.objective, must_be_finite=multirun and raises_failures)
               for record in records]

@@ -2,9 +2,11 @@
 
 `xentlab-train` prints a `ConfigError`, and Hydra's own composition errors, as one message naming the key,
 the bad value and the valid choices, and exits with status 2 (`HYDRA_FULL_ERROR=1` shows the traceback).
-The checks here need neither data nor Lightning (only the loss check imports torch), so they answer
-within a few seconds of the command; what only the data can tell (a ratio a bundled dataset cannot
-supply, a loss for the wrong task) is checked where the data is built, and reported the same way.
+The checks here need neither data nor Lightning, and all but the loss's (which builds it) and a GPU's
+need no torch either, so they answer within a few seconds of the command: settings, the dataset's
+(`xentlab.datasets.check_settings`), and the loss for the dataset's task. What only generated data can
+tell (a ratio that leaves a class too few samples) is checked where the data is built, and reported the
+same way.
 """
 
 from __future__ import annotations
@@ -30,8 +32,20 @@ class ConfigError(ValueError):
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid top-level, trainer or loss setting of a composed run config."""
     check_top_level(cfg)
+    task = check_data(cfg.data)
     check_trainer(cfg.trainer)
-    check_loss(cfg.loss)
+    check_loss(cfg.loss, task)
+    check_optimizer_arguments(cfg.optimizer)
+
+
+def check_data(data: DictConfig) -> str:
+    """The data settings that can be checked without generating the data; returns the dataset's task."""
+    from xentlab.datasets import check_settings
+
+    try:
+        return check_settings(**OmegaConf.to_container(data, resolve=True))
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error)) from error
 
 
 def check_top_level(cfg: DictConfig) -> None:
@@ -75,9 +89,10 @@ def check_trainer(trainer: DictConfig) -> None:
                               f"machine; train on the CPU with trainer=cpu (or trainer.accelerator=cpu)")
 
 
-def check_loss(loss: DictConfig) -> None:
-    """The loss's name and parameters, checked by its own constructor on placeholder class counts (the real
-    counts come with the data); anything the real counts could still refuse is checked at build time."""
+def check_loss(loss: DictConfig, task: str | None = None) -> None:
+    """The loss's name and parameters, and that it supports the dataset's `task`, checked by its own
+    constructor on placeholder class counts (the real counts come with the data); anything the real counts
+    could still refuse is checked at build time."""
     import torch
 
     from xentlab.losses import build_loss
@@ -87,10 +102,29 @@ def check_loss(loss: DictConfig) -> None:
     params = OmegaConf.to_container(loss, resolve=True)
     label = params.get("name") or params.get("_target_")
     try:
-        build_loss(**params, class_counts=torch.full((2,), 10), num_examples=40)
+        build_loss(**params, task=task, class_counts=torch.full((2,), 10), num_examples=40)
     except (ValueError, TypeError) as error:
         message = str(error)
         raise ConfigError(message if message.startswith("loss ") else f"loss {label!r}: {message}") from error
+
+
+def check_optimizer_arguments(optimizer: DictConfig) -> None:
+    """The optimizer, built over one placeholder parameter: its class must import and its own constructor
+    accept the arguments (torch's optimizers refuse e.g. a negative lr or momentum); otherwise the mistake
+    would surface only when Lightning configures the optimizers, after the whole run is built."""
+    import torch
+    from hydra.errors import HydraException
+    from hydra.utils import instantiate
+
+    target = optimizer.get("_target_", "?")
+    try:
+        instantiate(optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError, ImportError, HydraException) as error:
+        # Hydra's first line ("Error locating target ...") is the message; its advice about HYDRA_FULL_ERROR
+        # and the full_key line after it are not.
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        reason = reason.split(", set env var HYDRA_FULL_ERROR")[0]
+        raise ConfigError(f"optimizer {target}: {reason}") from error
 
 
 @functools.cache

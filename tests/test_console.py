@@ -1,0 +1,147 @@
+"""What `xentlab-train` shows a person at a terminal: refusals before the heavy imports, in one line and
+with no run folder left behind; a progress bar only for a single run watched in a terminal; no Lightning
+warning about the logging interval; a failed run's error, never its metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = ["data=moons", "data.n_samples=200", "data.batch_size=32", "model.hidden_sizes=[8]",
+        "trainer.max_epochs=1"]
+HEAVY = ("torch", "pytorch_lightning", "lightning", "sklearn")
+
+# Runs xentlab-train's main() and, at exit (after the refusal's sys.exit(2)), writes which of the heavy
+# packages had been imported by then into the file named by the first argument.
+WATCHING = f"""
+import atexit, json, sys
+seen, sys.argv = sys.argv[1], ["xentlab-train", *sys.argv[2:]]
+atexit.register(lambda: open(seen, "w").write(json.dumps([m for m in {HEAVY!r} if m in sys.modules])))
+from xentlab.train import main
+main()
+"""
+
+
+def environment(**extra: str) -> dict:
+    # No PYTHONWARNINGS=ignore: a warning Lightning prints must show up here as it would for a user.
+    return {**{k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "HYDRA_FULL_ERROR")},
+            **extra}
+
+
+def refused(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    seen = tmp_path / "imported.json"
+    result = subprocess.run([sys.executable, "-c", WATCHING, str(seen), *overrides], cwd=tmp_path,
+                            env=environment(), capture_output=True, text=True, timeout=120)
+    return result, json.loads(seen.read_text())
+
+
+def assert_one_line_refusal(result: subprocess.CompletedProcess, fragment: str, tmp_path: Path) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("xentlab-train: ") and result.stderr.count("\n") == 1, result.stderr
+    assert fragment in result.stderr and "Traceback" not in result.stderr
+    # Nothing announces a run that never started, and no folder of it is left.
+    assert "logs:" not in result.stdout and "view:" not in result.stdout, result.stdout
+    assert [p for p in tmp_path.glob("outputs/*/*") if p.is_dir()] == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment", "loaded"),
+    [
+        # Settings a look at the config decides: no torch, no Lightning, no scikit-learn.
+        (["data.imbalance_ratio=0"], "data.imbalance_ratio must be >= 1", []),
+        (["data.imbalance_ratio=abc"], "data.imbalance_ratio must be a number", []),
+        (["seed=abc"], "seed must be an integer, got 'abc'", []),
+        (["data.name=imagenet"], "unknown dataset 'imagenet'; choose one of", []),
+        (["data=moons", "+data.n_classes=3"], "dataset 'moons' has no parameter(s) n_classes", []),
+        (["data.sampler=often"], "data.sampler must be one of instance", []),
+        (["data.batch_size=0"], "data.batch_size must be a positive integer, got 0", []),
+        (["seeds=2", "data.imbalance_ratio=0"], "data.imbalance_ratio must be >= 1", []),
+        # The loss is checked by building it (torch), for the dataset's task, still without Lightning.
+        (["data=multilabel"], "loss 'ce' does not support multilabel data", ["torch"]),
+        (["loss=focal", "loss.gamma=-1"], "loss 'focal': gamma", ["torch"]),
+        (["seeds=2", "data=multilabel"], "loss 'ce' does not support multilabel data", ["torch"]),
+        # Found once Lightning configured the optimizer, with a traceback and exit status 1, before.
+        (["optimizer.lr=-1"], "optimizer torch.optim.Adam: Invalid learning rate: -1", ["torch"]),
+        (["threads=0"], "threads must be a positive integer or null (automatic), got 0", ["torch"]),
+    ],
+)
+def test_a_setting_wrong_whatever_the_data_is_refused_before_lightning(tmp_path, overrides, fragment, loaded):
+    result, imported = refused(tmp_path, *overrides)
+    assert_one_line_refusal(result, fragment, tmp_path)
+    assert imported == loaded
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the GPU the check looks for")
+def test_a_missing_gpu_is_refused_before_lightning(tmp_path):
+    result, imported = refused(tmp_path, "trainer=gpu")
+    assert_one_line_refusal(result, "trainer.accelerator=gpu, but torch finds no CUDA GPU", tmp_path)
+    assert "pytorch_lightning" not in imported and "lightning" not in imported
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_a_data_setting_only_the_data_refuses_is_one_line_without_a_run_folder(tmp_path, seeds):
+    # digits has 174 samples of its rarest digit: ratio 200 leaves the tail class none. Only the data can
+    # tell, so this check may import what building needs; the refusal looks like any other.
+    result, _ = refused(tmp_path, "data=digits", "data.imbalance_ratio=200", f"seeds={seeds}")
+    assert_one_line_refusal(result, "leaves class 9 with 0 samples", tmp_path)
+    # A bundled dataset cannot be given more samples: the advice names what can change.
+    assert "lower the ratio or data.min_class_samples (this dataset has no more samples)" in result.stderr
+
+
+def run_in_terminal(args: list[str], cwd: Path) -> tuple[int, str]:
+    """xentlab-train with stdout and stderr on a pseudo-terminal, as a person at a shell runs it."""
+    controller, terminal = pty.openpty()
+    script = Path(sys.executable).with_name("xentlab-train")
+    process = subprocess.Popen([str(script), *args], cwd=cwd, stdin=subprocess.DEVNULL, stdout=terminal,
+                               stderr=terminal, env=environment(COLUMNS="120", TERM="xterm"))
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    return process.wait(timeout=180), b"".join(chunks).decode(errors="replace")
+
+
+def test_a_single_run_in_a_terminal_shows_a_progress_bar(tmp_path):
+    code, shown = run_in_terminal(TINY, tmp_path)
+    assert code == 0, shown
+    # Lightning's rich bar (rich is installed): "Epoch 0/0 ━━━━ 4/4 0:00:00 • 0:00:00 158.89it/s".
+    assert "Epoch 0/0" in shown and "4/4" in shown and "it/s" in shown, shown
+    assert "logging interval" not in shown, shown
+
+
+def test_a_multirun_in_a_terminal_shows_job_lines_and_a_failed_runs_error_not_its_metrics(tmp_path):
+    # optimizer.lr=1e30 makes both seeds of the batch diverge: their runs are recorded as failed.
+    code, shown = run_in_terminal(["-m", *TINY, "seeds=2", "optimizer.lr=1e30"], tmp_path)
+    assert "Epoch 0" not in shown and "it/s" not in shown, shown
+    lines = [line for line in shown.splitlines() if line.startswith("[1/1]")]
+    assert len(lines) == 2 and all("FAILED: FloatingPointError" in line for line in lines), shown
+    assert "balanced_accuracy" not in "".join(lines)
+
+
+def test_a_run_without_a_terminal_has_no_bar_no_interval_warning_and_a_failed_run_shows_no_metrics(tmp_path):
+    script = Path(sys.executable).with_name("xentlab-train")
+    result = subprocess.run([str(script), *TINY, "seeds=2", "optimizer.lr=1e30"], cwd=tmp_path,
+                            env=environment(), capture_output=True, text=True, timeout=180)
+    shown = result.stdout + result.stderr
+    assert result.returncode == 1, shown  # runs that failed: recorded, printed, and a non-zero status
+    assert "Epoch 0" not in shown and "it/s" not in shown, shown
+    assert "logging interval" not in shown, shown
+    failed = [line for line in result.stdout.splitlines() if line.startswith("[xentlab] failed:")]
+    assert len(failed) == 2 and all("FloatingPointError" in line for line in failed), result.stdout
+    assert not any("test " in line or "balanced_accuracy" in line for line in failed), failed
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/*/*/seed=*/metrics.json")]
+    assert sorted(r["status"] for r in records) == ["failed", "failed"]
