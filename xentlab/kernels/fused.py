@@ -317,12 +317,27 @@ def _row_loss_by_autograd(input, target, row_loss, weight, transform, ignore_ind
     if transform is not None:
         z = transform.apply(z, y)
     neg_logpt = torch._C._nn.cross_entropy_loss(z, target, None, 0, ignore_index, 0.0)
+    loss = neg_logpt if isinstance(row_loss, spec.NLL) else row_loss.value(neg_logpt.neg())
+    if weight is None and not _has_ignored(target, ignore_index):  # the training loop: every row counts
+        return _reduced(loss.sum() if reduction == "sum" else loss.mean() if reduction == "mean" else loss,
+                        input.dtype)
     valid = target != ignore_index
     w_y = valid.to(cdt) if weight is None else weight.gather(0, y).mul_(valid)
-    loss = (neg_logpt if isinstance(row_loss, spec.NLL) else row_loss.value(neg_logpt.neg())) * w_y
+    loss = loss * w_y
     if reduction != "none":
         loss = loss.sum() if reduction == "sum" else loss.sum() / w_y.sum()
-    return loss if loss.dtype == input.dtype else loss.to(input.dtype)
+    return _reduced(loss, input.dtype)
+
+
+def _has_ignored(target: Tensor, ignore_index: int) -> bool:
+    """Whether any row may be ignored: the one host read a small CPU loss call makes (the smallest batches have
+    no cheaper way to skip the masking ops that ignored rows need). On a GPU the answer is "maybe", without
+    a read, so that the call stays free of host synchronisation."""
+    return target.is_cuda or bool((target == ignore_index).any())
+
+
+def _reduced(loss: Tensor, dtype: torch.dtype) -> Tensor:
+    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 def _is_nll(row_loss) -> bool:
@@ -520,6 +535,9 @@ def _tiny_mse(input, target, ignore_index, reduction, on):
     if target.dtype.is_floating_point:
         loss = torch.nn.functional.mse_loss(pred, target.to(cdt), reduction=reduction)
         return loss if loss.dtype == input.dtype else loss.to(input.dtype)
+    if not _has_ignored(target, ignore_index):  # the training loop's case: the plain composition
+        goal = torch.nn.functional.one_hot(target, z.shape[1]).to(cdt)
+        return _reduced(torch.nn.functional.mse_loss(pred, goal, reduction=reduction), input.dtype)
     valid = target != ignore_index
     kept = valid[:, None]
     goal = torch.nn.functional.one_hot(torch.where(valid, target, 0), z.shape[1]).mul_(kept)
