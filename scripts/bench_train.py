@@ -3,8 +3,9 @@
     python scripts/bench_train.py [--samples 20000] [--epochs 20] [--repeats 3] [--threads 1]
                                   [--seeds 10] [--seed-repeats 2] [--sweep-repeats 1] [--skip-sweeps]
 
-With the defaults the whole benchmark takes ~5 minutes on an idle 2-core machine (parts 1 and 2 ~2.5,
-part 3 ~2.5); `--skip-sweeps` leaves out part 3. It prints its own total time at the end.
+With the defaults the whole benchmark took 7 minutes on the project's shared 2-core machine at load
+average ~3.5 (parts 1 and 2 ~3.5 min, part 3 ~3.5 min); `--skip-sweeps` leaves out part 3. It prints its
+own total time at the end.
 
 1. Overhead. In one process, with the same torch threads: `xentlab.train.train` (Lightning fit with
    validation every epoch, test, TensorBoard logging and figures, checkpoints, metrics.json) against a

@@ -48,12 +48,15 @@ N, C = 23, 7  # small and odd so that nothing lines up with a chunk or a vector 
 IGN = -100
 
 
-@pytest.fixture(params=[5, None], ids=["tiny-chunks", "default-chunks"])
+@pytest.fixture(params=["tiny-chunks", "one-shot", "default-chunks"])
 def chunking(request, monkeypatch):
-    """Runs a test once with 5-element row chunks (no one-shot path for small inputs), so every multi-chunk
-    path of the fused backend runs, and once with the defaults (small inputs take the one-shot path)."""
-    if request.param is not None:
-        monkeypatch.setattr(fused, "_CHUNK_ELEMS", request.param)
+    """Runs a test on each path of the fused backend: 5-element row chunks (no one-shot path for small
+    inputs), so every multi-chunk path runs; the one-shot closed-form path that inputs of up to
+    _SMALL_ELEMS elements take; and the defaults (the smallest inputs take PyTorch's row kernels)."""
+    if request.param != "default-chunks":
+        monkeypatch.setattr(fused, "_TINY_ELEMS", 0)
+    if request.param == "tiny-chunks":
+        monkeypatch.setattr(fused, "_CHUNK_ELEMS", 5)
         monkeypatch.setattr(fused, "_SMALL_ELEMS", 0)
 
 
@@ -345,17 +348,41 @@ GRADCHECK_CASES = {
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("loss", list(GRADCHECK_CASES))
-def test_fused_gradcheck_float64(loss, reduction):
+def test_fused_gradcheck_float64(loss, reduction, chunking):
     x = make_logits(6, 5, scale=1.5).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: GRADCHECK_CASES[loss](x, reduction), (x,))
 
 
-@pytest.mark.parametrize("loss", list(GRADCHECK_CASES))
+# The smallest batches (fused._TINY_ELEMS elements or fewer) are PyTorch's own row kernels plus autograd,
+# so they are twice differentiable; above that the fused losses have closed-form gradients,
+# once-differentiable and saying so. Each case builds its arguments for an (n, c) batch.
+BIG_N, BIG_C = 1000, 5
+ONCE_DIFFERENTIABLE = {
+    "ce-smoothed": lambda x: XF.cross_entropy(x, make_index_target(BIG_N, BIG_C, ignore_index=IGN),
+                                              make_weight(BIG_C), IGN, label_smoothing=0.3, backend="fused"),
+    "ce-probs": lambda x: XF.cross_entropy(x, make_prob_target(BIG_N, BIG_C), backend="fused"),
+    "focal": lambda x: XF.focal_loss(x, make_index_target(BIG_N, BIG_C), 2.0, make_weight(BIG_C),
+                                     backend="fused"),
+    "mse": lambda x: XF.mse_loss(x, make_index_target(BIG_N, BIG_C, ignore_index=IGN), backend="fused"),
+    "sigmoid-focal": lambda x: XF.sigmoid_focal_loss(x, make_binary_target(BIG_N, BIG_C), backend="fused"),
+    "asl": lambda x: XF.asymmetric_loss(x, make_binary_target(BIG_N, BIG_C), backend="fused"),
+}
+TWICE_AT_TINY_SHAPES = ["ce", "focal", "focal-gamma-0.5", "mse", "mse-probs-target", "mse-logits", "bce"]
+
+
+@pytest.mark.parametrize("loss", list(ONCE_DIFFERENTIABLE))
 def test_fused_double_backward_raises_clearly(loss):
-    x = make_logits(6, 5).requires_grad_()
-    (g,) = torch.autograd.grad(GRADCHECK_CASES[loss](x, "mean"), x, create_graph=True)
+    x = make_logits(BIG_N, BIG_C).requires_grad_()
+    assert x.numel() > fused._TINY_ELEMS
+    (g,) = torch.autograd.grad(ONCE_DIFFERENTIABLE[loss](x), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once-differentiable.*backend='reference'"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("loss", TWICE_AT_TINY_SHAPES)
+def test_fused_losses_at_the_smallest_shapes_are_twice_differentiable(loss):
+    x = make_logits(6, 5, scale=1.5).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x: GRADCHECK_CASES[loss](x, "mean"), (x,))
 
 
 def test_reference_backend_supports_double_backward_as_the_error_message_promises():
@@ -396,7 +423,7 @@ def loss_problems(draw):
     n = draw(st.integers(0, min(300, 30000 // c)))
     loss = draw(st.sampled_from(list(LOSS_CASES)))
     reduction = draw(st.sampled_from(REDUCTIONS))
-    chunk = draw(st.sampled_from([None, 97, 4096]))
+    chunk = draw(st.sampled_from([None, 0, 97, 4096]))  # defaults, one-shot path, chunk sizes
     seed = draw(st.integers(0, 2**16))
     return dtype, n, c, loss, reduction, chunk, seed
 
@@ -414,14 +441,16 @@ def test_fused_matches_reference_on_random_problems(problem, label_smoothing, ga
         "focal": lambda x, b: XF.focal_loss(x, target, gamma, make_weight(c), IGN, reduction, backend=b),
         "sigmoid-focal": lambda x, b: XF.sigmoid_focal_loss(x, target, 0.25, gamma, reduction, backend=b),
     }.get(loss, lambda x, b: LOSS_CASES[loss][0](x, target, reduction=reduction, backend=b))
-    old, old_small = fused._CHUNK_ELEMS, fused._SMALL_ELEMS
-    fused._CHUNK_ELEMS = chunk or old
-    fused._SMALL_ELEMS = old_small if chunk is None else 0
+    old = fused._CHUNK_ELEMS, fused._SMALL_ELEMS, fused._TINY_ELEMS
+    if chunk is not None:
+        fused._TINY_ELEMS = 0
+    if chunk:
+        fused._CHUNK_ELEMS, fused._SMALL_ELEMS = chunk, 0
     try:  # the float64 "truth" here is the reference backend run on the same dtype
         check_parity(partial(call, b="fused"), lambda x: call(x.to(dtype), "reference").double(), x,
                      tol=TOLERANCES[dtype] if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-5))
     finally:
-        fused._CHUNK_ELEMS, fused._SMALL_ELEMS = old, old_small
+        fused._CHUNK_ELEMS, fused._SMALL_ELEMS, fused._TINY_ELEMS = old
 
 
 # ---------------------------------------------------------------- docs/losses.md numbers and corner cases
@@ -552,11 +581,53 @@ X = make_logits(4, 3, torch.float32)
 Y = torch.tensor([0, 1, 2, 1])
 T = make_binary_target(4, 3, torch.float32)
 
+# Class indices out of range: at training shapes PyTorch's own kernels find them (as in F.cross_entropy,
+# without a separate host-synchronising pass) and xentlab turns their error into this ValueError.
+INDEX_ERRORS = [  # (loss, its keyword arguments, 4 class indices with a bad one, the message)
+    (XF.cross_entropy, {}, [0, 1, 3, 1], r"class index 3.*\[0, 3\).*C=3"),
+    (XF.cross_entropy, {}, [0, -1, 2, 1], r"class index -1"),
+    (XF.cross_entropy, {"ignore_index": -1, "label_smoothing": 0.1, "weight": [1.0, 2.0, 3.0]}, [0, -1, 9, 1],
+     r"class index 9"),
+    (XF.cross_entropy, {"weight": [1.0, 2.0, 3.0]}, [0, 1, 2, 3], r"class index 3"),
+    (XF.focal_loss, {}, [0, 7, 2, 1], r"class index 7"),
+    (XF.focal_loss, {}, [-100, 3, 2, 1], r"class index 3"),
+    (XF.mse_loss, {}, [0, 1, 2, 5], r"class index 5"),
+    (XF.mse_loss, {}, [-100, -2, 2, 1], r"class index -2"),
+    (XF.ldam_loss, {"margins": torch.ones(3)}, [0, 1, 2, 4], r"class index 4"),
+    (XF.logit_adjusted_loss, {"log_prior": torch.zeros(3)}, [0, 3, 2, 1], r"class index 3"),
+]
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("rows", [4, 40_000], ids=["training-shape", "large"])
+@pytest.mark.parametrize("loss, kwargs, target, message", INDEX_ERRORS,
+                         ids=[f"index-{i}" for i in range(len(INDEX_ERRORS))])
+def test_out_of_range_class_index_is_a_value_error_on_every_path(loss, kwargs, target, message, rows,
+                                                                 backend):
+    """Small fused inputs are checked inside PyTorch's kernels, large ones (and other backends) by one check
+    before the kernel; the caller sees the same ValueError either way, whatever the weights, transform,
+    smoothing or ignore_index."""
+    x = X.repeat(rows // 4, 1).requires_grad_()
+    with pytest.raises(ValueError, match=message):
+        loss(x, torch.tensor(target).repeat(rows // 4), **kwargs, backend=backend)
+
+
+def test_valid_class_indices_at_training_shapes_cost_no_separate_check(monkeypatch):
+    """At training shapes the range check is the kernel's: valid targets never run the host-synchronising
+    check (which would cost more than the loss itself there); large inputs run it once."""
+    calls = []
+    monkeypatch.setattr(XF, "_bad_index_message", lambda *a: calls.append(a) or None)
+    x, y = make_logits(128, 5).requires_grad_(), make_index_target(128, 5, ignore_index=IGN)
+    for loss in (XF.cross_entropy, XF.focal_loss, XF.mse_loss, XF.poly1_loss):
+        loss(x, y, ignore_index=IGN).backward()
+    XF.cross_entropy(x, y, ignore_index=IGN, label_smoothing=0.2, weight=make_weight(5)).backward()
+    assert calls == []
+    big_x, big_y = make_logits(20_000, 5), make_index_target(20_000, 5)
+    XF.cross_entropy(big_x, big_y)
+    assert len(calls) == 1
+
+
 ERRORS = [
-    (lambda: XF.cross_entropy(X, torch.tensor([0, 1, 3, 1])), ValueError, r"class index 3.*\[0, 3\).*C=3"),
-    (lambda: XF.cross_entropy(X, torch.tensor([0, -1, 2, 1])), ValueError, r"class index -1"),
-    (lambda: XF.focal_loss(X, torch.tensor([0, 7, 2, 1])), ValueError, r"class index 7"),
-    (lambda: XF.mse_loss(X, torch.tensor([0, 1, 2, 5])), ValueError, r"class index 5"),
     (lambda: XF.cross_entropy(X, Y[:3]), ValueError, r"shape \(4,\)"),
     (lambda: XF.cross_entropy(X, Y.float()), ValueError, r"class indices must be an integer tensor"),
     (lambda: XF.cross_entropy(X, Y.bool()), TypeError, r"class indices"),
@@ -781,9 +852,10 @@ def test_bce_at_infinite_logits_is_pytorchs_value(backend):
 
 
 def _value_checks_calls(call) -> list[str]:
-    """The host reads of tensor values (`bool(t)`, `t.item()`) that `call` makes outside the kernels."""
+    """The host reads of tensor values (`bool(t)`, `t.item()`, `t.tolist()`) that `call` makes outside the
+    kernels."""
     reads = []
-    original_bool, original_item = torch.Tensor.__bool__, torch.Tensor.item
+    originals = {name: getattr(torch.Tensor, name) for name in ("__bool__", "item", "tolist")}
 
     def spy(name, original):
         def read(self, *args):
@@ -791,11 +863,13 @@ def _value_checks_calls(call) -> list[str]:
             return original(self, *args)
         return read
 
-    torch.Tensor.__bool__, torch.Tensor.item = spy("bool", original_bool), spy("item", original_item)
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, spy(name, original))
     try:
         call()
     finally:
-        torch.Tensor.__bool__, torch.Tensor.item = original_bool, original_item
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
     return reads
 
 

@@ -37,6 +37,8 @@ def _validating(loss):
     """Adds the keyword-only `validate` (see the module docstring) to a public loss function."""
     @functools.wraps(loss)
     def wrapper(*args, validate: bool = True, **kwargs):
+        if validate is True and _CHECK_VALUES.get():  # the common case: nothing to switch
+            return loss(*args, **kwargs)
         if not isinstance(validate, bool):
             raise TypeError(f"validate must be True or False, got {validate!r}")
         token = _CHECK_VALUES.set(validate)
@@ -98,7 +100,9 @@ def mse_loss(input: Tensor, target: Tensor, ignore_index: int = -100, reduction:
     if on not in MSE_TARGETS:
         raise ValueError(f"on must be one of {MSE_TARGETS}, got {on!r}")
     target = _softmax_target(target, input, n_classes, ignore_index, allow_probs=True)
-    out = _backend_for(backend, input, target).mse_loss(_rows(input), target, ignore_index, reduction, on)
+    module, rows = _backend_for(backend, input, target), _rows(input)
+    out = _with_index_check(module, rows, target, ignore_index,
+                            lambda: module.mse_loss(rows, target, ignore_index, reduction, on))
     if reduction != "none" or input.dim() == 2:
         return out
     if input.dim() == 1:
@@ -242,9 +246,43 @@ def _softmax_family(input, target, row_loss, weight, transform, ignore_index, re
 
 
 def _softmax_loss(backend, input, target, row_loss, weight, transform, ignore_index, reduction, eps):
-    out = get_backend(backend, input).softmax_loss(_rows(input), target, row_loss, weight, transform,
-                                                   ignore_index, reduction, eps)
+    module, rows = get_backend(backend, input), _rows(input)
+    out = _with_index_check(module, rows, target, ignore_index, lambda: module.softmax_loss(
+        rows, target, row_loss, weight, transform, ignore_index, reduction, eps))
     return _unflatten_rows(out, input, reduction)
+
+
+def _with_index_check(module, rows: Tensor, target: Tensor, ignore_index: int, call):
+    """Runs the backend call with class indices checked (integer targets only): by the backend's own kernels
+    where it says so (`checks_targets`, PyTorch's nll and scatter kernels raising IndexError/RuntimeError,
+    translated here into xentlab's ValueError), otherwise by one host-synchronising check before the call."""
+    if target.dtype.is_floating_point or not _CHECK_VALUES.get():
+        return call()
+    checks = getattr(module, "checks_targets", None)
+    if checks is None or not checks(rows):
+        _raise_if_bad_indices(target, rows.shape[1], ignore_index)
+        return call()
+    try:
+        return call()
+    except (IndexError, RuntimeError):
+        problem = _bad_index_message(target, rows.shape[1], ignore_index)
+        if problem is None:
+            raise
+    raise ValueError(problem)
+
+
+def _bad_index_message(target: Tensor, n_classes: int, ignore_index: int) -> str | None:
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if not bool(bad.any()):
+        return None
+    return (f"target contains class index {target[bad][0].item()}, outside [0, {n_classes}) for "
+            f"C={n_classes} classes and not ignore_index={ignore_index}")
+
+
+def _raise_if_bad_indices(target: Tensor, n_classes: int, ignore_index: int) -> None:
+    problem = _bad_index_message(target, n_classes, ignore_index)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 # ---------------------------------------------------------------- argument checks
@@ -308,9 +346,9 @@ def _check_int(name: str, value) -> None:
 
 def _check_real(name: str, value, low: float, high: float) -> float:
     """A finite real number in [low, high] (NaN and infinities never are), returned as a float."""
-    if isinstance(value, bool) or not isinstance(value, Real):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, Real)):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    if not (math.isfinite(float(value)) and low <= float(value) <= high):
+    if not (math.isfinite(value) and low <= value <= high):
         raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
     return float(value)
 
@@ -378,23 +416,20 @@ def _softmax_target(target, input: Tensor, n_classes: int, ignore_index: int, al
     _check_dense("target", target)
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
-    if target.dtype.is_floating_point and allow_probs:
+    dtype = target.dtype
+    if dtype == torch.int64 and input.dim() == 2 and target.dim() == 1 and target.shape[0] == input.shape[0]:
+        return target  # the training loop's case, (N, C) logits and (N,) indices, decided in a few lookups
+    if dtype.is_floating_point and allow_probs:
         return _probability_target(target, input, ignore_index)
     index_shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
         kinds = "class indices (an integer tensor)" + (" or probabilities" if allow_probs else "")
-        raise TypeError(f"target must hold {kinds}; got dtype {target.dtype}, shape {tuple(target.shape)}")
+        raise TypeError(f"target must hold {kinds}; got dtype {dtype}, shape {tuple(target.shape)}")
     if target.shape != index_shape:
         raise ValueError(f"class-index target must have shape {tuple(index_shape)} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
-    target = target.reshape(-1).to(torch.int64)
-    if not _CHECK_VALUES.get():
-        return target
-    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
-    if bool(bad.any()):
-        raise ValueError(f"target contains class index {target[bad][0].item()}, outside [0, {n_classes}) "
-                         f"for C={n_classes} classes and not ignore_index={ignore_index}")
-    return target
+    # in range: checked with the backend call (_with_index_check), where the kernels may do it for free
+    return target.reshape(-1).to(torch.int64)
 
 
 def _probability_target(target: Tensor, input: Tensor, ignore_index: int) -> Tensor:
@@ -421,10 +456,15 @@ def _binary_target(target, input: Tensor) -> Tensor:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
     if target.dtype.is_complex:
         raise TypeError(f"target must be real-valued, got dtype {target.dtype}")
-    bad = ~((target >= 0) & (target <= 1)) if _CHECK_VALUES.get() else None
-    if bad is not None and bool(bad.any()):
-        raise ValueError(f"binary targets must be in [0, 1], got {target[bad][0].item()}")
-    return _elements(target.to(input.dtype))
+    converted = target if target.dtype == input.dtype else target.to(input.dtype)
+    if _CHECK_VALUES.get() and target.numel():
+        # one pass and one host sync (the comparisons fail for NaN); integer targets are exact as floats
+        checked = target if target.dtype.is_floating_point else converted
+        low, high = torch.stack(torch.aminmax(checked)).tolist()
+        if not (low >= 0 and high <= 1):
+            bad = ~((target >= 0) & (target <= 1))
+            raise ValueError(f"binary targets must be in [0, 1], got {target[bad][0].item()}")
+    return _elements(converted)
 
 
 def _elementwise_weight(weight, input: Tensor) -> Tensor | None:

@@ -35,9 +35,14 @@ def triton_available() -> bool:
 def get_backend(name: str, input: torch.Tensor) -> ModuleType:
     """The backend module for `name`: "auto" picks Triton for CUDA inputs when Triton is importable and the
     fused CPU path otherwise; "fused", "triton" and "reference" pick that module outright."""
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
         name = "triton" if input.is_cuda and triton_available() else "fused"
-    module = {"fused": "fused", "triton": "triton", "reference": "reference"}[name]
-    return importlib.import_module(f"{__name__}.{module}")
+    module = _loaded.get(name)
+    if module is None:  # first use of this backend (this sits on every loss call's path: keep it a lookup)
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+        module = _loaded[name] = importlib.import_module(f"{__name__}.{name}")
+    return module
+
+
+_loaded: dict[str, ModuleType] = {}

@@ -11,8 +11,13 @@ Chunk temporaries live in a per-thread workspace reused across calls (at most a 
 elements): fresh chunk-sized allocations cost page faults on every call, which on CPU can take longer than the
 math. Peak extra memory is therefore the one logits-sized buffer plus that bounded workspace.
 
+Inputs of at most _SMALL_ELEMS elements (the shapes the lab trains on) take one-shot paths instead: the whole
+batch in a few dispatched ops, where dispatch, not arithmetic, is the cost. There plain cross-entropy and BCE
+are PyTorch's own ops (nothing written in Python can undercut one native op and its C++ autograd node), and
+the other losses compute loss and gradient in one pass as above.
+
 Double backward is not supported: differentiating the gradient again raises a RuntimeError saying so
-(backend="reference" is plain autograd and supports it).
+(backend="reference" is plain autograd and supports it), except where the small path is PyTorch's own op.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ _SMALL_C = 64
 # loss and gradient in the forward. At training shapes (128 x 5) each op costs microseconds of dispatch while
 # the math costs nanoseconds, so op count is the whole cost; chunking pays off only once rows leave cache.
 _SMALL_ELEMS = 1 << 16
+# Up to this many elements (128 x 32) even the one-shot path's ~25 dispatched ops cost more than PyTorch's own
+# row kernels plus autograd's C++ nodes do, measured inside a whole training step of the default model; from
+# _SMALL_C classes on, PyTorch's row kernels win at every small size.
+_TINY_ELEMS = 1 << 12
 _NLL = spec.NLL()
 _local = threading.local()
 
@@ -251,12 +260,18 @@ def softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduc
     """The index-target softmax family (`xentlab.kernels.spec`): per non-ignored row l_i = (1-eps) w[y_i]
     phi(log p'_iy) + (eps/C) sum_c w_c (lse'_i - z'_ic) on the transformed logits z'; `mean` divides by the
     sum of w[y_i] over non-ignored rows. Gradient in closed form from the row loss's slope. Small inputs
-    (`checks_targets`) get their class indices range-checked by PyTorch's nll kernels, as F.cross_entropy
+    (`checks_targets`) get their class indices range-checked inside PyTorch's nll kernel, as F.cross_entropy
     does; an out-of-range index raises IndexError there."""
     cdt = compute_dtype(input.dtype)
     weight = None if weight is None else weight.to(cdt)
     if transform is not None and transform.is_identity:
         transform = None
+    if checks_targets(input) and (input.numel() <= _TINY_ELEMS or input.shape[1] >= _SMALL_C):
+        # where PyTorch's row kernels are at their best: the smallest batches, and rows of many classes
+        if transform is None and _is_nll(row_loss):
+            return _small_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+        if not label_smoothing:
+            return _row_loss_by_autograd(input, target, row_loss, weight, transform, ignore_index, reduction)
     if checks_targets(input):
         problem = (target, row_loss, weight, transform, ignore_index, label_smoothing)
         return _SmallSoftmax.apply(input, problem, reduction)
@@ -268,52 +283,61 @@ def softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduc
 
 
 def checks_targets(input: Tensor) -> bool:
-    """Whether softmax_loss on this (validated, (N, C)) input range-checks the class indices itself (in
-    PyTorch's nll kernels, raising IndexError), so xentlab.functional need not spend a host sync on it."""
+    """Whether softmax_loss and mse_loss on this (validated, (N, C)) input range-check the class indices
+    themselves (inside PyTorch's kernels, raising IndexError or RuntimeError), so xentlab.functional need
+    not spend a host sync on it."""
     return input.numel() <= _SMALL_ELEMS
 
 
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 
 
-class _SmallSoftmax(torch.autograd.Function):
-    """Small inputs: the whole batch in a few dispatched ops, built from PyTorch's own row kernels. With
-    logp = log_softmax(z'), nll_loss gives -log p'_y per row (0 on ignored rows, and the target range check),
-    and the gradient is that of logp's sparse gradient g (-coef_i at (i, y_i), minus the smoothing term)
-    through the log-softmax, _log_softmax_backward_data(g, logp) = g - p' sum_c g_c: two ops for any row
-    loss. Plain cross-entropy is nll_loss's own forward and backward, so it matches F.cross_entropy
-    bit for bit. Loss and gradient come out of the forward; backward only scales the saved gradient."""
+def _small_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
+    """(Weighted, label-smoothed) cross-entropy at training shapes is PyTorch's own op, log_softmax + nll_loss
+    with native autograd nodes: at 128 x 5 a whole forward and backward costs about thirty microseconds,
+    most of it fixed per-op and autograd cost that a Python autograd.Function adds to, never removes. It is
+    the same row logsumexp computed once; half inputs are computed in float32 as everywhere else."""
+    cdt = compute_dtype(input.dtype)
+    z = input if input.dtype == cdt else input.to(cdt)
+    loss = torch._C._nn.cross_entropy_loss(z, target, weight, _REDUCTION_ENUM[reduction], ignore_index,
+                                           label_smoothing)
+    return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
-    @staticmethod
-    def forward(ctx, input: Tensor, problem, reduction: str) -> Tensor:
-        target, row_loss, weight, transform, ignore_index, eps = problem
-        cdt = compute_dtype(input.dtype)
-        z = input if input.dtype == cdt else input.to(cdt)
-        if transform is not None:  # a margin is gathered at y: ignored rows take class 0's (their loss is 0)
-            y = torch.where(target == ignore_index, 0, target) if transform.margin is not None else target
-            z = transform.apply(z, y)
-        logp = torch.log_softmax(z, 1)
-        want_grad = ctx.needs_input_grad[0]
-        if _is_nll(row_loss) and not eps:
-            loss, grad = _nll_terms(logp, target, weight, ignore_index, reduction, want_grad)
-        else:
-            loss, grad = _row_terms(logp, target, row_loss, weight, ignore_index, reduction, eps, want_grad)
-        if grad is not None:
-            scale = transform.scale if transform is not None else 1.0
-            if isinstance(scale, Tensor) or scale != 1.0:
-                grad = grad.mul_(scale)
-            ctx.save_for_backward(grad)
-        ctx.reduction, ctx.dtype = reduction, input.dtype
-        return loss.to(input.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        (grad,) = ctx.saved_tensors
-        go = grad_output.to(grad.dtype)  # scaled in the compute dtype, rounded once to the input's dtype
-        grad = (grad * (go[:, None] if ctx.reduction == "none" else go)).to(ctx.dtype)
-        if torch.is_grad_enabled():
-            grad = _NoDoubleBackward.apply(grad.detach().requires_grad_())
-        return grad, None, None
+def _row_loss_by_autograd(input, target, row_loss, weight, transform, ignore_index, reduction):
+    """The smallest batches (at most _TINY_ELEMS elements, e.g. 128 x 5) and small batches of many classes:
+    -log p'_y per row from PyTorch's cross-entropy op (0 on ignored rows, where phi is then evaluated at
+    p = 1 and weighted by 0; and the range check), phi through autograd. Inside a whole training step of the
+    default model this costs what PyTorch's eager composition costs, where the one-shot closed form's two
+    dozen extra dispatched ops cost ~20% more (docs/benchmarks.md). The logit transform, too, is
+    differentiated by autograd."""
+    cdt = compute_dtype(input.dtype)
+    z = input if input.dtype == cdt else input.to(cdt)
+    y = target.clamp(0, z.shape[1] - 1)  # ignored rows may hold any index; their weight is 0
+    if transform is not None:
+        z = transform.apply(z, y)
+    neg_logpt = torch._C._nn.cross_entropy_loss(z, target, None, 0, ignore_index, 0.0)
+    loss = neg_logpt if isinstance(row_loss, spec.NLL) else row_loss.value(neg_logpt.neg())
+    if weight is None and not _has_ignored(target, ignore_index):  # the training loop: every row counts
+        return _reduced(loss.sum() if reduction == "sum" else loss.mean() if reduction == "mean" else loss,
+                        input.dtype)
+    valid = target != ignore_index
+    w_y = valid.to(cdt) if weight is None else weight.gather(0, y).mul_(valid)
+    loss = loss * w_y
+    if reduction != "none":
+        loss = loss.sum() if reduction == "sum" else loss.sum() / w_y.sum()
+    return _reduced(loss, input.dtype)
+
+
+def _has_ignored(target: Tensor, ignore_index: int) -> bool:
+    """Whether any row may be ignored: the one host read a small CPU loss call makes (the smallest batches have
+    no cheaper way to skip the masking ops that ignored rows need). On a GPU the answer is "maybe", without
+    a read, so that the call stays free of host synchronisation."""
+    return target.is_cuda or bool((target == ignore_index).any())
+
+
+def _reduced(loss: Tensor, dtype: torch.dtype) -> Tensor:
+    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 def _is_nll(row_loss) -> bool:
@@ -323,52 +347,87 @@ def _is_nll(row_loss) -> bool:
                                                == 0)
 
 
-def _nll_terms(logp, target, weight, ignore_index, reduction, want_grad):
-    """Cross-entropy with PyTorch's semantics (weights, ignore_index, the mean over sum of w[y]), and its
-    gradient for a grad_output of 1 (per row for `none`)."""
-    enum = _REDUCTION_ENUM[reduction]
-    loss, total_weight = torch.ops.aten.nll_loss_forward(logp, target, weight, enum, ignore_index)
-    if not want_grad:
-        return loss, None
-    ones = logp.new_ones(target.shape if enum == 0 else ())
-    g = torch.ops.aten.nll_loss_backward(ones, logp, target, weight, enum, ignore_index, total_weight)
-    return loss, torch._log_softmax_backward_data(g, logp, 1, logp.dtype)
+def _softmax_parts(z: Tensor):
+    """(a, b, e, s) with log softmax(z) = a - b and softmax(z) = e / s, b = log s ((N, 1)). Below _SMALL_C
+    classes from whole-tensor elementwise ops and two row reductions (PyTorch's row-softmax kernels spend
+    ~60 ns of fixed cost per row there); above it from log_softmax, with b = None and s = 1."""
+    if z.shape[1] >= _SMALL_C:
+        a = torch.log_softmax(z, 1)
+        return a, None, a.exp(), None
+    a = z - z.amax(1, keepdim=True)
+    e = a.exp()
+    s = e.sum(1, keepdim=True)
+    return a, s.log(), e, s
 
 
-def _row_terms(logp, target, row_loss, weight, ignore_index, reduction, eps, want_grad):
-    """Any row loss, with label smoothing: the loss and its gradient for a grad_output of 1 (per row for
-    `none`); `mean` divides by D = sum of w[y_i] over non-ignored rows."""
-    n_classes = logp.shape[1]
-    logpt = -torch.nn.functional.nll_loss(logp, target, ignore_index=ignore_index, reduction="none")
-    valid = target != ignore_index
-    if weight is None:
-        w_y = valid.to(logp.dtype)
-    else:  # nll_loss picks w[y_i] per row, 0 on ignored rows, without an index that could be out of range
-        w_y = torch.nn.functional.nll_loss(-weight.expand(logp.shape), target, ignore_index=ignore_index,
-                                           reduction="none")
-    value = row_loss.value(logpt)
-    keep = 1 - eps
-    loss = torch.where(valid, w_y * value, 0.0)
-    if eps:
-        smooth = valid.to(logp.dtype) * (eps / n_classes)
-        row_sum = logp.sum(1) if weight is None else logp @ weight
-        loss = keep * loss - smooth * row_sum
-    denominator = w_y.sum() if reduction == "mean" else None
-    if reduction != "none":
-        loss = loss.sum() if denominator is None else loss.sum() / denominator
-    if not want_grad:
-        return loss, None
-    coef = w_y * row_loss.slope(logpt).neg_()
-    if keep != 1:
-        coef = coef * keep
-    if denominator is not None:  # an empty or all-ignored batch: NaN mean loss, zero gradient (as PyTorch)
-        coef = coef / denominator.clamp(min=torch.finfo(logp.dtype).tiny)
-    no_rows = logp.new_ones(())
-    g = torch.ops.aten.nll_loss_backward(coef, logp, target, None, 0, ignore_index, no_rows)
-    if eps:
-        s = smooth if denominator is None else smooth / denominator.clamp(min=torch.finfo(logp.dtype).tiny)
-        g = g.sub_(s[:, None]) if weight is None else g.addr_(s, weight, alpha=-1)
-    return loss, torch._log_softmax_backward_data(g, logp, 1, logp.dtype)
+class _SmallSoftmax(torch.autograd.Function):
+    """Small inputs: the whole batch in a few dispatched ops (at 128 x 5 each op's dispatch costs more than
+    its math, so the op count is the cost). nll_loss gives -log p'_y per row (0 on ignored rows, where the
+    row loss is then evaluated at p_y = 1 and weighted by 0) and does the target range check. Per row the
+    gradient is coef_y (p' - onehot(y)) + s (W p' - w) with coef_y = (1-eps) w_y (-slope(log p'_y)) and the
+    smoothing share s = eps/C, built in the forward as p' * (coef_y + s W) plus one scatter at y.
+    Backward only scales the saved gradient."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, problem, reduction: str) -> Tensor:
+        target, row_loss, weight, transform, ignore_index, eps = problem
+        cdt = compute_dtype(input.dtype)
+        z = input if input.dtype == cdt else input.to(cdt)
+        n_classes = z.shape[1]
+        # Ignored rows may hold any index; their weight is 0, so any column will do for them.
+        y = target.clamp(0, n_classes - 1)[:, None]
+        if transform is not None:
+            z = transform.apply(z, y[:, 0])
+        a, b, e, s = _softmax_parts(z)
+        logp = a if b is None else a - b
+        neg_logpt = torch._C._nn.nll_loss_nd(logp, target, None, 0, ignore_index)
+        valid = target != ignore_index
+        w_y = valid.to(cdt) if weight is None else weight.gather(0, y[:, 0]).mul_(valid)
+        w_kept = w_y if not eps else w_y * (1 - eps)
+        nll = isinstance(row_loss, spec.NLL)
+        if nll:
+            loss = neg_logpt.mul_(w_kept)
+        else:
+            value, slope = spec.value_and_slope(row_loss, neg_logpt.neg_())
+            loss = value * w_kept  # value and slope may be a plugin's tensors: never written in place
+        if eps:  # the smoothing share s_i = eps/C of sum_c w_c (-log p'_c)
+            smooth = valid.to(cdt).mul_(eps / n_classes)
+            loss = loss.sub_(smooth * (logp.sum(1) if weight is None else logp @ weight))
+        denominator = w_y.sum() if reduction == "mean" else None
+        if reduction != "none":
+            loss = loss.sum() if denominator is None else loss.sum().div_(denominator)
+        if ctx.needs_input_grad[0]:
+            # coef_y = -slope w_y (1-eps) / D; an empty or all-ignored batch: NaN mean loss, zero gradient
+            if nll:
+                coef_y = w_kept
+            else:
+                coef_y = (slope * w_kept).neg_()
+            if denominator is not None:
+                inverse = denominator.clamp(min=torch.finfo(cdt).tiny).reciprocal_()
+                coef_y = coef_y * inverse
+                smooth = smooth.mul_(inverse) if eps else None
+            coef = coef_y if not eps else coef_y + smooth * (n_classes if weight is None else weight.sum())
+            grad = e.mul_(coef[:, None] if s is None else coef[:, None] / s)
+            grad.scatter_add_(1, y, coef_y.neg()[:, None])
+            if eps:
+                grad = grad.sub_(smooth[:, None]) if weight is None else grad.addr_(smooth, weight, alpha=-1)
+            scale = transform.scale if transform is not None else 1.0
+            if isinstance(scale, Tensor) or scale != 1.0:
+                grad = grad.mul_(scale)
+            ctx.save_for_backward(grad)
+        ctx.reduction, ctx.dtype = reduction, input.dtype
+        return loss if loss.dtype == input.dtype else loss.to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad,) = ctx.saved_tensors
+        # scaled in the compute dtype, rounded once to the input's dtype
+        go = grad_output if grad_output.dtype == grad.dtype else grad_output.to(grad.dtype)
+        grad = grad * (go[:, None] if ctx.reduction == "none" else go)
+        grad = grad if grad.dtype == ctx.dtype else grad.to(ctx.dtype)
+        if torch.is_grad_enabled():
+            grad = _NoDoubleBackward.apply(grad.detach().requires_grad_())
+        return grad, None, None
 
 
 @dataclass(eq=False)
@@ -454,6 +513,8 @@ class _Mse:
 def mse_loss(input, target, ignore_index, reduction, on):
     """Elementwise (pred - onehot(y))^2 with pred = softmax(x) (on="probs") or x (on="logits"), or against a
     probability target; `mean` divides by (non-ignored rows) * C."""
+    if input.numel() <= _TINY_ELEMS:
+        return _tiny_mse(input, target, ignore_index, reduction, on)
     if input.numel() <= _SMALL_ELEMS:
         return _SmallMse.apply(input, (target, ignore_index, on), reduction)
     if target.dtype.is_floating_point:
@@ -464,50 +525,91 @@ def mse_loss(input, target, ignore_index, reduction, on):
     return _FusedLoss.apply(input, kernel, reduction)
 
 
+def _tiny_mse(input, target, ignore_index, reduction, on):
+    """The smallest batches (see _row_loss_by_autograd): PyTorch's softmax and mse_loss ops with autograd,
+    ignored rows zeroed on both sides; one_hot range-checks the class indices. An all-ignored batch has a NaN
+    mean and a zero gradient."""
+    cdt = compute_dtype(input.dtype)
+    z = input if input.dtype == cdt else input.to(cdt)
+    pred = torch.softmax(z, 1) if on == "probs" else z
+    if target.dtype.is_floating_point:
+        loss = torch.nn.functional.mse_loss(pred, target.to(cdt), reduction=reduction)
+        return loss if loss.dtype == input.dtype else loss.to(input.dtype)
+    if not _has_ignored(target, ignore_index):  # the training loop's case: the plain composition
+        goal = torch.nn.functional.one_hot(target, z.shape[1]).to(cdt)
+        return _reduced(torch.nn.functional.mse_loss(pred, goal, reduction=reduction), input.dtype)
+    valid = target != ignore_index
+    kept = valid[:, None]
+    goal = torch.nn.functional.one_hot(torch.where(valid, target, 0), z.shape[1]).mul_(kept)
+    summed = "sum" if reduction == "mean" else reduction
+    loss = torch.nn.functional.mse_loss(pred * kept, goal, reduction=summed)
+    if reduction == "mean":
+        count = valid.sum() * z.shape[1]
+        loss = torch.where(count > 0, loss / count.clamp(min=1), torch.nan)
+    return loss if loss.dtype == input.dtype else loss.to(input.dtype)
+
+
 class _SmallMse(torch.autograd.Function):
-    """Small inputs: err = pred - goal in a few whole-batch ops (the one-hot goal from nll_loss_backward,
-    which also zeroes ignored rows), and the gradient 2 err through the softmax with PyTorch's own
-    _softmax_backward_data, p (g - sum_k g_k p_k). No host sync."""
+    """Small inputs: err = pred - goal in a few whole-batch ops (the one-hot goal by one scatter, whose index
+    check is the target range check), and for `mean`/`sum` the gradient in the forward: 2 err through the
+    softmax, p (g - sum_k g_k p_k). Backward only scales it (`none` forms it there, per element)."""
 
     @staticmethod
     def forward(ctx, input: Tensor, problem, reduction: str) -> Tensor:
         target, ignore_index, on = problem
         cdt = compute_dtype(input.dtype)
         z = input if input.dtype == cdt else input.to(cdt)
-        pred = torch.softmax(z, 1) if on == "probs" else z
+        if on == "probs":
+            _, _, e, s = _softmax_parts(z)
+            pred = e if s is None else e.div_(s)
+        else:
+            pred = z
         if target.dtype.is_floating_point:
             err = pred - target.to(cdt)
-            count = err.new_tensor(float(err.numel()))
-        else:  # nll_loss_backward with grad_output -1 writes 1 at (i, y_i) for every kept row
-            minus_one = pred.new_full(target.shape, -1.0)
-            onehot = torch.ops.aten.nll_loss_backward(minus_one, pred, target, None, 0, ignore_index,
-                                                      pred.new_ones(()))
-            valid = (target != ignore_index)[:, None]
-            err = torch.where(valid, pred - onehot, 0.0)
-            count = valid.sum() * pred.shape[1]
-        flat = err.view(-1)
+            count = float(err.numel())
+        else:  # ignored rows scatter nowhere (index 0, value 0) and are zeroed; others are range-checked
+            valid = target != ignore_index
+            kept = valid.to(cdt)
+            err = pred.clone().scatter_add_(1, torch.where(valid, target, 0)[:, None], kept.neg()[:, None])
+            err = err.mul_(kept[:, None])
+            count = kept.sum().mul_(pred.shape[1])
         if reduction == "none":
             loss = err.square()
         else:
+            flat = err.view(-1)
             loss = torch.dot(flat, flat)
             loss = loss / count if reduction == "mean" else loss
-        ctx.save_for_backward(err, pred if on == "probs" else None, count)
         ctx.reduction, ctx.dtype = reduction, input.dtype
+        probs = pred if on == "probs" else None
+        if reduction == "none" or not ctx.needs_input_grad[0]:
+            ctx.save_for_backward(err, probs)
+            return loss.to(input.dtype)
+        # an empty or all-ignored batch: zero gradient, as PyTorch's
+        scale = 2.0 if reduction == "sum" else 2 / (count.clamp(min=1) if isinstance(count, Tensor) else
+                                                        max(count, 1.0))
+        ctx.save_for_backward(_through_softmax(err.mul_(scale), probs), None)
         return loss.to(input.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        err, pred, count = ctx.saved_tensors
-        go = grad_output.to(err.dtype)
-        if ctx.reduction == "mean":  # an empty or all-ignored batch: zero gradient, as PyTorch's
-            go = go / count.clamp(min=1)
-        g = err * (2 * go)
-        if pred is not None:
-            g = torch._softmax_backward_data(g, pred, 1, pred.dtype)
-        g = g.to(ctx.dtype)
+        saved, probs = ctx.saved_tensors
+        go = grad_output.to(saved.dtype)
+        if ctx.reduction == "none":
+            grad = _through_softmax(saved * (2 * go), probs)
+        else:
+            grad = saved * go
+        grad = grad.to(ctx.dtype)
         if torch.is_grad_enabled():
-            g = _NoDoubleBackward.apply(g.detach().requires_grad_())
-        return g, None, None
+            grad = _NoDoubleBackward.apply(grad.detach().requires_grad_())
+        return grad, None, None
+
+
+def _through_softmax(g: Tensor, probs: Tensor | None) -> Tensor:
+    """dL/dx from g = dL/dpred: p (g - sum_k g_k p_k) when pred = softmax(x) (`probs` given), g itself when
+    pred = x."""
+    if probs is None:
+        return g
+    return g.sub_(torch.linalg.vecdot(g, probs)[:, None]).mul_(probs)
 
 
 def _softplus(x: Tensor, out: Tensor) -> Tensor:
@@ -559,44 +661,18 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
     weight = None if weight is None else weight.to(cdt)
     pos_weight = None if pos_weight is None else pos_weight.to(cdt)
     if input.numel() <= _SMALL_ELEMS:
-        return _SmallBce.apply(input, (target, weight, pos_weight), reduction)
+        return _small_bce(input, target, weight, pos_weight, reduction)
     return _FusedLoss.apply(input, _Bce(target, weight, pos_weight), reduction)
 
 
-class _SmallBce(torch.autograd.Function):
-    """Small inputs: _Bce's formulas over the whole batch in a few ops, loss and gradient in the forward."""
-
-    @staticmethod
-    def forward(ctx, input: Tensor, problem, reduction: str) -> Tensor:
-        target, weight, pos_weight = problem
-        cdt = compute_dtype(input.dtype)
-        x = input if input.dtype == cdt else input.to(cdt)
-        t = target.to(cdt)
-        k = None if pos_weight is None else t * (pos_weight - 1) + 1  # pw t + 1 - t
-        soft = torch.nn.functional.softplus(-x)
-        loss = (1 - t) * x + (soft if k is None else k * soft)
-        if weight is not None:
-            loss = loss * weight
-        if ctx.needs_input_grad[0]:
-            sig = torch.sigmoid(x)
-            grad = sig - t if k is None else sig * k - t * pos_weight
-            if weight is not None:
-                grad = grad * weight
-            if reduction == "mean":
-                grad = grad / max(grad.numel(), 1)
-            ctx.save_for_backward(grad)
-        ctx.reduction, ctx.dtype = reduction, input.dtype
-        if reduction != "none":
-            loss = loss.sum() if reduction == "sum" else loss.mean()
-        return loss.to(input.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        (grad,) = ctx.saved_tensors
-        grad = (grad * grad_output.to(grad.dtype)).to(ctx.dtype)
-        if torch.is_grad_enabled():
-            grad = _NoDoubleBackward.apply(grad.detach().requires_grad_())
-        return grad, None, None
+def _small_bce(input, target, weight, pos_weight, reduction):
+    """At training shapes BCE is PyTorch's own element-wise op with its native autograd node, for the reason
+    given in _small_cross_entropy; half inputs are computed in float32."""
+    cdt = compute_dtype(input.dtype)
+    x = input if input.dtype == cdt else input.to(cdt)
+    t = target if target.dtype == cdt else target.to(cdt)
+    loss = torch.binary_cross_entropy_with_logits(x, t, weight, pos_weight, _REDUCTION_ENUM[reduction])
+    return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
 
 @dataclass(eq=False)

@@ -34,6 +34,14 @@ class RowLoss(Protocol):
         ...
 
 
+def value_and_slope(row_loss: RowLoss, logpt: Tensor) -> tuple[Tensor, Tensor]:
+    """(phi(l), phi'(l)) for the closed-form backends. A row loss may define `value_and_slope` to share work
+    between the two (at training shapes every elementwise op is a dispatch that costs more than its math);
+    otherwise `value` and `slope` are called."""
+    both = getattr(row_loss, "value_and_slope", None)
+    return both(logpt) if both is not None else (row_loss.value(logpt), row_loss.slope(logpt))
+
+
 def _finite(name: str, value: float, low: float, high: float, *, open_low: bool = False) -> float:
     value = float(value)
     inside = (low < value if open_low else low <= value) and value <= high
@@ -74,9 +82,16 @@ class Focal:
         return -one_minus_pt.pow(self.gamma) * logpt
 
     def slope(self, logpt: Tensor) -> Tensor:
-        one_minus_pt = (-torch.expm1(logpt)).clamp(min=0)
-        ratio = torch.where(one_minus_pt > 0, logpt / one_minus_pt, -1.0)
-        return one_minus_pt.pow(self.gamma) * (self.gamma * logpt.exp() * ratio - 1)
+        return self.value_and_slope(logpt)[1]
+
+    def value_and_slope(self, logpt: Tensor) -> tuple[Tensor, Tensor]:
+        # Ten tensor ops and no tensor-scalar arithmetic but one: at training shapes each op's dispatch is the
+        # cost. l / (1-p) is 0/0 only at l = 0 (p = 1), where its limit is -1.
+        one_minus_pt = torch.expm1(logpt).neg_().clamp_min_(0)
+        modulator = one_minus_pt.pow(self.gamma)
+        ratio = torch.div(logpt, one_minus_pt).nan_to_num_(nan=-1.0)
+        slope = torch.addcmul(modulator.neg(), modulator, ratio.mul_(logpt.exp()), value=self.gamma)
+        return modulator.mul_(logpt).neg_(), slope
 
 
 @dataclass(frozen=True)
