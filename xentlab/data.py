@@ -215,7 +215,11 @@ def build_datamodule(name: str, *, seed: int = 0, val_fraction: float = 0.2, tes
         x_train, y_train = splits["train"]
         splits["train"] = (x_train, flip_labels(y_train, label_noise, num_classes, seed))
     check_splits(splits, task, num_classes)
-    datamodule = TensorDataModule(splits, task, num_classes, batch_size=batch_size, seed=seed, name=name,
-                                  eval_batch_size=eval_batch_size, sampler=sampler)
+    return TensorDataModule(splits, task, num_classes, batch_size=batch_size, seed=seed, name=name,
+                            eval_batch_size=eval_batch_size, sampler=sampler)
+
+
+def log_counts(datamodule: TensorDataModule) -> None:
+    """The class-count table (`describe`) on this module's logger at INFO, by `xentlab.train.build_parts`
+    once the loss and model are built too: a run refused while building shows its refusal alone."""
     log.info("%s", datamodule.describe())
-    return datamodule

@@ -54,8 +54,8 @@ install_open_groups()
 
 def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module]:
     """The run's data module, loss and model: the loss gets the training split's class counts, the model
-    the data's feature and class counts. Seeding is the caller's."""
-    from xentlab.data import build_datamodule
+    the data's feature and class counts; then the class-count table is logged. Seeding is the caller's."""
+    from xentlab.data import build_datamodule, log_counts
     from xentlab.losses import build_loss
     from xentlab.models import build_model
 
@@ -63,6 +63,7 @@ def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module
     loss = build_loss(**cfg.loss, task=datamodule.task, class_counts=datamodule.class_counts,
                       num_examples=len(datamodule.splits["train"][1]))
     model = build_model(**cfg.model, in_features=datamodule.num_features, num_outputs=datamodule.num_classes)
+    log_counts(datamodule)
     return datamodule, loss, model
 
 
