@@ -283,8 +283,8 @@ def softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduc
 
 
 def _pytorch_rows_win(input: Tensor) -> bool:
-    """Where PyTorch's own row kernels plus autograd beat the closed-form paths (measured, docs/benchmarks.md):
-    the smallest batches, and training batches of _SMALL_C classes or more (up to 4096 x 128)."""
+    """Where PyTorch's own row kernels plus autograd beat the closed-form paths (as docs/benchmarks.md
+    measures): the smallest batches, and training batches of _SMALL_C classes or more (up to 4096 x 128)."""
     elems = input.numel()
     return elems <= _TINY_ELEMS or (input.shape[1] >= _SMALL_C and elems <= _ROWS_ELEMS)
 
@@ -337,9 +337,9 @@ def _row_loss_by_autograd(input, target, row_loss, weight, transform, ignore_ind
 
 
 def _has_ignored(target: Tensor, ignore_index: int) -> bool:
-    """Whether any row may be ignored: the one host read a small CPU loss call makes (the smallest batches have
-    no cheaper way to skip the masking ops that ignored rows need). On a GPU the answer is "maybe", without
-    a read, so that the call stays free of host synchronisation."""
+    """Whether any row may be ignored: the one host read a small CPU loss call makes (the smallest batches
+    have no cheaper way to skip the masking ops that ignored rows need). On a GPU the answer is "maybe",
+    without a read, so that the call stays free of host synchronisation."""
     return target.is_cuda or bool((target == ignore_index).any())
 
 
