@@ -35,7 +35,7 @@ def environment(**extra: str) -> dict:
             **extra}
 
 
-def refused(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+def watched(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     seen = tmp_path / "imported.json"
     result = subprocess.run([sys.executable, "-c", WATCHING, str(seen), *overrides], cwd=tmp_path,
                             env=environment(), capture_output=True, text=True, timeout=120)
@@ -73,14 +73,20 @@ def assert_one_line_refusal(result: subprocess.CompletedProcess, fragment: str, 
     ],
 )
 def test_a_setting_wrong_whatever_the_data_is_refused_before_lightning(tmp_path, overrides, fragment, loaded):
-    result, imported = refused(tmp_path, *overrides)
+    result, imported = watched(tmp_path, *overrides)
     assert_one_line_refusal(result, fragment, tmp_path)
     assert imported == loaded
 
 
+def test_help_imports_neither_torch_nor_lightning(tmp_path):
+    result, imported = watched(tmp_path, "--help")
+    assert result.returncode == 0 and "== Configuration groups ==" in result.stdout, result.stderr
+    assert imported == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the GPU the check looks for")
 def test_a_missing_gpu_is_refused_before_lightning(tmp_path):
-    result, imported = refused(tmp_path, "trainer=gpu")
+    result, imported = watched(tmp_path, "trainer=gpu")
     assert_one_line_refusal(result, "trainer.accelerator=gpu, but torch finds no CUDA GPU", tmp_path)
     assert "pytorch_lightning" not in imported and "lightning" not in imported
 
@@ -89,7 +95,7 @@ def test_a_missing_gpu_is_refused_before_lightning(tmp_path):
 def test_a_data_setting_only_the_data_refuses_is_one_line_without_a_run_folder(tmp_path, seeds):
     # digits has 174 samples of its rarest digit: ratio 200 leaves the tail class none. Only the data can
     # tell, so this check may import what building needs; the refusal looks like any other.
-    result, _ = refused(tmp_path, "data=digits", "data.imbalance_ratio=200", f"seeds={seeds}")
+    result, _ = watched(tmp_path, "data=digits", "data.imbalance_ratio=200", f"seeds={seeds}")
     assert_one_line_refusal(result, "leaves class 9 with 0 samples", tmp_path)
     # A bundled dataset cannot be given more samples: the advice names what can change.
     assert "lower the ratio or data.min_class_samples (this dataset has no more samples)" in result.stderr

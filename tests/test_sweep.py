@@ -22,13 +22,15 @@ from xentlab.train import CONFIG_DIR, available_cpus, sweep_value, threads_per_j
 TINY = ["data.n_samples=400", "trainer.max_epochs=1", "model.hidden_sizes=[16]"]
 
 
-def sweep(args: list[str], cwd: Path, timeout: float = 240) -> tuple[subprocess.CompletedProcess, Path]:
-    """Run `xentlab-train -m ...` in `cwd`; return the process and its (single) sweep folder."""
+def sweep(args: list[str], cwd: Path, timeout: float = 240, status: int = 0) \
+        -> tuple[subprocess.CompletedProcess, Path]:
+    """Run `xentlab-train -m ...` in `cwd`, expecting exit `status` (1: a job failed); return the process
+    and its (single) sweep folder."""
     script = Path(sys.executable).with_name("xentlab-train")
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run([str(script), "-m", *TINY, *args], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == status, result.stdout[-3000:] + result.stderr[-3000:]
     (sweep_dir,) = (cwd / "outputs" / "multirun").glob("*/*")
     return result, sweep_dir
 
@@ -65,7 +67,7 @@ def assert_one_failed_one_reported(sweep_dir: Path, result: subprocess.Completed
 
 def test_joblib_sweep_with_a_failing_job_then_report(tmp_path):
     result, sweep_dir = sweep(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                               "data.imbalance_ratio=10,100"], tmp_path)
+                               "data.imbalance_ratio=10,100"], tmp_path, status=1)
     completed = assert_one_failed_one_reported(sweep_dir, result)
     # The console: the sweep announced once, one line per finished job, the class-count table once.
     output = result.stdout + result.stderr
@@ -79,7 +81,7 @@ def test_joblib_sweep_with_a_failing_job_then_report(tmp_path):
 
 def test_submitit_local_sweep_with_a_failing_job_then_report(tmp_path):
     result, sweep_dir = sweep(["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
-                               "data.imbalance_ratio=10,100"], tmp_path)
+                               "data.imbalance_ratio=10,100"], tmp_path, status=1)
     assert (sweep_dir / ".submitit").is_dir()  # the jobs really went through submitit
     completed = assert_one_failed_one_reported(sweep_dir, result)
     assert completed["torch_threads"] == 1  # cpus_per_task unset: every local job starts at once

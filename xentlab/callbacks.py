@@ -11,6 +11,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+# The sweeps this process reported incomplete (failed, unreadable, unfinished or never-started jobs):
+# `xentlab-train` then exits with status 1, as `xentlab report` does for them.
+INCOMPLETE_SWEEPS: list[Path] = []
 
 
 class ReportCallback(Callback):
@@ -54,6 +57,7 @@ class ReportCallback(Callback):
             log.warning("sweep report for %s failed: %s: %s", sweep_dir, type(error).__name__, error)
             return
         if not report.complete:
+            INCOMPLETE_SWEEPS.append(sweep_dir)
             log.warning("sweep %s is incomplete: %d failed or unreadable job(s), %d unfinished, %d never "
-                        "started (see report.md)", sweep_dir, len(report.problems), len(report.pending),
-                        len(report.unstarted))
+                        "started (see report.md); exit status 1", sweep_dir, len(report.problems),
+                        len(report.pending), len(report.unstarted))

@@ -626,7 +626,8 @@ hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=
 def main() -> None:
     """`xentlab-train`: Hydra's command line over `run_job`. An invalid setting (a ConfigError or Hydra's
     own composition error) is printed as one message with exit status 2, no traceback; HYDRA_FULL_ERROR=1
-    re-raises it with its traceback, as Hydra does."""
+    re-raises it with its traceback, as Hydra does. A multirun whose report finds failed, unfinished or
+    never-started jobs exits with status 1 (the sweep still ran every job and wrote its report)."""
     global _BRIEF_ERRORS
     _BRIEF_ERRORS = os.environ.get("HYDRA_FULL_ERROR") != "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exiting with 1
@@ -636,6 +637,10 @@ def main() -> None:
         if not _BRIEF_ERRORS:
             raise
         refuse(str(error) if isinstance(error, ConfigError) else describe_composition_error(error))
+    from xentlab.callbacks import INCOMPLETE_SWEEPS
+
+    if INCOMPLETE_SWEEPS:
+        sys.exit(1)  # a job failed or never finished: said by the report's last line
 
 
 if __name__ == "__main__":
