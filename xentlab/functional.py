@@ -1,7 +1,9 @@
 """The loss API: PyTorch-style functions that check every argument, flatten, and dispatch to a backend.
 
 All validation lives here and runs before any kernel, so a bad target is a ValueError naming the value, never
-a device-side assert. Inputs (N, C, d1, ...) follow PyTorch's class-dimension-1 convention for the softmax
+a device-side assert; the one exception is the class-index range check at the fused backend's training
+shapes, which PyTorch's kernels do as the loss runs (`_with_index_check` turns their error into the same
+ValueError). Inputs (N, C, d1, ...) follow PyTorch's class-dimension-1 convention for the softmax
 family; they are flattened to (N*d1*..., C) rows and `reduction="none"` outputs are reshaped back. The
 semantics are those of docs/losses.md; `backend` is "auto" | "fused" | "triton" | "reference".
 

@@ -46,6 +46,7 @@ _SMALL_ELEMS = 1 << 16
 # row kernels plus autograd's C++ nodes do, measured inside a whole training step of the default model; from
 # _SMALL_C classes on, PyTorch's row kernels win at every small size.
 _TINY_ELEMS = 1 << 12
+_ROWS_ELEMS = 1 << 19
 _NLL = spec.NLL()
 _local = threading.local()
 
@@ -266,8 +267,7 @@ def softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduc
     weight = None if weight is None else weight.to(cdt)
     if transform is not None and transform.is_identity:
         transform = None
-    if checks_targets(input) and (input.numel() <= _TINY_ELEMS or input.shape[1] >= _SMALL_C):
-        # where PyTorch's row kernels are at their best: the smallest batches, and rows of many classes
+    if _pytorch_rows_win(input):
         if transform is None and _is_nll(row_loss):
             return _small_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
         if not label_smoothing:
@@ -280,6 +280,13 @@ def softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduc
     w_y = valid.to(cdt) if weight is None else weight[y] * valid
     kernel = _SoftmaxIndex(y, valid, w_y, weight, label_smoothing, row_loss, transform)
     return _FusedLoss.apply(input, kernel, reduction)
+
+
+def _pytorch_rows_win(input: Tensor) -> bool:
+    """Where PyTorch's own row kernels plus autograd beat the closed-form paths (as docs/benchmarks.md
+    measures): the smallest batches, and training batches of _SMALL_C classes or more (up to 4096 x 128)."""
+    elems = input.numel()
+    return elems <= _TINY_ELEMS or (input.shape[1] >= _SMALL_C and elems <= _ROWS_ELEMS)
 
 
 def checks_targets(input: Tensor) -> bool:
@@ -330,9 +337,9 @@ def _row_loss_by_autograd(input, target, row_loss, weight, transform, ignore_ind
 
 
 def _has_ignored(target: Tensor, ignore_index: int) -> bool:
-    """Whether any row may be ignored: the one host read a small CPU loss call makes (the smallest batches have
-    no cheaper way to skip the masking ops that ignored rows need). On a GPU the answer is "maybe", without
-    a read, so that the call stays free of host synchronisation."""
+    """Whether any row may be ignored: the one host read a small CPU loss call makes (the smallest batches
+    have no cheaper way to skip the masking ops that ignored rows need). On a GPU the answer is "maybe",
+    without a read, so that the call stays free of host synchronisation."""
     return target.is_cuda or bool((target == ignore_index).any())
 
 
