@@ -139,6 +139,25 @@ def test_one_loss_call_serves_the_batch_only_where_it_equals_the_seeds_own_calls
         torch.testing.assert_close(row_means(module.losses[0], logits, y), expected)
 
 
+def test_only_losses_that_declare_a_mean_of_rows_share_one_call():
+    """A loss whose mean is something else (class weights, or a plugin that does not say) is never batched
+    on the strength of the first step's numbers alone."""
+    from xentlab.losses import build_loss
+    from xentlab.seedbatch import interchangeable
+
+    class PluginCE(torch.nn.Module):  # a plugin loss: a mean of rows, but it does not declare it
+        reduction = "mean"
+
+        def forward(self, x, y):
+            return torch.nn.functional.cross_entropy(x, y, reduction=self.reduction)
+
+    assert interchangeable([build_loss("ce") for _ in range(3)])
+    assert interchangeable([build_loss("focal", gamma=2.0) for _ in range(3)])
+    assert not interchangeable([build_loss("weighted_ce", weights=[1.0, 2.0, 3.0]) for _ in range(3)])
+    assert not interchangeable([build_loss("focal", alpha=[1.0, 2.0, 3.0]) for _ in range(3)])
+    assert not interchangeable([PluginCE() for _ in range(3)])
+
+
 def test_adding_a_seed_to_the_batch_changes_no_other_seed(tmp_path):
     two = train_seeds(config("seed=0", "seeds=2"), tmp_path / "two")
     three = train_seeds(config("seed=0", "seeds=3"), tmp_path / "three")

@@ -235,10 +235,13 @@ class SeedRun:
 
 
 def interchangeable(losses: list[nn.Module]) -> bool:
-    """Whether the seeds' losses are one function: one class with `reduction="mean"` to switch, equal plain
-    settings and buffers, and no parameters, submodules or epoch hook (which could make them differ later)."""
+    """Whether the seeds' losses are one function whose mean is a mean of rows: one class that says so
+    (`averages_rows`, which the built-ins declare; a plugin loss without it keeps per-seed calls) with
+    `reduction="mean"` to switch, equal plain settings and buffers, and no parameters, submodules or epoch
+    hook (which could make them differ later)."""
     first = losses[0]
-    if getattr(first, "reduction", None) != "mean" or callable(getattr(first, "on_train_epoch_start", None)):
+    if getattr(first, "averages_rows", False) is not True or getattr(first, "reduction", None) != "mean" \
+            or callable(getattr(first, "on_train_epoch_start", None)):
         return False
 
     def settings(loss: nn.Module) -> dict | None:
