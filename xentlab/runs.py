@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from xentlab.validation import ConfigError
+from xentlab.validation import ConfigError, flatten
 
 # Keys a resumed run may change without becoming another run: where it resumes from, how many threads
 # compute it, what the sweeper reads, how often figures are drawn, and how long it trains (resuming a
@@ -28,17 +28,6 @@ DIVERGED_FACTOR = 2.0
 
 class FolderHoldsAnotherRun(ConfigError):
     """`ckpt_path=last` found a record or checkpoint of a different configuration in the job's folder."""
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """Nested plain config → {"group.key": value}."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def config_differences(recorded: dict, current: dict) -> list[str]:

@@ -31,7 +31,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from xentlab import config_dir
 from xentlab.slurm import requeued
-from xentlab.validation import ConfigError, check_config, describe_composition_error, install_open_groups
+from xentlab.validation import (
+    ConfigError,
+    check_config,
+    describe_composition_error,
+    flatten,
+    install_open_groups,
+)
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -136,19 +142,8 @@ def quiet_lightning() -> None:
 
 def flat_params(cfg: DictConfig) -> dict:
     """The run's choices as flat `group.key -> scalar` pairs (lists become strings), e.g. `loss.gamma`."""
-    flat = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, dict):
-                walk(value, f"{name}.")
-            else:
-                plain = isinstance(value, (int, float, str, bool)) or value is None
-                flat[name] = value if plain else str(value)
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
+    return {key: value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items()}
 
 
 class RunInterrupted(KeyboardInterrupt):

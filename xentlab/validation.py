@@ -29,6 +29,17 @@ class ConfigError(ValueError):
     """An invalid setting: what is wrong, with the key, the bad value and the valid choices."""
 
 
+def flatten(config: dict, prefix: str = "") -> dict:
+    """A nested plain config (dicts of values) as `{"group.key": value}`, e.g. `loss.gamma`."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid top-level, trainer or loss setting of a composed run config."""
     check_top_level(cfg)

@@ -25,6 +25,7 @@ from xentlab.report.stats import (
     summarize,
 )
 from xentlab.report.sweep import Run, override_dict
+from xentlab.validation import flatten
 
 # Overrides that do not change what a run measures: the seed is what a group averages over, `seeds`
 # (several seeds in one job) is how they were run.
@@ -103,15 +104,9 @@ def signed(x: float) -> str:
     return f"{x:+.1e}" if 0 < abs(x) < 5e-4 else f"{x:+.3f}"
 
 
-def flatten(config: dict, prefix: str = "") -> dict:
-    """Nested config → {"group.key": "value"} with values as strings."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat
+def flat_strings(config: dict) -> dict:
+    """A run's config as `{"group.key": "value"}`, values as the strings overrides are compared with."""
+    return {key: str(value) for key, value in flatten(config).items()}
 
 
 def run_settings(runs: list[Run]) -> list[dict]:
@@ -122,7 +117,7 @@ def run_settings(runs: list[Run]) -> list[dict]:
     if all(run.overrides is not None for run in runs):
         settings = [override_dict(run.overrides) for run in runs]
     else:
-        flat = [flatten(run.config) for run in runs]
+        flat = [flat_strings(run.config) for run in runs]
         settings = [{k: f.get(k, "-") for k in varying_keys(flat)} for f in flat]
     return [{k: v for k, v in s.items() if k not in NOT_GROUPING} for s in settings]
 
@@ -236,7 +231,7 @@ def matches(group: Group, baseline: dict[str, str]) -> bool:
                 return False
             continue
         path = "loss.name" if key == "loss" else key
-        if not all(flatten(run.config).get(path) == value for run in group.runs):
+        if not all(flat_strings(run.config).get(path) == value for run in group.runs):
             return False
     return True
 
