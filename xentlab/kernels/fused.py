@@ -624,8 +624,17 @@ def _softplus(x: Tensor, out: Tensor) -> Tensor:
     return torch.ops.aten.softplus.out(x, 1, 40.0 if x.dtype == torch.float64 else 20.0, out=out)
 
 
+class _PerElement:
+    """The element-wise (sigmoid) losses: a loss per element, and `mean` over every element of the target."""
+
+    elementwise = True
+
+    def denominator(self) -> Tensor:
+        return torch.tensor(float(self.target.numel()), device=self.target.device)
+
+
 @dataclass(eq=False)
-class _Bce:
+class _Bce(_PerElement):
     """l = w [(1 - t) x + k softplus(-x)] with k = pw t + 1 - t, PyTorch's own form of -w [pw t log s(x) +
     (1-t) log s(-x)] (so x = +-inf gives what PyTorch gives: inf for x = +inf, t = 0, NaN where a zero
     weight meets an infinite x); the gradient is w [sigmoid(x) k - pw t]."""
@@ -633,11 +642,7 @@ class _Bce:
     target: Tensor
     weight: Tensor | None
     pos_weight: Tensor | None
-    elementwise = True
     slots = 2
-
-    def denominator(self) -> Tensor:
-        return torch.tensor(float(self.target.numel()), device=self.target.device)
 
     def chunk(self, x, rows, out, ws, s):
         loss, k = ws
@@ -683,7 +688,7 @@ def _small_bce(input, target, weight, pos_weight, reduction):
 
 
 @dataclass(eq=False)
-class _SigmoidFocal:
+class _SigmoidFocal(_PerElement):
     """torchvision's sigmoid focal loss ce * m^g * alpha_t, with m = 1 - p_t = s(x)(1-t) + s(-x) t formed
     without cancellation; dL/dx = alpha_t [(s - t) m^g + g m^g (ce/m) s(x) s(-x) (1 - 2t)], where ce/m -> 1
     as m -> 0."""
@@ -691,11 +696,7 @@ class _SigmoidFocal:
     target: Tensor
     alpha: float
     gamma: float
-    elementwise = True
     slots = 5
-
-    def denominator(self) -> Tensor:
-        return torch.tensor(float(self.target.numel()), device=self.target.device)
 
     def chunk(self, x, rows, out, ws, s):
         ce, sig_neg, m, modulator, loss = ws
@@ -726,7 +727,7 @@ def sigmoid_focal_loss(input, target, alpha, gamma, reduction):
 
 
 @dataclass(eq=False)
-class _Asl:
+class _Asl(_PerElement):
     """Asymmetric loss, with p = s(x), q = 1 - p = s(-x) and p_m = max(p - clip, 0):
     l = t q^g+ softplus(-x) - (1-t) p_m^g- log(1 - p_m). dl/dx = t q^g+ (-g+ p softplus(-x) - q) +
     (1-t) [p_m > 0] p_m^g- p q (1 / (1 - p_m) - g- r) with r = log(1 - p_m) / p_m (-> -1 as p_m -> 0, so
@@ -736,11 +737,7 @@ class _Asl:
     gamma_pos: float
     gamma_neg: float
     clip: float
-    elementwise = True
     slots = 0
-
-    def denominator(self) -> Tensor:
-        return torch.tensor(float(self.target.numel()), device=self.target.device)
 
     def chunk(self, x, rows, out, ws, s):
         t = self.target[rows].to(x.dtype)
