@@ -209,7 +209,12 @@ class _SoftmaxIndex:
         p = _softmax(x, out)
         logpt = _log_true_class(p, x, y)
         nll = isinstance(self.row_loss, spec.NLL)
-        value = -logpt if nll else self.row_loss.value(logpt)
+        if nll:
+            value = -logpt
+        elif s is None:
+            value = self.row_loss.value(logpt)
+        else:  # both, from one computation where the row loss shares them (focal)
+            value, slope = spec.value_and_slope(self.row_loss, logpt)
         keep = 1 - self.eps
         loss = w_y * value if keep == 1 else (keep * w_y) * value
         smooth = None
@@ -218,7 +223,7 @@ class _SoftmaxIndex:
             loss = loss - smooth * row_sum
         if s is None:
             return torch.where(self.valid[rows], loss, 0.0)
-        coef_y = w_y if nll else w_y * -self.row_loss.slope(logpt)
+        coef_y = w_y if nll else w_y * -slope
         if keep != 1:
             coef_y = keep * coef_y
         coef_y = coef_y * s  # s: a number, 0-d, or (rows,) in the backward of reduction="none"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch.autograd.function import once_differentiable
 
-from xentlab.kernels import compute_dtype
+from xentlab.kernels import compute_dtype, spec
 from xentlab.kernels.triton.launch import (
     _INTERPRETED,
     _launch_row_stats,
@@ -113,13 +113,17 @@ class _SoftmaxLoss(torch.autograd.Function):
         lse, logpt, w_y, smoothing, kept = _launch_row_stats(x, target, weight, vectors, args.ignore_index,
                                                              smooth)
         # ignored rows arrive with w_y = 0, log p_y = 0 (phi finite there) and a zero smoothing sum
-        loss = w_y * args.row_loss.value(logpt)
+        if ctx.needs_input_grad[0]:  # both, from one computation where the row loss shares them (focal)
+            value, slope = spec.value_and_slope(args.row_loss, logpt)
+        else:
+            value = args.row_loss.value(logpt)
+        loss = w_y * value
         if smooth:
             loss = (1 - args.eps) * loss + (args.eps / c) * smoothing
         denominator = w_y.sum()
         if ctx.needs_input_grad[0]:
             # d l_i / d z'_c = c_p p'_c - c_y [c == y] - c_w w_c, before grad_output and the denominator
-            c_y = -w_y * args.row_loss.slope(logpt)
+            c_y = -w_y * slope
             if smooth:
                 c_y = (1 - args.eps) * c_y
             c_w = kept * (args.eps / c) if smooth else None
