@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from xentlab.data import TensorBatches, build_datamodule, flip_labels, standardize
-from xentlab.datasets import DATASETS, SPLITS, counts_for_total, long_tail_counts, split
+from xentlab.lab.data import TensorBatches, build_datamodule, flip_labels, standardize
+from xentlab.lab.datasets import DATASETS, SPLITS, counts_for_total, long_tail_counts, split
 from xentlab.train import CONFIG_DIR
 
 DATA_CONFIGS = sorted(Path(CONFIG_DIR, "data").glob("*.yaml"))
@@ -24,7 +24,7 @@ def total_counts(datamodule) -> list[int]:
 
 
 def expected_profile(n_max: float, n_classes: int, rho: float, profile: str) -> list[int]:
-    """The issue's formulas, written out independently of xentlab.data."""
+    """The issue's formulas, written out independently of xentlab.lab.data."""
     if profile == "exponential":
         return [round(n_max * rho ** (-c / (n_classes - 1))) for c in range(n_classes)]
     return [n_max if c < (n_classes + 1) // 2 else round(n_max / rho) for c in range(n_classes)]
@@ -231,7 +231,7 @@ def test_split_counts_are_described_for_the_start_up_log(caplog):
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["data=wine", "data.imbalance_ratio=5"])
-    with caplog.at_level("INFO", logger="xentlab.data"):
+    with caplog.at_level("INFO", logger="xentlab.lab.data"):
         datamodule, _, _ = build_parts(cfg)
     text = datamodule.describe()
     for name in SPLITS:

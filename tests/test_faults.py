@@ -18,9 +18,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from xentlab.atomic import atomic_open, atomic_write, remove_staging_files
-from xentlab.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
-from xentlab.runs import FolderHoldsAnotherRun, RunRecorder, config_differences, divergence_warnings
+from xentlab.lab.atomic import atomic_open, atomic_write, remove_staging_files
+from xentlab.lab.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
+from xentlab.lab.runs import FolderHoldsAnotherRun, RunRecorder, config_differences, divergence_warnings
 from xentlab.train import CONFIG_DIR, RunInterrupted, train
 
 TINY = ["data.n_samples=400", "model.hidden_sizes=[16]"]
@@ -242,7 +242,7 @@ def test_a_sweep_that_dies_inside_hydra_still_reports_what_exists(tmp_path):
 
 @pytest.mark.parametrize(("sig", "cause"), [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")])
 def test_a_signal_during_training_is_recorded_as_interrupted(tmp_path, monkeypatch, sig, cause):
-    from xentlab.module import ClassifierModule
+    from xentlab.lab.module import ClassifierModule
 
     original = ClassifierModule.on_train_epoch_end
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from xentlab import functional as XF
-from xentlab.information import cross_entropy_between, entropy, kl_divergence
+from xentlab.lab.information import cross_entropy_between, entropy, kl_divergence
 
 
 def distributions(seed: int, shape=(5, 6), zeros: bool = True) -> torch.Tensor:

@@ -41,21 +41,21 @@ def test_math_core_knows_no_framework_and_no_registry(path):
     if not path.exists():
         pytest.fail(f"{path} is missing")
     assert (
-        offending(path, (*FRAMEWORKS, "xentlab.losses", "xentlab.module", "xentlab.train", "xentlab.data"))
+        offending(path, (*FRAMEWORKS, "xentlab.losses", "xentlab.lab.module", "xentlab.train", "xentlab.lab.data"))
         == []
     )
 
 
 def test_module_gets_its_loss_from_train_not_the_registry():
-    assert offending(PACKAGE / "module.py", ("xentlab.losses", "xentlab.train", "hydra")) == []
+    assert offending(PACKAGE / "lab" / "module.py", ("xentlab.losses", "xentlab.train", "hydra")) == []
 
 
-@pytest.mark.parametrize("path", sorted((PACKAGE / "report").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((PACKAGE / "lab" / "report").glob("*.py")), ids=lambda p: p.name)
 def test_report_reads_files_not_live_objects(path):
     assert (
         offending(
             path,
-            ("xentlab.train", "xentlab.module", "xentlab.losses", "pytorch_lightning", "torch"),
+            ("xentlab.train", "xentlab.lab.module", "xentlab.losses", "pytorch_lightning", "torch"),
         )
         == []
     )

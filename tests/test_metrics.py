@@ -16,8 +16,8 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from xentlab import functional as xF
-from xentlab import plots
-from xentlab.metrics import (
+from xentlab.lab import plots
+from xentlab.lab.metrics import (
     N_BINS,
     StageMetrics,
     bin_index,
@@ -28,7 +28,7 @@ from xentlab.metrics import (
     probabilities,
     temperature_scaled,
 )
-from xentlab.module import ClassifierModule
+from xentlab.lab.module import ClassifierModule
 
 
 def fixed_predictions(n: int, c: int, seed: int, multilabel: bool = False):

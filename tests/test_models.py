@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from xentlab.models import CosineHead, build_model
+from xentlab.lab.models import CosineHead, build_model
 from xentlab.train import CONFIG_DIR, train
 
 

@@ -15,8 +15,8 @@ import yaml
 from scipy import stats as scipy_stats
 
 from xentlab import cli
-from xentlab.report import ReportWriteError, build_report, write_report
-from xentlab.report.convergence import epochs_to_threshold
+from xentlab.lab.report import ReportWriteError, build_report, write_report
+from xentlab.lab.report.convergence import epochs_to_threshold
 
 # (ratio, loss) -> per seed (0, 1, 2): (minority recall, balanced accuracy, nll or None)
 VALUES = {
@@ -281,9 +281,9 @@ def test_convergence_section_reads_event_files(tmp_path):
 
 
 def test_class_axis_says_majority_only_where_it_is():
-    from xentlab.report import class_axis_label
-    from xentlab.report.compare import Group
-    from xentlab.report.sweep import Run
+    from xentlab.lab.report import class_axis_label
+    from xentlab.lab.report.compare import Group
+    from xentlab.lab.report.sweep import Run
 
     def group(data: dict) -> Group:
         return Group({}, "loss=ce", "", [Run(Path("x"), "completed", {}, {"data": data}, None)], {}, [])

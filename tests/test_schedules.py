@@ -8,8 +8,8 @@ from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from xentlab.board import board_tag
-from xentlab.schedules import build_scheduler, lr_factor
+from xentlab.lab.board import board_tag
+from xentlab.lab.schedules import build_scheduler, lr_factor
 from xentlab.train import CONFIG_DIR, build_run
 
 TINY = ["data.n_samples=400", "model.hidden_sizes=[16]"]

@@ -1,4 +1,4 @@
-"""Seed batches (xentlab.seedbatch): a batch of K seeds is K independent runs, written as K runs."""
+"""Seed batches (xentlab.lab.seedbatch): a batch of K seeds is K independent runs, written as K runs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from xentlab.seedbatch import StackedModel, seed_overrides
+from xentlab.lab.seedbatch import StackedModel, seed_overrides
 from xentlab.train import CONFIG_DIR, train, train_seeds
 
 # label_noise flips a different set of training labels per seed, so the seeds' class counts (and with
@@ -91,7 +91,7 @@ def test_every_loss_gives_each_seed_its_own_gradient_in_a_batched_step(tmp_path,
     # One step of a batch against each seed's own first step: same logits, loss value and gradients.
     import pytorch_lightning as pl
 
-    from xentlab.seedbatch import build_batch, seed_config
+    from xentlab.lab.seedbatch import build_batch, seed_config
     from xentlab.train import build_parts
 
     special = {"custom": [*TINY, "loss=custom", "loss._target_=torch.nn.CrossEntropyLoss"],
@@ -117,7 +117,7 @@ def test_every_loss_gives_each_seed_its_own_gradient_in_a_batched_step(tmp_path,
 def test_one_loss_call_serves_the_batch_only_where_it_equals_the_seeds_own_calls(tmp_path, loss, shared):
     # Without label noise the seeds' class counts, and so their losses, are equal; weighted_ce's weighted
     # mean is still no mean of rows (the first step's check refuses it), and LDAM's epoch hook may change it.
-    from xentlab.seedbatch import build_batch, row_means
+    from xentlab.lab.seedbatch import build_batch, row_means
 
     cfg = compose_config([*TINY[:3], f"loss={loss}"], "seed=2", "seeds=3")
     trainer, module, data = build_batch(cfg, tmp_path, [2, 3, 4])
@@ -143,7 +143,7 @@ def test_only_losses_that_declare_a_mean_of_rows_share_one_call():
     """A loss whose mean is something else (class weights, or a plugin that does not say) is never batched
     on the strength of the first step's numbers alone."""
     from xentlab.losses import build_loss
-    from xentlab.seedbatch import interchangeable
+    from xentlab.lab.seedbatch import interchangeable
 
     class PluginCE(torch.nn.Module):  # a plugin loss: a mean of rows, but it does not declare it
         reduction = "mean"
@@ -174,8 +174,8 @@ def test_adding_a_seed_to_the_batch_changes_no_other_seed(tmp_path):
 def test_each_seed_writes_a_run_of_its_own(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from xentlab.board import HPARAMS_RUN, board_tag
-    from xentlab.report import build_report
+    from xentlab.lab.board import HPARAMS_RUN, board_tag
+    from xentlab.lab.report import build_report
 
     cfg = config("seed=7", "seeds=2", "trainer.log_every_n_steps=1")
     train_seeds(cfg, tmp_path, overrides=["loss=ce", "seeds=2", "seed=7"])
@@ -291,7 +291,7 @@ class NaNLoss(nn.Module):
 
 def poison_seed(monkeypatch, seed: int) -> None:
     """Seed `seed` of any batch built from here on trains on a NaN loss."""
-    import xentlab.seedbatch as seedbatch
+    import xentlab.lab.seedbatch as seedbatch
 
     original = seedbatch.build_parts
 
@@ -309,7 +309,7 @@ def seed_records(folder: Path) -> dict[int, dict]:
 
 @pytest.mark.parametrize("finished", [True, False], ids=["finished", "unfinished"])
 def test_resuming_a_batch_into_a_folder_of_another_configuration_is_an_error(tmp_path, finished):
-    from xentlab.runs import FolderHoldsAnotherRun
+    from xentlab.lab.runs import FolderHoldsAnotherRun
 
     train_seeds(config("seeds=2", "loss=focal", "trainer.max_epochs=1"), tmp_path)
     written = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "events" not in p.name}
@@ -333,7 +333,7 @@ def test_resuming_a_batch_into_a_folder_of_another_configuration_is_an_error(tmp
 
 
 def test_a_single_run_record_in_the_folder_is_another_configuration_for_a_batch(tmp_path):
-    from xentlab.runs import FolderHoldsAnotherRun
+    from xentlab.lab.runs import FolderHoldsAnotherRun
 
     train(config("trainer.max_epochs=1"), tmp_path)
     with pytest.raises(FolderHoldsAnotherRun, match=r"seeds: 1 -> 2"):
@@ -387,7 +387,7 @@ def test_a_seed_that_diverges_with_a_finite_loss_is_flagged_as_a_single_run_is(t
 @pytest.mark.parametrize(("sig", "cause"), [(signal.SIGINT, r"SIGINT \(Ctrl-C\)"),
                                            (signal.SIGTERM, "SIGTERM")])
 def test_an_interrupted_batch_records_every_unfinished_seed(tmp_path, monkeypatch, sig, cause):
-    from xentlab.seedbatch import SeedBatchModule
+    from xentlab.lab.seedbatch import SeedBatchModule
     from xentlab.train import RunInterrupted
 
     original = SeedBatchModule.on_train_epoch_end

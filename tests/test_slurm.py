@@ -16,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_readme import code_blocks
 
-from xentlab.board import board_tag
+from xentlab.lab.board import board_tag
 
 pytestmark = pytest.mark.skipif(slurm_cluster.unavailable() is not None,
                                 reason=str(slurm_cluster.unavailable()))
@@ -136,7 +136,7 @@ def test_ddp_over_two_slurm_tasks_shards_training_into_one_run(cluster, tmp_path
     makes them one DDP run (ranks from SLURM), each trains on its half of the data."""
     from hydra import compose, initialize_config_dir
 
-    from xentlab.data import build_datamodule
+    from xentlab.lab.data import build_datamodule
     from xentlab.train import CONFIG_DIR
 
     run_dir = tmp_path / "run"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from xentlab.report.compare import KEY_METRICS, build_groups, compare, verdict_lines
-from xentlab.report.stats import MIN_SEEDS, holm, paired_test, seeds_needed, sign_flip_p, summarize
-from xentlab.report.sweep import Run
+from xentlab.lab.report.compare import KEY_METRICS, build_groups, compare, verdict_lines
+from xentlab.lab.report.stats import MIN_SEEDS, holm, paired_test, seeds_needed, sign_flip_p, summarize
+from xentlab.lab.report.sweep import Run
 
 
 def test_holm_matches_hand_computation():

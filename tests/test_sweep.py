@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from xentlab.board import board_tag
+from xentlab.lab.board import board_tag
 from xentlab.train import CONFIG_DIR, available_cpus, sweep_value, threads_per_job, train
 
 TINY = ["data.n_samples=400", "trainer.max_epochs=1", "model.hidden_sizes=[16]"]

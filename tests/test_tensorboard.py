@@ -22,10 +22,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from xentlab.board import HPARAMS_RUN, board_tag
-from xentlab.data import build_datamodule
-from xentlab.module import session_hparams
-from xentlab.report.sweep import read_curve
+from xentlab.lab.board import HPARAMS_RUN, board_tag
+from xentlab.lab.data import build_datamodule
+from xentlab.lab.module import session_hparams
+from xentlab.lab.report.sweep import read_curve
 from xentlab.train import CONFIG_DIR, train
 
 COMMON = ["trainer.max_epochs=2", "model.hidden_sizes=[16]"]

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from xentlab.train import CONFIG_DIR, build_run, covering_jobs, train
-from xentlab.validation import ConfigError, check_config
+from xentlab.lab.validation import ConfigError, check_config
 
 TINY = ["data.n_samples=400", "model.hidden_sizes=[16]"]
 
@@ -148,9 +148,9 @@ def test_ddp_on_two_cpu_processes_shards_training_and_reports_global_metrics(tmp
     from sklearn.metrics import balanced_accuracy_score
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from xentlab.board import board_tag
-    from xentlab.data import build_datamodule
-    from xentlab.models import build_model
+    from xentlab.lab.board import board_tag
+    from xentlab.lab.data import build_datamodule
+    from xentlab.lab.models import build_model
 
     overrides = [*TINY, "trainer.max_epochs=2", "trainer.log_every_n_steps=1"]
     result = run_cli(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *overrides], tmp_path)

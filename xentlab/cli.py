@@ -45,7 +45,7 @@ def report_command(args: argparse.Namespace) -> int:
     (0 with --allow-partial) or when the files could not be written; 2 for a folder with no runs or a bad
     argument.
     """
-    from xentlab.report import ReportWriteError, write_report
+    from xentlab.lab.report import ReportWriteError, write_report
 
     errors = Console(stderr=True)
     try:

@@ -30,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from xentlab import config_dir
-from xentlab.slurm import requeued
-from xentlab.validation import (
+from xentlab.lab.slurm import requeued
+from xentlab.lab.validation import (
     ConfigError,
     check_config,
     describe_composition_error,
@@ -43,8 +43,8 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
     from torch import nn
 
-    from xentlab.data import TensorDataModule
-    from xentlab.module import ClassifierModule
+    from xentlab.lab.data import TensorDataModule
+    from xentlab.lab.module import ClassifierModule
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -61,9 +61,9 @@ install_open_groups()
 def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module]:
     """The run's data module, loss and model: the loss gets the training split's class counts, the model
     the data's feature and class counts; then the class-count table is logged. Seeding is the caller's."""
-    from xentlab.data import build_datamodule, log_counts
+    from xentlab.lab.data import build_datamodule, log_counts
     from xentlab.losses import build_loss
-    from xentlab.models import build_model
+    from xentlab.lab.models import build_model
 
     datamodule = build_datamodule(seed=cfg.seed, **cfg.data)
     loss = build_loss(**cfg.loss, task=datamodule.task, class_counts=datamodule.class_counts,
@@ -84,11 +84,11 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from xentlab.checkpoint import SafeCheckpointIO
-    from xentlab.module import BoardLogger, ClassifierModule
-    from xentlab.runs import RunRecorder
-    from xentlab.schedules import build_scheduler
-    from xentlab.slurm import lightning_plugins
+    from xentlab.lab.checkpoint import SafeCheckpointIO
+    from xentlab.lab.module import BoardLogger, ClassifierModule
+    from xentlab.lab.runs import RunRecorder
+    from xentlab.lab.schedules import build_scheduler
+    from xentlab.lab.slurm import lightning_plugins
 
     quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)
@@ -166,7 +166,7 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     """Fit on the training split, test on the held-out split, write `metrics.json`; return its content.
 
     Every run that starts ends with a `metrics.json` whose `status` is `completed` (with `warnings`, e.g.
-    `diverged: ...` by `xentlab.runs.divergence_warnings`), `failed` (with the error and traceback; the
+    `diverged: ...` by `xentlab.lab.runs.divergence_warnings`), `failed` (with the error and traceback; the
     error is re-raised) or `interrupted` (Ctrl-C or SIGTERM; `RunInterrupted` is raised). If that record
     cannot be written either (a full disk), the error raised says so (`RunNotRecorded`).
 
@@ -182,7 +182,7 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     """
     import torch
 
-    from xentlab.runs import FolderHoldsAnotherRun, Interruption, RunRecord, RunRecorder
+    from xentlab.lab.runs import FolderHoldsAnotherRun, Interruption, RunRecord, RunRecorder
 
     if cfg.get("seeds", 1) != 1:
         raise ValueError(f"train() runs one seed; seeds={cfg.seeds} is train_seeds()'s")
@@ -242,9 +242,9 @@ def train_seeds(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str]
                 varied: list[str] | None = None, fresh_if_nothing_to_resume: bool = False,
                 announce: Callable[[], None] | None = None) -> list[dict]:
     """The run's records: `[train(...)]` for `seeds: 1`; for `seeds: K > 1` the K runs of seeds
-    seed ... seed+K-1, trained as one batch (`xentlab.seedbatch`), each in `<output_dir>/seed=<s>/`.
+    seed ... seed+K-1, trained as one batch (`xentlab.lab.seedbatch`), each in `<output_dir>/seed=<s>/`.
     `announce()` is called once the run (the batch) is built, before training."""
-    from xentlab.seedbatch import check_seeds, train_batch
+    from xentlab.lab.seedbatch import check_seeds, train_batch
 
     if check_seeds(cfg.get("seeds", 1)) == 1:
         return [train(cfg, output_dir, overrides=overrides, threads=threads, shared_dir=shared_dir,
@@ -269,12 +269,12 @@ def resume_point(cfg: DictConfig, output_dir: Path, *, fresh_ok: bool) -> tuple[
     when there is none and `fresh_ok`.
 
     A folder holds one configuration. Its `metrics.json`, or else the config stamped in its last.ckpt, is
-    compared with `cfg` (ignoring `xentlab.runs.RESUME_MAY_CHANGE`, e.g. threads); any other difference
+    compared with `cfg` (ignoring `xentlab.lab.runs.RESUME_MAY_CHANGE`, e.g. threads); any other difference
     raises `FolderHoldsAnotherRun` rather than hand this job another run's results or weights.
     """
-    from xentlab.atomic import remove_staging_files
-    from xentlab.checkpoint import load_checkpoint
-    from xentlab.runs import FolderHoldsAnotherRun, RunRecorder, config_differences
+    from xentlab.lab.atomic import remove_staging_files
+    from xentlab.lab.checkpoint import load_checkpoint
+    from xentlab.lab.runs import FolderHoldsAnotherRun, RunRecorder, config_differences
 
     record_file, checkpoint = output_dir / METRICS_FILE, output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     for folder in (output_dir, checkpoint.parent):
@@ -327,10 +327,10 @@ def read_record(path: Path) -> dict:
 def write_record(output_dir: Path, cfg: DictConfig, record: dict, overrides=()) -> dict:
     """metrics.json: the run's status and final metrics, its overrides and the plain values of its config.
 
-    Written atomically (`xentlab.atomic`), so a report reading a sweep in progress, a crash or a full disk
+    Written atomically (`xentlab.lab.atomic`), so a report reading a sweep in progress, a crash or a full disk
     never leaves half a file. Returns the record as written.
     """
-    from xentlab.atomic import atomic_write
+    from xentlab.lab.atomic import atomic_write
 
     record = {**record, "overrides": list(overrides), "config": OmegaConf.to_container(cfg, resolve=True)}
     atomic_write(output_dir / METRICS_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -441,7 +441,7 @@ class SweepProgress(Callback):
         for name in ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher"):
             logging.getLogger(name).setLevel(logging.WARNING)
         if "SlurmLauncher" in str(config.hydra.launcher.get("_target_", "")):
-            from xentlab.slurm import quiet_submitit_polling
+            from xentlab.lab.slurm import quiet_submitit_polling
 
             quiet_submitit_polling()
         sweep_dir = shown(config.hydra.sweep.dir)
@@ -452,7 +452,7 @@ class SweepProgress(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         # submitit's jobs print their line into their own log, not this console: shown here, in job order.
         if "submitit" in str(config.hydra.launcher.get("_target_", "")):
-            from xentlab.slurm import job_lines
+            from xentlab.lab.slurm import job_lines
 
             for line in job_lines(config.hydra.sweep.dir):
                 print(line, flush=True)
@@ -534,7 +534,7 @@ def run_job(cfg: DictConfig) -> float:
     if cfg.trainer.get("enable_progress_bar") is None:  # null: a bar for a single run watched in a terminal
         cfg.trainer.enable_progress_bar = not multirun and sys.stdout.isatty()
     if multirun and hydra_cfg.job.num > 0:  # the class-count table once per sweep, by its first job
-        logging.getLogger("xentlab.data").setLevel(logging.WARNING)
+        logging.getLogger("xentlab.lab.data").setLevel(logging.WARNING)
 
     def announce() -> None:  # a single run's folder, once the run is built: a refused one prints nothing
         where = shown(output_dir)
@@ -549,7 +549,7 @@ def run_job(cfg: DictConfig) -> float:
     try:
         check_config(cfg)
         if requeued() and cfg.ckpt_path is None:
-            cfg.ckpt_path = "last"  # SLURM requeued this job (xentlab.slurm): it resumes its own run
+            cfg.ckpt_path = "last"  # SLURM requeued this job (xentlab.lab.slurm): it resumes its own run
         threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
         varied = json.loads(os.environ.get(SWEEP_ENV, "{}")).get("keys") if multirun else None
         records = train_seeds(cfg, output_dir, overrides=overrides, threads=threads,
@@ -568,7 +568,7 @@ def run_job(cfg: DictConfig) -> float:
                 if _BRIEF_ERRORS:
                     refuse(str(error))  # here, not in main(): Hydra would first print "Error executing job"
             raise
-        from xentlab.runs import FolderHoldsAnotherRun  # here, not at the top: it imports Lightning
+        from xentlab.lab.runs import FolderHoldsAnotherRun  # here, not at the top: it imports Lightning
 
         if isinstance(error, FolderHoldsAnotherRun):
             raise  # the sweep was resumed with other settings: stop it, leaving that folder's record alone
@@ -633,7 +633,7 @@ def main() -> None:
         if not _BRIEF_ERRORS:
             raise
         refuse(str(error) if isinstance(error, ConfigError) else describe_composition_error(error))
-    from xentlab.callbacks import INCOMPLETE_SWEEPS
+    from xentlab.lab.callbacks import INCOMPLETE_SWEEPS
 
     if INCOMPLETE_SWEEPS:
         sys.exit(1)  # a job failed or never finished: said by the report's last line

@@ -13,7 +13,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from xentlab.report.stats import (
+from xentlab.lab.report.stats import (
     ALPHA,
     MIN_SEEDS,
     Paired,
@@ -24,8 +24,8 @@ from xentlab.report.stats import (
     seeds_needed,
     summarize,
 )
-from xentlab.report.sweep import Run, override_dict
-from xentlab.validation import flatten
+from xentlab.lab.report.sweep import Run, override_dict
+from xentlab.lab.validation import flatten
 
 # Overrides that do not change what a run measures: the seed is what a group averages over, `seeds`
 # (several seeds in one job) is how they were run.

@@ -13,7 +13,7 @@ single run's form, written when training ends). The batch's checkpoint (`<run di
 refreshed every epoch) holds every seed, and `ckpt_path=last` resumes the batch from it, after the checks a
 single run's resume makes (`resume_batch`).
 
-A seed's record is written by the single run's writer (`xentlab.runs.RunRecord`) and ends as a single run
+A seed's record is written by the single run's writer (`xentlab.lab.runs.RunRecord`) and ends as a single run
 ends: `completed` (with the same divergence `warnings`), `failed` (its loss went NaN or infinite, detected
 as a single run's is: the other seeds train on; or the batch raised) or `interrupted` (Ctrl-C, SIGTERM).
 """
@@ -35,10 +35,10 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from xentlab import plots
-from xentlab.checkpoint import SafeCheckpointIO, load_checkpoint
-from xentlab.metrics import StageMetrics
-from xentlab.module import (
+from xentlab.lab import plots
+from xentlab.lab.checkpoint import SafeCheckpointIO, load_checkpoint
+from xentlab.lab.metrics import StageMetrics
+from xentlab.lab.module import (
     BoardLogger,
     LeanModule,
     log_figures,
@@ -47,9 +47,9 @@ from xentlab.module import (
     write_data_description,
     write_hparams,
 )
-from xentlab.runs import FolderHoldsAnotherRun, Interruption, RunRecord, RunRecorder, nonfinite_loss
-from xentlab.schedules import build_scheduler
-from xentlab.slurm import lightning_plugins
+from xentlab.lab.runs import FolderHoldsAnotherRun, Interruption, RunRecord, RunRecorder, nonfinite_loss
+from xentlab.lab.schedules import build_scheduler
+from xentlab.lab.slurm import lightning_plugins
 from xentlab.train import (
     CHECKPOINT_DIR,
     RunInterrupted,
@@ -62,7 +62,7 @@ from xentlab.train import (
     trainer_arguments,
     try_to_record,
 )
-from xentlab.validation import ConfigError
+from xentlab.lab.validation import ConfigError
 
 # Optimizers whose update of each parameter element depends only on that element's own gradient and
 # state, so an update of stacked parameters is K independent updates. (L-BFGS's line search, or
@@ -115,7 +115,7 @@ class StackedModel(nn.Module):
     """K models of one architecture as one module: every parameter and buffer stacked along dim 0.
 
     forward maps inputs (K, B, ...) to outputs (K, B, ...), model k applied to x[k]: vmap over
-    functional_call, so any architecture built by `xentlab.models` works without a batched rewrite. A
+    functional_call, so any architecture built by `xentlab.lab.models` works without a batched rewrite. A
     plain stack of Linear and ReLU layers (the default MLP, the linear model) takes batched matmuls instead,
     h <- baddbmm(b, h, W^T): the same arithmetic without vmap's per-op dispatch, ~40% of its time here.
     Dropout draws a different mask per seed (vmap's randomness="different"), from the global generator:
@@ -300,7 +300,7 @@ class SeedBatchModule(LeanModule):
         self.model, self.losses, self.runs = model, nn.ModuleList(losses), runs
         self.task, self.num_classes = task, num_classes
         self.optimizer_factory, self.figure_every_n_epochs = optimizer, figure_every_n_epochs
-        # A schedule is a function of the epoch alone (xentlab.schedules), the same for every seed.
+        # A schedule is a function of the epoch alone (xentlab.lab.schedules), the same for every seed.
         self.scheduler_factory = scheduler
         # Each seed's metrics on its loss's probabilities (ClassifierModule does the same).
         maps = [getattr(loss, "probability_map", "softmax") for loss in losses]
@@ -323,7 +323,7 @@ class SeedBatchModule(LeanModule):
     def training_step(self, batch, batch_idx):
         values = self._step(batch, "train")
         # Seed k's parameters reach only values[k], so the sum's gradient is each seed's own. The losses
-        # per seed are for xentlab.runs.RunRecorder (each seed's divergence warnings).
+        # per seed are for xentlab.lab.runs.RunRecorder (each seed's divergence warnings).
         return {"loss": values.sum(), "run_losses": values.detach()}
 
     def _step(self, batch, stage: str) -> torch.Tensor:
@@ -495,7 +495,7 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
     optimizer = check_batch(cfg)
     scheduler = build_scheduler(**OmegaConf.to_container(cfg.scheduler), total_epochs=cfg.trainer.max_epochs)
     datamodules, losses, models, runs = [], [], [], []
-    data_log = logging.getLogger("xentlab.data")
+    data_log = logging.getLogger("xentlab.lab.data")
     shown_level = data_log.level
     for k, seed in enumerate(seeds):
         one = seed_config(cfg, seed)

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from xentlab.board import board_tag
+from xentlab.lab.board import board_tag
 
 # Same name as xentlab.train.METRICS_FILE; not imported from there, which would pull Hydra in.
 METRICS_FILE = "metrics.json"

@@ -9,8 +9,8 @@ import math
 import re
 from collections import defaultdict
 
-from xentlab.report.compare import Group, contexts, describe
-from xentlab.report.stats import NO_RUNS, Summary
+from xentlab.lab.report.compare import Group, contexts, describe
+from xentlab.lab.report.stats import NO_RUNS, Summary
 
 RATIO_KEY = "data.imbalance_ratio"
 CLASS_RECALL = re.compile(r"^test/recall_class_(\d+)$")

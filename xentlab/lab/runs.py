@@ -1,6 +1,6 @@
 """What a run knows about itself beyond its metrics: which configuration a folder holds, whether training
 diverged, and whether it was stopped by a signal; and `RunRecord`, the one writer of a run's
-`metrics.json`, for single runs (`xentlab.train`) and for each seed of a batch (`xentlab.seedbatch`)."""
+`metrics.json`, for single runs (`xentlab.train`) and for each seed of a batch (`xentlab.lab.seedbatch`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from xentlab.validation import ConfigError, flatten
+from xentlab.lab.validation import ConfigError, flatten
 
 # Keys a resumed run may change without becoming another run: where it resumes from, how many threads
 # compute it, what the sweeper reads, how often figures are drawn, and how long it trains (resuming a
@@ -179,7 +179,7 @@ class Interruption:
 
 class RunRecord:
     """Writes one run's `metrics.json`: the only writer of that record, used by a single run
-    (`xentlab.train.train`) and by every seed of a batch (`xentlab.seedbatch.train_batch`), so the two
+    (`xentlab.train.train`) and by every seed of a batch (`xentlab.lab.seedbatch.train_batch`), so the two
     cannot drift apart. Each method writes the record (atomically) and returns it.
 
     Every record holds `status`, `duration_s` (since this object was made), `epochs`, `torch_threads`,

@@ -4,7 +4,7 @@
 the bad value and the valid choices, and exits with status 2 (`HYDRA_FULL_ERROR=1` shows the traceback).
 The checks here need neither data nor Lightning, and all but the loss's (which builds it) and a GPU's
 need no torch either, so they answer within a few seconds of the command: settings, the dataset's
-(`xentlab.datasets.check_settings`), and the loss for the dataset's task. What only generated data can
+(`xentlab.lab.datasets.check_settings`), and the loss for the dataset's task. What only generated data can
 tell (a ratio that leaves a class too few samples) is checked where the data is built, and reported the
 same way.
 """
@@ -51,7 +51,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def check_data(data: DictConfig) -> str:
     """The data settings that can be checked without generating the data; returns the dataset's task."""
-    from xentlab.datasets import check_settings
+    from xentlab.lab.datasets import check_settings
 
     try:
         return check_settings(**OmegaConf.to_container(data, resolve=True))

@@ -1,10 +1,10 @@
 """Sweep report: every job's `metrics.json` under a folder → groups with intervals → paired comparisons
 with a baseline → table, verdicts, comparisons.csv, report.csv, report.md and plots in the sweep folder.
 
-Reads files only, never live objects, and treats every file as untrusted data (xentlab/report/sweep.py),
+Reads files only, never live objects, and treats every file as untrusted data (xentlab/lab/report/sweep.py),
 so it works on a sweep still running or partly failed: completed jobs are reported, failed, unreadable or
 malformed ones are listed with the reason, and jobs that started but never finished, or never started
-(from `multirun.yaml`), are listed too. The statistics are in xentlab/report/stats.py and
+(from `multirun.yaml`), are listed too. The statistics are in xentlab/lab/report/stats.py and
 docs/statistics.md.
 """
 
@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from xentlab.atomic import atomic_write
-from xentlab.report.compare import (
+from xentlab.lab.atomic import atomic_write
+from xentlab.lab.report.compare import (
     DEFAULT_BASELINE,
     KEY_METRICS,
     MINORITY,
@@ -36,10 +36,10 @@ from xentlab.report.compare import (
     parse_baseline,
     verdict_lines,
 )
-from xentlab.report.convergence import Convergence, convergence
-from xentlab.report.figures import class_axis_label, plot_class_recall, plot_metric_vs_ratio
-from xentlab.report.stats import MIN_SEEDS, NO_RUNS, Summary, summarize
-from xentlab.report.sweep import (
+from xentlab.lab.report.convergence import Convergence, convergence
+from xentlab.lab.report.figures import class_axis_label, plot_class_recall, plot_metric_vs_ratio
+from xentlab.lab.report.stats import MIN_SEEDS, NO_RUNS, Summary, summarize
+from xentlab.lab.report.sweep import (
     METRICS_FILE,
     PLANNED_FILE,
     Run,

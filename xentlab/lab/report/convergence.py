@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from xentlab.report.compare import seed_of
-from xentlab.report.stats import Paired, Summary, holm, paired_test, summarize
-from xentlab.report.sweep import read_curve
+from xentlab.lab.report.compare import seed_of
+from xentlab.lab.report.stats import Paired, Summary, holm, paired_test, summarize
+from xentlab.lab.report.sweep import read_curve
 
 CURVE = "val/balanced_accuracy"
 FRACTION = 0.8

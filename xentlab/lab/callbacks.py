@@ -49,7 +49,7 @@ class ReportCallback(Callback):
         (sweep_dir, baseline), self._unreported = self._unreported, None
         if at_exit and not any(sweep_dir.rglob("metrics.json")):
             return  # stopped before any job ended (e.g. a refused setting): nothing to report
-        from xentlab.report import write_report  # matplotlib and scipy only when a sweep ends
+        from xentlab.lab.report import write_report  # matplotlib and scipy only when a sweep ends
 
         try:
             report = write_report(sweep_dir, baseline=baseline)

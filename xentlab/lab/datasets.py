@@ -4,10 +4,10 @@ Every single-label dataset goes through the same steps: per-class counts from a 
 subsampling to exactly those counts, then a train/val/test split: `natural` (stratified: val and test as
 imbalanced as train) or `balanced` (the long-tail literature's protocol, e.g. CIFAR-10-LT: train
 long-tailed, val and test with equal numbers per class, so a rare class's recall is measured on as many
-samples as a common one's). `xentlab.data` scales and batches the splits as a LightningDataModule.
+samples as a common one's). `xentlab.lab.data` scales and batches the splits as a LightningDataModule.
 
 Nothing here imports torch or Lightning, and scikit-learn only when data is generated, so `check_settings`
-refuses a wrong data setting within a second of the command (`xentlab.validation`).
+refuses a wrong data setting within a second of the command (`xentlab.lab.validation`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 
-from xentlab.atomic import atomic_open
+from xentlab.lab.atomic import atomic_open
 
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 

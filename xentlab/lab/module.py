@@ -21,10 +21,10 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from xentlab import functional as xF
-from xentlab import plots
-from xentlab.board import HPARAMS_RUN, board_tag
-from xentlab.metrics import StageMetrics, logit_adjusted, loss_curve, per_label, temperature_scaled
-from xentlab.runs import nonfinite_loss
+from xentlab.lab import plots
+from xentlab.lab.board import HPARAMS_RUN, board_tag
+from xentlab.lab.metrics import StageMetrics, logit_adjusted, loss_curve, per_label, temperature_scaled
+from xentlab.lab.runs import nonfinite_loss
 
 CURVE_POINTS = 49
 # Overrides that are no HParams column: threads and ckpt_path change nothing computed, and an experiment's
@@ -73,7 +73,7 @@ class LeanModule(pl.LightningModule):
 
 
 class ClassifierModule(LeanModule):
-    """Trains `model` with `loss(logits, target)` and logs the metrics of `xentlab.metrics` per epoch.
+    """Trains `model` with `loss(logits, target)` and logs the metrics of `xentlab.lab.metrics` per epoch.
 
     Figures (confusion matrix, reliability diagram) and per-class PR curves go to TensorBoard every
     `figure_every_n_epochs` validation epochs (0: only the last), at the last epoch and at test.
@@ -257,7 +257,7 @@ def posthoc_metrics(val: tuple[torch.Tensor, torch.Tensor] | None, logits: torch
     return values
 
 
-# --- what a run writes to TensorBoard besides scalars (shared with xentlab.seedbatch) -----------------
+# --- what a run writes to TensorBoard besides scalars (shared with xentlab.lab.seedbatch) -----------------
 
 def write_data_description(writer, datamodule) -> None:
     """The datamodule's per-split class counts as a text panel (if it can describe itself)."""

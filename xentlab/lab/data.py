@@ -1,4 +1,4 @@
-"""The datasets of `xentlab.datasets` as in-memory LightningDataModules: splits scaled on the training split
+"""The datasets of `xentlab.lab.datasets` as in-memory LightningDataModules: splits scaled on the training split
 only, optional label noise, batches that are slices of whole tensors (no per-item `__getitem__` + collate).
 """
 
@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from sklearn.preprocessing import StandardScaler
 
-from xentlab.datasets import (
+from xentlab.lab.datasets import (
     DATASETS,
     SPLITS,
     balanced_eval_splits,
