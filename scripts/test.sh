@@ -2,14 +2,16 @@
 # Set up from nothing (.venv + xentlab with its test extras), then run the whole test suite.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k registry`.
 source "$(dirname "$0")/_setup.sh" "dev,sweep,gpu,mnist"
-# tests/test_slurm.py starts a one-node SLURM cluster: as root on Debian, install SLURM and munge if missing
-# (elsewhere those tests skip, saying why). Quiet and idempotent; a failed install is one line.
+# tests/test_slurm.py starts a one-node SLURM cluster, and the browser tests open pages in headless
+# Chromium: as root on Debian, install SLURM, munge and Chromium if missing (elsewhere those tests skip,
+# saying why). Quiet and idempotent; a failed install is one line.
 if [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ] && command -v apt-get >/dev/null \
-        && ! { command -v slurmctld && command -v munged; } >/dev/null 2>&1; then
+        && ! { command -v slurmctld && command -v munged && command -v chromium; } >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
-    if ! { apt-get install -y -qq slurm-wlm munge || { apt-get update -qq && apt-get install -y -qq slurm-wlm munge; }; } \
-            >/tmp/xentlab-slurm-install.log 2>&1; then
-        echo "scripts/test.sh: could not install slurm-wlm and munge (see /tmp/xentlab-slurm-install.log)" >&2
+    PACKAGES="slurm-wlm munge chromium"
+    if ! { apt-get install -y -qq $PACKAGES || { apt-get update -qq && apt-get install -y -qq $PACKAGES; }; } \
+            >/tmp/xentlab-apt-install.log 2>&1; then
+        echo "scripts/test.sh: could not install $PACKAGES (see /tmp/xentlab-apt-install.log)" >&2
     fi
 fi
 python -m pytest "$@"

@@ -1,10 +1,28 @@
 """Test-session set-up that must happen before any test module is imported."""
 
 import os
+import shutil
 
+import pytest
 import torch
 
 # Triton reads TRITON_INTERPRET when it is first imported, and pytorch_lightning imports it, so it is set
 # here, before any test module: without a GPU the Triton kernels then run in Triton's CPU interpreter.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's headless Chromium, for the tests that open a page in a real browser; they skip without it
+    (scripts/test.sh installs it as root on Debian). Start it with CHROMIUM_FLAGS."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("Chromium not installed (apt-get install -y chromium)")
+    return found
+
+
+# The flags that keep headless Chromium off the network and quiet on a machine without one.
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars")
