@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -26,7 +27,7 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from xentlab import config_dir
@@ -34,9 +35,13 @@ from xentlab.lab.slurm import requeued
 from xentlab.lab.validation import (
     ConfigError,
     check_config,
+    check_sweep,
+    check_threads,
     describe_composition_error,
+    describe_startup_error,
     flatten,
     install_open_groups,
+    name_the_loss,
 )
 
 if TYPE_CHECKING:
@@ -62,8 +67,8 @@ def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module
     """The run's data module, loss and model: the loss gets the training split's class counts, the model
     the data's feature and class counts; then the class-count table is logged. Seeding is the caller's."""
     from xentlab.lab.data import build_datamodule, log_counts
-    from xentlab.losses import build_loss
     from xentlab.lab.models import build_model
+    from xentlab.losses import build_loss
 
     datamodule = build_datamodule(seed=cfg.seed, **cfg.data)
     loss = build_loss(**cfg.loss, task=datamodule.task, class_counts=datamodule.class_counts,
@@ -311,6 +316,14 @@ def nothing_to_resume(output_dir: Path) -> ConfigError:
         "ckpt_path=last`), or at a checkpoint file: ckpt_path=<path/to/file.ckpt>.")
 
 
+def holds_a_run(output_dir: Path) -> bool:
+    """Whether `output_dir` holds anything `ckpt_path=last` resumes from: a record (a single run's, or a
+    seed batch's `seed=<s>/metrics.json`) or a last checkpoint."""
+    checkpoint = output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    return (output_dir / METRICS_FILE).is_file() or checkpoint.is_file() \
+        or any(output_dir.glob(f"seed=*/{METRICS_FILE}"))
+
+
 def read_record(path: Path) -> dict:
     """A run's `metrics.json`; a ValueError naming the file if it is unreadable or not a record."""
     try:
@@ -381,9 +394,7 @@ def threads_per_job(launcher: DictConfig, cpu_count: int, requested: int | None 
     costs 15-20x per step (OpenMP threads wait for each other; see docs/benchmarks.md).
     """
     if requested is not None:
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise ConfigError(f"threads must be a positive integer or null (automatic), got {requested!r}")
-        return requested
+        return check_threads(requested)
     if "n_jobs" in launcher:
         jobs = launcher.n_jobs if launcher.n_jobs > 0 else cpu_count + 1 + launcher.n_jobs
         return max(1, cpu_count // max(1, jobs))
@@ -436,7 +447,7 @@ class SweepProgress(Callback):
                     traceback.print_exc()
                 refuse(str(error))
         size = len(jobs) if jobs is not None else config.hydra.sweeper.get("n_trials")
-        os.environ[SWEEP_ENV] = json.dumps({"size": size, "keys": keys})
+        os.environ[SWEEP_ENV] = json.dumps({"size": size, "keys": keys, "dir": str(config.hydra.sweep.dir)})
         # Hydra's launchers log one line per job at its start; the job's own line at its end says more.
         for name in ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -471,43 +482,6 @@ def sweep_plan(config: DictConfig) -> tuple[list[list[str]] | None, list[str]]:
     overrides = OverridesParser.create().parse_overrides(arguments)
     keys = sorted({o.key_or_group for o in overrides if o.is_sweep_override()})
     return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch], keys
-
-
-def covering_jobs(jobs: list[list[str]]) -> list[list[str]]:
-    """A few jobs in which every value of every swept key appears: greedily, the job bringing the most
-    overrides not yet covered. A 210-job grid (7 losses x 3 ratios x 10 seeds) keeps 10 jobs."""
-    uncovered = {o for overrides in jobs for o in overrides}
-    kept = []
-    while uncovered:
-        best = max(jobs, key=lambda overrides: len(uncovered.intersection(overrides)))
-        kept.append(best)
-        uncovered.difference_update(best)
-    return kept or jobs[:1]  # a multirun without sweeps: its one job
-
-
-def check_sweep(config: DictConfig, jobs: list[list[str]]) -> None:
-    """The composed configs of the jobs that cover every swept value through check_config before the sweep
-    starts: an invalid setting stops the sweep with one message instead of failing its jobs one by one.
-    Composing every job of a large grid would hold the sweep back by minutes; the checked settings
-    depend on one key's value each, so one job per value finds them (mistakes found only by building
-    the data still fail their jobs, which are recorded, and the sweep goes on)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    loader = GlobalHydra.instance().config_loader()
-    for overrides in covering_jobs(jobs):
-        job_cfg = loader.load_sweep_config(config, overrides)
-        name_the_loss(job_cfg, job_cfg.hydra.runtime.choices)
-        try:
-            check_config(job_cfg)
-        except ConfigError as error:
-            raise ConfigError(f"{error} (in job {','.join(overrides)}; no job was started)") from error
-
-
-def name_the_loss(cfg: DictConfig, choices) -> None:
-    """A loss YAML need not repeat its name: without `name` (or a `_target_`) the loss is its group choice."""
-    if "name" not in cfg.loss and "_target_" not in cfg.loss:
-        with open_dict(cfg):
-            cfg.loss.name = choices.loss
 
 
 def job_line(hydra_cfg: DictConfig, text: str, seconds: float) -> str:
@@ -550,6 +524,8 @@ def run_job(cfg: DictConfig) -> float:
         check_config(cfg)
         if requeued() and cfg.ckpt_path is None:
             cfg.ckpt_path = "last"  # SLURM requeued this job (xentlab.lab.slurm): it resumes its own run
+        if cfg.ckpt_path == "last" and not multirun and not requeued() and not holds_a_run(output_dir):
+            raise nothing_to_resume(output_dir)  # said now, not after Lightning has loaded
         threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
         varied = json.loads(os.environ.get(SWEEP_ENV, "{}")).get("keys") if multirun else None
         records = train_seeds(cfg, output_dir, overrides=overrides, threads=threads,
@@ -557,9 +533,9 @@ def run_job(cfg: DictConfig) -> float:
                               varied=varied, fresh_if_nothing_to_resume=multirun or requeued(),
                               announce=None if multirun else announce)
     except RunInterrupted as stop:
-        print(f"[xentlab] {stop}", flush=True)
         if multirun:
-            raise
+            raise  # main() says it once for the sweep, with the command that resumes it
+        print(f"[xentlab] {stop}; resume: {resume_command('hydra.run.dir', output_dir)}", flush=True)
         raise SystemExit(stop.exit_code) from None
     except Exception as error:
         if not multirun:
@@ -609,6 +585,13 @@ def run_job(cfg: DictConfig) -> float:
     return sum(values) / len(values)
 
 
+def resume_command(folder_key: str, folder: str | Path) -> str:
+    """The command line that resumes this run or sweep in `folder`: its own arguments, pointed at that
+    folder (`folder_key`, hydra.run.dir or hydra.sweep.dir) with `ckpt_path=last`."""
+    kept = [a for a in sys.argv[1:] if not a.startswith((f"{folder_key}=", "ckpt_path="))]
+    return shlex.join(["xentlab-train", *kept, f"{folder_key}={shown(folder)}", "ckpt_path=last"])
+
+
 def refuse(message: str) -> None:
     """An invalid setting's message on stderr, exit status 2."""
     print(f"xentlab-train: {message}", file=sys.stderr)
@@ -629,10 +612,23 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exiting with 1
     try:
         hydra_main()
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM during a sweep (a single run exits in run_job)
+        if not _BRIEF_ERRORS:
+            raise
+        sweep_dir = json.loads(os.environ.get(SWEEP_ENV, "{}")).get("dir")
+        said = str(stop) if isinstance(stop, RunInterrupted) else "interrupted by SIGINT"
+        resume = f"; resume: {resume_command('hydra.sweep.dir', sweep_dir)}" if sweep_dir else ""
+        print(f"xentlab-train: {said}{resume}", file=sys.stderr, flush=True)
+        sys.exit(getattr(stop, "exit_code", 130))
     except (ConfigError, HydraException, OmegaConfBaseException) as error:
         if not _BRIEF_ERRORS:
             raise
         refuse(str(error) if isinstance(error, ConfigError) else describe_composition_error(error))
+    except Exception as error:
+        message = describe_startup_error(error) if _BRIEF_ERRORS else None
+        if message is None:
+            raise
+        refuse(message)
     from xentlab.lab.callbacks import INCOMPLETE_SWEEPS
 
     if INCOMPLETE_SWEEPS:
