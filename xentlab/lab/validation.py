@@ -115,16 +115,28 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first invalid top-level, trainer, loss, optimizer or report setting of a
-    composed run config."""
+    """Raise ConfigError for the first invalid top-level, data, trainer, report, loss, optimizer or
+    objective setting of a composed run config."""
+    check_settings_alone(cfg)
+    check_with_torch(cfg)
+
+
+def check_settings_alone(cfg: DictConfig) -> None:
+    """The checks that read the config only (no torch): the run's own keys, the data's, the trainer's and
+    the report's."""
     check_top_level(cfg)
-    task = check_data(cfg.data)
+    check_data(cfg.data)
     check_trainer(cfg.trainer)
-    num_classes = class_count(cfg.data)
+    check_baseline(cfg)
+
+
+def check_with_torch(cfg: DictConfig) -> None:
+    """The checks that build something with torch: the loss on the data's class count, the optimizer, and
+    the metric names the objective must be one of."""
+    task, num_classes = check_data(cfg.data), class_count(cfg.data)
     check_loss(cfg.loss, task, num_classes)
     check_optimizer_arguments(cfg.optimizer)
     check_objective(str(cfg.get("objective", DEFAULT_OBJECTIVE)), task, num_classes)
-    check_baseline(cfg)
 
 
 # Settings whose validity depends on each other (a dataset's size, ratio and classes; a loss's per-class
@@ -166,12 +178,13 @@ def check_sweep(config: DictConfig, jobs: list[list[str]]) -> None:
             composed.append((overrides, loader.load_sweep_config(config, overrides)))
         except (HydraException, OmegaConfBaseException) as error:
             raise ConfigError(describe_composition_error(error)) from error
-    for overrides, job_cfg in composed:
-        try:
-            name_the_loss(job_cfg, job_cfg.hydra.runtime.choices)
-            check_config(job_cfg)
-        except ConfigError as error:
-            raise ConfigError(f"{error} (in job {','.join(overrides)}; no job was started)") from error
+    for check in (check_settings_alone, check_with_torch):  # torch only once every plain check passed
+        for overrides, job_cfg in composed:
+            try:
+                name_the_loss(job_cfg, job_cfg.hydra.runtime.choices)
+                check(job_cfg)
+            except ConfigError as error:
+                raise ConfigError(f"{error} (in job {','.join(overrides)}; no job was started)") from error
 
 
 def name_the_loss(cfg: DictConfig, choices) -> None:
@@ -515,10 +528,10 @@ def describe_composition_error(error: Exception) -> str:
         hint = f"did you mean {group}={close[0]}? " if close else ""
         return f"{group}={choice}: no such {group} config; {hint}choose one of: {', '.join(missing.options)}"
     # Hydra's search-path listing after the choices is for debugging plugins, not for a typo.
-    lines = [str(error).split("\nConfig search path:")[0].strip()]
+    lines = str(error).split("\nConfig search path:")[0].strip().splitlines()
     if cause is not None and str(cause).strip():
         lines.append(str(cause).strip().splitlines()[0])
-    return "\n".join(line for line in lines if line)
+    return "; ".join(line.strip() for line in lines if line.strip())
 
 
 def describe_startup_error(error: Exception) -> str | None:
