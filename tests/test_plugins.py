@@ -112,3 +112,66 @@ def test_the_plugins_own_tests_pass(installed_plugin, tmp_path):
                  tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
     assert " passed" in result.stdout
+
+
+# --- broken plugins ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broken_plugins(tmp_path_factory) -> dict:
+    """A distribution `brokenplug` (on PYTHONPATH, not installed) with two loss entry points, one whose
+    module raises on import and one whose loss raises in `__init__`, and a Hydra plugin module that raises
+    on import, in a folder of its own."""
+    root = tmp_path_factory.mktemp("broken")
+    losses, hydra = root / "losses", root / "hydra"
+    (losses / "brokenplug-0.1.dist-info").mkdir(parents=True)
+    (losses / "brokenplug-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: brokenplug\nVersion: 0.1\n")
+    (losses / "brokenplug-0.1.dist-info" / "entry_points.txt").write_text(
+        "[xentlab.losses]\nboom = brokenplug_import:Boom\nctor = brokenplug_ctor:Ctor\n")
+    (losses / "brokenplug_import.py").write_text('raise RuntimeError("broken at import")\n')
+    (losses / "brokenplug_ctor.py").write_text(
+        "from torch import nn\n\n\nclass Ctor(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        raise RuntimeError('broken in __init__')\n")
+    (hydra / "hydra_plugins").mkdir(parents=True)
+    (hydra / "hydra_plugins" / "broken_module.py").write_text('raise RuntimeError("broken Hydra plugin")\n')
+    return {"losses": str(losses), "hydra": str(hydra)}
+
+
+def run_with(path: str, command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore", "COLUMNS": "200",
+           "PYTHONPATH": os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(("loss", "said"), [
+    ("boom", "loss 'boom' comes from the plugin brokenplug (boom = brokenplug_import:Boom), which failed to "
+             "load: RuntimeError: broken at import"),
+    ("ctor", "loss 'ctor' (plugin brokenplug) could not be built: RuntimeError: broken in __init__"),
+])
+def test_a_broken_plugins_loss_is_refused_in_one_line_naming_the_plugin(broken_plugins, tmp_path, loss, said):
+    result = run_with(broken_plugins["losses"], [script("xentlab-train"), f"loss.name={loss}"], tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr == f"xentlab-train: {said}\n"
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_other_losses_keep_working_beside_a_broken_plugin(broken_plugins, tmp_path):
+    listed = run_with(broken_plugins["losses"], [script("xentlab"), "losses"], tmp_path)
+    assert listed.returncode == 0 and " ce " in listed.stdout and " ctor " in listed.stdout, listed.stderr
+    assert "boom = brokenplug_import:Boom" in listed.stdout and "broken at import" in listed.stdout
+    result = run_with(broken_plugins["losses"], [script("xentlab-train"), "loss=focal", *TINY], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and result.stderr.count("skipping xentlab loss plugin") == 0
+    (line,) = [line for line in result.stdout.splitlines() if "skipping xentlab loss plugin" in line]
+    assert "'boom = brokenplug_import:Boom' from brokenplug: RuntimeError: broken at import" in line
+    (metrics,) = tmp_path.glob("outputs/*/*/metrics.json")
+    assert json.loads(metrics.read_text())["status"] == "completed"
+
+
+def test_a_broken_hydra_plugin_module_is_one_line_naming_it(broken_plugins, tmp_path):
+    result = run_with(broken_plugins["hydra"], [script("xentlab-train"), *TINY], tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr == ("xentlab-train: the Hydra plugin module hydra_plugins.broken_module fails to "
+                             "import (RuntimeError: broken Hydra plugin); fix or uninstall the package that "
+                             "installs it\n")

@@ -609,6 +609,9 @@ def main() -> None:
     never-started jobs exits with status 1 (the sweep still ran every job and wrote its report)."""
     global _BRIEF_ERRORS
     _BRIEF_ERRORS = os.environ.get("HYDRA_FULL_ERROR") != "1"
+    # A broken loss plugin is logged once, in one line (and named again if a run asks for its loss); the
+    # same message as a Python warning would add two more lines to every run's console.
+    warnings.filterwarnings("ignore", message="skipping xentlab loss plugin", category=RuntimeWarning)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exiting with 1
     try:
         hydra_main()

@@ -354,7 +354,23 @@ def check_loss(loss: DictConfig, task: str | None = None, num_classes: int | Non
         message = str(error)
         raise ConfigError(message if message.startswith("loss ") else f"loss {label!r}: {message}") from error
     except Exception as error:  # noqa: BLE001 - a plugin's own failure, named, instead of a traceback
-        raise ConfigError(f"loss {label!r} could not be built: {type(error).__name__}: {error}") from error
+        raise ConfigError(f"loss {label!r}{loss_source(params)} could not be built: "
+                          f"{type(error).__name__}: {error}") from error
+
+
+def loss_source(params: dict) -> str:
+    """` (plugin <distribution>)` for a loss a plugin registered, else nothing."""
+    from xentlab.losses import list_losses
+    from xentlab.losses.registry import BUILTIN
+
+    for entry in list_losses():
+        if entry.name == params.get("name") or _qualified(entry.cls) == params.get("_target_"):
+            return "" if entry.source == BUILTIN else f" (plugin {entry.source})"
+    return ""
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def check_optimizer_arguments(optimizer: DictConfig) -> None:
