@@ -46,6 +46,7 @@ def report_command(args: argparse.Namespace) -> int:
     recorded twice, a report of other options in the way, or a bad argument.
     """
     from xentlab.lab.report import ReportWriteError, Request, write_report
+    from xentlab.lab.report.render import one_line  # paths from the folder may hold newlines or escapes
 
     errors = Console(stderr=True)
     try:
@@ -53,11 +54,11 @@ def report_command(args: argparse.Namespace) -> int:
         report = write_report(args.sweep_dir, baseline=args.baseline, request=request, out=args.out,
                               overwrite=args.overwrite)
     except ReportWriteError as error:
-        errors.print(f"[red]xentlab report:[/] {escape(str(error))}", soft_wrap=True)
+        errors.print(f"[red]xentlab report:[/] {escape(one_line(str(error)))}", soft_wrap=True)
         return 1
     except ValueError as error:
         # Not wrapped at the terminal width: the message holds a path to copy.
-        errors.print(f"[red]xentlab report:[/] {escape(str(error))}", soft_wrap=True)
+        errors.print(f"[red]xentlab report:[/] {escape(one_line(str(error)))}", soft_wrap=True)
         return 2
     if not report.complete and not args.allow_partial:
         errors.print("[red]xentlab report:[/] the sweep is incomplete (failed, unreadable, unfinished or "
@@ -76,9 +77,9 @@ def add_report_arguments(report: argparse.ArgumentParser) -> None:
                         help="test metrics to compare, e.g. test/balanced_accuracy,test/la_balanced_accuracy "
                              "(any logged test/ metric; default: the key metrics the runs recorded)")
     report.add_argument("--format", action="append", metavar="md,csv,latex,html",
-                        help="files to write: md (report.md and PNG plots), csv (comparisons.csv, "
-                             "report.csv, runs.csv), latex (report.tex, booktabs), html (report.html, one "
-                             "self-contained page); default md,csv")
+                        help="documents to write: md (report.md and PNG plots), latex (report.tex, "
+                             "booktabs), html (report.html, one self-contained page); default md. The CSVs "
+                             "(comparisons.csv, report.csv, runs.csv) are always written")
     report.add_argument("--out", default=None, metavar="DIR",
                         help="folder for the files (default: the sweep folder); a report made there with "
                              "other options is not replaced without --overwrite")

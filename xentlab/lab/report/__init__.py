@@ -235,12 +235,12 @@ def figures(report: Report) -> list[Figure]:
 
 
 def report_files(report: Report) -> dict[str, str | bytes]:
-    """File name → content, for the formats the report's request names."""
+    """File name → content: the CSVs always (the data every document is made from), then the documents
+    the report's request names."""
     kinds = report.request.formats
-    files: dict[str, str | bytes] = {}
     every = tables(report)
-    if "csv" in kinds:
-        files |= {f"{t.name}.csv": to_csv(t) for t in every if "csv" in t.formats and t.name}
+    files: dict[str, str | bytes] = {f"{t.name}.csv": to_csv(t) for t in every
+                                     if "csv" in t.formats and t.name}
     plots = figures(report) if {"md", "html"} & set(kinds) else []
     if "md" in kinds:
         files |= {figure.name: figure.png for figure in plots}

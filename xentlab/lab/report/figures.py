@@ -84,9 +84,10 @@ def legend_label(group: Group, name: str) -> str:
 
 
 def error_bars(summaries: list[Summary]) -> list[list[float]]:
-    """Asymmetric error bars [below, above] from the (clipped) intervals; 0 where undefined."""
-    below = [0.0 if math.isnan(s.low) else s.mean - s.low for s in summaries]
-    above = [0.0 if math.isnan(s.high) else s.high - s.mean for s in summaries]
+    """Asymmetric error bars [below, above] from the (clipped) intervals; 0 where undefined, and where a
+    mean outside the metric's range (a malformed record) left the clipped interval beside it."""
+    below = [0.0 if math.isnan(s.low) else max(0.0, s.mean - s.low) for s in summaries]
+    above = [0.0 if math.isnan(s.high) else max(0.0, s.high - s.mean) for s in summaries]
     return [below, above]
 
 

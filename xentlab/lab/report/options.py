@@ -60,8 +60,9 @@ def parse_list(values: list[str] | str | None) -> list[str]:
 @dataclass(frozen=True)
 class Request:
     """The choices behind one report. `metrics` None: the key metrics the runs recorded. `formats`: which
-    files (md: report.md and its PNGs; csv: comparisons.csv, report.csv, runs.csv; latex: report.tex;
-    html: report.html with the plots inside). `dedupe`: None (a run recorded twice is an error), "first"
+    documents (md: report.md and its PNGs; latex: report.tex; html: report.html with the plots inside),
+    besides the CSVs (comparisons.csv, report.csv, runs.csv), which are always written ("csv" may be
+    named too). `dedupe`: None (a run recorded twice is an error), "first"
     or "last" (keep that copy, in path order)."""
 
     metrics: tuple[str, ...] | None = None

@@ -90,7 +90,9 @@ def recipe(report) -> list[tuple[str, str]]:
         for key in keys:
             values = [f[key] for f in flat if key in f and f[key] is not None]
             if values:
-                parts.append(f"{key.partition('.')[2] or key}={values_text(values)}")
+                name = key.partition(".")[2] or key
+                # The class an optimizer is (`torch.optim.Adam` → `Adam`) names it, without its key.
+                parts.append(values_text(values) if name == "_target_" else f"{name}={values_text(values)}")
         if parts:
             rows.append((item, ", ".join(parts)))
     rows.append(("seeds", seeds_text([seed_of(run) for run in runs])))

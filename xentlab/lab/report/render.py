@@ -137,19 +137,30 @@ table { border-collapse: collapse; font-size: 0.9rem; margin: 0.5rem 0; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top; }
 th { border-bottom: 2px solid #444; }
 tr.block td { border-top: 2px solid #999; }
+td.value { white-space: nowrap; }
 td.better { color: #0a6b20; font-weight: 600; } td.worse { color: #a4161a; font-weight: 600; }
 figure { margin: 1rem 0; } figure img { max-width: 100%; } figcaption { font-size: 0.9rem; color: #444; }
 """
 
 
+def html_text(text: object) -> str:
+    """Untrusted text as HTML text: control characters blanked, then `html.escape` (quotes included)."""
+    return html.escape(one_line(str(text)))
+
+
 def html_cell(value: object) -> str:
+    """A cell; results and numbers are kept on one line (class "value"), marked ones coloured."""
+    classes = []
+    if isinstance(value, Marked) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        classes.append("value")
     if isinstance(value, Marked) and value.mark:
-        return f'<td class="{value.mark}">{html.escape(value_text(value))}</td>'
-    return f"<td>{html.escape(value_text(value))}</td>"
+        classes.append(value.mark)
+    opening = f'<td class="{" ".join(classes)}">' if classes else "<td>"
+    return f"{opening}{html_text(value_text(value))}</td>"
 
 
 def html_table(table: Table) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in table.columns)
+    head = "".join(f"<th>{html_text(c)}</th>" for c in table.columns)
     rows = []
     for i, row in enumerate(table.rows):
         opening = '<tr class="block">' if i in table.blocks and i > 0 else "<tr>"
@@ -162,21 +173,21 @@ def to_html(blocks: list, title: str) -> str:
     body = []
     for block in blocks:
         if isinstance(block, Heading):
-            body.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
+            body.append(f"<h{block.level}>{html_text(block.text)}</h{block.level}>")
         elif isinstance(block, Paragraph):
-            body.append(f"<p>{html.escape(block.text)}</p>")
+            body.append(f"<p>{html_text(block.text)}</p>")
         elif isinstance(block, Bullets):
-            body.append("<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in block.items) + "</ul>")
+            body.append("<ul>" + "".join(f"<li>{html_text(item)}</li>" for item in block.items) + "</ul>")
         elif isinstance(block, Table):
             body.append(html_table(block))
         elif isinstance(block, Figure):
             data = base64.b64encode(block.png).decode("ascii")
-            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(block.caption)}">'
-                        f"<figcaption>{html.escape(block.caption)}</figcaption></figure>")
+            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html_text(block.caption)}">'
+                        f"<figcaption>{html_text(block.caption)}</figcaption></figure>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
             '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{html.escape(title)}</title>\n<style>{STYLE}</style></head>\n<body>\n"
+            f"<title>{html_text(title)}</title>\n<style>{STYLE}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 

@@ -89,7 +89,7 @@ def result_notes(report) -> list[str]:
     missing = [m.key for m in KEY_METRICS if m not in report.metrics and m.key not in recorded]
     if missing and report.request.metrics is None:
         notes.append(f"Not reported by these runs: {', '.join(missing)}.")
-    if MINORITY in recorded and not all(MINORITY in g.stats for g in report.groups):
+    if MINORITY in [m.key for m in report.metrics] and not all(MINORITY in g.stats for g in report.groups):
         notes.append("Minority recall is left out where the classes have equal sizes (imbalance ratio 1): "
                      "there it would name an arbitrary class.")
     return notes
