@@ -69,7 +69,6 @@ def assert_one_line_refusal(result: subprocess.CompletedProcess, fragment: str, 
         (["seeds=2", "data=multilabel"], "loss 'ce' does not support multilabel data", ["torch"]),
         # Found once Lightning configured the optimizer, with a traceback and exit status 1, before.
         (["optimizer.lr=-1"], "optimizer.lr must be a finite number > 0", ["torch"]),
-        (["threads=0"], "threads must be a positive integer or null (automatic), got 0", ["torch"]),
     ],
 )
 def test_a_setting_wrong_whatever_the_data_is_refused_before_lightning(tmp_path, overrides, fragment, loaded):

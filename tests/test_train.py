@@ -84,7 +84,8 @@ def test_multirun_names_job_folders_after_overrides(tmp_path):
         (["loss=focal", "loss.gama=1"], ["'gama'", "did you mean 'gamma'"]),
         (["data.n_sampels=400"], ["data.n_sampels", "did you mean data.n_samples"]),
         (["loss=nosuch"], ["loss=nosuch: no such loss config", "ce", "focal"]),
-        (["-m", "loss=ce,nosuch"], ["loss=nosuch: no such loss config", "focal"]),  # refused before the sweep's first job
+        # refused before the sweep's first job
+        (["-m", "loss=ce,nosuch"], ["loss=nosuch: no such loss config", "focal"]),
         (["-m", "loss=focal", "loss.gamma=1,-1"], ["gamma", "got -1", "loss.gamma=-1", "no job was started"]),
         (["data.n_samples=-5"], ["data.n_samples", "-5"]),
         (["data=multilabel"], ["'ce' does not support multilabel", "bce"]),
