@@ -114,19 +114,26 @@ def test_resuming_a_sweep_without_its_folder_is_refused_before_any_job(tmp_path)
 # --- atomic files and corrupt checkpoints ---------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 256 KiB tmpfs (root only: CI runs as root); skipped with the reason where mounting is refused."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+    """`folder` as a tmpfs mounted with `options` (root only: CI runs as root); the test is skipped with
+    the reason where mounting is refused."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {mounted.stderr.strip() or 'refused'}")
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip() or 'refused'}")
     try:
-        yield disk
+        yield folder
     finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB disk to fill."""
+    with tmpfs(tmp_path / "disk", "size=256k") as disk:
+        yield disk
 
 
 def fill(disk: Path, leave: int) -> None:
@@ -272,17 +279,9 @@ def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, seed
 
 @pytest.fixture
 def read_only_folder(tmp_path):
-    """A read-only tmpfs (root only: CI runs as root; as root a chmod would not stop writes)."""
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs (needs root): {mounted.stderr.strip() or 'refused'}")
-    try:
+    """A read-only disk (as root, which CI runs as, a chmod would not stop writes)."""
+    with tmpfs(tmp_path / "read-only", "ro,size=64k") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_a_read_only_run_folder_is_one_line(read_only_folder, tmp_path):
@@ -341,14 +340,14 @@ def test_a_sweep_that_dies_inside_hydra_still_reports_what_exists(tmp_path):
 def test_a_signal_during_training_is_recorded_as_interrupted(tmp_path, monkeypatch, sig, cause):
     from xentlab.lab.module import ClassifierModule
 
-    original = ClassifierModule.on_train_epoch_end
+    original = ClassifierModule.training_step
 
-    def signal_in_second_epoch(self):
-        original(self)
-        if self.current_epoch == 1:
-            os.kill(os.getpid(), sig)
+    def signal_in_second_epoch(self, batch, batch_idx):
+        if self.current_epoch == 1 and batch_idx == 0:
+            os.kill(os.getpid(), sig)  # noted here, raised when the next batch starts
+        return original(self, batch, batch_idx)
 
-    monkeypatch.setattr(ClassifierModule, "on_train_epoch_end", signal_in_second_epoch)
+    monkeypatch.setattr(ClassifierModule, "training_step", signal_in_second_epoch)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(RunInterrupted, match=f"interrupted by {cause}.*in epoch 2; recorded in") as raised:
         train(composed("trainer.max_epochs=5"), tmp_path)

@@ -215,9 +215,11 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
                 raise ConfigError(str(error)) from error
             if announce is not None:
                 announce()
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-            final = {k: float(v) for k, v in trainer.callback_metrics.items()}
-            tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+            trainer.callbacks.append(interruption.stop_point())
+            with interruption.deferring():
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+                final = {k: float(v) for k, v in trainer.callback_metrics.items()}
+                tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         final.update({k: float(v) for k, v in tested.items()})
         recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
         return record.completed(final, epochs=epochs(), warnings=recorder.warnings())

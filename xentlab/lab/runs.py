@@ -141,11 +141,18 @@ class RunRecorder(pl.Callback):
 
 
 class Interruption:
-    """Records which signal stopped a run: SIGTERM is turned into KeyboardInterrupt while the run trains,
-    so Lightning shuts down as on Ctrl-C (it then exits through SystemExit, which loses the cause)."""
+    """Records which signal stopped a run, and stops it where stopping is safe.
+
+    While a run trains (`deferring`), Ctrl-C (SIGINT) and SIGTERM only note the signal; `stop_point()`,
+    a callback the run's Trainer carries, raises KeyboardInterrupt when the next batch starts,
+    and Lightning then shuts down as on Ctrl-C (it exits through SystemExit, which loses the cause: hence
+    the note). A KeyboardInterrupt raised wherever the signal lands could land inside TensorBoard's
+    writer queue, whose thread then never wakes and Lightning's shutdown waits on it forever. A second
+    signal, or one before the Trainer runs or after it is done, raises at once."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
+        self._deferring = False
 
     def describe(self, stop: BaseException) -> str:
         if self.signal:
@@ -159,23 +166,54 @@ class Interruption:
         """The shell's convention for a process a signal stopped: 128 + the signal number."""
         return 128 + (signal.SIGTERM if cause.startswith("SIGTERM") else signal.SIGINT)
 
+    def stop_point(self) -> pl.Callback:
+        """A callback that delivers a noted signal when the next batch of any stage starts."""
+        interruption = self
+
+        class StopPoint(pl.Callback):
+            def _stop_if_signalled(self, *_args) -> None:
+                interruption.raise_if_signalled()
+
+            on_train_batch_start = on_validation_batch_start = on_test_batch_start = _stop_if_signalled
+
+        return StopPoint()
+
+    def raise_if_signalled(self) -> None:
+        if self.signal is not None:
+            self._deferring = False  # Lightning's shutdown may take a while; a second Ctrl-C still works
+            raise KeyboardInterrupt(self.signal)
+
     @contextlib.contextmanager
     def watching(self) -> Iterator[Interruption]:
+        """Notes SIGINT and SIGTERM while the block runs; within `deferring()`, they wait for a stop point."""
         if threading.current_thread() is not threading.main_thread():
             yield self  # only the main thread may set handlers; Lightning's own SIGTERM handling remains
             return
 
-        def on_sigterm(signum, frame):
-            self.signal = "SIGTERM"
-            raise KeyboardInterrupt("SIGTERM")
+        def on_signal(signum, frame):
+            first = self.signal is None
+            self.signal = self.signal or ("SIGTERM" if signum == signal.SIGTERM else "SIGINT (Ctrl-C)")
+            if not (first and self._deferring):
+                raise KeyboardInterrupt(self.signal)
 
         # Lightning sets SIGINT to "ignore" after a Ctrl-C and leaves it so; restored here for the caller.
-        previous = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, on_sigterm)
+        previous = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
         try:
             yield self
         finally:
             signal.signal(signal.SIGINT, previous[0])
             signal.signal(signal.SIGTERM, previous[1])
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[None]:
+        """The block (a Trainer's fit or test, which carries `stop_point()`) is stopped at a stop point; a
+        signal that arrived too late for one is raised when the block ends."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        self.raise_if_signalled()
 
 
 class RunRecord:

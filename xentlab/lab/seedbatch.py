@@ -581,14 +581,16 @@ def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), thread
                 raise ConfigError(str(error)) from error
             if announce is not None:  # train_seeds' announce(): the batch is built, its settings accepted
                 announce()
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-            batch_checkpoint = output_dir / CHECKPOINT_DIR / "last.ckpt"
-            if batch_checkpoint.is_file():
-                split_checkpoint(batch_checkpoint, module,
-                                 [seed_dir(output_dir, s) / CHECKPOINT_DIR for s in seeds],
-                                 [OmegaConf.to_container(record.cfg, resolve=True) for record in records])
-            if any(run.error is None for run in module.runs):
-                trainer.test(module, datamodule=data, verbose=False)
+            trainer.callbacks.append(interruption.stop_point())
+            with interruption.deferring():
+                trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+                batch_checkpoint = output_dir / CHECKPOINT_DIR / "last.ckpt"
+                if batch_checkpoint.is_file():
+                    split_checkpoint(batch_checkpoint, module,
+                                     [seed_dir(output_dir, s) / CHECKPOINT_DIR for s in seeds],
+                                     [OmegaConf.to_container(record.cfg, resolve=True) for record in records])
+                if any(run.error is None for run in module.runs):
+                    trainer.test(module, datamodule=data, verbose=False)
         recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
         return [stopped(k) if run.error is not None else
                 records[k].completed(run.final, epochs=epochs(), warnings=recorder.warnings(k))
