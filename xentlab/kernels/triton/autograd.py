@@ -116,7 +116,7 @@ class _SoftmaxLoss(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # both, from one computation where the row loss shares them (focal)
             value, slope = spec.value_and_slope(args.row_loss, logpt)
         else:
-            value = args.row_loss.value(logpt)
+            value = spec.row_value(args.row_loss, logpt)
         loss = w_y * value
         if smooth:
             loss = (1 - args.eps) * loss + (args.eps / c) * smoothing
