@@ -49,18 +49,6 @@ N, C = 23, 7  # small and odd so that nothing lines up with a chunk or a vector 
 IGN = -100
 
 
-@pytest.fixture(params=["tiny-chunks", "one-shot", "default-chunks"])
-def chunking(request, monkeypatch):
-    """Runs a test on each path of the fused backend: 5-element row chunks (no one-shot path for small
-    inputs), so every multi-chunk path runs; the one-shot closed-form path that inputs of up to
-    sizes.SMALL_ELEMS elements take; and the defaults (the smallest inputs take PyTorch's row kernels)."""
-    if request.param != "default-chunks":
-        monkeypatch.setattr(sizes, "TINY_ELEMS", 0)
-    if request.param == "tiny-chunks":
-        monkeypatch.setattr(sizes, "CHUNK_ELEMS", 5)
-        monkeypatch.setattr(sizes, "SMALL_ELEMS", 0)
-
-
 # ---------------------------------------------------------------- parity, every option combination
 
 
