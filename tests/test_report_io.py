@@ -195,22 +195,28 @@ LOSSES = ("ce", "weighted_ce", "label_smoothing", "focal", "logit_adjusted", "ms
 
 
 @pytest.mark.parametrize("columns", [80, 100, 120])
-def test_terminal_table_keeps_every_label_readable(wide_report, monkeypatch, columns):
+@pytest.mark.parametrize("wide", [True, False])
+def test_terminal_table_keeps_every_label_readable(wide_report, sweep, monkeypatch, columns, wide):
     from xentlab.lab.report.terminal import console_for_output, print_report
 
+    metrics = "test/balanced_accuracy,test/ece,test/accuracy,test/la_balanced_accuracy"
+    report = wide_report if wide else build_report(sweep, request=Request.parse(metrics))
     monkeypatch.setenv("COLUMNS", str(columns))  # as `COLUMNS=80 xentlab report DIR | less` sets it
     console = console_for_output()
     with console.capture() as captured:
-        print_report(wide_report, console)
+        print_report(report, console)
     out = captured.get()
     lines = out.splitlines()
     assert max(len(line) for line in lines) <= columns
     table = [line for line in lines if line.startswith("│")]
-    for loss in LOSSES:  # each label whole on a row of a table, never cut or wrapped
+    assert not any("…" in line for line in table)  # no cell cut short
+    assert all(re.search(r"│ +\d+ │", line) for line in table)  # the n column: never zero width
+    for loss in LOSSES if wide else ("ce", "focal"):  # each label whole on a row, never cut or wrapped
         assert any(f"│ loss={loss}" in line for line in table), (columns, loss)
     assert any("loss=ce (baseline)" in line for line in table)
-    for text in ("data.imbalance_ratio=1 ", "data.imbalance_ratio=100", "balanced acc ↑", "ECE ↓",
-                 "accuracy ↑", "balanced acc after post-hoc LA"):
+    contexts = ("data.imbalance_ratio=1 ", "data.imbalance_ratio=100") if wide else \
+        ("data.imbalance_ratio=10 ", "data.imbalance_ratio=100")
+    for text in (*contexts, "balanced acc ↑", "ECE ↓", "accuracy ↑", "balanced acc after"):
         assert text in out, (columns, text)
 
 
