@@ -209,6 +209,22 @@ def test_sigmoid_focal_at_infinite_logits_is_torchvisions(alpha, gamma, rows):
         assert_close(got, expected_grad, equal_nan=True)
 
 
+@pytest.mark.parametrize("gamma_pos, gamma_neg, clip", [(0.0, 0.0, 0.0), (0.0, 4.0, 0.0), (1.0, 4.0, 0.05),
+                                                      (0.0, 0.0, 0.1)])
+@pytest.mark.parametrize("rows", [1, 3000])
+def test_asl_at_infinite_logits_is_its_reference_formula(gamma_pos, gamma_neg, clip, rows):
+    """ASL has no PyTorch version; its fused path gives what its formula gives through PyTorch's ops: NaN
+    where a zero target weight meets an infinite term, the plain gradients -q, p at gamma = 0."""
+    x = INFINITE.repeat(rows, 1).requires_grad_()
+    t = INFINITE_TARGET.repeat(rows, 1)
+    results = []
+    for backend in ("auto", "reference"):
+        value = XF.asymmetric_loss(x, t, gamma_pos, gamma_neg, clip, reduction="none", backend=backend)
+        results.append((value, torch.autograd.grad(value.sum(), x)[0]))
+    for got, expected in zip(*results, strict=True):
+        assert_close(got, expected, equal_nan=True)
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.usefixtures("chunking")
 def test_a_row_loss_that_learns_gets_its_gradient_on_every_route(smoothing):

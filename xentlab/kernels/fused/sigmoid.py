@@ -104,7 +104,7 @@ class _SigmoidFocal(_PerElement):
 
     def chunk(self, x, rows, out, ws, s):
         ce, sig_neg, m, modulator, loss = ws
-        t = self.target[rows]
+        t = self.target[rows].to(x.dtype)  # in the compute dtype, as _Bce's (and written into its buffers)
         _softplus(torch.neg(x, out=ce), ce).addcmul_(torch.neg(t, out=sig_neg).add_(1), x)
         sig = torch.sigmoid(x, out=out)
         torch.sigmoid(torch.neg(x, out=sig_neg), out=sig_neg)
@@ -142,7 +142,9 @@ class _Asl(_PerElement):
     """Asymmetric loss, with p = s(x), q = 1 - p = s(-x) and p_m = max(p - clip, 0):
     l = t q^g+ softplus(-x) - (1-t) p_m^g- log(1 - p_m). dl/dx = t q^g+ (-g+ p softplus(-x) - q) +
     (1-t) [p_m > 0] p_m^g- p q (1 / (1 - p_m) - g- r) with r = log(1 - p_m) / p_m (-> -1 as p_m -> 0, so
-    p_m^(g-1) is never formed) and 1 - p_m = q + clip there."""
+    p_m^(g-1) is never formed) and 1 - p_m = q + clip there. The terms mix as t a + (1 - t) b, so +-inf
+    logits give the reference's values: NaN where a zero target weight meets an infinite term (as PyTorch's
+    BCE, which ASL is at g+ = g- = clip = 0), and at g = 0 the plain gradients (-q, p), never a 0 * inf."""
 
     target: Tensor
     gamma_pos: float
@@ -164,21 +166,18 @@ class _Asl(_PerElement):
             log_rest = -_softplus(x, torch.empty_like(x))
         p_m_pow = p_m.pow(self.gamma_neg)
         negative = -p_m_pow * log_rest
-        loss = _mix(t, q_pow * neg_logp, negative)
+        loss = t * (q_pow * neg_logp) + (1 - t) * negative
         if s is None:
             return loss
-        d_positive = q_pow * (-self.gamma_pos * p * neg_logp - q)
-        ratio = torch.where(p_m > 0, log_rest / p_m, -1.0)
+        d_positive = q_pow * (-self.gamma_pos * p * neg_logp - q) if self.gamma_pos else q.neg()
         pq = p * q  # p q / (1 - p_m) is p when clip = 0, where 1 - p_m = q can underflow
         slope = p if self.clip == 0 else pq / rest
-        d_negative = torch.where(p_m > 0, p_m_pow * (slope - self.gamma_neg * ratio * pq), 0.0)
-        out.copy_(_mix(t, d_positive, d_negative)).mul_(s)
+        if self.gamma_neg:
+            ratio = torch.where(p_m > 0, log_rest / p_m, -1.0)
+            slope = p_m_pow * (slope - self.gamma_neg * ratio * pq)
+        d_negative = torch.where(p_m > 0, slope, 0.0)
+        torch.add(t * d_positive, (1 - t) * d_negative, out=out).mul_(s)
         return loss.sum(1)
-
-
-def _mix(t: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
-    """t positive + (1 - t) negative, where a zero weight drops its term even when it is infinite."""
-    return torch.where(t != 0, t * positive, 0.0) + torch.where(t != 1, (1 - t) * negative, 0.0)
 
 
 def asl_loss(input, target, gamma_pos, gamma_neg, clip, reduction):
