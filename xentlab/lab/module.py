@@ -23,7 +23,14 @@ from torch.utils.tensorboard.summary import hparams
 from xentlab import functional as xF
 from xentlab.lab import plots
 from xentlab.lab.board import HPARAMS_RUN, board_tag
-from xentlab.lab.metrics import StageMetrics, logit_adjusted, loss_curve, per_label, temperature_scaled
+from xentlab.lab.metrics import (
+    StageMetrics,
+    logit_adjusted,
+    loss_curve,
+    per_label,
+    shift_calibration,
+    temperature_scaled,
+)
 from xentlab.lab.runs import nonfinite_loss
 
 CURVE_POINTS = 49
@@ -248,8 +255,8 @@ def posthoc_metrics(val: tuple[torch.Tensor, torch.Tensor] | None, logits: torch
                     *, task: str, probability_map: str, class_counts=None) -> dict[str, float]:
     """Temperature scaling fitted on `val` (the last validation epoch's logits and targets; skipped when
     None) and, for single-label data, logit adjustment by the training priors `class_counts`, both
-    scored on the test logits and targets (docs/metrics.md)."""
-    values = {}
+    scored on the test logits and targets; beside them classwise and prior-corrected ECE (docs/metrics.md)."""
+    values = shift_calibration(logits, target, task, probability_map, class_counts)
     if val is not None:
         values.update(temperature_scaled(*val, logits, target, task, probability_map))
     if task != "multilabel" and class_counts is not None:
