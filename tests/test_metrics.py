@@ -380,7 +380,8 @@ def hand_classwise_ece(probs: np.ndarray, target: np.ndarray) -> float:
     for k in range(c):
         for b in range(N_BINS):
             low, high = b / N_BINS, (b + 1) / N_BINS
-            inside = (probs[:, k] >= low) & ((probs[:, k] < high) if b < N_BINS - 1 else (probs[:, k] <= high))
+            upper = probs[:, k] < high if b < N_BINS - 1 else probs[:, k] <= high
+            inside = (probs[:, k] >= low) & upper
             if inside.any():
                 total += inside.sum() / n * abs(np.mean(target[inside] == k) - probs[inside, k].mean())
     return total / c

@@ -372,8 +372,8 @@ def logit_adjusted(logits: torch.Tensor, target: torch.Tensor, class_counts: tor
                    tau: float = 1.0) -> dict[str, float]:
     """Post-hoc logit adjustment (Menon et al. 2021): decide argmax_c (z_c - tau * log pi_c), pi the
     training split's class priors n_c / sum_k n_k. Returns `la_accuracy`, `la_balanced_accuracy`,
-    `la_macro_f1` and `la_minority_recall` (recall of the class with the fewest training samples) of those decisions.
-    Single-label data only."""
+    `la_macro_f1` and `la_minority_recall` (recall of the class with the fewest training samples) of those
+    decisions. Single-label data only."""
     counts = torch.as_tensor(class_counts, dtype=torch.float64, device=logits.device)
     log_prior = (counts / counts.sum()).log()
     predicted = (logits.double() - tau * log_prior).argmax(dim=1)
@@ -394,10 +394,8 @@ def classwise_ece(probs: torch.Tensor, target: torch.Tensor, task: str, n_bins: 
     hits = target.double() if task == "multilabel" else F.one_hot(target.long(), probs.shape[1]).double()
     n, classes = probs.shape
     index = bin_index(probs, n_bins) + n_bins * torch.arange(classes, device=probs.device)  # (N, C) bins
-    shape = (classes * n_bins,)
-    count = torch.zeros(shape, dtype=torch.float64, device=probs.device).index_add_(
-        0, index.flatten(), torch.ones(n * classes, dtype=torch.float64, device=probs.device))
-    gap = torch.zeros(shape, dtype=torch.float64, device=probs.device).index_add_(
+    # (n_bc / N) |freq_bc - conf_bc| = |sum over the bin's samples of (hit - p_c)| / N
+    gap = torch.zeros(classes * n_bins, dtype=torch.float64, device=probs.device).index_add_(
         0, index.flatten(), (hits - probs).flatten())
     return float(gap.abs().sum() / (n * classes)) if n else float("nan")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from rich.table import Table
 
 from xentlab.lab.atomic import atomic_write
 from xentlab.lab.report.compare import (
+    COLUMNS,
     DEFAULT_BASELINE,
     KEY_METRICS,
     MINORITY,
@@ -33,6 +33,7 @@ from xentlab.lab.report.compare import (
     build_groups,
     compare,
     describe,
+    margins,
     parse_baseline,
     verdict_lines,
 )
@@ -95,24 +96,30 @@ def build_report(sweep_dir: str | Path, baseline: str | None = None) -> Report:
         started = f" ({len(pending)} job folder(s) started, none finished)" if pending else ""
         raise ValueError(f"no runs under {str(sweep_dir)!r}: no {METRICS_FILE} at any depth{started}; "
                          "point at a sweep folder such as outputs/multirun/<date>/<time> or a run folder")
-    groups = build_groups(runs)
+    groups = build_groups(runs, spec)
     present = {m for g in groups for m in g.stats}
     metrics = [m for m in KEY_METRICS if m.key in present]
     planned, note = planned_jobs(sweep_dir)
     unstarted = never_started(planned, started_jobs(sweep_dir, runs)) if planned is not None else []
     problems = [run for run in runs if run.status != "completed"]
-    return Report(sweep_dir, groups, compare(groups, metrics, spec), metrics, problems, pending, unstarted,
-                  note, spec, convergence(groups, spec))
+    comparisons = compare(groups, metrics, spec, margins(sweep_setting(sweep_dir, "sesoi")))
+    return Report(sweep_dir, groups, comparisons, metrics, problems, pending, unstarted,
+                  note, spec, convergence([g for g in groups if g.derived is None], spec))
+
+
+def sweep_setting(sweep_dir: Path, name: str):
+    """The sweep's `report.<name>` setting (from multirun.yaml), None when absent or unreadable."""
+    import yaml
+
+    try:
+        return yaml.safe_load((sweep_dir / PLANNED_FILE).read_text())["report"][name]
+    except Exception:  # noqa: BLE001 - no file, no key or a bad file: the default applies
+        return None
 
 
 def sweep_baseline(sweep_dir: Path) -> str | None:
     """The `report.baseline` the sweep was launched with (from multirun.yaml), if any."""
-    import yaml
-
-    try:
-        value = yaml.safe_load((sweep_dir / PLANNED_FILE).read_text())["report"]["baseline"]
-    except Exception:  # noqa: BLE001 - no file, no key or a bad file: the default applies
-        return None
+    value = sweep_setting(sweep_dir, "baseline")
     return value if isinstance(value, str) else None
 
 
@@ -159,18 +166,10 @@ def csv_text(rows: list[list]) -> str:
 
 def comparisons_csv(report: Report) -> str:
     """comparisons.csv: one row per comparison with a baseline; verdicts, ★ and report.md follow from it."""
-    rows = [["context", "metric", "loss", "baseline", "n", "diff", "ci_low", "ci_high", "p", "p_adjusted",
-             "significant", "better", "test", "seeds_better", "seeds_worse", "higher_is_better",
-             "seeds_needed"]]
-    for c in report.comparisons.items:
-        d = c.paired
-        rows.append([c.context, c.metric.key, c.group.label, c.baseline.label, d.n, d.diff, d.low, d.high,
-                     d.p,
-                     "" if math.isnan(c.p_adjusted) else c.p_adjusted, str(c.significant).lower(),
-                     str(c.better).lower(), d.test, d.positive if c.metric.higher_is_better else d.negative,
-                     d.negative if c.metric.higher_is_better else d.positive,
-                     str(c.metric.higher_is_better).lower(), c.needed or ""])
-    return csv_text(rows)
+    records = [c.record() for c in report.comparisons.items]
+    if not records:
+        return csv_text([list(COLUMNS)])
+    return csv_text([list(records[0])] + [list(r.values()) for r in records])
 
 
 def groups_csv(report: Report) -> str:
@@ -193,7 +192,7 @@ def marks(report: Report) -> dict[tuple[int, str], str]:
     """(group id, metric key) → "★" where the group is significantly better than the baseline, "▼" worse."""
     found = {}
     for c in report.comparisons.items:
-        if c.significant:
+        if c.decision in ("better", "worse") and c.headline:
             found[(id(c.group), c.metric.key)] = "★" if c.better else "▼"
     return found
 
@@ -217,7 +216,8 @@ def table_rows(report: Report) -> list[tuple[list[str], list[str]]]:
 
 def title(report: Report) -> str:
     base = ",".join(f"{k}={v}" for k, v in report.baseline.items())
-    return (f"mean [95% CI] over seeds; ★ / ▼ significantly better / worse than {base} "
+    return (f"mean [95% CI] over seeds; ★ / ▼ significantly better / worse than {base} (or the verdict's "
+            f"stronger post-hoc baseline) "
             f"(paired, Holm-adjusted p < 0.05, ≥ {MIN_SEEDS} seeds)")
 
 
@@ -252,7 +252,8 @@ def markdown(report: Report) -> str:
              ""]
     said = [f"- {line}" for line in verdict_lines(report.comparisons)] or ["- (nothing to compare)"]
     lines += ["## Verdicts", "", "Each loss against the baseline on matched seeds: mean paired difference "
-              "[95% CI], seeds in that direction, Holm-adjusted p over every comparison below "
+              "[simultaneous 95% interval over all comparisons below], seeds in that direction, "
+              "Holm-adjusted p over every comparison below; equivalent: shown within the metric's margin ±δ "
               "(comparisons.csv; method in docs/statistics.md).", "", *said]
     lead = slice(0 if any(g.context for g in report.groups) else 1, 3)
     headings = ["context", "loss / run", "n"][lead] + [m.heading for m in report.metrics]
