@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("sweep_dir", help="a sweep folder, e.g. outputs/multirun/<date>/<time>")
     report.add_argument("--baseline", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
                         help="the group every other is compared with (default: the sweep's report.baseline, "
-                             "else loss=ce)")
+                             "else loss=ce); loss=ce+posthoc_la or loss=ce+ts: CE after post-hoc logit "
+                             "adjustment or temperature scaling")
     report.add_argument("--allow-partial", action="store_true",
                         help="exit 0 even when jobs failed, are unfinished or never started")
     report.set_defaults(run=report_command)
