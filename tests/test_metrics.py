@@ -24,6 +24,7 @@ from xentlab.lab.metrics import (
     fit_temperature,
     logit_adjusted,
     loss_curve,
+    model_prior,
     per_label,
     probabilities,
     shift_calibration,
@@ -413,3 +414,20 @@ def test_prior_correction_removes_the_miscalibration_a_prior_shift_causes(probab
     raw.update(logits, target, torch.tensor(0.0))
     assert raw.compute()["ece"] > 0.15
     assert values["prior_corrected_ece"] < 0.015
+
+
+def test_the_prior_a_model_carries_follows_its_sampler_and_loss():
+    from xentlab.losses.builtin import CrossEntropy, LogitAdjustedCrossEntropy, WeightedCrossEntropy
+
+    counts = torch.tensor([900.0, 90.0, 10.0])
+    uniform = torch.full((3,), 1 / 3, dtype=torch.float64)
+    assert model_prior(counts, CrossEntropy()) == pytest.approx(counts.double() / 1000)
+    assert model_prior(counts, CrossEntropy(), "class_balanced") == pytest.approx(uniform)
+    root = counts.double().sqrt() / counts.sqrt().sum()
+    assert model_prior(counts, CrossEntropy(), "sqrt") == pytest.approx(root)
+    # Inverse-frequency weights and balanced softmax (tau = 1) both fit the balanced posterior.
+    weighted = WeightedCrossEntropy(weights="inverse_frequency", beta=0.999, class_counts=counts)
+    assert model_prior(counts, weighted) == pytest.approx(uniform)
+    balanced_softmax = LogitAdjustedCrossEntropy(tau=1.0, class_counts=counts)
+    assert model_prior(counts, balanced_softmax) == pytest.approx(uniform)
+    assert model_prior(counts, LogitAdjustedCrossEntropy(tau=0.5, class_counts=counts)) == pytest.approx(root)

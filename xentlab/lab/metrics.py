@@ -409,21 +409,41 @@ def prior_corrected(logits: torch.Tensor, probability_map: str, train_prior: tor
     return torch.log_softmax(log_probabilities(logits, probability_map).double() + shift, dim=1)
 
 
+def model_prior(class_counts, loss: nn.Module | None = None, sampler: str = "instance") -> torch.Tensor:
+    """The class prior a trained model's probabilities carry, from the training counts n_c, how batches were
+    drawn and what the loss does to the prior: π_batch (n_c / Σ n_k; uniform for the `class_balanced`
+    sampler, ∝ √n_c for `sqrt`), times w_c for a loss with per-class weights w (the minimiser of weighted
+    CE is q_c ∝ w_c p(c | x)), times π_c^(−τ) for logit-adjusted CE (softmax(z + τ log π) fits the batch
+    posterior, so softmax(z) carries π_batch / π^τ; τ = 1, balanced softmax: uniform on instance batches).
+    Other losses (focal, label smoothing, LDAM, ...) are taken to fit the batch prior."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64).cpu()
+    prior = {"class_balanced": torch.ones_like(counts), "sqrt": counts.sqrt()}.get(sampler, counts)
+    weight = getattr(loss, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.shape == counts.shape:
+        prior = prior * weight.detach().double().cpu()
+    log_prior, tau = getattr(loss, "log_prior", None), getattr(loss, "tau", None)
+    if isinstance(log_prior, torch.Tensor) and isinstance(tau, (int, float)):
+        prior = prior * torch.exp(-tau * log_prior.detach().double().cpu())
+    return prior / prior.sum()
+
+
 def shift_calibration(logits: torch.Tensor, target: torch.Tensor, task: str, probability_map: str = "softmax",
-                      class_counts=None) -> dict[str, float]:
+                      class_counts=None, prior: torch.Tensor | None = None) -> dict[str, float]:
     """`classwise_ece` of the model's probabilities and, for single-label data with known training counts,
-    `prior_corrected_ece`: the ECE (same bins as `ece`) of the probabilities moved to the test split's class
-    prior (its label frequencies) by `prior_corrected`. When training and test priors differ (a long-tailed
-    training split, a balanced test split), raw ECE mostly measures that shift; the corrected figure
-    measures the miscalibration that is left (docs/metrics.md)."""
+    `prior_corrected_ece`: the ECE (same bins as `ece`) of the probabilities moved from the prior they carry
+    (`prior`, see `model_prior`; by default the training split's) to the test split's class prior (its label
+    frequencies) by `prior_corrected`. When training and test priors differ (a long-tailed training split, a
+    balanced test split), raw ECE mostly measures that shift; the corrected figure measures the
+    miscalibration that is left (docs/metrics.md)."""
     values = {"classwise_ece": classwise_ece(probabilities(logits, task, probability_map), target, task)}
     if task == "multilabel" or class_counts is None:
         return values
-    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    counts = torch.as_tensor(class_counts, dtype=torch.float64).cpu()
+    prior = counts / counts.sum() if prior is None else prior.double().cpu()
     test_counts = torch.bincount(target.long().cpu(), minlength=logits.shape[1]).double()
-    if (counts <= 0).any() or (test_counts <= 0).any():
+    if (prior <= 0).any() or (test_counts <= 0).any():
         return values  # a class absent from one split has no prior ratio
-    log_q = prior_corrected(logits, probability_map, counts / counts.sum(), test_counts / test_counts.sum())
+    log_q = prior_corrected(logits, probability_map, prior, test_counts / test_counts.sum())
     bins = CalibrationBins(task).to(logits.device)
     bins.update(log_q.exp(), target)
     return {**values, "prior_corrected_ece": bins.bins().ece}
