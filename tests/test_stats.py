@@ -11,6 +11,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from xentlab.lab.report.compare import KEY_METRICS, build_groups, compare, verdict_lines
+from xentlab.lab.report.rank import across_contexts, critical_difference, probability_best, rankings, ranks
 from xentlab.lab.report.stats import (
     MIN_SEEDS,
     decision_interval,
@@ -293,3 +294,64 @@ def test_a_post_hoc_baseline_can_be_chosen():
     lead = [c for c in found.items if c.headline]
     assert {c.baseline.label for c in lead} == {"loss=ce+posthoc_la"}
     assert {c.group.label for c in lead} == {"loss=ce", "loss=weighted_ce"}
+
+
+# --- rankings, aggregation over contexts, critical differences --------------------------------------------
+
+def context_sweep(means: dict[str, list[float]], n_seeds: int = 3, metric: str = "test/balanced_accuracy"):
+    """Runs over contexts `data=<i>`: loss L in context i scores means[L][i] on every seed (plus a tiny
+    seed-specific wobble shared by all losses, so differences are exact)."""
+    runs = []
+    for loss, values in means.items():
+        for i, value in enumerate(values):
+            for seed in range(n_seeds):
+                runs.append(Run(Path(f"{loss}-{i}-{seed}"), "completed", {metric: value + 0.001 * seed},
+                                {"seed": seed, "loss": {"name": loss}},
+                                (f"loss={loss}", f"data=d{i}", f"seed={seed}")))
+    return runs
+
+
+def test_critical_difference_ranks_match_a_hand_computation():
+    means = {"ce": [0.70, 0.60, 0.80], "focal": [0.72, 0.58, 0.80], "weighted_ce": [0.75, 0.65, 0.79]}
+    groups = build_groups(context_sweep(means), {"loss": "ce"})
+    cd = critical_difference(groups, BALANCED_ACCURACY)
+    # Per context, 1 = best: d0 wce 1, focal 2, ce 3; d1 wce 1, ce 2, focal 3; d2 ce and focal tie for
+    # 1-2 (1.5 each), wce 3. Averages: ce (3 + 2 + 1.5) / 3, focal (2 + 3 + 1.5) / 3, wce (1 + 1 + 3) / 3.
+    assert cd.labels == ("loss=ce", "loss=focal", "loss=weighted_ce") and cd.contexts == 3
+    assert cd.average_rank == pytest.approx((6.5 / 3, 6.5 / 3, 5 / 3))
+    assert cd.different == frozenset()  # three contexts cannot separate anything
+    assert cd.cliques() == [(0, 2)]
+
+
+def test_wilcoxon_over_contexts_with_holm_matches_scipy():
+    rng = np.random.default_rng(6)
+    ce = rng.uniform(0.5, 0.8, 8)
+    means = {"ce": list(ce), "focal": list(ce + rng.normal(0, 0.01, 8)),
+             "weighted_ce": list(ce + 0.03 + rng.normal(0, 0.01, 8))}
+    groups = build_groups(context_sweep(means), {"loss": "ce"})
+    compare(groups, [BALANCED_ACCURACY], {"loss": "ce"})  # marks the baselines
+    rows = {r.loss: r for r in across_contexts(groups, [BALANCED_ACCURACY])}
+    expected = {}
+    for loss in ("focal", "weighted_ce"):
+        diffs = np.array(means[loss]) - ce
+        assert rows[f"loss={loss}"].diffs == pytest.approx(tuple(diffs))
+        expected[loss] = scipy_stats.wilcoxon(diffs).pvalue
+        assert rows[f"loss={loss}"].p == pytest.approx(expected[loss])
+    ordered = sorted(expected.values())
+    holm_by_hand = {loss: max(min(1, (2 - ordered.index(p)) * p) for p in ordered[:ordered.index(v) + 1])
+                    for loss, v in expected.items()}
+    for loss, value in holm_by_hand.items():
+        assert rows[f"loss={loss}"].p_adjusted == pytest.approx(value)
+    assert rows["loss=weighted_ce"].decision == "better"  # 8/8 contexts: exact p = 2/256, adjusted 0.016
+    assert rows["loss=focal"].decision == "inconclusive"
+
+
+def test_mean_ranks_and_the_probability_of_being_best_over_seeds():
+    values = np.array([[0.7, 0.6, 0.5], [0.8, 0.6, 0.7], [0.7, 0.7, 0.6]])  # seeds × losses
+    assert ranks(values, True).mean(axis=0) == pytest.approx([(1 + 1 + 1.5) / 3, (2 + 3 + 1.5) / 3, 8 / 3])
+    best = probability_best(values, True)
+    assert best.sum() == pytest.approx(1.0) and best[0] > 0.95  # the best mean on nearly every resample
+    found = rankings(build_groups(two_losses(np.random.default_rng(7), 0.05)), [BALANCED_ACCURACY])
+    (only,) = found
+    assert only.labels == ("loss=ce", "loss=focal") and only.mean_rank == pytest.approx((2.0, 1.0))
+    assert only.p_best == pytest.approx((0.0, 1.0))

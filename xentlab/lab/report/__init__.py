@@ -39,6 +39,7 @@ from xentlab.lab.report.compare import (
 )
 from xentlab.lab.report.convergence import Convergence, convergence
 from xentlab.lab.report.figures import class_axis_label, plot_class_recall, plot_metric_vs_ratio
+from xentlab.lab.report.rank import outputs as rank_outputs
 from xentlab.lab.report.stats import MIN_SEEDS, NO_RUNS, Summary, summarize
 from xentlab.lab.report.sweep import (
     METRICS_FILE,
@@ -142,6 +143,9 @@ def write_report(sweep_dir: str | Path, console: Console | None = None,
             figure = draw(report)
             if figure is not None:
                 written.append(atomic_write(out / name, figure_bytes(figure)))
+        for name, made in rank_outputs(report.groups, report.metrics).items():  # rankings, aggregate, CD
+            written.append(atomic_write(out / name, csv_text(made) if name.endswith(".csv")
+                                        else figure_bytes(made)))
         report.files = written
         report.files.insert(0, atomic_write(out / "report.md", markdown(report)))
     except OSError as error:
