@@ -31,7 +31,7 @@ from xentlab.lab.report.stats import (
     summarize,
     tost_p,
 )
-from xentlab.lab.report.sweep import Run, override_dict
+from xentlab.lab.report.sweep import Run, Untrusted, override_dict, read_yaml
 from xentlab.lab.validation import flatten
 
 # Overrides that do not change what a run measures: the seed is what a group averages over, `seeds`
@@ -173,6 +173,21 @@ COLUMNS = ("context", "metric", "loss", "baseline", "headline", "n", "diff", "ci
            "simultaneous_low", "simultaneous_high", "p", "p_adjusted", "significant", "better", "sesoi",
            "p_equivalence", "p_equivalence_adjusted", "equivalent", "decision", "test", "seeds_better",
            "seeds_worse", "higher_is_better", "seeds_needed")
+
+
+def sweep_margins(plans: list) -> dict[str, float]:
+    """The `report.sesoi` margins of the sweeps read (their multirun.yaml files, read as untrusted YAML):
+    the first sweep's that sets any; ValueError for a malformed setting."""
+    for plan in plans:
+        try:
+            config = read_yaml(plan.path)
+        except Untrusted:
+            continue
+        report = config.get("report") if isinstance(config, dict) else None
+        found = margins(report.get("sesoi") if isinstance(report, dict) else None)
+        if found:
+            return found
+    return {}
 
 
 def margins(setting) -> dict[str, float]:

@@ -18,6 +18,7 @@ from scipy import stats
 
 from xentlab.lab.report.compare import Group, Metric, blank, contexts, matched_differences, seed_of
 from xentlab.lab.report.stats import ALPHA, holm
+from xentlab.lab.report.tables import Table
 
 BOOTSTRAP = 2000  # resamples of the seeds for the probability of being best
 MIN_CONTEXTS = 6  # the exact two-sided Wilcoxon p cannot go below 2/2^n: 0.0625 at 5 contexts
@@ -57,7 +58,7 @@ def seed_table(groups: list[Group], key: str) -> tuple[list, np.ndarray]:
     by_group = [{seed_of(r): r.metrics[key] for r in g.runs if math.isfinite(r.metrics.get(key, math.nan))}
                 for g in groups]
     seeds = sorted(set.intersection(*(set(v) for v in by_group)), key=str)
-    return seeds, np.array([[v[s] for v in by_group] for s in seeds], dtype=float).reshape(len(seeds), -1)
+    return seeds, np.array([[v[s] for v in by_group] for s in seeds], dtype=float).reshape(len(seeds), len(groups))
 
 
 def rankings(groups: list[Group], metrics: list[Metric]) -> list[Ranking]:
@@ -240,16 +241,24 @@ def plot_critical_differences(diagrams: list[CriticalDifference]):
     return figure
 
 
-def outputs(groups: list[Group], metrics: list[Metric]) -> dict[str, object]:
-    """The files this module adds to a report: `rankings.csv` always; `aggregate.csv` and `report_cd.png`
-    when there are at least two contexts (a CSV as rows, the figure as a matplotlib figure)."""
-    found = {"rankings.csv": rankings_csv_rows(rankings(groups, metrics))}
-    if len(contexts(groups)) < 2:
-        return found
-    rows = across_contexts(groups, metrics)
-    if rows:
-        found["aggregate.csv"] = [AGGREGATE_COLUMNS] + [r.row() for r in rows]
-    diagrams = [d for d in (critical_difference(groups, m) for m in metrics) if d is not None]
-    if diagrams:
-        found["report_cd.png"] = plot_critical_differences(diagrams)
+def rank_tables(groups: list[Group], metrics: list[Metric]) -> list[Table]:
+    """The tables this module adds to a report: rankings.csv always; aggregate.csv (also shown in report.md
+    and report.html) when there are at least two contexts."""
+    rankings_rows = rankings_csv_rows(rankings(groups, metrics))
+    found = [Table("rankings", "Rankings within each context", rankings_rows[0], rankings_rows[1:],
+                   frozenset({"csv"}))]
+    if len(contexts(groups)) >= 2:
+        rows = across_contexts(groups, metrics)
+        if rows:
+            found.append(Table("aggregate", "Across contexts", AGGREGATE_COLUMNS, [r.row() for r in rows],
+                               frozenset({"csv", "md", "html"}),
+                               "Each loss against the baseline over contexts: per-context mean paired "
+                               "differences, Wilcoxon signed-rank test, Holm over the rows; no claim with "
+                               f"fewer than {MIN_CONTEXTS} contexts (docs/statistics.md)."))
     return found
+
+
+def critical_difference_plot(report):
+    """report_cd.png's figure, or None with fewer than two contexts or losses."""
+    diagrams = [d for d in (critical_difference(report.groups, m) for m in report.metrics) if d is not None]
+    return plot_critical_differences(diagrams) if diagrams else None
