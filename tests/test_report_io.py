@@ -199,22 +199,28 @@ LOSSES = ("ce", "weighted_ce", "label_smoothing", "focal", "logit_adjusted", "ms
 
 
 @pytest.mark.parametrize("columns", [80, 100, 120])
-def test_terminal_table_keeps_every_label_readable(wide_report, monkeypatch, columns):
+@pytest.mark.parametrize("wide", [True, False])
+def test_terminal_table_keeps_every_label_readable(wide_report, sweep, monkeypatch, columns, wide):
     from xentlab.lab.report.terminal import console_for_output, print_report
 
+    metrics = "test/balanced_accuracy,test/ece,test/accuracy,test/la_balanced_accuracy"
+    report = wide_report if wide else build_report(sweep, request=Request.parse(metrics))
     monkeypatch.setenv("COLUMNS", str(columns))  # as `COLUMNS=80 xentlab report DIR | less` sets it
     console = console_for_output()
     with console.capture() as captured:
-        print_report(wide_report, console)
+        print_report(report, console)
     out = captured.get()
     lines = out.splitlines()
     assert max(len(line) for line in lines) <= columns
     table = [line for line in lines if line.startswith("│")]
-    for loss in LOSSES:  # each label whole on a row of a table, never cut or wrapped
+    assert not any("…" in line for line in table)  # no cell cut short
+    assert all(re.search(r"│ +\d+ │", line) for line in table)  # the n column: never zero width
+    for loss in LOSSES if wide else ("ce", "focal"):  # each label whole on a row, never cut or wrapped
         assert any(f"│ loss={loss}" in line for line in table), (columns, loss)
     assert any("loss=ce (baseline)" in line for line in table)
-    for text in ("data.imbalance_ratio=1 ", "data.imbalance_ratio=100", "balanced acc ↑", "ECE ↓",
-                 "accuracy ↑", "balanced acc after post-hoc LA"):
+    contexts = ("data.imbalance_ratio=1 ", "data.imbalance_ratio=100") if wide else \
+        ("data.imbalance_ratio=10 ", "data.imbalance_ratio=100")
+    for text in (*contexts, "balanced acc ↑", "ECE ↓", "accuracy ↑", "balanced acc after"):
         assert text in out, (columns, text)
 
 
@@ -265,7 +271,9 @@ def test_a_parent_of_two_copies_of_a_sweep_is_an_error_naming_both(sweep, tmp_pa
     write_report(parent, request=Request.parse(dedupe="first"), out=tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Read 2 sweeps: 10-00-00, 11-00-00." in md
-    assert f"kept 10-00-00/{job}, left out 11-00-00/{job} (--dedupe first)" in md
+    assert "20 run(s) recorded more than once (same configuration and seed); one copy of each kept " \
+        "(--dedupe first, in path order):" in md
+    assert f"- kept 10-00-00/{job}, left out 11-00-00/{job}\n" in md
 
 
 def test_a_copied_job_folder_is_not_an_extra_seed(sweep, tmp_path):

@@ -58,7 +58,8 @@ def seed_table(groups: list[Group], key: str) -> tuple[list, np.ndarray]:
     by_group = [{seed_of(r): r.metrics[key] for r in g.runs if math.isfinite(r.metrics.get(key, math.nan))}
                 for g in groups]
     seeds = sorted(set.intersection(*(set(v) for v in by_group)), key=str)
-    return seeds, np.array([[v[s] for v in by_group] for s in seeds], dtype=float).reshape(len(seeds), len(groups))
+    table = np.array([[v[s] for v in by_group] for s in seeds], dtype=float)
+    return seeds, table.reshape(len(seeds), len(groups))
 
 
 def rankings(groups: list[Group], metrics: list[Metric]) -> list[Ranking]:

@@ -77,7 +77,8 @@ def results_table(report) -> Table:
     for i, g in enumerate(report.groups):
         if i == 0 or g.context != report.groups[i - 1].context:
             blocks.append(i)
-        label = g.label + (" (baseline)" if g.is_baseline else "")
+        # A post-hoc row's label (`loss=ce+posthoc_la`) already says whose runs it reads.
+        label = g.label + (" (baseline)" if g.is_baseline and g.derived is None else "")
         rows.append(([g.context] if with_context else []) + [label, len(g.runs)]
                     + [Marked(cell(g, m), found.get((id(g), m.key), "")) for m in report.metrics])
     return Table("", "Results", columns, rows, frozenset({"terminal", "md", "html", "latex"}),
