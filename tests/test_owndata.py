@@ -4,13 +4,13 @@ naming the setting to change. All data here is tiny and written by the tests: no
 
 from __future__ import annotations
 
-import pickle
 import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
+from _fakedata import PER_CLASS, TEST_PER_CLASS, write_fake_cifar10
 
 from xentlab.lab.data import build_datamodule, crop_flip
 from xentlab.lab.datasets import SPLITS, cifar_lt_counts
@@ -82,10 +82,11 @@ def test_multilabel_tables_from_columns_or_a_separator(tmp_path):
     assert total_counts(columns) == tags.sum(0).tolist()
     joined = ["|".join(t for t, on in zip(("red", "big", "old"), row, strict=True) if on) or "none"
               for row in tags]
-    pd.DataFrame({"x1": frame.x1, "x2": frame.x2, "tags": joined}).to_csv(tmp_path / "joined.csv", index=False)
-    separated = build_datamodule("table", path=str(tmp_path / "joined.csv"), target="tags", label_separator="|")
+    joined_csv = str(tmp_path / "joined.csv")
+    pd.DataFrame({"x1": frame.x1, "x2": frame.x2, "tags": joined}).to_csv(joined_csv, index=False)
+    separated = build_datamodule("table", path=joined_csv, target="tags", label_separator="|")
     assert separated.task == "multilabel" and separated.num_classes == 4  # big, none, old, red
-    assert check_data_task(path=str(tmp_path / "joined.csv"), target="tags", label_separator="|") == "multilabel"
+    assert check_data_task(path=joined_csv, target="tags", label_separator="|") == "multilabel"
 
 
 def check_data_task(**data) -> str | None:
@@ -189,32 +190,6 @@ def test_image_settings_are_checked():
 
 # --- CIFAR-LT ---------------------------------------------------------------------------------------------
 
-PER_CLASS, TEST_PER_CLASS = 200, 10
-
-
-def write_fake_cifar10(root, seed: int = 0):
-    """The official python layout of CIFAR-10 (cifar-10-batches-py/data_batch_1..5, test_batch: pickled
-    dicts of uint8 rows of 3072 pixels and a list of labels), with 200 training and 10 test images per
-    class; each image's red value in its first pixel is its class, so labels can be checked."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-
-    def images(labels):
-        data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
-        data[:, 0] = labels
-        return data
-
-    train = rng.permutation(np.repeat(np.arange(10), PER_CLASS))
-    for i, part in enumerate(np.array_split(train, 5), start=1):
-        with open(folder / f"data_batch_{i}", "wb") as f:
-            pickle.dump({"data": images(part), "labels": part.tolist(), "batch_label": f"batch {i}"}, f)
-    test = np.repeat(np.arange(10), TEST_PER_CLASS)
-    with open(folder / "test_batch", "wb") as f:
-        pickle.dump({"data": images(test), "labels": test.tolist()}, f)
-    return root
-
-
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory):
     return write_fake_cifar10(tmp_path_factory.mktemp("cifar"))
@@ -275,9 +250,9 @@ def test_download_failure_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_cifar_training_batches_are_augmented_and_normalised(cifar_root):
-    datamodule = build_datamodule("cifar10_lt", root=str(cifar_root), imbalance_ratio=10, eval_split="balanced",
-                                  mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], batch_size=64, seed=0,
-                                  augment=True)
+    datamodule = build_datamodule("cifar10_lt", root=str(cifar_root), imbalance_ratio=10,
+                                  eval_split="balanced", mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25],
+                                  batch_size=64, seed=0, augment=True)
     x, _ = datamodule.splits["train"]
     first = next(iter(datamodule.train_dataloader()))[0]
     plain = (x.float() / 255 - 0.5) / 0.25

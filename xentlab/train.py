@@ -68,7 +68,7 @@ def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module
     datamodule = build_datamodule(seed=cfg.seed, **cfg.data)
     loss = build_loss(**cfg.loss, task=datamodule.task, class_counts=datamodule.class_counts,
                       num_examples=len(datamodule.splits["train"][1]))
-    model = build_model(**cfg.model, in_features=datamodule.num_features, num_outputs=datamodule.num_classes)
+    model = build_model(**cfg.model, input_shape=datamodule.input_shape, num_outputs=datamodule.num_classes)
     log_counts(datamodule)
     return datamodule, loss, model
 

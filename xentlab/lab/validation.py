@@ -178,7 +178,8 @@ def open_groups(cfg: DictConfig) -> None:
     stays open."""
     for group in (*OPEN_GROUPS, "data", "model"):
         node = cfg.get(group)
-        if isinstance(node, DictConfig) and (group in OPEN_GROUPS or "_target_" in node):
+        # `in node.keys()`: `"_target_" in node` is False while its value is still `???`.
+        if isinstance(node, DictConfig) and (group in OPEN_GROUPS or "_target_" in node.keys()):
             OmegaConf.set_struct(node, False)
 
 
