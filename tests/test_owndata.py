@@ -332,3 +332,29 @@ def test_factory_refusals_come_before_anything_is_built(factory_module, target, 
 def test_a_factory_returning_something_else_is_refused(factory_module):
     with pytest.raises(ValueError, match=r"returned str; a data factory returns \(X, y\) arrays"):
         build_datamodule(_target_=f"{factory_module}.text")
+
+
+def test_the_cifar_lt_experiment_is_the_papers_recipe():
+    import subprocess
+
+    from hydra import compose, initialize_config_dir
+
+    from xentlab.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=cifar_lt", "+method=ldam_drw"])
+    assert (cfg.data.name, cfg.data.imbalance_ratio, cfg.data.batch_size, cfg.model.name) == \
+        ("cifar10_lt", 100, 128, "resnet32")
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.1, 0.9, 2e-4)
+    assert (cfg.scheduler.name, cfg.scheduler.warmup_epochs, list(cfg.scheduler.milestones),
+            cfg.scheduler.gamma, cfg.trainer.max_epochs) == ("step", 5, [160, 180], 0.01, 200)
+    assert cfg.loss.name == "ldam" and cfg.loss.drw_epoch == 160 and cfg.model.head == "cosine"
+    from omegaconf import OmegaConf
+
+    sweep = OmegaConf.load(f"{CONFIG_DIR}/experiment/cifar_lt.yaml").hydra.sweeper.params
+    assert set(sweep["+method"].split(",")) == {"ce", "weighted_ce", "focal", "logit_adjusted",
+                                                "balanced_softmax", "ldam_drw"}
+    shown = subprocess.run([sys.executable, "-m", "xentlab.train", "experiment=cifar_lt", "--cfg", "job"],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "name: cifar10_lt" in shown.stdout and "name: resnet32" in shown.stdout
