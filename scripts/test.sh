@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up from nothing (.venv + xentlab with its test extras), then run the whole test suite.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k registry`.
-source "$(dirname "$0")/_setup.sh" "dev,sweep,gpu,mnist,tables,loggers"
+source "$(dirname "$0")/_setup.sh" "dev,sweep,gpu,mnist,tables,wandb,mlflow"
 # tests/test_slurm.py starts a one-node SLURM cluster, and the browser tests open pages in headless
 # Chromium: as root on Debian, install SLURM, munge and Chromium if missing (elsewhere those tests skip,
 # saying why). Quiet and idempotent; a failed install is one line.
