@@ -77,7 +77,8 @@ def check_logger(name: str) -> None:
     if name not in LOGGERS:
         raise ValueError(f"logger={name} is not a logger; choose one of {', '.join(LOGGERS)}")
     if name in PACKAGES and importlib.util.find_spec(PACKAGES[name][0]) is None:
-        raise ImportError(f"logger={name} needs the optional extra: pip install 'xentlab[{PACKAGES[name][1]}]'")
+        extra = PACKAGES[name][1]
+        raise ImportError(f"logger={name} needs the optional extra: pip install 'xentlab[{extra}]'")
 
 
 def _extra_logger(name: str, settings: dict, run_dir: Path, params: dict, run_name: str) -> Logger:

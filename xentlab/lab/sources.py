@@ -17,6 +17,7 @@ import importlib
 import inspect
 import logging
 import pickle
+import sys
 import tarfile
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -339,16 +340,24 @@ def _md5(file: Path) -> str:
 
 # --- factories (`data._target_`) ------------------------------------------------------------------------
 
-def import_factory(target: str) -> Callable:
-    """The callable at the dotted path `target` (`pkg.module.factory`), or a ValueError saying why not."""
+def import_object(target: str, key: str):
+    """The object at the dotted path `target` (`pkg.module.name`) for the setting `key` (e.g.
+    `data._target_`), or a ValueError saying why not. Modules are found on sys.path and in the working
+    directory, as `python -m` finds them (a console script like xentlab-train does not look there)."""
     module_name, _, attribute = str(target).rpartition(".")
     if not module_name:
-        raise ValueError(f"data._target_={target!r} must be a dotted path pkg.module.factory")
+        raise ValueError(f"{key}={target!r} must be a dotted path pkg.module.name")
+    if str(Path.cwd()) not in sys.path and "" not in sys.path:
+        sys.path.append(str(Path.cwd()))
     try:
-        factory = getattr(importlib.import_module(module_name), attribute)
+        return getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"data._target_={target}: cannot import it ({type(error).__name__}: {error})") \
-            from error
+        raise ValueError(f"{key}={target}: cannot import it ({type(error).__name__}: {error})") from error
+
+
+def import_factory(target: str) -> Callable:
+    """The callable at the dotted path `target` (`pkg.module.factory`), or a ValueError saying why not."""
+    factory = import_object(target, "data._target_")
     if not callable(factory):
         raise ValueError(f"data._target_={target} is a {type(factory).__name__}, not a callable")
     return factory
