@@ -54,9 +54,12 @@ def test_mlflow_logger_keeps_a_local_file_store(tmp_path):
 
 
 def test_wandb_logger_runs_offline(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run(tmp_path, "logger=wandb")
+    # W&B's service writes the run's log after finish() returns; teardown waits for it, as the end of the
+    # process does.
+    wandb.teardown()
     (offline,) = tmp_path.glob("wandb/offline-run-*")
     saved = json.loads((offline / "files" / "metrics.json").read_text())  # the record, saved with the run
     assert saved["status"] == "completed"

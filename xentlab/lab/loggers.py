@@ -47,11 +47,6 @@ class RunLogger(BoardLogger):
         for extra in self.extras:
             extra.finalize(status)
 
-    def log_record(self, record: dict, record_file: Path | None = None) -> None:
-        """The run's record (`metrics.json`) to every extra logger: its status and final metrics, and the
-        file itself where the logger keeps files (W&B, MLflow). Called once, when the run has ended."""
-        for extra in self.extras:
-            send_record(extra, record, record_file)
 
 
 def build_logger(settings: dict, run_dir: str | Path, params: dict | None = None,
@@ -105,7 +100,15 @@ def _extra_logger(name: str, settings: dict, run_dir: Path, params: dict, run_na
     return WandbLogger(experiment=run, save_dir=str(run_dir))
 
 
-def send_record(logger: Logger, record: dict, record_file: Path | None) -> None:
+def send_record(logger: Logger | None, record: dict, record_file: Path | None = None) -> None:
+    """The run's record (`metrics.json`) to every extra logger of a `RunLogger`: its status and final
+    metrics, and the file itself where the logger keeps files (W&B, MLflow). Called once, when the run has
+    ended; TensorBoard alone needs nothing (the board reads the record beside its event files)."""
+    for extra in getattr(logger, "extras", ()):
+        _send_record(extra, record, record_file)
+
+
+def _send_record(logger: Logger, record: dict, record_file: Path | None) -> None:
     """A run's record to one logger: W&B gets its status and final metrics as the run's summary and the
     file, then the run is finished; MLflow its status as a tag and the file as an artifact; CSV its status
     in hparams.yaml (the final metrics are already its last rows)."""
