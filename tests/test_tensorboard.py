@@ -211,19 +211,34 @@ def poll(url: str, ready, deadline: float, server: subprocess.Popen):
     pytest.fail(f"tensorboard did not answer {url} in time")
 
 
-def test_tensorboard_server_answers_with_the_runs(logs):
-    root, runs_logged = logs
+@contextlib.contextmanager
+def tensorboard_server(logdir: Path, ready):
+    """A real `tensorboard` on a free local port, yielded as its base URL once `ready(scalar tags)`."""
     port = free_port()
     script = Path(sys.executable).with_name("tensorboard")
-    command = [str(script), "--logdir", str(root), "--port", str(port), "--host", "127.0.0.1"]
+    command = [str(script), "--logdir", str(logdir), "--port", str(port), "--host", "127.0.0.1"]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    base = f"http://127.0.0.1:{port}"
+    try:
+        poll(f"{base}/data/plugin/scalars/tags", ready, time.monotonic() + 60, server)
+        yield base
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_tensorboard_server_answers_with_the_runs(logs):
+    root, runs_logged = logs
     names = [*RUNS, *TWIN]
     sessions = [f"{run}/{HPARAMS_RUN}" for run in names]
-    try:
-        runs = poll(f"{base}/data/runs", lambda answer: set(names) <= set(answer), deadline, server)
+    with tensorboard_server(root, lambda tags: set(names) <= set(tags)) as base:
+        runs = get_json(f"{base}/data/runs")
         assert set(runs) == {*names, *sessions}
-        tags = poll(f"{base}/data/plugin/scalars/tags", lambda got: set(names) <= set(got), deadline, server)
+        tags = get_json(f"{base}/data/plugin/scalars/tags")
         expected = {"1_val/balanced_accuracy", "1_val/recall_class_4", "2_test/minority_recall",
                     "3_train/logit_grad_norm"}
         assert expected <= set(tags["multiclass"])
@@ -263,13 +278,6 @@ def test_tensorboard_server_answers_with_the_runs(logs):
             (value,) = [m["value"] for m in group["metricValues"]
                         if m["name"]["tag"] == "hp/balanced_accuracy"]
             assert value == pytest.approx(record["metrics"]["test/balanced_accuracy"], rel=1e-6)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def test_session_hparams_keep_the_loss_the_seed_and_what_the_sweep_varies():
@@ -340,31 +348,9 @@ def test_summary_run_holds_the_mean_and_95_interval_over_the_seeds(sweep_dir, lo
                 assert lows[step] < mean < highs[step]
 
 
-@contextlib.contextmanager
-def tensorboard_server(logdir: Path, ready: str):
-    """A real `tensorboard` on a free local port, yielded as its base URL once its scalar tags name
-    `ready`."""
-    port = free_port()
-    script = Path(sys.executable).with_name("tensorboard")
-    command = [str(script), "--logdir", str(logdir), "--port", str(port), "--host", "127.0.0.1"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        poll(f"{base}/data/plugin/scalars/tags", lambda tags: ready in json.dumps(tags),
-             time.monotonic() + 60, server)
-        yield base
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
 def test_custom_scalars_margin_charts_and_hparams_headline_first(sweep_dir):
     summaries = {f"summary/loss={loss}" for loss in LOSSES}
-    with tensorboard_server(sweep_dir, "summary/loss=focal") as base:
+    with tensorboard_server(sweep_dir, lambda tags: summaries <= set(tags)) as base:
         runs = set(get_json(f"{base}/data/runs"))
         assert summaries <= runs
         tags = get_json(f"{base}/data/plugin/scalars/tags")

@@ -49,15 +49,18 @@ def interval_tags(tag: str) -> tuple[str, str]:
 
 def write_summaries(sweep_dir: str | Path) -> list[Path]:
     """Writes `<sweep_dir>/summary/<setting>` for every setting with a completed run (replacing any summary
-    written before) and returns those folders; [] when no run completed."""
+    written before) and returns those folders; [] when no run completed. Raises the report's
+    DuplicateRuns when the folder holds a run twice."""
     from torch.utils.tensorboard import SummaryWriter
 
+    from xentlab.lab.report import without_duplicates
     from xentlab.lab.report.compare import build_groups
-    from xentlab.lab.report.sweep import load_runs
+    from xentlab.lab.report.sweep import load_runs, scan
 
     sweep_dir = Path(sweep_dir)
-    runs, _ = load_runs(sweep_dir)
-    groups = build_groups(runs)
+    runs, _ = load_runs(scan(sweep_dir))
+    # A run recorded twice (a copied job folder) would count twice: refused, as the report refuses it.
+    groups = build_groups(without_duplicates(runs, None)[0])
     target = sweep_dir / SUMMARY_DIR
     if target.is_dir():
         shutil.rmtree(target)
