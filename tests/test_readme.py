@@ -70,7 +70,7 @@ def test_the_tour_runs_as_printed(tmp_path):
     for args in tour:
         if args[:2] == ["xentlab", "report"]:
             assert args[2] == "outputs/multirun/<date>/<time>"
-            args = [*args[:2], str(max(tmp_path.glob("outputs/multirun/*/*")))]
+            args = [*args[:2], str(max(tmp_path.glob("outputs/multirun/*/*"))), *args[3:]]
         result = run(shortened(args), tmp_path)
         if args[:2] == ["xentlab", "losses"]:
             assert " focal " in result.stdout
@@ -81,6 +81,7 @@ def test_the_tour_runs_as_printed(tmp_path):
     tuned = [p.parent.name for p in tmp_path.glob("outputs/multirun/*/*/*/metrics.json")
              if json.loads(p.read_text())["config"]["loss"]["name"] == "focal"]
     assert sorted(tuned) == ["trial=0", "trial=1"]  # Optuna's trials, named by number, not by gamma
+    assert {"report.tex", "report.html", "runs.csv"} <= {p.name for p in (tmp_path / "paper").iterdir()}
 
 
 def test_write_your_own_loss_runs_as_printed(tmp_path):

@@ -261,7 +261,9 @@ def test_a_parent_of_two_copies_of_a_sweep_is_an_error_naming_both(sweep, tmp_pa
     write_report(parent, request=Request.parse(dedupe="first"), out=tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
     assert "Read 2 sweeps: 10-00-00, 11-00-00." in md
-    assert f"kept 10-00-00/{job}, left out 11-00-00/{job} (--dedupe first)" in md
+    assert "20 run(s) recorded more than once (same configuration and seed); one copy of each kept " \
+        "(--dedupe first, in path order):" in md
+    assert f"- kept 10-00-00/{job}, left out 11-00-00/{job}\n" in md
 
 
 def test_a_copied_job_folder_is_not_an_extra_seed(sweep, tmp_path):

@@ -135,7 +135,8 @@ def build_report(sweep_dir: str | Path, baseline: str | None = None,
     for plan in plans:
         if plan.jobs is not None:
             unstarted += never_started(plan.jobs, started_jobs(folder, runs, plan.sweep_dir))
-    skipped = folder.skipped + [f"{relative(p.path, sweep_dir)}: {p.problem}" for p in plans if p.problem]
+    skipped = list(dict.fromkeys(folder.skipped + [f"{relative(p.path, sweep_dir)}: {p.problem}"
+                                                   for p in plans if p.problem]))
     problems = [run for run in runs if run.status != "completed"]
     note = "; ".join(p.note for p in plans if p.note) or ("" if plans else "no multirun.yaml")
     return Report(sweep_dir, groups, compare(groups, metrics, spec), metrics, problems, pending, unstarted,
@@ -208,6 +209,8 @@ def previous_options(out: Path) -> dict | None:
 def check_out(report: Report, out: Path, overwrite: bool) -> str | None:
     """ReportExists when `out` holds a report made with other options (unless `overwrite`); else a note to
     print when a report whose options are unknown (no report.json, an older xentlab) will be replaced."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder")
     mine, before = options(report, out), previous_options(out)
     if before is not None and before != mine and not overwrite:
         changed = ", ".join(f"{key} {json.dumps(before.get(key))} → {json.dumps(value)}"

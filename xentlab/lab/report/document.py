@@ -48,15 +48,18 @@ def summary(report) -> str:
 
 
 def sources(report) -> list[str]:
-    """Which sweeps the report read and which duplicate records it left out, as sentences."""
+    """Which sweeps the report read and, under --dedupe, which copies of a run recorded twice it left
+    out: a sentence, then one line per copy."""
     lines = []
     if len(report.sweeps) > 1:
         names = ", ".join(relative(s, report.sweep_dir) for s in report.sweeps)
         lines.append(f"Read {len(report.sweeps)} sweeps: {names}.")
+    if report.dropped:
+        lines.append(f"{len(report.dropped)} run(s) recorded more than once (same configuration and seed); "
+                     f"one copy of each kept (--dedupe {report.request.dedupe}, in path order):")
     for kept, dropped in report.dropped:
         kept_at, left_at = relative(kept.path, report.sweep_dir), relative(dropped.path, report.sweep_dir)
-        lines.append(f"Same configuration and seed recorded twice: kept {kept_at}, left out {left_at} "
-                     f"(--dedupe {report.request.dedupe}).")
+        lines.append(f"kept {kept_at}, left out {left_at}")
     return lines
 
 
@@ -101,8 +104,12 @@ def section(table: Table, fmt: str) -> list:
 def document(report, figures: list[Figure], fmt: str) -> list:
     """Every block of the report in format `fmt` ("md" or "html"): the answer (verdicts) first, then the
     evidence; a table appears where its `formats` include `fmt`."""
+    read = sources(report)
+    copies = read[-len(report.dropped):] if report.dropped else []
     blocks = [Heading(1, f"Sweep report: {report.sweep_dir}"), Paragraph(summary(report)),
-              *(Paragraph(line) for line in sources(report))]
+              *(Paragraph(line) for line in read[:len(read) - len(copies)])]
+    if copies:
+        blocks.append(Bullets(tuple(copies)))
     said = verdict_lines(report.comparisons) or ["(nothing to compare)"]
     verdicts = [Heading(2, "Verdicts"),
                 Paragraph("Each loss against the baseline on matched seeds: mean paired difference [95% CI], "

@@ -125,8 +125,11 @@ def print_report(report, console: Console) -> None:
     from xentlab.lab.report.document import sources
 
     console.rule(f"sweep report: {safe(report.sweep_dir)}")
-    for line in sources(report):
+    read = sources(report)
+    for line in read[:5]:
         console.print(safe(line), highlight=False)
+    if len(read) > 5:
+        console.print(f"… {len(read) - 5} more (see report.md)", highlight=False)
     if report.groups:
         for table in rich_tables(report, console.width):
             console.print(table)
