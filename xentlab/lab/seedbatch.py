@@ -442,7 +442,8 @@ class SeedBatchModule(LeanModule):
             metrics = self.metrics[k]["test_"]
             posthoc = posthoc_metrics(self._val_logits[k], *metrics.kept_logits(), task=self.task,
                                       probability_map=metrics.probability_map,
-                                      class_counts=run.datamodule.class_counts)
+                                      class_counts=run.datamodule.class_counts, loss=self.losses[k],
+                                      sampler=getattr(run.datamodule, "sampler", "instance"))
             self._log_stage(k, "test", figures=True)
             logged = {f"test/{name}": value for name, value in posthoc.items()}
             run.final.update(logged)
