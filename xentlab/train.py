@@ -26,7 +26,7 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from xentlab import config_dir
@@ -444,6 +444,7 @@ class SweepProgress(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         jobs, keys = sweep_plan(config)
+        name_jobs_by_swept_keys(config, keys)
         if jobs is not None:
             try:
                 check_sweep(config, jobs)
@@ -481,13 +482,32 @@ def sweep_plan(config: DictConfig) -> tuple[list[list[str]] | None, list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     sweeper = config.hydra.sweeper
-    params = sweeper.get("params") or {}
+    overrides = sweep_overrides(config)
     if "BasicSweeper" not in str(sweeper.get("_target_", "")):
-        return None, sorted(params)
-    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-    overrides = OverridesParser.create().parse_overrides(arguments)
+        return None, sorted(sweeper.get("params") or {})
     keys = sorted({o.key_or_group for o in overrides if o.is_sweep_override()})
     return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch], keys
+
+
+def sweep_overrides(config: DictConfig) -> list:
+    """The sweep's overrides, parsed: its sweeper's `params`, then the command line's."""
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    return OverridesParser.create().parse_overrides(arguments)
+
+
+def name_jobs_by_swept_keys(config: DictConfig, keys: list[str]) -> None:
+    """Leaves the sweep's constant keys out of its jobs' folder names (Hydra's `override_dirname`), so a
+    job of `-m experiment=compare_losses loss=ce,focal` is `loss=focal`, not
+    `experiment=compare_losses,loss=focal`: an override of `exclude_keys` added to the sweep's Hydra
+    overrides, which Hydra applies to every job's config. Nothing changes when no key varies."""
+    constants = sorted({o.key_or_group for o in sweep_overrides(config)} - set(keys))
+    if not keys or not constants:
+        return
+    excluded = [*config.hydra.job.config.override_dirname.exclude_keys, *constants]
+    listed = ",".join(f"'{key}'" for key in dict.fromkeys(excluded))
+    with read_write(config.hydra.overrides.hydra):  # Hydra makes its own config read-only
+        config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{listed}]")
 
 
 def covering_jobs(jobs: list[list[str]]) -> list[list[str]]:
@@ -618,6 +638,12 @@ def run_job(cfg: DictConfig) -> float:
             print(f"[xentlab] {record['status']}: {text} ({written})")
         for warning in record.get("warnings", []):
             print(" ".join(filter(None, ("[xentlab] warning:", batched, warning))), flush=True)
+    if not multirun and len(records) > 1:  # a seed batch: mean and interval per curve (a sweep: at its end)
+        from xentlab.lab.summary import SUMMARY_DIR, write_summaries
+
+        if write_summaries(output_dir):
+            print(f"[xentlab] TensorBoard: mean and 95% interval over the seeds in "
+                  f"{shown(output_dir / SUMMARY_DIR)}")
     if not multirun and any(record["status"] != "completed" for record in records):
         raise SystemExit(1)  # the runs are recorded and their errors printed above
     # A batch of seeds gives the sweeper its mean over the seeds.
