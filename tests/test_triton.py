@@ -307,6 +307,20 @@ def test_all_ignored_and_empty_batches():
     assert torch.isnan(loss) and grad.shape == (0, 4)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_rows_whose_weights_are_all_zero_give_pytorchs_nan(smoothing):
+    """`mean` over kept rows of total weight 0: NaN loss, NaN gradient on kept rows, 0 on ignored ones."""
+    x = cases.make_logits(6, 5, torch.float64)
+    y = torch.tensor([0, -100, 2, 0, -100, 2])
+    weight = torch.tensor([0.0, 1.0, 0.0, 2.0, 1.0], dtype=torch.float64)
+    truth = torch.nn.functional.cross_entropy
+    expected = _run(truth, x, (y, weight, None, -100, None, "mean", smoothing), None)
+    got = _run(_on_device(tx.cross_entropy, y, weight, -100, "mean", smoothing), x, (), None)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, equal_nan=True)
+    assert expected[1][y >= 0].isnan().all() and (expected[1][y < 0] == 0).all()
+
+
 def _on(d):
     return SimpleNamespace(**{k: v.to(DEVICE) for k, v in vars(d).items()})
 
