@@ -194,11 +194,13 @@ def name_the_loss(cfg: DictConfig, choices) -> None:
             cfg.loss.name = choices.loss
 
 
-def check_data(data: DictConfig) -> str:
-    """The data settings that can be checked without generating the data; returns the dataset's task.
-    For generated datasets this includes the class counts the sizes and the imbalance ratio give."""
+def check_data(data: DictConfig) -> str | None:
+    """The data settings that can be checked without generating the data; returns the dataset's task (None
+    when only the data can tell: a table, an image folder, a factory's data). For generated datasets this
+    includes the class counts the sizes and the imbalance ratio give."""
     from xentlab.lab.datasets import check_settings
 
+    check_required(data, "data")
     params = OmegaConf.to_container(data, resolve=True)
     try:
         task = check_settings(**params)
@@ -209,12 +211,16 @@ def check_data(data: DictConfig) -> str:
 
 
 def builder_settings(data: dict) -> tuple[str, dict]:
-    """The dataset's name and every parameter of its builder: the given ones over the builder's defaults."""
+    """The dataset's name and every parameter of its built-in builder: the given ones over the builder's
+    defaults (none for the user's own data: a table, an image folder or a factory)."""
     from xentlab.lab.datasets import DATASETS
 
-    make, _ = DATASETS[data["name"]]
+    name = data.get("name")
+    if data.get("_target_") is not None or name not in DATASETS:
+        return name, {}
+    make, _ = DATASETS[name]
     defaults = {key: arg.default for key, arg in inspect.signature(make).parameters.items()}
-    return data["name"], defaults | {key: value for key, value in data.items() if key in defaults}
+    return name, defaults | {key: value for key, value in data.items() if key in defaults}
 
 
 def check_generated_counts(data: dict, task: str) -> None:
@@ -225,7 +231,8 @@ def check_generated_counts(data: dict, task: str) -> None:
     from xentlab.lab.datasets import check_min_count, counts_for_total
 
     _, params = builder_settings(data)
-    if task == "multilabel" or "n_samples" not in params or data.get("eval_split", "natural") != "natural":
+    if task in (None, "multilabel") or "n_samples" not in params \
+            or data.get("eval_split", "natural") != "natural":
         return
     ratio = params.get("imbalance_ratio", 1)
     counts = params.get("counts") or counts_for_total(
@@ -235,7 +242,8 @@ def check_generated_counts(data: dict, task: str) -> None:
 
 # The class counts of the bundled datasets, which are fixed (a ratio subsamples, never drops a class);
 # generated datasets take theirs from `data.n_classes` (2 for the binary ones).
-BUNDLED_CLASSES = {"digits": 10, "wine": 3, "breast_cancer": 2, "mnist": 10}
+BUNDLED_CLASSES = {"digits": 10, "wine": 3, "breast_cancer": 2, "mnist": 10, "cifar10_lt": 10,
+                   "cifar100_lt": 100}
 
 
 def class_count(data: DictConfig) -> int | None:
@@ -249,6 +257,16 @@ def class_count(data: DictConfig) -> int | None:
     else:
         count = BUNDLED_CLASSES.get(name, 2 if "n_samples" in params else None)
     return count if isinstance(count, int) and not isinstance(count, bool) and count >= 2 else None
+
+
+def check_required(group: DictConfig, prefix: str) -> None:
+    """Refuse a `???` value left in `group` (a file, a folder, a `_target_` the config cannot guess)."""
+    raw = OmegaConf.to_container(group, resolve=False)
+    for key, value in raw.items():
+        if value == "???":
+            choice = raw.get("name")
+            where = f" ({prefix}={choice} needs it)" if isinstance(choice, str) and "$" not in choice else ""
+            raise ConfigError(f"{prefix}.{key} must be set{where}: add {prefix}.{key}=<value> to the command")
 
 
 def check_top_level(cfg: DictConfig) -> None:
@@ -396,15 +414,18 @@ def check_optimizer_arguments(optimizer: DictConfig) -> None:
         raise ConfigError(f"optimizer {target}: {reason}") from error
 
 
-def check_objective(objective: str, task: str, num_classes: int | None) -> None:
+def check_objective(objective: str, task: str | None, num_classes: int | None) -> None:
     """`objective` must name a metric the run reports (`<stage>/<metric>`), as its metrics.json will
-    hold it; the names come from the metric code itself, for this task and class count."""
+    hold it; the names come from the metric code itself, for this task and class count (the stage alone
+    where only the data will tell the task: a table, an image folder, a factory's data)."""
     stage, _, name = objective.partition("/")
     if objective in (DEFAULT_OBJECTIVE, "val/loss", "test/balanced_accuracy", "hp/balanced_accuracy"):
         return  # reported by every run
     if stage not in STAGES or not name:
         raise ConfigError(f"objective must be <stage>/<metric> with stage {', '.join(STAGES)}, e.g. "
                           f"{DEFAULT_OBJECTIVE}; got {objective!r}")
+    if task is None:
+        return
     names = reported_metrics(task, num_classes or 2)[stage]
     if name not in names:
         close = difflib.get_close_matches(name, names, n=1)
@@ -494,12 +515,15 @@ def lightning_trainer_arguments() -> tuple[str, ...]:
 
 
 def open_groups(cfg: DictConfig) -> None:
-    """Lets overrides add keys to OPEN_GROUPS (`trainer.gradient_clip_val=1`, `loss.reduction=sum`) without
-    `+`: Hydra closes the whole config before applying overrides, but a node whose own struct flag is False
+    """Lets overrides add keys to OPEN_GROUPS (`trainer.gradient_clip_val=1`, `loss.reduction=sum`), and to a
+    data or model group that names its own `_target_` (the factory's or class's arguments), without `+`:
+    Hydra closes the whole config before applying overrides, but a node whose own struct flag is False
     stays open."""
-    for group in OPEN_GROUPS:
-        if isinstance(cfg.get(group), DictConfig):
-            OmegaConf.set_struct(cfg[group], False)
+    for group in (*OPEN_GROUPS, "data", "model"):
+        node = cfg.get(group)
+        # `in node.keys()`: `"_target_" in node` is False while its value is still `???`.
+        if isinstance(node, DictConfig) and (group in OPEN_GROUPS or "_target_" in node.keys()):
+            OmegaConf.set_struct(node, False)
 
 
 def install_open_groups() -> None:
@@ -535,6 +559,8 @@ def describe_composition_error(error: Exception) -> str:
         prefix = f"{group}." if group else ""
         hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
         where = f"{group} has" if group else "the config has"
+        if key == "_target_" and group in ("data", "model"):  # the user's own factory or class
+            hint = f"; to build your own, choose {group}=custom {group}._target_=<pkg.module.name>"
         return f"{full_key} is not a setting{hint} ({where}: {', '.join(keys)})"
     missing = cause if isinstance(cause, MissingConfigException) else error
     if isinstance(missing, MissingConfigException) and missing.options is not None \

@@ -61,34 +61,40 @@ def chunks(widths: list[int], room: int) -> list[list[int]]:
 
 
 def rich_tables(report, width: int) -> list[RichTable]:
-    """The results table as one rich table if it fits `width`, else one per context and metric chunk."""
+    """The results table as one rich table if it fits `width`, else one per context and metric chunk.
+
+    Widths are planned here, not left to rich: rich shrinks every column evenly when a table is too wide,
+    down to nothing. Each column's minimum is its longest cell (a metric's heading may wrap at spaces),
+    and the tables are cut so that the minimums fit.
+    """
     table = results_table(report)
     first = 1 if table.columns[0] == "context" else 0
-    labels = table.columns[first:first + 2]
-    metric_columns = table.columns[first + 2:]
-    metric_widths = [max(needed([value_text(row[first + 2 + i]) for row in table.rows]),
-                         len(heading) // 2 + 1) for i, heading in enumerate(metric_columns)]
-    label_widths = [needed([value_text(row[first + j]) for row in table.rows] + [labels[j]])
-                    for j in range(2)]
-    context_width = needed([row[0] for row in table.rows] + ["context"]) if first else 0
-    whole = (context_width + 3 if first else 0) + sum(w + 3 for w in label_widths + metric_widths) + 1
-    if whole <= width:
-        return [build(report_title(report), table, list(range(len(table.columns))), context=bool(first))]
+
+    def longest(index: int) -> int:
+        cells = needed([value_text(row[index]) for row in table.rows])
+        words = max(len(word) for word in table.columns[index].split())
+        return max(cells, words if index >= first + 2 else len(table.columns[index]))
+
+    widths = {i: longest(i) for i in range(len(table.columns))}
+    metrics = list(range(first + 2, len(table.columns)))
+    if sum(w + 3 for w in widths.values()) + 1 <= width:
+        return [build(report_title(report), table, list(widths), widths, context=bool(first))]
     # Too wide: a table per context (its name as the title), the metrics split to fit beside the labels.
-    loss_width = max(MIN_LABEL, min(label_widths[0], width // 3))
-    room = width - 1 - (loss_width + 3) - (label_widths[1] + 3)
-    groups = chunks(metric_widths, room)
+    label = first
+    widths[label] = max(MIN_LABEL, min(widths[label], width // 3))
+    room = width - 1 - (widths[label] + 3) - (widths[label + 1] + 3)
+    parts = chunks([widths[i] for i in metrics], room)
     by_context = defaultdict(list)
     for index, row in enumerate(table.rows):
         by_context[row[0] if first else ""].append(index)
     found = []
     for context, indices in by_context.items():
-        for n, part in enumerate(groups):
+        for n, part in enumerate(parts):
             title = context or report_title(report)
-            if len(groups) > 1:
-                title += f"  (metrics {n + 1}/{len(groups)})"
-            columns = [first, first + 1] + [first + 2 + i for i in part]
-            found.append(build(title, table, columns, rows=indices, label_width=loss_width))
+            if len(parts) > 1:
+                title += f"  (metrics {n + 1}/{len(parts)})"
+            columns = [label, label + 1] + [metrics[i] for i in part]
+            found.append(build(title, table, columns, widths, rows=indices, label_width=widths[label]))
     return found
 
 
@@ -97,19 +103,20 @@ def report_title(report) -> str:
     return f"mean [95% CI] over seeds; ★ / ▼ significantly better / worse than {base} (Holm-adjusted, paired)"
 
 
-def build(title: str, table, columns: list[int], *, rows: list[int] | None = None, context: bool = False,
-          label_width: int | None = None) -> RichTable:
+def build(title: str, table, columns: list[int], widths: dict[int, int], *, rows: list[int] | None = None,
+          context: bool = False, label_width: int | None = None) -> RichTable:
+    """A rich table of the chosen columns and rows; a label column folds at `label_width` when given."""
     shown = RichTable(title=safe(title), title_justify="left")
     for index in columns:
         name = table.columns[index]
-        if name in ("context", "loss / run"):
-            # Fits whole: never wrapped. Split: at most label_width wide, folded, never under MIN_LABEL.
-            shown.add_column(safe(name), overflow="fold", min_width=MIN_LABEL, max_width=label_width,
-                             no_wrap=label_width is None)
-        elif name == "n":
-            shown.add_column("n", justify="right", no_wrap=True)
-        else:
-            shown.add_column(safe(name), justify="right", no_wrap=True)
+        if name in ("context", "loss / run") and label_width is not None:
+            shown.add_column(safe(name), overflow="fold", min_width=min(MIN_LABEL, label_width),
+                             max_width=label_width)
+        elif name in ("context", "loss / run", "n"):
+            shown.add_column(safe(name), justify="right" if name == "n" else "left", no_wrap=True,
+                             min_width=widths[index])
+        else:  # a metric: its cells never wrap, its heading may
+            shown.add_column(safe(name), justify="right", overflow="fold", min_width=widths[index])
     chosen = rows if rows is not None else range(len(table.rows))
     last = max(chosen, default=0)
     for i in chosen:
