@@ -62,8 +62,8 @@ def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module
     """The run's data module, loss and model: the loss gets the training split's class counts, the model
     the data's feature and class counts; then the class-count table is logged. Seeding is the caller's."""
     from xentlab.lab.data import build_datamodule, log_counts
-    from xentlab.losses import build_loss
     from xentlab.lab.models import build_model
+    from xentlab.losses import build_loss
 
     datamodule = build_datamodule(seed=cfg.seed, **cfg.data)
     loss = build_loss(**cfg.loss, task=datamodule.task, class_counts=datamodule.class_counts,
@@ -88,6 +88,7 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
     from xentlab.lab.module import BoardLogger, ClassifierModule
     from xentlab.lab.runs import RunRecorder
     from xentlab.lab.schedules import build_scheduler
+    from xentlab.lab.selection import best_epoch_callback
     from xentlab.lab.slurm import lightning_plugins
 
     quiet_lightning()
@@ -99,12 +100,12 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
                               figure_every_n_epochs=cfg.figure_every_n_epochs, scheduler=scheduler,
                               overrides=overrides, shared_dir=shared_dir, varied=varied)
     logger = BoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
-    callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True))]
+    callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True)), best_epoch_callback(cfg)]
     arguments = trainer_arguments(cfg, train_batches=len(datamodule.train_dataloader()))
     if cfg.trainer.get("enable_checkpointing", True):
         # last.ckpt, refreshed every epoch, is what `ckpt_path=last` resumes from.
         callbacks.append(ModelCheckpoint(dirpath=output_dir / CHECKPOINT_DIR, save_last=True))
-    trainer = pl.Trainer(**arguments, logger=logger, callbacks=callbacks,
+    trainer = pl.Trainer(**arguments, logger=logger, callbacks=[c for c in callbacks if c is not None],
                          default_root_dir=str(output_dir), plugins=[SafeCheckpointIO(), *lightning_plugins()])
     return trainer, module, datamodule
 
@@ -183,6 +184,7 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     import torch
 
     from xentlab.lab.runs import FolderHoldsAnotherRun, Interruption, RunRecord, RunRecorder
+    from xentlab.lab.selection import SELECTED_EPOCH, restore_best
 
     if cfg.get("seeds", 1) != 1:
         raise ValueError(f"train() runs one seed; seeds={cfg.seeds} is train_seeds()'s")
@@ -211,9 +213,12 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
             if announce is not None:
                 announce()
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            selected = restore_best(trainer, module, datamodule)  # checkpoint=best: the chosen epoch's
             final = {k: float(v) for k, v in trainer.callback_metrics.items()}
             tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         final.update({k: float(v) for k, v in tested.items()})
+        if selected is not None:
+            final[SELECTED_EPOCH] = float(selected[0])
         recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
         return record.completed(final, epochs=epochs(), warnings=recorder.warnings())
     except FolderHoldsAnotherRun:
@@ -552,6 +557,9 @@ def run_job(cfg: DictConfig) -> float:
             cfg.ckpt_path = "last"  # SLURM requeued this job (xentlab.lab.slurm): it resumes its own run
         threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
         varied = json.loads(os.environ.get(SWEEP_ENV, "{}")).get("keys") if multirun else None
+        from xentlab.lab.tuning import tune  # here, not at the top: it trains through this module
+
+        cfg = tune(cfg, output_dir, threads=threads)  # tune=grid: the candidates train first; else cfg
         records = train_seeds(cfg, output_dir, overrides=overrides, threads=threads,
                               shared_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
                               varied=varied, fresh_if_nothing_to_resume=multirun or requeued(),

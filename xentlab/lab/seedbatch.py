@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 import traceback
 from pathlib import Path
 
@@ -49,7 +50,9 @@ from xentlab.lab.module import (
 )
 from xentlab.lab.runs import FolderHoldsAnotherRun, Interruption, RunRecord, RunRecorder, nonfinite_loss
 from xentlab.lab.schedules import build_scheduler
+from xentlab.lab.selection import SELECTED_EPOCH, best_epoch_callback, restore_best
 from xentlab.lab.slurm import lightning_plugins
+from xentlab.lab.validation import ConfigError
 from xentlab.train import (
     CHECKPOINT_DIR,
     RunInterrupted,
@@ -62,7 +65,6 @@ from xentlab.train import (
     trainer_arguments,
     try_to_record,
 )
-from xentlab.lab.validation import ConfigError
 
 # Optimizers whose update of each parameter element depends only on that element's own gradient and
 # state, so an update of stacked parameters is K independent updates. (L-BFGS's line search, or
@@ -437,6 +439,10 @@ class SeedBatchModule(LeanModule):
             self._val_logits[k] = self.metrics[k]["val_"].kept_logits()
             self._log_stage(k, "val", figures=figures)
 
+    def objective_values(self, key: str) -> list[float]:
+        """Each seed's latest value of a logged metric; NaN for a seed that failed or never logged it."""
+        return [float(run.final.get(key, math.nan)) if run.error is None else math.nan for run in self.runs]
+
     def on_test_epoch_end(self) -> None:
         for k, run in enumerate(self.runs):
             metrics = self.metrics[k]["test_"]
@@ -522,6 +528,9 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
                              scheduler=scheduler)
     # Each seed's losses for its divergence warnings; the batch's config stamped in its checkpoint.
     callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True), runs=len(seeds))]
+    best = best_epoch_callback(cfg)
+    if best is not None:
+        callbacks.append(best)
     if cfg.trainer.get("enable_checkpointing", True):
         callbacks.append(ModelCheckpoint(dirpath=Path(output_dir) / CHECKPOINT_DIR, save_last=True))
     trainer = pl.Trainer(**trainer_arguments(cfg), logger=False, callbacks=callbacks,
@@ -589,6 +598,9 @@ def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), thread
                                  [seed_dir(output_dir, s) / CHECKPOINT_DIR for s in seeds],
                                  [OmegaConf.to_container(record.cfg, resolve=True) for record in records])
             if any(run.error is None for run in module.runs):
+                selected = restore_best(trainer, module, data)  # checkpoint=best: each seed's chosen epoch
+                for run, epoch in zip(module.runs, selected or [], strict=False):
+                    run.final[SELECTED_EPOCH] = float(epoch)
                 trainer.test(module, datamodule=data, verbose=False)
         recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
         return [stopped(k) if run.error is not None else

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 # Any Lightning Trainer argument and any parameter a loss accepts may be set as `trainer.<arg>=` and
 # `loss.<param>=` without Hydra's `+`: these groups are left open, and the checks below name a typo instead.
-OPEN_GROUPS = ("loss", "trainer")
+# A tuning grid names any settings (`tune.grid={optimizer.lr: [...]}`); `xentlab.lab.tuning` checks them.
+OPEN_GROUPS = ("loss", "trainer", "tune.grid", "tune.loss_grid")
 GPU_ACCELERATORS = ("gpu", "cuda")
 
 
@@ -47,6 +48,9 @@ def check_config(cfg: DictConfig) -> None:
     check_trainer(cfg.trainer)
     check_loss(cfg.loss, task)
     check_optimizer_arguments(cfg.optimizer)
+    from xentlab.lab.tuning import grid_of  # here: tuning imports this module's ConfigError
+
+    grid_of(cfg)
 
 
 def check_data(data: DictConfig) -> str:
@@ -71,6 +75,14 @@ def check_top_level(cfg: DictConfig) -> None:
     if ckpt not in (None, "last") and not Path(str(ckpt)).is_file():
         raise ConfigError(f"ckpt_path must be null, last or the path of a .ckpt file, got {ckpt!r} "
                           f"(no such file)")
+    checkpoint = cfg.get("checkpoint", "last")
+    if checkpoint not in ("last", "best"):
+        raise ConfigError(f"checkpoint must be last (test the last epoch's weights) or best (the weights of "
+                          f"the validation epoch with the best `objective`), got {checkpoint!r}")
+    if checkpoint == "best" and not str(cfg.get("objective", "")).startswith("val/"):
+        raise ConfigError(f"checkpoint=best chooses the epoch by `objective` on the validation split, so "
+                          f"it must be a val/ metric such as val/balanced_accuracy; got "
+                          f"{cfg.get('objective')!r}")
 
 
 def check_trainer(trainer: DictConfig) -> None:
@@ -164,8 +176,9 @@ def open_groups(cfg: DictConfig) -> None:
     `+`: Hydra closes the whole config before applying overrides, but a node whose own struct flag is False
     stays open."""
     for group in OPEN_GROUPS:
-        if isinstance(cfg.get(group), DictConfig):
-            OmegaConf.set_struct(cfg[group], False)
+        node = OmegaConf.select(cfg, group)
+        if isinstance(node, DictConfig):
+            OmegaConf.set_struct(node, False)
 
 
 def install_open_groups() -> None:
