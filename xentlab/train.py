@@ -26,7 +26,7 @@ from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from xentlab import config_dir
@@ -68,7 +68,7 @@ def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module
     datamodule = build_datamodule(seed=cfg.seed, **cfg.data)
     loss = build_loss(**cfg.loss, task=datamodule.task, class_counts=datamodule.class_counts,
                       num_examples=len(datamodule.splits["train"][1]))
-    model = build_model(**cfg.model, in_features=datamodule.num_features, num_outputs=datamodule.num_classes)
+    model = build_model(**cfg.model, input_shape=datamodule.input_shape, num_outputs=datamodule.num_classes)
     log_counts(datamodule)
     return datamodule, loss, model
 
@@ -85,7 +85,8 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from xentlab.lab.checkpoint import SafeCheckpointIO
-    from xentlab.lab.module import BoardLogger, ClassifierModule
+    from xentlab.lab.loggers import build_logger
+    from xentlab.lab.module import ClassifierModule
     from xentlab.lab.runs import RunRecorder
     from xentlab.lab.schedules import build_scheduler
     from xentlab.lab.selection import best_epoch_callback
@@ -99,7 +100,7 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
                               optimizer=instantiate(cfg.optimizer), run_params=flat_params(cfg),
                               figure_every_n_epochs=cfg.figure_every_n_epochs, scheduler=scheduler,
                               overrides=overrides, shared_dir=shared_dir, varied=varied)
-    logger = BoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
+    logger = build_logger(OmegaConf.to_container(cfg.logger), output_dir, flat_params(cfg))
     callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True)), best_epoch_callback(cfg)]
     arguments = trainer_arguments(cfg, train_batches=len(datamodule.train_dataloader()))
     if cfg.trainer.get("enable_checkpointing", True):
@@ -183,6 +184,7 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     """
     import torch
 
+    from xentlab.lab.loggers import send_record
     from xentlab.lab.runs import FolderHoldsAnotherRun, Interruption, RunRecord, RunRecorder
     from xentlab.lab.selection import SELECTED_EPOCH, restore_best
 
@@ -196,6 +198,16 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
 
     def epochs() -> int:
         return trainer.current_epoch if trainer is not None else 0
+
+    def tell_loggers() -> None:
+        """The record just written, to the loggers beside TensorBoard (`logger=csv|wandb|mlflow`). Their
+        failure is only logged: the run's own record is written and stands."""
+        if trainer is not None:
+            try:
+                send_record(trainer.logger, read_record(output_dir / METRICS_FILE), output_dir / METRICS_FILE)
+            except Exception as error:  # whatever a third-party logger raises
+                logging.getLogger(__name__).warning("the run's record did not reach logger=%s: %s: %s",
+                                                    cfg.logger.get("name"), type(error).__name__, error)
 
     try:
         ckpt_path = cfg.ckpt_path
@@ -220,7 +232,9 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
         if selected is not None:
             final[SELECTED_EPOCH] = float(selected[0])
         recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
-        return record.completed(final, epochs=epochs(), warnings=recorder.warnings())
+        done = record.completed(final, epochs=epochs(), warnings=recorder.warnings())
+        tell_loggers()
+        return done
     except FolderHoldsAnotherRun:
         raise  # the folder's record belongs to that other run: leave it
     except Exception as error:
@@ -229,6 +243,7 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
                                    "failed")
         if unrecorded:
             raise RunNotRecorded(f"{type(error).__name__}: {error}; {unrecorded}") from error
+        tell_loggers()
         error.xentlab_recorded = True  # run_job need not record it again
         raise
     except (KeyboardInterrupt, SystemExit) as stop:  # Lightning turns Ctrl-C and SIGTERM into SystemExit
@@ -236,6 +251,8 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
         partial = {k: float(v) for k, v in trainer.callback_metrics.items()} if trainer is not None else {}
         unrecorded = try_to_record(
             functools.partial(record.interrupted, cause, epochs=epochs(), metrics=partial), "interrupted")
+        if not unrecorded:
+            tell_loggers()
         epoch = f" in epoch {trainer.current_epoch + 1}" if trainer is not None else ""
         raise RunInterrupted(
             f"interrupted by {cause}{epoch}; " + (unrecorded or f"recorded in {output_dir / METRICS_FILE}"),
@@ -432,6 +449,7 @@ class SweepProgress(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         jobs, keys = sweep_plan(config)
+        name_jobs_by_swept_keys(config, keys)
         if jobs is not None:
             try:
                 check_sweep(config, jobs)
@@ -469,13 +487,32 @@ def sweep_plan(config: DictConfig) -> tuple[list[list[str]] | None, list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     sweeper = config.hydra.sweeper
-    params = sweeper.get("params") or {}
+    overrides = sweep_overrides(config)
     if "BasicSweeper" not in str(sweeper.get("_target_", "")):
-        return None, sorted(params)
-    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-    overrides = OverridesParser.create().parse_overrides(arguments)
+        return None, sorted(sweeper.get("params") or {})
     keys = sorted({o.key_or_group for o in overrides if o.is_sweep_override()})
     return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch], keys
+
+
+def sweep_overrides(config: DictConfig) -> list:
+    """The sweep's overrides, parsed: its sweeper's `params`, then the command line's."""
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    return OverridesParser.create().parse_overrides(arguments)
+
+
+def name_jobs_by_swept_keys(config: DictConfig, keys: list[str]) -> None:
+    """Leaves the sweep's constant keys out of its jobs' folder names (Hydra's `override_dirname`), so a
+    job of `-m experiment=compare_losses loss=ce,focal` is `loss=focal`, not
+    `experiment=compare_losses,loss=focal`: an override of `exclude_keys` added to the sweep's Hydra
+    overrides, which Hydra applies to every job's config. Nothing changes when no key varies."""
+    constants = sorted({o.key_or_group for o in sweep_overrides(config)} - set(keys))
+    if not keys or not constants:
+        return
+    excluded = [*config.hydra.job.config.override_dirname.exclude_keys, *constants]
+    listed = ",".join(f"'{key}'" for key in dict.fromkeys(excluded))
+    with read_write(config.hydra.overrides.hydra):  # Hydra makes its own config read-only
+        config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{listed}]")
 
 
 def covering_jobs(jobs: list[list[str]]) -> list[list[str]]:
@@ -609,6 +646,12 @@ def run_job(cfg: DictConfig) -> float:
             print(f"[xentlab] {record['status']}: {text} ({written})")
         for warning in record.get("warnings", []):
             print(" ".join(filter(None, ("[xentlab] warning:", batched, warning))), flush=True)
+    if not multirun and len(records) > 1:  # a seed batch: mean and interval per curve (a sweep: at its end)
+        from xentlab.lab.summary import SUMMARY_DIR, write_summaries
+
+        if write_summaries(output_dir):
+            print(f"[xentlab] TensorBoard: mean and 95% interval over the seeds in "
+                  f"{shown(output_dir / SUMMARY_DIR)}")
     if not multirun and any(record["status"] != "completed" for record in records):
         raise SystemExit(1)  # the runs are recorded and their errors printed above
     # A batch of seeds gives the sweeper its mean over the seeds.
