@@ -58,3 +58,20 @@ def test_checkpoint_settings_are_checked():
     with pytest.raises(ConfigError, match="must be a val/ metric"):
         check_config(config("checkpoint=best", "objective=test/balanced_accuracy"))
     check_config(config("checkpoint=best", "objective=val/ece"))
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_a_resumed_run_chooses_among_all_its_epochs(tmp_path, seeds):
+    whole = train_seeds(config("checkpoint=best", f"seeds={seeds}"), tmp_path / "whole")
+    train_seeds(config("checkpoint=best", f"seeds={seeds}", "trainer.max_epochs=4"), tmp_path / "resumed")
+    resumed = train_seeds(config("checkpoint=best", f"seeds={seeds}", "ckpt_path=last"), tmp_path / "resumed")
+    for one, other in zip(whole, resumed, strict=True):
+        assert one["metrics"]["val/selected_epoch"] == other["metrics"]["val/selected_epoch"]
+        tested = other["metrics"]["test/balanced_accuracy"]
+        assert one["metrics"]["test/balanced_accuracy"] == pytest.approx(tested, abs=1e-6)
+    if seeds > 1:  # each seed's own checkpoint carries its own kept weights, in a single run's names
+        from xentlab.lab.checkpoint import load_checkpoint
+
+        kept = load_checkpoint(tmp_path / "resumed" / "seed=1" / "checkpoints" / "last.ckpt")["callbacks"]
+        assert kept["BestEpoch"]["epochs"] == [int(resumed[1]["metrics"]["val/selected_epoch"])]
+        assert all(not name.startswith("model.") for name in kept["BestEpoch"]["state"])

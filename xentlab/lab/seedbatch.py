@@ -50,7 +50,7 @@ from xentlab.lab.module import (
 )
 from xentlab.lab.runs import FolderHoldsAnotherRun, Interruption, RunRecord, RunRecorder, nonfinite_loss
 from xentlab.lab.schedules import build_scheduler
-from xentlab.lab.selection import SELECTED_EPOCH, best_epoch_callback, restore_best
+from xentlab.lab.selection import SELECTED_EPOCH, BestEpoch, best_epoch_callback, restore_best, seed_part
 from xentlab.lab.slurm import lightning_plugins
 from xentlab.lab.validation import ConfigError
 from xentlab.train import (
@@ -677,6 +677,9 @@ def split_checkpoint(path: Path, module: SeedBatchModule, out_dirs: list[Path], 
         one["state_dict"] = state
         if recorded is not None:
             one["callbacks"] = {**callbacks, RunRecorder.__qualname__: recorder.state_of(k, configs[k])}
+        if BestEpoch.__qualname__ in callbacks:  # checkpoint=best: seed k's kept weights only
+            one["callbacks"] = {**one.get("callbacks", callbacks),
+                                BestEpoch.__qualname__: seed_part(callbacks[BestEpoch.__qualname__], k)}
         # Parameter order: the stacked model's, then loss 0's, loss 1's, ...; a single run: model, loss.
         first = len(stacked) + sum(own[:k])
         indices = list(range(len(stacked))) + list(range(first, first + own[k]))

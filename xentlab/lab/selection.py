@@ -8,6 +8,9 @@ validation epoch so far (for a seed batch, each seed's own slice of the stacked 
 peaks at its own epoch); after fitting, `restore_best` puts them back and validates once more, so the
 record's `val/` metrics, the validation logits the post-hoc fits (temperature scaling, logit adjustment)
 use, and the test all belong to the chosen epoch. The record's `val/selected_epoch` says which (1-based).
+The kept weights are part of the run's checkpoint (each seed's own in its split checkpoint), so a resumed
+run chooses among all its epochs. TensorBoard's validation curves end with one extra point at the last
+step: the chosen weights validated again.
 """
 
 from __future__ import annotations
@@ -56,10 +59,31 @@ class BestEpoch(pl.Callback):
             return True
         return value > best if self.higher else value < best
 
+    # The kept weights travel in the run's checkpoint, so a resumed run (`ckpt_path=last`) still chooses
+    # among all its epochs, not only those after the resume.
+    # A resume may change `objective`: then the kept epoch was the best by another metric, and the choice
+    # starts again from the resumed epoch.
+    def state_dict(self) -> dict:
+        return {"objective": self.objective, "best": self.best, "epochs": self.epochs, "state": self.state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("objective") == self.objective:
+            self.best, self.epochs, self.state = state_dict["best"], state_dict["epochs"], state_dict["state"]
+
     def restore(self, module: pl.LightningModule) -> None:
         """Load the kept weights into the module (a run that never validated keeps its last ones)."""
         if self.state is not None:
             module.model.load_state_dict(self.state)
+
+
+def seed_part(state: dict, k: int) -> dict:
+    """Seed k's part of a seed batch's `BestEpoch` state, as the callback of seed k trained alone holds it
+    (the single model's names: the stacked model's without their `model.` prefix)."""
+    if state.get("state") is None:
+        return state
+    weights = {name.removeprefix("model."): value[k].clone() for name, value in state["state"].items()}
+    return {"objective": state.get("objective"), "best": [state["best"][k]], "epochs": [state["epochs"][k]],
+            "state": weights}
 
 
 def best_epoch_callback(cfg) -> BestEpoch | None:
