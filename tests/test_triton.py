@@ -201,6 +201,46 @@ def test_sigmoid_family_matches_pytorch(case_id, dtype):
         _parity(_sigmoid_case(case_id, d, reduction), d)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case_id", ["ce_weight_smooth_ignore1", "ce_probs_weight_smooth", "focal_gamma_half",
+                                     "mse_probs_soft", "bce_weight_pos", "sigmoid_focal", "asl", "ldam"])
+def test_second_order_gradients_equal_the_reference_backends(case_id, reduction):
+    """A backward under create_graph=True (here a Hessian-vector product, in the logits and, for soft
+    targets, a mixed one in the target) is differentiable and equals the reference backend's, taken twice by
+    autograd."""
+    d = _data(torch.float64)
+    if case_id == "ldam":
+        transform = LogitTransform(scale=5.0, margin=d.w / 10)
+        name, args = "softmax_loss", (d.y, NLL(), d.w, transform, -100, reduction, 0.1)
+        truth = reference.softmax_loss
+    else:
+        name, args = (_softmax_case if case_id in SOFTMAX_CASES else _sigmoid_case)(case_id, d, reduction)
+        truth = getattr(reference, name)
+    target = args[0]
+    soft = target.is_floating_point()
+    v = torch.randn(d.x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def products(fn):
+        x, t = d.x.clone().requires_grad_(), target.clone().requires_grad_(soft)
+        loss = fn(x, t, *args[1:])
+        go = torch.ones_like(loss) if reduction == "mean" else torch.linspace(0.5, 1.5, loss.numel(),
+                                                                             dtype=loss.dtype).view(loss.shape)
+        (g,) = torch.autograd.grad(loss, x, go, create_graph=True)
+        return torch.autograd.grad((g * v).sum(), (x, t) if soft else (x,))
+
+    for got, want in zip(products(_on_device_pair(getattr(tx, name))), products(truth), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def _on_device_pair(fn):
+    """fn(x, target, *rest) on DEVICE for CPU-held arguments, the result brought back."""
+    def call(x, target, *rest):
+        moved = [_moved(a) for a in rest]
+        return fn(x.to(DEVICE), target.to(DEVICE), *moved).cpu()
+
+    return call
+
+
 def _run(fn, x, args, grad_out):
     x = x.detach().clone().requires_grad_()
     loss = fn(x, *args)

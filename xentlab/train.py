@@ -64,13 +64,13 @@ def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module
     """The run's data module, loss and model: the loss gets the training split's class counts, the model
     the data's feature and class counts; then the class-count table is logged. Seeding is the caller's."""
     from xentlab.lab.data import build_datamodule, log_counts
-    from xentlab.losses import build_loss
     from xentlab.lab.models import build_model
+    from xentlab.losses import build_loss
 
     datamodule = build_datamodule(seed=cfg.seed, **cfg.data)
     loss = build_loss(**cfg.loss, task=datamodule.task, class_counts=datamodule.class_counts,
                       num_examples=len(datamodule.splits["train"][1]))
-    model = build_model(**cfg.model, in_features=datamodule.num_features, num_outputs=datamodule.num_classes)
+    model = build_model(**cfg.model, input_shape=datamodule.input_shape, num_outputs=datamodule.num_classes)
     log_counts(datamodule)
     return datamodule, loss, model
 
@@ -87,7 +87,8 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from xentlab.lab.checkpoint import SafeCheckpointIO
-    from xentlab.lab.module import BoardLogger, ClassifierModule
+    from xentlab.lab.loggers import build_logger
+    from xentlab.lab.module import ClassifierModule
     from xentlab.lab.runs import RunRecorder
     from xentlab.lab.schedules import build_scheduler
     from xentlab.lab.slurm import lightning_plugins
@@ -100,7 +101,7 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
                               optimizer=instantiate(cfg.optimizer), run_params=flat_params(cfg),
                               figure_every_n_epochs=cfg.figure_every_n_epochs, scheduler=scheduler,
                               overrides=overrides, shared_dir=shared_dir, varied=varied)
-    logger = BoardLogger(save_dir=str(output_dir), name="", version="", **cfg.logger)
+    logger = build_logger(OmegaConf.to_container(cfg.logger), output_dir, flat_params(cfg))
     callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True))]
     arguments = trainer_arguments(cfg, train_batches=len(datamodule.train_dataloader()))
     if cfg.trainer.get("enable_checkpointing", True):
@@ -184,6 +185,7 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     """
     import torch
 
+    from xentlab.lab.loggers import send_record
     from xentlab.lab.runs import FolderHoldsAnotherRun, Interruption, RunRecord, RunRecorder
 
     if cfg.get("seeds", 1) != 1:
@@ -196,6 +198,16 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
 
     def epochs() -> int:
         return trainer.current_epoch if trainer is not None else 0
+
+    def tell_loggers() -> None:
+        """The record just written, to the loggers beside TensorBoard (`logger=csv|wandb|mlflow`). Their
+        failure is only logged: the run's own record is written and stands."""
+        if trainer is not None:
+            try:
+                send_record(trainer.logger, read_record(output_dir / METRICS_FILE), output_dir / METRICS_FILE)
+            except Exception as error:  # whatever a third-party logger raises
+                logging.getLogger(__name__).warning("the run's record did not reach logger=%s: %s: %s",
+                                                    cfg.logger.get("name"), type(error).__name__, error)
 
     try:
         ckpt_path = cfg.ckpt_path
@@ -217,7 +229,9 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
             tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         final.update({k: float(v) for k, v in tested.items()})
         recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
-        return record.completed(final, epochs=epochs(), warnings=recorder.warnings())
+        done = record.completed(final, epochs=epochs(), warnings=recorder.warnings())
+        tell_loggers()
+        return done
     except FolderHoldsAnotherRun:
         raise  # the folder's record belongs to that other run: leave it
     except Exception as error:
@@ -226,6 +240,7 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
                                    "failed")
         if unrecorded:
             raise RunNotRecorded(f"{type(error).__name__}: {error}; {unrecorded}") from error
+        tell_loggers()
         error.xentlab_recorded = True  # run_job need not record it again
         raise
     except (KeyboardInterrupt, SystemExit) as stop:  # Lightning turns Ctrl-C and SIGTERM into SystemExit
@@ -233,6 +248,8 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
         partial = {k: float(v) for k, v in trainer.callback_metrics.items()} if trainer is not None else {}
         unrecorded = try_to_record(
             functools.partial(record.interrupted, cause, epochs=epochs(), metrics=partial), "interrupted")
+        if not unrecorded:
+            tell_loggers()
         epoch = f" in epoch {trainer.current_epoch + 1}" if trainer is not None else ""
         raise RunInterrupted(
             f"interrupted by {cause}{epoch}; " + (unrecorded or f"recorded in {output_dir / METRICS_FILE}"),

@@ -37,9 +37,9 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from xentlab.lab import plots
 from xentlab.lab.checkpoint import SafeCheckpointIO, load_checkpoint
+from xentlab.lab.loggers import build_logger, send_record
 from xentlab.lab.metrics import StageMetrics
 from xentlab.lab.module import (
-    BoardLogger,
     LeanModule,
     log_figures,
     loss_curves_figure,
@@ -50,6 +50,7 @@ from xentlab.lab.module import (
 from xentlab.lab.runs import FolderHoldsAnotherRun, Interruption, RunRecord, RunRecorder, nonfinite_loss
 from xentlab.lab.schedules import build_scheduler
 from xentlab.lab.slurm import lightning_plugins
+from xentlab.lab.validation import ConfigError
 from xentlab.train import (
     CHECKPOINT_DIR,
     RunInterrupted,
@@ -62,7 +63,6 @@ from xentlab.train import (
     trainer_arguments,
     try_to_record,
 )
-from xentlab.lab.validation import ConfigError
 
 # Optimizers whose update of each parameter element depends only on that element's own gradient and
 # state, so an update of stacked parameters is K independent updates. (L-BFGS's line search, or
@@ -511,7 +511,8 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
         datamodules.append(datamodule)
         losses.append(loss)
         models.append(model)
-        logger = BoardLogger(save_dir=str(seed_dir(output_dir, seed)), name="", version="", **cfg.logger)
+        logger = build_logger(OmegaConf.to_container(cfg.logger), seed_dir(output_dir, seed),
+                              flat_params(one))
         runs.append(SeedRun(seed, logger, flat_params(one), datamodule))
     # The seeds' runs drew their own initialisations above; what follows (dropout masks) draws from the
     # first seed's stream, as a single run of it would.
@@ -591,9 +592,12 @@ def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), thread
             if any(run.error is None for run in module.runs):
                 trainer.test(module, datamodule=data, verbose=False)
         recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
-        return [stopped(k) if run.error is not None else
+        done = [stopped(k) if run.error is not None else
                 records[k].completed(run.final, epochs=epochs(), warnings=recorder.warnings(k))
                 for k, run in enumerate(module.runs)]
+        for run, record in zip(module.runs, done, strict=True):
+            send_record(run.logger, record, seed_dir(output_dir, run.seed) / "metrics.json")
+        return done
     except FolderHoldsAnotherRun:
         raise  # the folder's records belong to that other run: leave them
     except Exception as error:
