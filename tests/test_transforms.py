@@ -174,16 +174,22 @@ def test_focal_compiles_with_inductor():
 # ---------------------------------------------------------------- edges, on every route
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.usefixtures("chunking")
-def test_rows_whose_weights_are_all_zero_give_pytorchs_nan_gradient():
-    """Not ignored, weight 0: `mean` is 0/0; PyTorch's gradient is NaN on those rows, 0 on ignored ones."""
+def test_rows_whose_weights_are_all_zero_give_pytorchs_nan(smoothing):
+    """Not ignored, weight 0: `mean` divides by 0 (a nonzero smoothing total too); PyTorch's loss is NaN, its
+    gradient NaN on those rows and 0 on ignored ones."""
     x = make_logits(N, C).requires_grad_()
     y = make_index_target(N, C, ignore_index=-100)
     weight = torch.ones(C, dtype=torch.float64)
     weight[y[y >= 0].unique()] = 0
-    expected_value = nn.functional.cross_entropy(x, y, weight)
+    expected_value = nn.functional.cross_entropy(x, y, weight, label_smoothing=smoothing)
     (expected,) = torch.autograd.grad(expected_value, x)
-    for f in (lambda: XF.cross_entropy(x, y, weight), lambda: XF.focal_loss(x, y, 0.0, weight)):
+    losses = [lambda: XF.cross_entropy(x, y, weight, label_smoothing=smoothing),
+              lambda: XF.cross_entropy(x, y, weight, label_smoothing=smoothing, backend="reference")]
+    if not smoothing:
+        losses.append(lambda: XF.focal_loss(x, y, 0.0, weight))
+    for f in losses:
         value = f()
         (got,) = torch.autograd.grad(value, x)
         assert value.isnan() and expected_value.isnan()

@@ -38,6 +38,13 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def mean_over(total: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """`mean` as PyTorch's losses give it: total / D, and NaN where D = 0 (nothing to average over), even
+    where the total is not 0 (label smoothing over rows whose class weights are all 0), never inf. No host
+    read."""
+    return torch.where(denominator == 0, torch.nan, total / denominator)
+
+
 def composable_only() -> bool:
     """Whether the call is being traced by torch.compile, runs inside a torch.func transform, or under
     forward-mode AD (a `torch.autograd.forward_ad.dual_level`): then only plain PyTorch ops compose."""

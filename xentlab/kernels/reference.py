@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from xentlab.kernels import compute_dtype, spec
+from xentlab.kernels import compute_dtype, mean_over, spec
 from xentlab.kernels.spec import NLL, Focal
 
 Tensor = torch.Tensor
@@ -54,7 +54,8 @@ def softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduc
         smooth = -(logp if weight is None else logp * weight).sum(1)
         loss = loss + (label_smoothing / logp.shape[1]) * smooth
     loss = torch.where(valid, loss, 0.0)
-    return _reduce(loss, reduction, w_y.sum()).to(input.dtype)
+    total = loss if reduction == "none" else loss.sum()
+    return (mean_over(total, w_y.sum()) if reduction == "mean" else total).to(input.dtype)
 
 
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):

@@ -220,6 +220,8 @@ def describe_composition_error(error: Exception) -> str:
         prefix = f"{group}." if group else ""
         hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
         where = f"{group} has" if group else "the config has"
+        if key == "_target_" and group in ("data", "model"):  # the user's own factory or class
+            hint = f"; to build your own, choose {group}=custom {group}._target_=<pkg.module.name>"
         return f"{full_key} is not a setting{hint} ({where}: {', '.join(keys)})"
     # Hydra's search-path listing after the choices is for debugging plugins, not for a typo.
     lines = [str(error).split("\nConfig search path:")[0].strip()]

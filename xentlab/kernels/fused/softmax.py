@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from xentlab.kernels import compute_dtype, reference, spec
+from xentlab.kernels import compute_dtype, mean_over, reference, spec
 from xentlab.kernels.fused import sizes
 from xentlab.kernels.fused.sweep import (
     REDUCTION_ENUM,
@@ -284,7 +284,7 @@ class _SmallSoftmax(torch.autograd.Function):
             loss = loss.sub_(smooth * (logp.sum(1) if weight is None else logp @ weight))
         denominator = w_y.sum() if reduction == "mean" else None
         if reduction != "none":
-            loss = loss.sum() if denominator is None else loss.sum().div_(denominator)
+            loss = loss.sum() if denominator is None else mean_over(loss.sum(), denominator)
         if ctx.needs_input_grad[0]:
             # coef_y = -slope w_y (1-eps) / D; an empty or all-ignored batch: NaN mean loss, zero gradient
             if nll:

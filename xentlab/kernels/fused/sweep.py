@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-from xentlab.kernels import compute_dtype, reference
+from xentlab.kernels import compute_dtype, mean_over, reference
 from xentlab.kernels.fused import sizes
 
 Tensor = torch.Tensor
@@ -59,7 +59,7 @@ class FusedLoss(torch.autograd.Function):
             ctx.save_for_backward(input)
             loss = sweep(kernel, input, None, None)
             if reduction != "none":
-                loss = loss.sum() / kernel.denominator() if reduction == "mean" else loss.sum()
+                loss = mean_over(loss.sum(), kernel.denominator()) if reduction == "mean" else loss.sum()
             return loss.to(input.dtype)
         cdt = compute_dtype(input.dtype)
         denominator = kernel.denominator().to(cdt) if reduction == "mean" else None
@@ -67,7 +67,7 @@ class FusedLoss(torch.autograd.Function):
         grad = torch.empty_like(input)
         total = sweep(kernel, input, scale, grad)
         ctx.save_for_backward(input, grad)  # the logits for a create_graph backward: a reference, no copy
-        return (total if denominator is None else total / denominator).to(input.dtype)
+        return (total if denominator is None else mean_over(total, denominator)).to(input.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from xentlab.kernels import compute_dtype, reference, spec
+from xentlab.kernels import compute_dtype, mean_over, reference, spec
 from xentlab.kernels.triton.launch import (
     _INTERPRETED,
     _launch_row_stats,
@@ -138,14 +138,17 @@ class _SoftmaxLoss(torch.autograd.Function):
             if smooth:
                 c_y = (1 - args.eps) * c_y
             c_w = kept * (args.eps / c) if smooth else None
-            inv = torch.where(denominator > 0, 1 / denominator, 0.0) if args.reduction == "mean" else None
+            # 1/D per row, 0 on ignored rows: where D = 0 (no weight on any kept row) the kept rows' gradient
+            # is NaN and the ignored rows' 0, as PyTorch's
+            inv = torch.where(target != args.ignore_index, 1 / denominator, 0.0) \
+                if args.reduction == "mean" else None
             ctx.save_for_backward(x, target, weight, scale, bias, margin, lse, c_y, c_w, inv)
             ctx.args, ctx.inplace = args, args.inplace
             ctx.total_weight = c if weight is None else weight.sum()
         if args.reduction == "none":
             return loss.to(x.dtype)
         total = loss.sum()
-        return (total / denominator if args.reduction == "mean" else total).to(x.dtype)
+        return (mean_over(total, denominator) if args.reduction == "mean" else total).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
