@@ -211,6 +211,26 @@ def test_a_model_by_import_path_is_checked(nets_module, target, fragment):
         build_model(_target_=target, in_features=4, num_outputs=3)
 
 
+@pytest.mark.parametrize("group", ["model", "data"])
+def test_a_target_on_a_built_in_group_points_to_the_custom_one(nets_module, group):
+    """`<group>._target_=` (not a setting of a built-in) and `+<group>._target_=` (the built-in's settings
+    would go to the user's class or factory) both name `<group>=custom`."""
+    from hydra.errors import HydraException
+
+    from xentlab.lab.validation import check_data, describe_composition_error
+
+    with pytest.raises(HydraException) as raised:
+        compose_run([f"{group}._target_=my_nets.Net"])
+    assert f"choose {group}=custom {group}._target_=" in describe_composition_error(raised.value)
+    cfg = compose_run([f"+{group}._target_=my_nets.Net"])
+    refusal = f"cannot extend {group}=.*; choose {group}=custom {group}._target_="
+    with pytest.raises(ValueError, match=refusal):
+        if group == "model":
+            build_model(**cfg.model, in_features=4, num_outputs=3)
+        else:
+            check_data(cfg.data)
+
+
 def test_timm_models_are_wired_and_a_missing_timm_is_named(nets_module, fake_cifar, monkeypatch, tmp_path,
                                                            one_thread):
     import sys

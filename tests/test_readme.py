@@ -128,4 +128,6 @@ def test_your_data_and_model_run_as_printed(tmp_path):
     (single,) = [p.parent for p in tmp_path.glob("outputs/*/*/metrics.json") if "multirun" not in str(p)]
     assert (single / "metrics.csv").is_file()  # logger=csv
     report = (max(tmp_path.glob("outputs/multirun/*/*")) / "report.md").read_text()
-    assert "focal" in report
+    # Verdicts on the user's data: focal against CE over the five matched seeds of each.
+    verdicts = report.split("## Verdicts", 1)[1].split("\n## ", 1)[0]
+    assert "loss=focal" in verdicts and "nothing to compare" not in verdicts and "no claim" not in verdicts

@@ -501,6 +501,10 @@ def dataset(name: str | None, target: str | None = None) -> tuple[Callable, str 
     """The builder and task of dataset `name` (a key of DATASETS), or of the factory at `target` (the
     `data._target_` form; its task, like a table's, is the data's: None until it is built)."""
     if target is not None:
+        if name in DATASETS:  # `+data._target_=...` on a built-in: its settings would go to the factory
+            raise ValueError(f"data._target_={target} cannot extend data={name}, whose settings your factory "
+                             f"does not take; choose data=custom data._target_={target} (its own arguments "
+                             "as data.<arg>=...)")
         return functools.partial(factory, target), None
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}, or give "

@@ -220,6 +220,10 @@ def build_model(name: str | None = None, in_features: int | None = None, num_out
     or `cnn` (grey square ones) are flattened first."""
     shape = tuple(input_shape) if input_shape is not None else (in_features,)
     if _target_ is not None:
+        if name in MODELS:  # `+model._target_=...` on a built-in: its settings would go to the class
+            raise ValueError(f"model._target_={_target_} cannot extend model={name}, whose settings your "
+                             f"model does not take; choose model=custom model._target_={_target_} (its own "
+                             "arguments as model.<arg>=...)")
         # A factory's own `name` (timm's model name) is one of its parameters.
         named = {} if name is None else {"name": name}
         return custom_model(_target_, shape, num_outputs, **params, **named)

@@ -136,6 +136,10 @@ def check_loss(loss: DictConfig, task: str | None = None) -> None:
         raise ConfigError("loss=custom needs the class to build: loss._target_=pkg.module.Class")
     params = OmegaConf.to_container(loss, resolve=True)
     label = params.get("name") or params.get("_target_")
+    required = [f"loss.{key}" for key in loss if OmegaConf.is_missing(loss, key)]
+    if required:  # a parameter its constructor gives no default (a plugin loss without a YAML)
+        raise ConfigError(f"loss {label!r} has no default for {', '.join(required)}: set "
+                          f"{' '.join(f'{key}=<value>' for key in required)}")
     try:
         build_loss(**params, task=task, class_counts=torch.full((2,), 10), num_examples=40)
     except (ValueError, TypeError) as error:
@@ -228,6 +232,8 @@ def describe_composition_error(error: Exception) -> str:
         prefix = f"{group}." if group else ""
         hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
         where = f"{group} has" if group else "the config has"
+        if key == "_target_" and group in ("data", "model"):  # the user's own factory or class
+            hint = f"; to build your own, choose {group}=custom {group}._target_=<pkg.module.name>"
         return f"{full_key} is not a setting{hint} ({where}: {', '.join(keys)})"
     # Hydra's search-path listing after the choices is for debugging plugins, not for a typo.
     lines = [str(error).split("\nConfig search path:")[0].strip()]
