@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from xentlab import config_dir
+from xentlab.lab.loss_configs import store_loss_configs, with_signature_defaults
 from xentlab.lab.slurm import requeued
 from xentlab.lab.validation import (
     ConfigError,
@@ -56,6 +57,7 @@ CONFIG_DIR = str(config_dir())
 SWEEP_ENV = "XENTLAB_SWEEP"
 
 install_open_groups()
+store_loss_configs(CONFIG_DIR)  # a plugin loss without a YAML is a loss= choice too
 
 
 def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module]:
@@ -541,10 +543,14 @@ def check_sweep(config: DictConfig, jobs: list[list[str]]) -> None:
 
 
 def name_the_loss(cfg: DictConfig, choices) -> None:
-    """A loss YAML need not repeat its name: without `name` (or a `_target_`) the loss is its group choice."""
-    if "name" not in cfg.loss and "_target_" not in cfg.loss:
-        with open_dict(cfg):
+    """A loss YAML need not repeat its name: without `name` (or a `_target_`) the loss is its group choice.
+    A plugin loss without a YAML gets its constructor's parameters and defaults (xentlab.lab.loss_configs)."""
+    with open_dict(cfg):
+        if "name" not in cfg.loss and "_target_" not in cfg.loss:
             cfg.loss.name = choices.loss
+        completed = with_signature_defaults(cfg.loss, choices.loss)
+        if completed is not cfg.loss:
+            cfg.loss = completed
 
 
 def job_line(hydra_cfg: DictConfig, text: str, seconds: float) -> str:

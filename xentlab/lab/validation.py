@@ -124,6 +124,10 @@ def check_loss(loss: DictConfig, task: str | None = None) -> None:
         raise ConfigError("loss=custom needs the class to build: loss._target_=pkg.module.Class")
     params = OmegaConf.to_container(loss, resolve=True)
     label = params.get("name") or params.get("_target_")
+    required = [f"loss.{key}" for key in loss if OmegaConf.is_missing(loss, key)]
+    if required:  # a parameter its constructor gives no default (a plugin loss without a YAML)
+        raise ConfigError(f"loss {label!r} has no default for {', '.join(required)}: set "
+                          f"{' '.join(f'{key}=<value>' for key in required)}")
     try:
         build_loss(**params, task=task, class_counts=torch.full((2,), 10), num_examples=40)
     except (ValueError, TypeError) as error:
