@@ -90,7 +90,7 @@ BEFORE_TORCH = [
     (["threads=0"], "threads must be a positive integer or null"),
     (["data.n_samples=30"], "leaves class 4 with 1 samples"),
     (["loss=focl"], "loss=focl: no such loss config; did you mean loss=focal? choose one of: asl,"),
-    (["experiment=nope"], "experiment=nope: no such experiment config; choose one of: benchmark, calibration,"),
+    (["experiment=nope"], "experiment=nope: no such experiment config; choose one of: benchmark, calib"),
     (["-m", "loss=ce,foo"], "loss=foo: no such loss config; choose one of: asl,"),
     (["-m", "seeds=0,2"], "must be an integer >= 1, got 0 (in job seeds=0"),
     (["-m", "data.imbalance_ratio=1e9,10"], "data.imbalance_ratio=1000000000.0 leaves class 4 with 1"),

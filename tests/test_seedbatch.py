@@ -142,8 +142,8 @@ def test_one_loss_call_serves_the_batch_only_where_it_equals_the_seeds_own_calls
 def test_only_losses_that_declare_a_mean_of_rows_share_one_call():
     """A loss whose mean is something else (class weights, or a plugin that does not say) is never batched
     on the strength of the first step's numbers alone."""
-    from xentlab.losses import build_loss
     from xentlab.lab.seedbatch import interchangeable
+    from xentlab.losses import build_loss
 
     class PluginCE(torch.nn.Module):  # a plugin loss: a mean of rows, but it does not declare it
         reduction = "mean"

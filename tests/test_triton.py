@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -305,6 +306,28 @@ def test_all_ignored_and_empty_batches():
         assert {"mean": loss.isnan(), "sum": loss == 0, "none": loss.shape == (0,)}[reduction], reduction
     loss, grad = _run(tx.binary_cross_entropy_with_logits, empty, (empty, None, None, "mean"), None)
     assert torch.isnan(loss) and grad.shape == (0, 4)
+
+
+INFINITE = torch.tensor([[math.inf, -math.inf, math.inf, -math.inf, 30.0, -30.0, 0.0]] * 3,
+                        dtype=torch.float64)
+INFINITE_TARGET = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.5]] * 3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("sigmoid_focal_loss", (0.25, 2.0)), ("sigmoid_focal_loss", (-1.0, 0.5)),
+    ("sigmoid_focal_loss", (0.25, 0.0)),
+    ("asl_loss", (0.0, 0.0, 0.0)), ("asl_loss", (0.0, 4.0, 0.0)), ("asl_loss", (1.0, 4.0, 0.05)),
+    ("asl_loss", (0.0, 0.0, 0.1))])
+def test_infinite_logits_give_the_peers_values_and_gradients(name, args):
+    """torchvision's sigmoid focal loss (PyTorch's BCE inside: inf, NaN where it is NaN, p - t at gamma 0) and
+    ASL's formula through PyTorch's ops: the same values, NaNs and gradients."""
+    for dtype in (torch.float64, torch.float32):
+        x = INFINITE.to(dtype)
+        expected = _run(TRUTH[name], x, (INFINITE_TARGET.to(dtype), *args, "none"), torch.ones_like(x))
+        got = _run(_on_device(getattr(tx, name), INFINITE_TARGET.to(dtype), *args, "none"), x, (),
+                   torch.ones_like(x))
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e.to(dtype), equal_nan=True)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from xentlab import config_dir
+from xentlab.lab.loss_configs import store_loss_configs
 from xentlab.lab.slurm import requeued
 from xentlab.lab.validation import (
     ConfigError,
@@ -61,6 +62,7 @@ CONFIG_DIR = str(config_dir())
 SWEEP_ENV = "XENTLAB_SWEEP"
 
 install_open_groups()
+store_loss_configs(CONFIG_DIR)  # a plugin loss without a YAML is a loss= choice too
 
 
 def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module]:
@@ -94,6 +96,7 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
     from xentlab.lab.module import ClassifierModule
     from xentlab.lab.runs import RunRecorder
     from xentlab.lab.schedules import build_scheduler
+    from xentlab.lab.selection import best_epoch_callback
     from xentlab.lab.slurm import lightning_plugins
 
     quiet_lightning()
@@ -105,12 +108,12 @@ def build_run(cfg: DictConfig, output_dir: Path, overrides=(), shared_dir: Path 
                               figure_every_n_epochs=cfg.figure_every_n_epochs, scheduler=scheduler,
                               overrides=overrides, shared_dir=shared_dir, varied=varied)
     logger = build_logger(OmegaConf.to_container(cfg.logger), output_dir, flat_params(cfg))
-    callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True))]
+    callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True)), best_epoch_callback(cfg)]
     arguments = trainer_arguments(cfg, train_batches=len(datamodule.train_dataloader()))
     if cfg.trainer.get("enable_checkpointing", True):
         # last.ckpt, refreshed every epoch, is what `ckpt_path=last` resumes from.
         callbacks.append(ModelCheckpoint(dirpath=output_dir / CHECKPOINT_DIR, save_last=True))
-    trainer = pl.Trainer(**arguments, logger=logger, callbacks=callbacks,
+    trainer = pl.Trainer(**arguments, logger=logger, callbacks=[c for c in callbacks if c is not None],
                          default_root_dir=str(output_dir), plugins=[SafeCheckpointIO(), *lightning_plugins()])
     return trainer, module, datamodule
 
@@ -190,6 +193,7 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
 
     from xentlab.lab.loggers import send_record
     from xentlab.lab.runs import FolderHoldsAnotherRun, Interruption, RunRecord, RunRecorder
+    from xentlab.lab.selection import SELECTED_EPOCH, restore_best
 
     if cfg.get("seeds", 1) != 1:
         raise ValueError(f"train() runs one seed; seeds={cfg.seeds} is train_seeds()'s")
@@ -230,9 +234,12 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
             trainer.callbacks.append(interruption.stop_point())
             with interruption.deferring():
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+                selected = restore_best(trainer, module, datamodule)  # checkpoint=best: the chosen epoch's
                 final = {k: float(v) for k, v in trainer.callback_metrics.items()}
                 tested = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         final.update({k: float(v) for k, v in tested.items()})
+        if selected is not None:
+            final[SELECTED_EPOCH] = float(selected[0])
         recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
         done = record.completed(final, epochs=epochs(), warnings=recorder.warnings())
         tell_loggers()
@@ -567,6 +574,9 @@ def run_job(cfg: DictConfig) -> float:
             raise nothing_to_resume(output_dir)  # said now, not after Lightning has loaded
         threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
         varied = json.loads(os.environ.get(SWEEP_ENV, "{}")).get("keys") if multirun else None
+        from xentlab.lab.tuning import tune  # here, not at the top: it trains through this module
+
+        cfg = tune(cfg, output_dir, threads=threads)  # tune=grid: the candidates train first; else cfg
         records = train_seeds(cfg, output_dir, overrides=overrides, threads=threads,
                               shared_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
                               varied=varied, fresh_if_nothing_to_resume=multirun or requeued(),

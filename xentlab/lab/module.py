@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -184,6 +185,11 @@ class ClassifierModule(LeanModule):
         # Kept for the post-hoc fits at test time; the last epoch's logits are the tested model's.
         self._val_logits = self.metrics["val_"].kept_logits()
         self._log_stage("val", figures=last or (every > 0 and epoch % every == 0))
+
+    def objective_values(self, key: str) -> list[float]:
+        """The run's latest value of a logged metric, as a one-run list (`xentlab.lab.selection`)."""
+        value = self.trainer.callback_metrics.get(key)
+        return [math.nan if value is None else float(value)]
 
     def on_test_epoch_end(self) -> None:
         posthoc = self._posthoc(*self.metrics["test_"].kept_logits())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 import traceback
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from xentlab.lab.module import (
 )
 from xentlab.lab.runs import FolderHoldsAnotherRun, Interruption, RunRecord, RunRecorder, nonfinite_loss
 from xentlab.lab.schedules import build_scheduler
+from xentlab.lab.selection import SELECTED_EPOCH, BestEpoch, best_epoch_callback, restore_best, seed_part
 from xentlab.lab.slurm import lightning_plugins
 from xentlab.lab.validation import ConfigError
 from xentlab.train import (
@@ -437,6 +439,10 @@ class SeedBatchModule(LeanModule):
             self._val_logits[k] = self.metrics[k]["val_"].kept_logits()
             self._log_stage(k, "val", figures=figures)
 
+    def objective_values(self, key: str) -> list[float]:
+        """Each seed's latest value of a logged metric; NaN for a seed that failed or never logged it."""
+        return [float(run.final.get(key, math.nan)) if run.error is None else math.nan for run in self.runs]
+
     def on_test_epoch_end(self) -> None:
         for k, run in enumerate(self.runs):
             metrics = self.metrics[k]["test_"]
@@ -523,6 +529,9 @@ def build_batch(cfg: DictConfig, output_dir: Path, seeds: list[int]) \
                              scheduler=scheduler)
     # Each seed's losses for its divergence warnings; the batch's config stamped in its checkpoint.
     callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True), runs=len(seeds))]
+    best = best_epoch_callback(cfg)
+    if best is not None:
+        callbacks.append(best)
     if cfg.trainer.get("enable_checkpointing", True):
         callbacks.append(ModelCheckpoint(dirpath=Path(output_dir) / CHECKPOINT_DIR, save_last=True))
     trainer = pl.Trainer(**trainer_arguments(cfg), logger=False, callbacks=callbacks,
@@ -592,6 +601,9 @@ def train_batch(cfg: DictConfig, output_dir: str | Path, *, overrides=(), thread
                                      [seed_dir(output_dir, s) / CHECKPOINT_DIR for s in seeds],
                                      [OmegaConf.to_container(record.cfg, resolve=True) for record in records])
                 if any(run.error is None for run in module.runs):
+                    selected = restore_best(trainer, module, data)  # checkpoint=best: each seed's epoch
+                    for run, epoch in zip(module.runs, selected or [], strict=False):
+                        run.final[SELECTED_EPOCH] = float(epoch)
                     trainer.test(module, datamodule=data, verbose=False)
         recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
         done = [stopped(k) if run.error is not None else
@@ -667,6 +679,9 @@ def split_checkpoint(path: Path, module: SeedBatchModule, out_dirs: list[Path], 
         one["state_dict"] = state
         if recorded is not None:
             one["callbacks"] = {**callbacks, RunRecorder.__qualname__: recorder.state_of(k, configs[k])}
+        if BestEpoch.__qualname__ in callbacks:  # checkpoint=best: seed k's kept weights only
+            one["callbacks"] = {**one.get("callbacks", callbacks),
+                                BestEpoch.__qualname__: seed_part(callbacks[BestEpoch.__qualname__], k)}
         # Parameter order: the stacked model's, then loss 0's, loss 1's, ...; a single run: model, loss.
         first = len(stacked) + sum(own[:k])
         indices = list(range(len(stacked))) + list(range(first, first + own[k]))

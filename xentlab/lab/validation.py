@@ -26,7 +26,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 # Any Lightning Trainer argument and any parameter a loss accepts may be set as `trainer.<arg>=` and
 # `loss.<param>=` without Hydra's `+`: these groups are left open, and the checks below name a typo instead.
-OPEN_GROUPS = ("loss", "trainer")
+# A tuning grid names any settings (`tune.grid={optimizer.lr: [...]}`); `xentlab.lab.tuning` checks them.
+OPEN_GROUPS = ("loss", "trainer", "tune.grid", "tune.loss_grid")
 GPU_ACCELERATORS = ("gpu", "cuda")
 ACCELERATORS = ("auto", "cpu", *GPU_ACCELERATORS, "mps")
 DEFAULT_OBJECTIVE = "val/balanced_accuracy"
@@ -137,6 +138,9 @@ def check_with_torch(cfg: DictConfig) -> None:
     check_loss(cfg.loss, task, num_classes)
     check_optimizer_arguments(cfg.optimizer)
     check_objective(str(cfg.get("objective", DEFAULT_OBJECTIVE)), task, num_classes)
+    from xentlab.lab.tuning import grid_of  # here: tuning imports this module's ConfigError
+
+    grid_of(cfg)
 
 
 # Settings whose validity depends on each other (a dataset's size, ratio and classes; a loss's per-class
@@ -188,10 +192,16 @@ def check_sweep(config: DictConfig, jobs: list[list[str]]) -> None:
 
 
 def name_the_loss(cfg: DictConfig, choices) -> None:
-    """A loss YAML need not repeat its name: without `name` (or a `_target_`) the loss is its group choice."""
-    if "name" not in cfg.loss and "_target_" not in cfg.loss:
-        with open_dict(cfg):
+    """A loss YAML need not repeat its name: without `name` (or a `_target_`) the loss is its group choice.
+    A plugin loss without a YAML gets its constructor's parameters and defaults (xentlab.lab.loss_configs)."""
+    from xentlab.lab.loss_configs import with_signature_defaults  # here: it imports this module
+
+    with open_dict(cfg):
+        if "name" not in cfg.loss and "_target_" not in cfg.loss:
             cfg.loss.name = choices.loss
+        completed = with_signature_defaults(cfg.loss, choices.loss)
+        if completed is not cfg.loss:
+            cfg.loss = completed
 
 
 def check_data(data: DictConfig) -> str | None:
@@ -283,6 +293,14 @@ def check_top_level(cfg: DictConfig) -> None:
     if ckpt not in (None, "last") and not Path(str(ckpt)).is_file():
         raise ConfigError(f"ckpt_path must be null, last or the path of a .ckpt file, got {ckpt!r} "
                           f"(no such file)")
+    checkpoint = cfg.get("checkpoint", "last")
+    if checkpoint not in ("last", "best"):
+        raise ConfigError(f"checkpoint must be last (test the last epoch's weights) or best (the weights of "
+                          f"the validation epoch with the best `objective`), got {checkpoint!r}")
+    if checkpoint == "best" and not str(cfg.get("objective", "")).startswith("val/"):
+        raise ConfigError(f"checkpoint=best chooses the epoch by `objective` on the validation split, so "
+                          f"it must be a val/ metric such as val/balanced_accuracy; got "
+                          f"{cfg.get('objective')!r}")
 
 
 def check_threads(threads) -> int | None:
@@ -361,6 +379,10 @@ def check_loss(loss: DictConfig, task: str | None = None, num_classes: int | Non
         raise ConfigError("loss=custom needs the class to build: loss._target_=pkg.module.Class")
     params = OmegaConf.to_container(loss, resolve=True)
     label = params.get("name") or params.get("_target_")
+    required = [f"loss.{key}" for key in loss if OmegaConf.is_missing(loss, key)]
+    if required:  # a parameter its constructor gives no default (a plugin loss without a YAML)
+        raise ConfigError(f"loss {label!r} has no default for {', '.join(required)}: set "
+                          f"{' '.join(f'{key}=<value>' for key in required)}")
     classes = num_classes or 2
     try:
         built = build_loss(**params, task=task, class_counts=torch.full((classes,), 10), num_examples=40)
@@ -520,7 +542,7 @@ def open_groups(cfg: DictConfig) -> None:
     Hydra closes the whole config before applying overrides, but a node whose own struct flag is False
     stays open."""
     for group in (*OPEN_GROUPS, "data", "model"):
-        node = cfg.get(group)
+        node = OmegaConf.select(cfg, group)
         # `in node.keys()`: `"_target_" in node` is False while its value is still `???`.
         if isinstance(node, DictConfig) and (group in OPEN_GROUPS or "_target_" in node.keys()):
             OmegaConf.set_struct(node, False)
