@@ -62,7 +62,11 @@ CONFIG_DIR = str(config_dir())
 SWEEP_ENV = "XENTLAB_SWEEP"
 
 install_open_groups()
-store_loss_configs(CONFIG_DIR)  # a plugin loss without a YAML is a loss= choice too
+_IMPORT_ERROR: Exception | None = None
+try:
+    store_loss_configs(CONFIG_DIR)  # a plugin loss without a YAML is a loss= choice too
+except Exception as error:  # noqa: BLE001 - e.g. a broken Hydra plugin module: main() says so in one line
+    _IMPORT_ERROR = error
 
 
 def build_parts(cfg: DictConfig) -> tuple[TensorDataModule, nn.Module, nn.Module]:
@@ -669,6 +673,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="skipping xentlab loss plugin", category=RuntimeWarning)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exiting with 1
     try:
+        if _IMPORT_ERROR is not None:
+            raise _IMPORT_ERROR
         hydra_main()
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM during a sweep (a single run exits in run_job)
         if not _BRIEF_ERRORS:
