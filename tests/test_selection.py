@@ -29,15 +29,20 @@ def val_curve(run_dir: Path) -> list[float]:
     return [e.value for e in events.Scalars(board_tag("val/balanced_accuracy"))]
 
 
-@pytest.mark.parametrize("seeds", [1, 2])
-def test_best_tests_the_weights_of_the_best_validation_epoch(tmp_path, seeds):
-    best = train_seeds(config("checkpoint=best", f"seeds={seeds}"), tmp_path / "best")
+@pytest.fixture(scope="module", params=[1, 2], ids=["single", "batch"])
+def best(request, tmp_path_factory):
+    """(seeds, folder, records) of a checkpoint=best run: one seed alone, or two as a seed batch."""
+    folder = tmp_path_factory.mktemp("best")
+    return request.param, folder, train_seeds(config("checkpoint=best", f"seeds={request.param}"), folder)
+
+
+def test_best_tests_the_weights_of_the_best_validation_epoch(tmp_path, best):
+    seeds, folder, records = best
     last = train_seeds(config(f"seeds={seeds}"), tmp_path / "last")
-    epochs = [int(record["metrics"]["val/selected_epoch"]) for record in best]
+    epochs = [int(record["metrics"]["val/selected_epoch"]) for record in records]
     assert min(epochs) < 6  # seed 0 peaks at epoch 4 here: the choice is not the last epoch by default
-    for k, (chosen, plain) in enumerate(zip(best, last, strict=True)):
-        folder = tmp_path / "best" / (f"seed={k}" if seeds > 1 else "")
-        curve = val_curve(folder)
+    for k, (chosen, plain) in enumerate(zip(records, last, strict=True)):
+        curve = val_curve(folder / (f"seed={k}" if seeds > 1 else ""))
         # One point per epoch, then the chosen weights validated again at the end.
         per_epoch, again = curve[:-1], curve[-1]
         assert len(per_epoch) == 6
@@ -60,9 +65,8 @@ def test_checkpoint_settings_are_checked():
     check_config(config("checkpoint=best", "objective=val/ece"))
 
 
-@pytest.mark.parametrize("seeds", [1, 2])
-def test_a_resumed_run_chooses_among_all_its_epochs(tmp_path, seeds):
-    whole = train_seeds(config("checkpoint=best", f"seeds={seeds}"), tmp_path / "whole")
+def test_a_resumed_run_chooses_among_all_its_epochs(tmp_path, best):
+    seeds, _, whole = best
     train_seeds(config("checkpoint=best", f"seeds={seeds}", "trainer.max_epochs=4"), tmp_path / "resumed")
     resumed = train_seeds(config("checkpoint=best", f"seeds={seeds}", "ckpt_path=last"), tmp_path / "resumed")
     for one, other in zip(whole, resumed, strict=True):
