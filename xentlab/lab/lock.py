@@ -31,6 +31,8 @@ def hold(folder: str | Path, name: str | None = None) -> None:
     e.g. `hydra.sweep.dir=<folder>`). Holding it already is fine. Where the file system has no `flock`
     (some network file systems), the run goes on unlocked: the lock guards against a mistake, it is not
     needed to write."""
+    if helper_rank():
+        return
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     resolved = folder.resolve()
@@ -47,6 +49,16 @@ def hold(folder: str | Path, name: str | None = None) -> None:
         os.close(descriptor)
         return
     _HELD[resolved] = descriptor
+
+
+# Set in every process of a distributed (DDP) run: by srun (SLURM_PROCID), torchrun (RANK, LOCAL_RANK) and
+# Lightning's own launchers (LOCAL_RANK, NODE_RANK).
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def helper_rank() -> bool:
+    """Whether this process is a DDP rank other than 0: it works in rank 0's folder, under rank 0's lock."""
+    return any(os.environ.get(name, "0").strip() not in ("", "0") for name in RANK_VARIABLES)
 
 
 def release(folder: str | Path) -> None:
