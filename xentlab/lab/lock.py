@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
+
 from xentlab.lab.validation import ConfigError
 
 _HELD: dict[Path, int] = {}  # folder -> the descriptor holding its lock, for as long as this process lives
@@ -68,7 +70,7 @@ def release(folder: str | Path) -> None:
         os.close(descriptor)
 
 
-class FolderLock:
+class FolderLock(Callback):
     """Hydra callback (`hydra.callbacks.lock`): locks the run or sweep folder before Hydra writes into it.
     A refusal is one line and exit status 2: Hydra would turn an exception raised here into a warning."""
 
