@@ -7,7 +7,7 @@ With the defaults the whole benchmark took 7 minutes on the project's shared 2-c
 average ~3.5 (parts 1 and 2 ~3.5 min, part 3 ~3.5 min); `--skip-sweeps` leaves out part 3. It prints its
 own total time at the end.
 
-1. Overhead. In one process, with the same torch threads: `xentlab.train.train` (Lightning fit with
+1. Overhead. In one process, with the same torch threads: `xentlab.lab.run.train` (Lightning fit with
    validation every epoch, test, TensorBoard logging and figures, checkpoints, metrics.json) against a
    bare loop doing the same arithmetic with the same data module, model, loss object, optimizer, batch
    size and epochs: train steps, a validation pass (loss + accuracy) per epoch and a test pass. Both
@@ -19,7 +19,7 @@ own total time at the end.
    the run's settings on the same data. `--threads` (default 1, as in xentlab's own runs) sets torch's
    threads here.
 2. Seed batches. In the same process and with the same settings, `--seeds` seeds (default 10) of that
-   run trained as one seed batch (`train_seeds`, `seeds=K`) against the same seeds trained one after
+   run trained as one seed batch (`train` with `seeds=K`) against the same seeds trained one after
    another (`train`, one seed each); best of `--seed-repeats` alternating runs.
 3. Sweeps. `xentlab-train -m experiment=compare_losses` (6 losses × 10 seeds, one seed batch per loss)
    as a subprocess with the basic (sequential) launcher and with `hydra/launcher=joblib`, and with
@@ -48,15 +48,9 @@ from hydra.utils import instantiate
 from rich.console import Console
 from rich.table import Table
 
-from xentlab.train import (
-    CONFIG_DIR,
-    available_cpus,
-    build_parts,
-    quiet_lightning,
-    train,
-    train_seeds,
-    trainer_arguments,
-)
+from xentlab.lab.run import build_parts, quiet_lightning, train, trainer_arguments
+from xentlab.lab.sweep import available_cpus
+from xentlab.train import CONFIG_DIR
 
 
 def config(samples: int, epochs: int, *overrides: str):
@@ -173,7 +167,7 @@ def seed_batch(samples: int, epochs: int, seeds: int, repeats: int) -> dict[str,
     def batch() -> tuple[float, float]:
         started, cpu = time.perf_counter(), time.process_time()
         with tempfile.TemporaryDirectory() as out:
-            train_seeds(config(samples, epochs, f"seeds={seeds}"), out)
+            train(config(samples, epochs, f"seeds={seeds}"), out)
         return time.perf_counter() - started, time.process_time() - cpu
 
     def one_by_one() -> tuple[float, float]:
@@ -187,7 +181,7 @@ def seed_batch(samples: int, epochs: int, seeds: int, repeats: int) -> dict[str,
     with warnings.catch_warnings():  # the warm-up's logging-interval warning
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval")
         with tempfile.TemporaryDirectory() as out:
-            train_seeds(config(400, 1, "seeds=2"), out)
+            train(config(400, 1, "seeds=2"), out)
     times: dict[str, list[tuple[float, float]]] = {"batch": [], "sequential": []}
     for _ in range(repeats):
         times["batch"].append(batch())

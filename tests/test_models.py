@@ -7,7 +7,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from xentlab.lab.models import CosineHead, build_model
-from xentlab.train import CONFIG_DIR, train
+from xentlab.lab.run import train
+from xentlab.train import CONFIG_DIR
 
 
 def test_cosine_head_gives_the_cosine_of_features_and_class_weights():
@@ -80,6 +81,6 @@ def test_the_cnn_trains_on_image_datasets(tmp_path, overrides):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*overrides, "trainer.max_epochs=1",
                                                                   "trainer.log_every_n_steps=1"])
-    record = train(cfg, tmp_path)
+    (record,) = train(cfg, tmp_path)
     assert record["status"] == "completed" and record["epochs"] == 1
     assert 0 <= record["metrics"]["test/balanced_accuracy"] <= 1
