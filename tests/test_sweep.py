@@ -115,13 +115,24 @@ def train_loss_steps(run_dir: Path) -> list[int]:
 def test_resume_from_last_checkpoint_continues_the_curves(tmp_path):
     (first,) = train(composed(), tmp_path)
     assert first["epochs"] == 1 and (tmp_path / "checkpoints" / "last.ckpt").exists()
-    steps_per_epoch = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    steps_per_epoch = checkpoint["global_step"]
     assert train_loss_steps(tmp_path) == [steps_per_epoch - 1]
+    # A single run's checkpoint keeps the layout single runs always wrote (no seed axis in its names):
+    # rewritten here into the oldest form, with the recorder's scalar losses, it still resumes.
+    assert not [key for key in checkpoint["state_dict"] if key.startswith(("losses.", "metrics.0."))]
+    recorder = checkpoint["callbacks"]["RunRecorder"]
+    checkpoint["callbacks"]["RunRecorder"] = {
+        "config": recorder["config"], "initial_loss": recorder["initial_losses"][0],
+        "epoch_losses": [epoch[0] for epoch in recorder["epoch_losses"]]}
+    torch.save(checkpoint, last)
 
     (resumed,) = train(composed("trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
     assert resumed["status"] == "completed" and resumed["epochs"] == 2
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] \
-        == 2 * steps_per_epoch
+    continued = torch.load(last, weights_only=False)
+    assert continued["global_step"] == 2 * steps_per_epoch
+    assert len(continued["callbacks"]["RunRecorder"]["epoch_losses"]) == 2  # the old epoch's loss kept
     # One curve across both sessions: the second epoch's point comes after the first, not at step 0 again.
     assert train_loss_steps(tmp_path) == [steps_per_epoch - 1, 2 * steps_per_epoch - 1]
 

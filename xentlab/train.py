@@ -81,10 +81,10 @@ def run_job(cfg: DictConfig) -> float:
         check_config(cfg)
         if requeued() and cfg.ckpt_path is None:
             cfg.ckpt_path = "last"  # SLURM requeued this job (xentlab.lab.slurm): it resumes its own run
+        threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
         from xentlab.lab.run import train  # torch and Lightning: only in a process that trains
 
-        records = train(cfg, output_dir, overrides=overrides,
-                        threads=threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads),
+        records = train(cfg, output_dir, overrides=overrides, threads=threads,
                         shared_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
                         varied=sweep_keys() if multirun else None,
                         fresh_if_nothing_to_resume=multirun or requeued(),

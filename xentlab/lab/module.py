@@ -86,7 +86,7 @@ class ClassifierModule(pl.LightningModule):
     `figure_every_n_epochs` validation epochs (0: only the last), at the last epoch and at test; the
     loss-vs-probability figure once per setting (once per sweep when given its folder, `shared_dir`).
     A seed whose epoch's training loss is NaN or infinite is failed (`SeedRun.error`) while the others
-    train on; when none is left, its error is raised, as a single run's is.
+    train on; a single run raises that error.
     """
 
     def __init__(self, model: nn.Module, losses: Sequence[nn.Module], runs: Sequence[SeedRun], *, task: str,
@@ -238,13 +238,15 @@ class ClassifierModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         for k, run in enumerate(self.runs):
-            loss = self._log_stage(k, "train")["loss"]
+            loss = self._log_stage(k, "train", step=self.global_step - 1)["loss"]
             error = nonfinite_loss(loss, self.current_epoch, self.global_step)
             if run.error is None and error is not None:
                 # A single run fails with it; a batch's other seeds are unaffected and train on.
                 run.error, run.failed_epoch = error, self.current_epoch
         if all(run.error is not None for run in self.runs):
-            raise self.runs[-1].error  # in a sweep the error marks the job failed and the others go on
+            if self.num_seeds == 1:
+                raise self.runs[0].error  # in a sweep the error marks the job failed and the others go on
+            self.trainer.should_stop = True  # every seed of the batch failed; their records will say so
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -277,27 +279,31 @@ class ClassifierModule(pl.LightningModule):
             if writer is not None:
                 write_hparams(writer, run.run_params, final, self.global_step, run.overrides, run.varied)
 
-    def _log_stage(self, k: int, stage: str, figures: bool = False) -> dict[str, float]:
-        """Seed k's epoch metrics of `stage` to its logger (and figures); resets them, returns the values.
-        The values are already global (torchmetrics syncs in compute), so under DDP every process holds
-        the same numbers."""
+    def _log_stage(self, k: int, stage: str, figures: bool = False,
+                   step: int | None = None) -> dict[str, float]:
+        """Seed k's epoch metrics of `stage` to its logger at `step` (default: the global step) and its
+        figures; resets them, returns the values. The values are already global (torchmetrics syncs in
+        compute), so under DDP every process holds the same numbers. Training metrics go at the epoch's
+        last step, global step - 1, where Lightning logs epoch-end training metrics."""
         run, metrics = self.runs[k], self.metrics[k][f"{stage}_"]
         values = metrics.compute()
         if f"recall_class_{run.minority}" in values:
             values["minority_recall"] = values[f"recall_class_{run.minority}"]
-        self._log(run, {f"{stage}/{name}": value for name, value in values.items()})
+        self._log(run, {f"{stage}/{name}": value for name, value in values.items()}, step=step)
         if figures:
             log_figures(self._writer(run), self.global_step, stage, metrics, task=self.task,
                         num_classes=self.num_classes, redrawn=self._redrawn)
         metrics.reset()
         return values
 
-    def _log(self, run: SeedRun, values: dict[str, float], final: bool = True) -> None:
-        """`values` to the seed's logger at this step; if `final`, also its latest (its record's metrics)."""
+    def _log(self, run: SeedRun, values: dict[str, float], final: bool = True,
+             step: int | None = None) -> None:
+        """`values` to the seed's logger at `step` (default: the global step); if `final`, also its latest
+        (its record's metrics)."""
         if final:
             run.final.update(values)
         if run.logger is not None:
-            run.logger.log_metrics(values, step=self.global_step)
+            run.logger.log_metrics(values, step=self.global_step if step is None else step)
 
     # --- TensorBoard figures -----------------------------------------------------------------------
 

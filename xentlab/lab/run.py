@@ -419,12 +419,13 @@ class RunRecorder(pl.Callback):
                 "epoch_losses": self.epoch_losses}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.initial_losses = state_dict.get("initial_losses")
-        self.epoch_losses = [list(epoch) for epoch in state_dict.get("epoch_losses", [])]
         if "initial_loss" in state_dict:  # a single run's checkpoint from before seed batches kept scalars
             initial = state_dict["initial_loss"]
             self.initial_losses = None if initial is None else [initial]
             self.epoch_losses = [[loss] for loss in state_dict.get("epoch_losses", [])]
+        else:
+            self.initial_losses = state_dict.get("initial_losses")
+            self.epoch_losses = [list(epoch) for epoch in state_dict.get("epoch_losses", [])]
 
     def state_of(self, k: int, config: dict) -> dict:
         """Seed k's part of this state, as RunRecorder of seed k trained alone (with `config`) holds it."""
