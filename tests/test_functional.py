@@ -43,6 +43,7 @@ from torch.testing import assert_close
 from xentlab import functional as XF
 from xentlab import kernels, weights
 from xentlab.kernels import fused, spec
+from xentlab.kernels.fused import sizes
 
 N, C = 23, 7  # small and odd so that nothing lines up with a chunk or a vector width by luck
 IGN = -100
@@ -52,12 +53,12 @@ IGN = -100
 def chunking(request, monkeypatch):
     """Runs a test on each path of the fused backend: 5-element row chunks (no one-shot path for small
     inputs), so every multi-chunk path runs; the one-shot closed-form path that inputs of up to
-    _SMALL_ELEMS elements take; and the defaults (the smallest inputs take PyTorch's row kernels)."""
+    sizes.SMALL_ELEMS elements take; and the defaults (the smallest inputs take PyTorch's row kernels)."""
     if request.param != "default-chunks":
-        monkeypatch.setattr(fused, "_TINY_ELEMS", 0)
+        monkeypatch.setattr(sizes, "TINY_ELEMS", 0)
     if request.param == "tiny-chunks":
-        monkeypatch.setattr(fused, "_CHUNK_ELEMS", 5)
-        monkeypatch.setattr(fused, "_SMALL_ELEMS", 0)
+        monkeypatch.setattr(sizes, "CHUNK_ELEMS", 5)
+        monkeypatch.setattr(sizes, "SMALL_ELEMS", 0)
 
 
 # ---------------------------------------------------------------- parity, every option combination
@@ -259,7 +260,7 @@ def test_asl_without_focusing_or_clip_is_bce_and_the_balanced_softmax_is_tau_one
 @pytest.mark.parametrize("loss", list(LOSS_CASES))
 def test_low_precision_inputs_match_float64_truth(loss, dtype, backend, chunking):
     ours, truth, kind = LOSS_CASES[loss]
-    for n, c in ((64, 101), (N, C)):  # C above and below fused._SMALL_C take different softmax paths
+    for n, c in ((64, 101), (N, C)):  # C above and below sizes.SMALL_C take different softmax paths
         x, target = make_logits(n, c, dtype), make_target(kind, n, c, dtype)
         check_parity(lambda x, t=target: ours(x, t, backend=backend), lambda x, t=target: truth(x, t), x,
                      scale=0.37)
@@ -353,7 +354,7 @@ def test_fused_gradcheck_float64(loss, reduction, chunking):
     assert torch.autograd.gradcheck(lambda x: GRADCHECK_CASES[loss](x, reduction), (x,))
 
 
-# The smallest batches (fused._TINY_ELEMS elements or fewer) are PyTorch's own row kernels plus autograd,
+# The smallest batches (sizes.TINY_ELEMS elements or fewer) are PyTorch's own row kernels plus autograd,
 # so they are twice differentiable; above that the fused losses have closed-form gradients,
 # once-differentiable and saying so. Each case builds its arguments for an (n, c) batch.
 BIG_N, BIG_C = 1000, 5
@@ -373,7 +374,7 @@ TWICE_AT_TINY_SHAPES = ["ce", "focal", "focal-gamma-0.5", "mse", "mse-probs-targ
 @pytest.mark.parametrize("loss", list(ONCE_DIFFERENTIABLE))
 def test_fused_double_backward_raises_clearly(loss):
     x = make_logits(BIG_N, BIG_C).requires_grad_()
-    assert x.numel() > fused._TINY_ELEMS
+    assert x.numel() > sizes.TINY_ELEMS
     (g,) = torch.autograd.grad(ONCE_DIFFERENTIABLE[loss](x), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once-differentiable.*backend='reference'"):
         g.sum().backward()
@@ -441,16 +442,16 @@ def test_fused_matches_reference_on_random_problems(problem, label_smoothing, ga
         "focal": lambda x, b: XF.focal_loss(x, target, gamma, make_weight(c), IGN, reduction, backend=b),
         "sigmoid-focal": lambda x, b: XF.sigmoid_focal_loss(x, target, 0.25, gamma, reduction, backend=b),
     }.get(loss, lambda x, b: LOSS_CASES[loss][0](x, target, reduction=reduction, backend=b))
-    old = fused._CHUNK_ELEMS, fused._SMALL_ELEMS, fused._TINY_ELEMS
+    old = sizes.CHUNK_ELEMS, sizes.SMALL_ELEMS, sizes.TINY_ELEMS
     if chunk is not None:
-        fused._TINY_ELEMS = 0
+        sizes.TINY_ELEMS = 0
     if chunk:
-        fused._CHUNK_ELEMS, fused._SMALL_ELEMS = chunk, 0
+        sizes.CHUNK_ELEMS, sizes.SMALL_ELEMS = chunk, 0
     try:  # the float64 "truth" here is the reference backend run on the same dtype
         check_parity(partial(call, b="fused"), lambda x: call(x.to(dtype), "reference").double(), x,
                      tol=TOLERANCES[dtype] if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-5))
     finally:
-        fused._CHUNK_ELEMS, fused._SMALL_ELEMS, fused._TINY_ELEMS = old
+        sizes.CHUNK_ELEMS, sizes.SMALL_ELEMS, sizes.TINY_ELEMS = old
 
 
 # ---------------------------------------------------------------- docs/losses.md numbers and corner cases

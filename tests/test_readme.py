@@ -68,7 +68,7 @@ def test_the_tour_runs_as_printed(tmp_path):
     for args in tour:
         if args[:2] == ["xentlab", "report"]:
             assert args[2] == "outputs/multirun/<date>/<time>"
-            args = [*args[:2], str(max(tmp_path.glob("outputs/multirun/*/*")))]
+            args = [*args[:2], str(max(tmp_path.glob("outputs/multirun/*/*"))), *args[3:]]
         result = run(shortened(args), tmp_path)
         if args[:2] == ["xentlab", "losses"]:
             assert " focal " in result.stdout
@@ -76,6 +76,7 @@ def test_the_tour_runs_as_printed(tmp_path):
     assert runs and all(r["status"] == "completed" for r in runs)
     assert any(r["config"]["data"]["name"] == "digits" for r in runs)
     assert (max(tmp_path.glob("outputs/multirun/*/*")) / "report.md").is_file()
+    assert {"report.tex", "report.html", "runs.csv"} <= {p.name for p in (tmp_path / "paper").iterdir()}
 
 
 def test_write_your_own_loss_runs_as_printed(tmp_path):

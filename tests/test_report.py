@@ -111,8 +111,9 @@ def test_report_numbers_match_hand_computation(tmp_path, capsys):
     assert "Not reported by these runs: test/macro_f1, test/ece." in md
     assert "| failed | ValueError: boom |" in md
     assert "data.imbalance_ratio=100,loss=mse,seed=1" in md  # started, no metrics.json yet
-    assert {p.name for p in report.files} == {"report.md", "report.csv", "comparisons.csv",
-                                              "report_metric_vs_ratio.png", "report_class_recall.png"}
+    assert {p.name for p in report.files} == {"report.md", "report.csv", "comparisons.csv", "runs.csv",
+                                              "report.json", "report_metric_vs_ratio.png",
+                                              "report_class_recall.png"}
     for png in ("report_metric_vs_ratio.png", "report_class_recall.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no staging file
@@ -227,7 +228,12 @@ def test_partial_sweep_lists_jobs_that_never_started_and_exits_nonzero(tmp_path,
     assert {c.baseline.label for c in report.comparisons.items} == {"loss=focal"}
     assert cli.main(["report", str(tmp_path)]) == 1
     assert "incomplete" in capsys.readouterr().err
-    assert cli.main(["report", str(tmp_path), "--allow-partial", "--baseline", "loss=ce"]) == 0
+    # Another baseline into the same folder would replace that report: refused, then allowed by name.
+    before = (tmp_path / "report.md").read_bytes()
+    assert cli.main(["report", str(tmp_path), "--allow-partial", "--baseline", "loss=ce"]) == 2
+    assert 'other options (baseline "loss=focal" → "loss=ce")' in capsys.readouterr().err
+    assert (tmp_path / "report.md").read_bytes() == before
+    assert cli.main(["report", str(tmp_path), "--allow-partial", "--baseline", "loss=ce", "--overwrite"]) == 0
     md = (tmp_path / "report.md").read_text()
     assert "## Never started (planned in multirun.yaml)" in md
     assert "- loss=focal, seed=2, data.imbalance_ratio=10" in md

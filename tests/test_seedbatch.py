@@ -184,6 +184,7 @@ def test_each_seed_writes_a_run_of_its_own(tmp_path):
         assert record["status"] == "completed" and record["epochs"] == 2
         assert record["overrides"] == ["loss=ce", f"seed={seed}"]
         assert (record["config"]["seed"], record["config"]["seeds"]) == (seed, 1)
+        assert record["versions"]["torch"] == torch.__version__  # what the report's set-up section shows
         assert "test/balanced_accuracy" in record["metrics"] and "val/minority_recall" in record["metrics"]
         events = EventAccumulator(str(tmp_path / f"seed={seed}"))
         events.Reload()

@@ -20,7 +20,6 @@ import contextvars
 import functools
 import inspect
 import math
-from numbers import Real
 
 import torch
 
@@ -65,7 +64,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     n_classes = _check_softmax_input(input)
     _check_reduction(reduction)
     _check_int("ignore_index", ignore_index)
-    eps = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
+    eps = spec.check_parameter("label_smoothing", label_smoothing)
     weight = _class_vector("weight", weight, n_classes, input)
     target = _softmax_target(target, input, n_classes, ignore_index, allow_probs=True)
     if target.dtype.is_floating_point:
@@ -84,10 +83,10 @@ def focal_loss(input: Tensor, target: Tensor, gamma: float = 2.0, alpha: Tensor 
     n_classes = _check_softmax_input(input)
     _check_reduction(reduction)
     _check_int("ignore_index", ignore_index)
-    gamma = _check_real("gamma", gamma, 0.0, math.inf)
+    row_loss = spec.Focal(gamma)
     alpha = _class_vector("alpha", alpha, n_classes, input)
     target = _softmax_target(target, input, n_classes, ignore_index, allow_probs=False)
-    return _softmax_loss(backend, input, target, spec.Focal(gamma), alpha, None, ignore_index, reduction, 0.0)
+    return _softmax_loss(backend, input, target, row_loss, alpha, None, ignore_index, reduction, 0.0)
 
 
 @_validating
@@ -137,8 +136,8 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: float = 0.25, gamma
     p_t = p t + (1-p)(1-t) and alpha_t = alpha t + (1-alpha)(1-t); alpha < 0 disables the alpha term."""
     _check_float_input(input)
     _check_reduction(reduction)
-    alpha = _check_real("alpha", alpha, -math.inf, 1.0)
-    gamma = _check_real("gamma", gamma, 0.0, math.inf)
+    alpha = spec.check_parameter("alpha", alpha)
+    gamma = spec.check_parameter("gamma", gamma)
     target = _binary_target(target, input)
     out = _backend_for(backend, input, target).sigmoid_focal_loss(_elements(input), target, alpha, gamma,
                                                                   reduction)
@@ -153,7 +152,7 @@ def logit_adjusted_loss(input: Tensor, target: Tensor, log_prior: Tensor, tau: f
     (C,) log class priors of the training split (`xentlab.weights.log_priors`), l_i = lse(z_i + tau log pi)
     - z_iy - tau log pi_y. tau = 1 is Balanced Softmax (Ren et al. 2020). `mean` as cross_entropy."""
     n_classes = _check_softmax_input(input)
-    tau = _check_real("tau", tau, -math.inf, math.inf)
+    tau = spec.check_parameter("tau", tau)
     log_prior = _class_values("log_prior", log_prior, n_classes, input, nonnegative=False)
     transform = spec.LogitTransform(bias=tau * log_prior)
     return _softmax_family(input, target, _NLL, weight, transform, ignore_index, reduction, backend)
@@ -168,9 +167,7 @@ def ldam_loss(input: Tensor, target: Tensor, margins: Tensor, scale: float = 30.
     Delta_c. `margins` is (C,), >= 0 (`xentlab.weights.ldam_margins`); `weight` (the deferred re-weighting)
     and `mean` as cross_entropy."""
     n_classes = _check_softmax_input(input)
-    scale = _check_real("scale", scale, 0.0, math.inf)
-    if scale == 0:
-        raise ValueError("scale must be > 0, got 0")
+    scale = spec.check_parameter("scale", scale)
     margins = _class_values("margins", margins, n_classes, input)
     transform = spec.LogitTransform(scale=scale, margin=margins)
     return _softmax_family(input, target, _NLL, weight, transform, ignore_index, reduction, backend)
@@ -182,7 +179,7 @@ def poly1_loss(input: Tensor, target: Tensor, epsilon: float = 1.0, weight: Tens
     """Poly-1 (Leng et al. 2022): l_i = w[y_i] [-log p_iy + epsilon (1 - p_iy)], epsilon >= -1; `mean`
     divides by the sum of w[y_i] over non-ignored rows, so epsilon = 0 is cross_entropy."""
     _check_softmax_input(input)
-    row_loss = spec.Poly1(_check_real("epsilon", epsilon, -1.0, math.inf))
+    row_loss = spec.Poly1(epsilon)
     return _softmax_family(input, target, row_loss, weight, None, ignore_index, reduction, backend)
 
 
@@ -193,9 +190,6 @@ def gce_loss(input: Tensor, target: Tensor, q: float = 0.7, weight: Tensor | Non
     with q in (0, 1] (q -> 0 is cross-entropy, q = 1 the mean absolute error of p_y); `mean` as
     cross_entropy."""
     _check_softmax_input(input)
-    q = _check_real("q", q, 0.0, 1.0)
-    if q == 0:
-        raise ValueError("q must be in (0, 1]; q -> 0 is cross-entropy, use cross_entropy")
     return _softmax_family(input, target, spec.GCE(q), weight, None, ignore_index, reduction, backend)
 
 
@@ -208,9 +202,9 @@ def asymmetric_loss(input: Tensor, target: Tensor, gamma_pos: float = 0.0, gamma
     gamma_pos = gamma_neg = clip = 0 is BCE."""
     _check_float_input(input)
     _check_reduction(reduction)
-    gamma_pos = _check_real("gamma_pos", gamma_pos, 0.0, math.inf)
-    gamma_neg = _check_real("gamma_neg", gamma_neg, 0.0, math.inf)
-    clip = _check_real("clip", clip, 0.0, 1.0)
+    gamma_pos = spec.check_parameter("gamma_pos", gamma_pos)
+    gamma_neg = spec.check_parameter("gamma_neg", gamma_neg)
+    clip = spec.check_parameter("clip", clip)
     target = _binary_target(target, input)
     out = _backend_for(backend, input, target).asl_loss(_elements(input), target, gamma_pos, gamma_neg, clip,
                                                reduction)
@@ -227,7 +221,7 @@ def softmax_loss(input: Tensor, target: Tensor, row_loss: spec.RowLoss, weight: 
     and its slope (see `xentlab.kernels.spec`: NLL, Focal, Poly1, GCE, or your own); the gradient is
     -slope(log p'_y) w_y (p' - onehot(y)) times the transform's scale. Class-index targets only."""
     n_classes = _check_softmax_input(input)
-    eps = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
+    eps = spec.check_parameter("label_smoothing", label_smoothing)
     if not (callable(getattr(row_loss, "value", None)) and callable(getattr(row_loss, "slope", None))):
         raise TypeError(f"row_loss must have value(logpt) and slope(logpt) methods (a xentlab.kernels.spec "
                         f"RowLoss), got {type(row_loss).__name__}")
@@ -346,15 +340,6 @@ def _check_int(name: str, value) -> None:
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
 
 
-def _check_real(name: str, value, low: float, high: float) -> float:
-    """A finite real number in [low, high] (NaN and infinities never are), returned as a float."""
-    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, Real)):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
-    return float(value)
-
-
 def _check_weights(name: str, values: Tensor, nonnegative: bool = True) -> None:
     if values.dtype.is_complex or values.dtype == torch.bool:
         raise TypeError(f"{name} must be real-valued, got dtype {values.dtype}")
@@ -405,7 +390,7 @@ def _transform(transform, n_classes: int, input: Tensor):
                                  f"{tuple(value.shape)}")
             value = value.to(device=input.device, dtype=compute_dtype(input.dtype))
         elif value is not None:
-            value = _check_real(f"transform.{name}", value, -math.inf, math.inf)
+            value = spec.check_real(f"transform.{name}", value, spec.Range(-math.inf, math.inf))
         moved[name] = value
     return spec.LogitTransform(**moved)
 

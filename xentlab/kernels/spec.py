@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from numbers import Real
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -42,13 +43,53 @@ def value_and_slope(row_loss: RowLoss, logpt: Tensor) -> tuple[Tensor, Tensor]:
     return both(logpt) if both is not None else (row_loss.value(logpt), row_loss.slope(logpt))
 
 
-def _finite(name: str, value: float, low: float, high: float, *, open_low: bool = False) -> float:
-    value = float(value)
-    inside = (low < value if open_low else low <= value) and value <= high
-    if not (math.isfinite(value) and inside):
-        bracket = "(" if open_low else "["
-        raise ValueError(f"{name} must be a finite number in {bracket}{low}, {high}], got {value!r}")
-    return value
+@dataclass(frozen=True)
+class Range:
+    """The values a scalar loss parameter may take: finite, from `low` to `high`, with `low` itself excluded
+    when `open_low`; `hint` says what the excluded end would mean."""
+
+    low: float
+    high: float
+    open_low: bool = False
+    hint: str = ""
+
+    def __str__(self) -> str:
+        return f"{'(' if self.open_low else '['}{self.low}, {self.high}]"
+
+
+INF = math.inf
+PARAMETERS = {
+    "gamma": Range(0.0, INF),                     # focal and sigmoid focal: 0 is cross-entropy / BCE
+    "gamma_pos": Range(0.0, INF),                 # ASL's focusing on positives
+    "gamma_neg": Range(0.0, INF),                 # ASL's focusing on negatives
+    "clip": Range(0.0, 1.0),                      # ASL's probability margin on negatives
+    "alpha": Range(-INF, 1.0),                    # sigmoid focal's positive weight; < 0 disables it
+    "epsilon": Range(-1.0, INF),                  # Poly-1: >= -1 keeps the loss decreasing in p_y
+    "q": Range(0.0, 1.0, open_low=True, hint="q -> 0 is cross-entropy (loss=ce, or cross_entropy)"),
+    "label_smoothing": Range(0.0, 1.0),
+    "tau": Range(-INF, INF),                      # logit adjustment's prior strength
+    "scale": Range(0.0, INF, open_low=True),      # LDAM's s: 0 would flatten every row
+}
+"""Every scalar loss parameter's valid range, written once: `xentlab.functional`, the spec's row losses and
+the built-in modules all check through `check_parameter`."""
+
+
+def check_parameter(name: str, value, *, shown_as: str | None = None) -> float:
+    """`value` as a float after checking it against PARAMETERS[name]: TypeError for a non-number (bools
+    included), ValueError naming the range for NaN, infinities or a value outside it. `shown_as` names the
+    parameter in the message where its config key differs (a built-in's `smoothing`)."""
+    return check_real(shown_as or name, value, PARAMETERS[name])
+
+
+def check_real(name: str, value, valid: Range) -> float:
+    """A finite real number within `valid`, returned as a float."""
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, Real)):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    low_ok = valid.low < value if valid.open_low else valid.low <= value
+    if not (math.isfinite(value) and low_ok and value <= valid.high):
+        hint = f"; {valid.hint}" if valid.hint else ""
+        raise ValueError(f"{name} must be a finite number in {valid}, got {value!r}{hint}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -73,7 +114,7 @@ class Focal:
     gamma: float = 2.0
 
     def __post_init__(self):
-        object.__setattr__(self, "gamma", _finite("gamma", self.gamma, 0.0, math.inf))
+        object.__setattr__(self, "gamma", check_parameter("gamma", self.gamma))
 
     def value(self, logpt: Tensor) -> Tensor:
         # The clamp keeps autograd's (1-p)^(gamma-1) finite at p = 1 (the reference backend differentiates
@@ -103,7 +144,7 @@ class Poly1:
     epsilon: float = 1.0
 
     def __post_init__(self):
-        object.__setattr__(self, "epsilon", _finite("epsilon", self.epsilon, -1.0, math.inf))
+        object.__setattr__(self, "epsilon", check_parameter("epsilon", self.epsilon))
 
     def value(self, logpt: Tensor) -> Tensor:
         return -logpt - self.epsilon * torch.expm1(logpt)
@@ -120,7 +161,7 @@ class GCE:
     q: float = 0.7
 
     def __post_init__(self):
-        object.__setattr__(self, "q", _finite("q", self.q, 0.0, 1.0, open_low=True))
+        object.__setattr__(self, "q", check_parameter("q", self.q))
 
     def value(self, logpt: Tensor) -> Tensor:
         return -torch.expm1(self.q * logpt) / self.q
@@ -159,3 +200,10 @@ class LogitTransform:
 
 
 IDENTITY = LogitTransform()
+
+
+def is_nll(row_loss: RowLoss) -> bool:
+    """Whether the row loss is -log p_y exactly (focal with gamma 0 and Poly-1 with epsilon 0 are, bit for
+    bit), so a backend may run plain cross-entropy for it."""
+    return isinstance(row_loss, NLL) or (isinstance(row_loss, Focal) and row_loss.gamma == 0) or (
+        isinstance(row_loss, Poly1) and row_loss.epsilon == 0)

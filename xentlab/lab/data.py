@@ -1,5 +1,6 @@
-"""The datasets of `xentlab.lab.datasets` as in-memory LightningDataModules: splits scaled on the training split
-only, optional label noise, batches that are slices of whole tensors (no per-item `__getitem__` + collate).
+"""The datasets of `xentlab.lab.datasets` as in-memory LightningDataModules: splits scaled on the training
+split only, optional label noise, batches that are slices of whole tensors (no per-item `__getitem__` +
+collate).
 """
 
 from __future__ import annotations

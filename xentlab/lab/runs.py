@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import platform
 import signal
 import threading
 import time
@@ -127,9 +128,10 @@ class RunRecord:
     a batch alike. Each method writes the record (atomically) and returns it.
 
     Every record holds `status`, `duration_s` (since this object was made), `epochs`, `torch_threads`,
-    `metrics`, plus what the status adds: `warnings` (completed), `error` and `traceback` (failed),
-    `error` ("stopped by <cause>", interrupted); `write_record` adds the overrides and the config.
-    `extra` fields go into every record (a seed's `seed_batch`).
+    `versions` (xentlab, torch, Lightning, Python: the report's set-up section reads them from here, never
+    from its own process), `metrics`, plus what the status adds: `warnings` (completed), `error` and
+    `traceback` (failed), `error` ("stopped by <cause>", interrupted); `write_record` adds the overrides
+    and the config. `extra` fields go into every record (a seed's `seed_batch`).
     """
 
     def __init__(self, output_dir: str | Path, cfg, overrides=(), **extra):
@@ -153,8 +155,19 @@ class RunRecord:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         return write_record(self.output_dir, self.cfg, {
             "status": status, "duration_s": round(time.time() - self.started, 3), "epochs": epochs,
-            "torch_threads": torch.get_num_threads(), "metrics": dict(metrics), **self.extra, **fields},
-            self.overrides)
+            "torch_threads": torch.get_num_threads(), "versions": versions(), "metrics": dict(metrics),
+            **self.extra, **fields}, self.overrides)
+
+
+def versions() -> dict[str, str]:
+    """The versions a run was made with, as its record keeps them."""
+    import pytorch_lightning as pl
+    import torch
+
+    import xentlab
+
+    return {"xentlab": xentlab.__version__, "torch": torch.__version__, "lightning": pl.__version__,
+            "python": platform.python_version()}
 
 
 class RunInterrupted(KeyboardInterrupt):

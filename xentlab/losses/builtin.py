@@ -13,7 +13,8 @@ from torch import nn
 
 from xentlab import config_dir, weights
 from xentlab import functional as F
-from xentlab.kernels import BACKENDS
+from xentlab.kernels import BACKENDS, spec
+from xentlab.kernels.spec import check_parameter
 from xentlab.losses.registry import register_loss
 
 Tensor = torch.Tensor
@@ -99,7 +100,7 @@ class LabelSmoothingCrossEntropy(_SoftmaxLoss):
 
     def __init__(self, *, smoothing: float, **common):
         super().__init__(**common)
-        self.smoothing = F._check_real("smoothing", smoothing, 0.0, 1.0)
+        self.smoothing = check_parameter("label_smoothing", smoothing, shown_as="smoothing")
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(input, target, ignore_index=self.ignore_index, reduction=self.reduction,
@@ -118,7 +119,7 @@ class FocalLoss(_SoftmaxLoss):
 
     def __init__(self, *, gamma: float, alpha, beta: float, class_counts: Tensor | None = None, **common):
         super().__init__(**common)
-        self.gamma = F._check_real("gamma", gamma, 0.0, float("inf"))
+        self.gamma = spec.Focal(gamma).gamma
         self.register_buffer("alpha", class_vector("alpha", alpha, beta, class_counts))
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -179,7 +180,7 @@ class LogitAdjustedCrossEntropy(_SoftmaxLoss):
 
     def __init__(self, *, tau: float, class_counts: Tensor | None = None, **common):
         super().__init__(**common)
-        self.tau = F._check_real("tau", tau, -float("inf"), float("inf"))
+        self.tau = check_parameter("tau", tau)
         self.register_buffer("log_prior", weights.log_priors(_counts_for("logit_adjusted", class_counts)))
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -201,9 +202,7 @@ class LDAMLoss(_SoftmaxLoss):
         super().__init__(**common)
         counts = _counts_for("ldam", class_counts)
         self.register_buffer("margins", weights.ldam_margins(counts, max_margin))
-        self.scale = F._check_real("scale", scale, 0.0, float("inf"))
-        if self.scale == 0:
-            raise ValueError("scale must be > 0, got 0")
+        self.scale = check_parameter("scale", scale)
         if drw_epoch is not None and (isinstance(drw_epoch, bool) or not isinstance(drw_epoch, int)
                                       or drw_epoch < 0):
             raise ValueError(f"drw_epoch must be null or an epoch number >= 0, got {drw_epoch!r}")
@@ -230,7 +229,7 @@ class Poly1CrossEntropy(_SoftmaxLoss):
 
     def __init__(self, *, epsilon: float, **common):
         super().__init__(**common)
-        self.epsilon = F._check_real("epsilon", epsilon, -1.0, float("inf"))
+        self.epsilon = spec.Poly1(epsilon).epsilon
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.poly1_loss(input, target, self.epsilon, ignore_index=self.ignore_index,
@@ -246,9 +245,7 @@ class GeneralizedCrossEntropy(_SoftmaxLoss):
 
     def __init__(self, *, q: float, **common):
         super().__init__(**common)
-        self.q = F._check_real("q", q, 0.0, 1.0)
-        if self.q == 0:
-            raise ValueError("q must be in (0, 1]; q -> 0 is cross-entropy (loss=ce)")
+        self.q = spec.GCE(q).q
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.gce_loss(input, target, self.q, ignore_index=self.ignore_index, reduction=self.reduction,
@@ -265,8 +262,8 @@ class SigmoidFocalLoss(_Loss):
 
     def __init__(self, *, alpha: float, gamma: float, **common):
         super().__init__(**common)
-        self.alpha = F._check_real("alpha", alpha, -float("inf"), 1.0)
-        self.gamma = F._check_real("gamma", gamma, 0.0, float("inf"))
+        self.alpha = check_parameter("alpha", alpha)
+        self.gamma = check_parameter("gamma", gamma)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.sigmoid_focal_loss(input, binary_targets(input, target), self.alpha, self.gamma,
@@ -284,9 +281,9 @@ class AsymmetricLoss(_Loss):
 
     def __init__(self, *, gamma_pos: float, gamma_neg: float, clip: float, **common):
         super().__init__(**common)
-        self.gamma_pos = F._check_real("gamma_pos", gamma_pos, 0.0, float("inf"))
-        self.gamma_neg = F._check_real("gamma_neg", gamma_neg, 0.0, float("inf"))
-        self.clip = F._check_real("clip", clip, 0.0, 1.0)
+        self.gamma_pos = check_parameter("gamma_pos", gamma_pos)
+        self.gamma_neg = check_parameter("gamma_neg", gamma_neg)
+        self.clip = check_parameter("clip", clip)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.asymmetric_loss(input, binary_targets(input, target), self.gamma_pos, self.gamma_neg,

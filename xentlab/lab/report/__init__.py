@@ -1,59 +1,79 @@
 """Sweep report: every job's `metrics.json` under a folder → groups with intervals → paired comparisons
-with a baseline → table, verdicts, comparisons.csv, report.csv, report.md and plots in the sweep folder.
+with a baseline → the terminal table and verdicts, and files in the chosen formats (report.md with PNG
+plots, comparisons.csv / report.csv / runs.csv, report.tex, report.html) in the sweep folder or `out`.
 
-Reads files only, never live objects, and treats every file as untrusted data (xentlab/lab/report/sweep.py),
-so it works on a sweep still running or partly failed: completed jobs are reported, failed, unreadable or
-malformed ones are listed with the reason, and jobs that started but never finished, or never started
-(from `multirun.yaml`), are listed too. The statistics are in xentlab/lab/report/stats.py and
-docs/statistics.md.
+Reads files only, never live objects, and treats every file as untrusted data with bounds
+(xentlab/lab/report/sweep.py), so it works on a sweep still running or partly failed: completed jobs are
+reported, failed, unreadable or malformed ones are listed with the reason, jobs that started but never
+finished, or never started (from `multirun.yaml`), are listed too, and a file that breaks a bound is one
+line naming it. The statistics are in stats.py and compare.py (docs/statistics.md); tables.py holds the
+tables every format renders (render.py, terminal.py), document.py the order report.md and report.html
+share.
 """
 
 from __future__ import annotations
 
-import csv
 import io
-import math
-from collections import defaultdict
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from xentlab.lab.atomic import atomic_write
 from xentlab.lab.report.compare import (
     DEFAULT_BASELINE,
     KEY_METRICS,
-    MINORITY,
     Comparison,
     Comparisons,
-    Group,
     Metric,
     build_groups,
     compare,
-    describe,
     parse_baseline,
-    verdict_lines,
 )
 from xentlab.lab.report.convergence import Convergence, convergence
+from xentlab.lab.report.document import FIGURE_CAPTIONS, Figure, document
 from xentlab.lab.report.figures import class_axis_label, plot_class_recall, plot_metric_vs_ratio
-from xentlab.lab.report.stats import MIN_SEEDS, NO_RUNS, Summary, summarize
+from xentlab.lab.report.options import Request, metric_named
+from xentlab.lab.report.recipe import recipe
+from xentlab.lab.report.render import to_csv, to_html, to_latex, to_markdown
+from xentlab.lab.report.stats import Summary, summarize
 from xentlab.lab.report.sweep import (
+    MAX_RECORD_BYTES,
     METRICS_FILE,
-    PLANNED_FILE,
+    Plan,
     Run,
+    Untrusted,
+    duplicates,
     load_runs,
     never_started,
-    planned_jobs,
+    read_bounded,
+    read_plan,
+    relative,
+    scan,
     started_jobs,
 )
+from xentlab.lab.report.tables import Table, tables
+from xentlab.lab.report.terminal import console_for_output, print_report, safe
 
-__all__ = ["KEY_METRICS", "METRICS_FILE", "Comparison", "Metric", "Report", "ReportWriteError", "Summary",
-           "build_report", "class_axis_label", "summarize", "write_report"]
+__all__ = ["KEY_METRICS", "METRICS_FILE", "Comparison", "DuplicateRuns", "Metric", "Report", "ReportExists",
+           "ReportWriteError", "Request", "Summary", "Table", "Untrusted", "build_report", "class_axis_label",
+           "summarize", "write_report"]
+
+MANIFEST = "report.json"  # what a report folder's report was made from, so another is not written over it
+
 
 class ReportWriteError(OSError):
     """The report was built and printed, but its files could not be written into the sweep folder."""
+
+
+class DuplicateRuns(ValueError):
+    """The folders hold one run twice (same configuration and seed) and no `--dedupe` says which to keep."""
+
+
+class ReportExists(ValueError):
+    """The output folder holds a report made with other options; it is not replaced without --overwrite."""
 
 
 @dataclass
@@ -69,6 +89,12 @@ class Report:
     baseline: dict
     convergence: Convergence | None = None
     files: list = field(default_factory=list)
+    request: Request = field(default_factory=Request)
+    sweeps: list = field(default_factory=list)  # sweep folders read (each with a multirun.yaml)
+    plans: list = field(default_factory=list)  # their Plans
+    skipped: list = field(default_factory=list)  # `file: reason` for every file not read
+    dropped: list = field(default_factory=list)  # (kept, left out) Runs under --dedupe
+    tables: list = field(default_factory=list)  # tables added by other modules, in every format they name
 
     @property
     def complete(self) -> bool:
@@ -80,264 +106,185 @@ class Report:
         return [run for g in self.groups for run in g.runs if run.warnings]
 
 
-def build_report(sweep_dir: str | Path, baseline: str | None = None) -> Report:
-    """Read `sweep_dir` and aggregate it; writes nothing. `baseline` (e.g. `loss=focal`) names the group
-    every other group is compared with; by default the sweep's `report.baseline` setting, else `loss=ce`.
+def build_report(sweep_dir: str | Path, baseline: str | None = None,
+                 request: Request | None = None) -> Report:
+    """Read `sweep_dir` (a sweep, a run, or a parent folder of several sweeps) and aggregate it; writes
+    nothing. `baseline` (e.g. `loss=focal`) names the group every other group is compared with; by
+    default the sweep's `report.baseline` setting, else `loss=ce`. `request` chooses metrics, formats and
+    what to do with a run recorded twice.
 
-    Raises ValueError when the folder does not exist or holds no metrics.json at all.
+    Raises ValueError when the folder does not exist, holds no metrics.json at all, holds a run twice
+    (DuplicateRuns, unless `request.dedupe`) or lacks a requested metric.
     """
     sweep_dir = Path(sweep_dir)
+    request = request or Request()
     if not sweep_dir.is_dir():
         raise ValueError(f"sweep folder {str(sweep_dir)!r} does not exist or is not a folder")
-    spec = parse_baseline(baseline or sweep_baseline(sweep_dir) or DEFAULT_BASELINE)
-    runs, pending = load_runs(sweep_dir)
+    folder = scan(sweep_dir)
+    plans = [read_plan(file) for file in folder.plans]
+    spec = parse_baseline(baseline or sweep_baseline(sweep_dir, plans) or DEFAULT_BASELINE)
+    runs, pending = load_runs(folder)
     if not runs:
         started = f" ({len(pending)} job folder(s) started, none finished)" if pending else ""
         raise ValueError(f"no runs under {str(sweep_dir)!r}: no {METRICS_FILE} at any depth{started}; "
                          "point at a sweep folder such as outputs/multirun/<date>/<time> or a run folder")
+    runs, dropped = without_duplicates(runs, request.dedupe)
     groups = build_groups(runs)
-    present = {m for g in groups for m in g.stats}
-    metrics = [m for m in KEY_METRICS if m.key in present]
-    planned, note = planned_jobs(sweep_dir)
-    unstarted = never_started(planned, started_jobs(sweep_dir, runs)) if planned is not None else []
+    metrics = chosen_metrics(runs, groups, request)
+    unstarted = []
+    for plan in plans:
+        if plan.jobs is not None:
+            unstarted += never_started(plan.jobs, started_jobs(folder, runs, plan.sweep_dir))
+    skipped = list(dict.fromkeys(folder.skipped + [f"{relative(p.path, sweep_dir)}: {p.problem}"
+                                                   for p in plans if p.problem]))
     problems = [run for run in runs if run.status != "completed"]
+    note = "; ".join(p.note for p in plans if p.note) or ("" if plans else "no multirun.yaml")
     return Report(sweep_dir, groups, compare(groups, metrics, spec), metrics, problems, pending, unstarted,
-                  note, spec, convergence(groups, spec))
+                  note, spec, convergence(groups, spec), request=request,
+                  sweeps=[p.sweep_dir for p in plans], plans=plans, skipped=skipped, dropped=dropped)
 
 
-def sweep_baseline(sweep_dir: Path) -> str | None:
-    """The `report.baseline` the sweep was launched with (from multirun.yaml), if any."""
-    import yaml
+def sweep_baseline(sweep_dir: Path, plans: list[Plan]) -> str | None:
+    """The `report.baseline` the sweep was launched with: the folder's own multirun.yaml, else the one
+    every sweep under it agrees on."""
+    own = [p.baseline for p in plans if p.sweep_dir == sweep_dir]
+    found = own or list({p.baseline for p in plans})
+    return found[0] if len(found) == 1 else None
 
+
+def without_duplicates(runs: list[Run], dedupe: str | None) -> tuple[list[Run], list[tuple[Run, Run]]]:
+    """`runs` with each run recorded twice kept once (`dedupe` "first" or "last" in path order), and the
+    (kept, left out) pairs; DuplicateRuns naming the copies when `dedupe` is None."""
+    copies = duplicates(runs)
+    if not copies:
+        return runs, []
+    if dedupe is None:
+        shown = "; ".join(" and ".join(str(r.path) for r in same) for same in copies[:3])
+        more = f"; … {len(copies) - 3} more" if len(copies) > 3 else ""
+        raise DuplicateRuns(f"{len(copies)} run(s) recorded more than once with the same configuration and "
+                            f"seed, which would count them twice: {shown}{more}. Keep one copy of each with "
+                            "--dedupe first or --dedupe last (in path order), or report the folders apart")
+    dropped = []
+    for same in copies:
+        kept = same[0] if dedupe == "first" else same[-1]
+        dropped += [(kept, run) for run in same if run is not kept]
+    left_out = {id(run) for _, run in dropped}
+    return [run for run in runs if id(run) not in left_out], dropped
+
+
+def chosen_metrics(runs: list[Run], groups: list, request: Request) -> list[Metric]:
+    """The metrics the report compares: the requested ones (each recorded by some completed run), else the
+    key metrics the groups have."""
+    if request.metrics is None:
+        present = {m for g in groups for m in g.stats}
+        return [m for m in KEY_METRICS if m.key in present]
+    recorded = {k for run in runs if run.status == "completed" for k in run.metrics}
+    missing = [key for key in request.metrics if key not in recorded]
+    if missing:
+        available = sorted(k for k in recorded if k.startswith("test/"))
+        raise ValueError(f"--metrics {', '.join(missing)}: no completed run here recorded "
+                         f"{'it' if len(missing) == 1 else 'them'}; the test metrics recorded are "
+                         f"{', '.join(available) or 'none'}")
+    return [metric_named(key) for key in request.metrics]
+
+
+def options(report: Report, out: Path) -> dict:
+    """What makes two reports of one folder the same report: the sweep read (relative to the output
+    folder, so moving both together keeps it), the baseline, the metrics and the dedupe choice."""
+    return {"sweep": os.path.relpath(report.sweep_dir.resolve(), out.resolve()),
+            "baseline": ",".join(f"{k}={v}" for k, v in report.baseline.items()),
+            "metrics": [m.key for m in report.metrics], "dedupe": report.request.dedupe}
+
+
+def previous_options(out: Path) -> dict | None:
+    """The options the report already in `out` was made with; None when there is none or it is unreadable."""
     try:
-        value = yaml.safe_load((sweep_dir / PLANNED_FILE).read_text())["report"]["baseline"]
-    except Exception:  # noqa: BLE001 - no file, no key or a bad file: the default applies
+        recorded = json.loads(read_bounded(out / MANIFEST, MAX_RECORD_BYTES))
+    except (OSError, ValueError, RecursionError):
         return None
-    return value if isinstance(value, str) else None
+    found = recorded.get("options") if isinstance(recorded, dict) else None
+    return found if isinstance(found, dict) else None
 
 
-def write_report(sweep_dir: str | Path, console: Console | None = None,
-                 baseline: str | None = None) -> Report:
-    """Aggregate `sweep_dir`, print the table and verdicts, then write report.md, report.csv,
-    comparisons.csv and PNG plots into it, each atomically (temporary file + rename in the folder).
-
-    A folder that cannot be written still gets the printed report; then ReportWriteError says why.
-    """
-    report = build_report(sweep_dir, baseline)
-    console = console or Console(width=None if Console().is_terminal else 150)
-    print_report(report, console)
-    out = report.sweep_dir
-    try:
-        written = [atomic_write(out / "comparisons.csv", comparisons_csv(report)),
-                   atomic_write(out / "report.csv", groups_csv(report))]
-        for name, draw in (("report_metric_vs_ratio.png", plot_metric_vs_ratio),
-                           ("report_class_recall.png", plot_class_recall)):
-            figure = draw(report)
-            if figure is not None:
-                written.append(atomic_write(out / name, figure_bytes(figure)))
-        report.files = written
-        report.files.insert(0, atomic_write(out / "report.md", markdown(report)))
-    except OSError as error:
-        raise ReportWriteError(f"could not write the report into {out}: {error.strerror or error}; the "
-                               "table above is complete; rerun `xentlab report` on a writable copy"
-                               ) from error
-    console.print("written: " + ", ".join(str(p) for p in report.files), highlight=False)
-    return report
+def check_out(report: Report, out: Path, overwrite: bool) -> str | None:
+    """ReportExists when `out` holds a report made with other options (unless `overwrite`); else a note to
+    print when a report whose options are unknown (no report.json, an older xentlab) will be replaced."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder")
+    mine, before = options(report, out), previous_options(out)
+    if before is not None and before != mine and not overwrite:
+        changed = ", ".join(f"{key} {json.dumps(before.get(key))} → {json.dumps(value)}"
+                            for key, value in mine.items() if before.get(key) != value)
+        raise ReportExists(f"{out} holds a report made with other options ({changed}); write this one "
+                           "elsewhere with --out DIR, or replace it with --overwrite")
+    if before is None and (out / "report.md").exists():
+        return f"replacing the report in {out}, whose options were not recorded"
+    if before is not None and before != mine:
+        return f"replacing the report in {out} made with other options (--overwrite)"
+    return None
 
 
-def figure_bytes(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
-
-
-def csv_text(rows: list[list]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
-
-
-def comparisons_csv(report: Report) -> str:
-    """comparisons.csv: one row per comparison with a baseline; verdicts, ★ and report.md follow from it."""
-    rows = [["context", "metric", "loss", "baseline", "n", "diff", "ci_low", "ci_high", "p", "p_adjusted",
-             "significant", "better", "test", "seeds_better", "seeds_worse", "higher_is_better",
-             "seeds_needed"]]
-    for c in report.comparisons.items:
-        d = c.paired
-        rows.append([c.context, c.metric.key, c.group.label, c.baseline.label, d.n, d.diff, d.low, d.high,
-                     d.p,
-                     "" if math.isnan(c.p_adjusted) else c.p_adjusted, str(c.significant).lower(),
-                     str(c.better).lower(), d.test, d.positive if c.metric.higher_is_better else d.negative,
-                     d.negative if c.metric.higher_is_better else d.positive,
-                     str(c.metric.higher_is_better).lower(), c.needed or ""])
-    return csv_text(rows)
-
-
-def groups_csv(report: Report) -> str:
-    """report.csv: one row per group with its settings and, per test metric, mean, 95% interval, std, n."""
-    keys = sorted({k for g in report.groups for k in g.settings})
-    names = sorted({m for g in report.groups for m in g.stats if m.startswith("test/")})
-    rows = [["context", "group", "baseline", *keys, "n"]
-            + [f"{m}_{part}" for m in names for part in ("mean", "ci_low", "ci_high", "std", "n")]]
-    for g in report.groups:
-        values = []
-        for m in names:
-            s = g.stats.get(m, NO_RUNS)
-            values += [s.mean, s.low, s.high, s.std, s.n]
-        rows.append([g.context, g.label, str(g.is_baseline).lower(), *(g.settings.get(k, "") for k in keys),
-                     len(g.runs), *values])
-    return csv_text(rows)
-
-
-def marks(report: Report) -> dict[tuple[int, str], str]:
-    """(group id, metric key) → "★" where the group is significantly better than the baseline, "▼" worse."""
-    found = {}
-    for c in report.comparisons.items:
-        if c.significant:
-            found[(id(c.group), c.metric.key)] = "★" if c.better else "▼"
+def figures(report: Report) -> list[Figure]:
+    """The plots that carry information for this report, as PNG bytes with their captions."""
+    found = []
+    for name, draw in (("report_metric_vs_ratio", plot_metric_vs_ratio),
+                       ("report_class_recall", plot_class_recall)):
+        figure = draw(report)
+        if figure is not None:
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format="png", dpi=110)
+            found.append(Figure(f"{name}.png", buffer.getvalue(), FIGURE_CAPTIONS[name]))
     return found
 
 
-def cell(group: Group, metric: Metric) -> str:
-    """`mean [low, high]`, with `(n=k)` when fewer of the group's runs reported the metric; `—` if none."""
-    summary = group.stats.get(metric.key)
-    if summary is None or summary.n == 0:
-        return "—"
-    text = summary.text()
-    return text if summary.n == len(group.runs) else f"{text} (n={summary.n})"
+def report_files(report: Report) -> dict[str, str | bytes]:
+    """File name → content: the CSVs always (the data every document is made from), then the documents
+    the report's request names."""
+    kinds = report.request.formats
+    every = tables(report)
+    files: dict[str, str | bytes] = {f"{t.name}.csv": to_csv(t) for t in every
+                                     if "csv" in t.formats and t.name}
+    plots = figures(report) if {"md", "html"} & set(kinds) else []
+    if "md" in kinds:
+        files |= {figure.name: figure.png for figure in plots}
+        files["report.md"] = to_markdown(document(report, plots, "md"))
+    if "latex" in kinds:
+        files["report.tex"] = to_latex(every, recipe(report), str(report.sweep_dir))
+    if "html" in kinds:
+        files["report.html"] = to_html(document(report, plots, "html"), f"xentlab report: {report.sweep_dir}")
+    return files
 
 
-def table_rows(report: Report) -> list[tuple[list[str], list[str]]]:
-    """Per group: the cells [context, group, n, metric...] and each metric cell's mark ("", "★", "▼")."""
-    found = marks(report)
-    return [([g.context, g.label + (" (baseline)" if g.is_baseline else ""), str(len(g.runs))]
-             + [cell(g, m) for m in report.metrics],
-             [found.get((id(g), m.key), "") for m in report.metrics]) for g in report.groups]
+def write_report(sweep_dir: str | Path, console: Console | None = None, baseline: str | None = None, *,
+                 request: Request | None = None, out: str | Path | None = None,
+                 overwrite: bool = False) -> Report:
+    """Aggregate `sweep_dir`, print the table and verdicts, then write the requested files into `out`
+    (default: the sweep folder), each atomically (temporary file + rename in the folder), and report.json,
+    the options they were made with.
 
+    Refuses (ReportExists, before anything is printed) to replace a report in `out` made with other
+    options unless `overwrite`. A folder that cannot be written still gets the printed report; then
+    ReportWriteError says why.
+    """
+    report = build_report(sweep_dir, baseline, request)
+    out = Path(out) if out is not None else report.sweep_dir
+    note = check_out(report, out, overwrite)
+    console = console or console_for_output()
+    print_report(report, console)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        written = [atomic_write(out / name, content) for name, content in report_files(report).items()]
+        manifest = {"options": options(report, out), "formats": list(report.request.formats),
+                    "files": sorted(p.name for p in written)}
+        written.append(atomic_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n"))
+    except OSError as error:
+        raise ReportWriteError(f"could not write the report into {out}: {error.strerror or error}; the "
+                               "table above is complete; rerun `xentlab report` with --out on a writable "
+                               "folder") from error
+    report.files = written
+    if note:
+        console.print(f"[yellow]{safe(note)}[/]", highlight=False)
+    console.print("written: " + safe(", ".join(str(p) for p in report.files)), highlight=False)
+    return report
 
-def title(report: Report) -> str:
-    base = ",".join(f"{k}={v}" for k, v in report.baseline.items())
-    return (f"mean [95% CI] over seeds; ★ / ▼ significantly better / worse than {base} "
-            f"(paired, Holm-adjusted p < 0.05, ≥ {MIN_SEEDS} seeds)")
-
-
-def rich_table(report: Report) -> Table:
-    """The console table: one row per group, one section per context, marked cells."""
-    table = Table(title=title(report), title_justify="left")
-    has_context = any(g.context for g in report.groups)
-    if has_context:
-        table.add_column("context", overflow="fold")
-    table.add_column("loss / run", overflow="fold")
-    table.add_column("n", justify="right")
-    for metric in report.metrics:
-        table.add_column(metric.heading, justify="right", no_wrap=True)
-    rows = table_rows(report)
-    style = {"★": "bold green", "▼": "red"}
-    for i, (cells, signs) in enumerate(rows):
-        values = [f"[{style[s]}]{s} {escape(c)}[/]" if s else escape(c)
-                  for c, s in zip(cells[3:], signs, strict=True)]
-        last_in_block = i + 1 == len(rows) or report.groups[i + 1].context != report.groups[i].context
-        shown = cells[:3] if has_context else cells[1:3]
-        table.add_row(*map(escape, shown), *values, end_section=last_in_block)
-    return table
-
-
-def markdown(report: Report) -> str:
-    """report.md: the verdicts (the answer), the table, convergence, problems and the plots."""
-    done = sum(len(g.runs) for g in report.groups)
-    lines = [f"# Sweep report: `{report.sweep_dir}`", "",
-             f"{done} completed runs in {len(report.groups)} groups, {len(report.problems)} failed or "
-             f"incomplete (failed, interrupted, unreadable or malformed), {len(report.pending)} started but "
-             f"never finished, {len(report.unstarted)} never started.",
-             ""]
-    said = [f"- {line}" for line in verdict_lines(report.comparisons)] or ["- (nothing to compare)"]
-    lines += ["## Verdicts", "", "Each loss against the baseline on matched seeds: mean paired difference "
-              "[95% CI], seeds in that direction, Holm-adjusted p over every comparison below "
-              "(comparisons.csv; method in docs/statistics.md).", "", *said]
-    lead = slice(0 if any(g.context for g in report.groups) else 1, 3)
-    headings = ["context", "loss / run", "n"][lead] + [m.heading for m in report.metrics]
-    lines += ["", "## Results", "", title(report) + ". Intervals are Student t, clipped to the metric's "
-              "range.", "", "| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
-    for cells, signs in table_rows(report):
-        values = [f"**{s} {c}**" if s else c for c, s in zip(cells[3:], signs, strict=True)]
-        lines.append("| " + " | ".join(cells[lead] + values) + " |")
-    recorded = {k for g in report.groups for run in g.runs for k in run.metrics}
-    missing = [m.key for m in KEY_METRICS if m not in report.metrics and m.key not in recorded]
-    if missing:
-        lines += ["", f"Not reported by these runs: {', '.join(missing)}."]
-    if MINORITY in recorded and not all(MINORITY in g.stats for g in report.groups):
-        lines += ["", "Minority recall is left out where the classes have equal sizes (imbalance ratio 1): "
-                  "there it would name an arbitrary class."]
-    if report.convergence is not None:
-        lines += ["", *report.convergence.markdown()]
-    lines += problem_lines(report)
-    pngs = [p for p in report.files if p.suffix == ".png"]
-    if pngs:
-        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
-    return "\n".join(lines) + "\n"
-
-
-def problem_lines(report: Report) -> list[str]:
-    """Markdown for failed, unreadable, malformed or interrupted jobs, warnings, unfinished and unstarted."""
-    lines = []
-    if report.problems:
-        lines += ["", "## Failed, unreadable or incomplete jobs", "", "| job | status | reason |",
-                  "|---|---|---|"]
-        for run in report.problems:
-            lines.append(f"| {relative(run.path, report.sweep_dir)} | {run.status} | {md_cell(run.error)} |")
-    if report.warned:
-        lines += ["", "## Runs with warnings (included in the results)", ""]
-        lines += [f"- {relative(run.path, report.sweep_dir)}: {md_cell('; '.join(run.warnings))}"
-                  for run in report.warned]
-    if report.pending:
-        lines += ["", "## Started but never finished (no metrics.json)", ""]
-        lines += [f"- {relative(p, report.sweep_dir)}" for p in report.pending]
-    if report.unstarted:
-        lines += ["", f"## Never started (planned in {PLANNED_FILE})", ""]
-        lines += [f"- {describe(job, list(job))}" for job in report.unstarted]
-    if not report.complete:
-        lines += ["", f"Groups with missing jobs are compared on the seeds they share with the baseline; a "
-                  f"claim needs ≥ {MIN_SEEDS} of them."]
-    return lines
-
-
-def md_cell(text: str | None) -> str:
-    return (text or "").replace("|", "\\|").replace("\n", " ")
-
-
-def relative(path: Path, root: Path) -> str:
-    """`path` relative to the sweep folder, for short job names."""
-    return str(path.relative_to(root)) if path != root else "."
-
-
-def print_report(report: Report, console: Console) -> None:
-    """Table, verdicts, problems grouped by reason, unfinished and unstarted jobs."""
-    console.rule(f"sweep report: {escape(str(report.sweep_dir))}")
-    if report.groups:
-        console.print(rich_table(report))
-    else:
-        console.print(f"[yellow]No completed runs under {escape(str(report.sweep_dir))}.[/]")
-    for line in verdict_lines(report.comparisons):
-        console.print(f"[bold]verdict[/] {escape(line)}", highlight=False)
-    if report.convergence is not None:
-        for line in report.convergence.lines():
-            console.print(escape(line), highlight=False)
-    by_error = defaultdict(list)
-    for run in report.problems:
-        by_error[(run.status, run.error or "")].append(relative(run.path, report.sweep_dir))
-    for (status, error), jobs in by_error.items():
-        listed = "; ".join(jobs[:3]) + (f"; … {len(jobs) - 3} more (see report.md)" if len(jobs) > 3 else "")
-        console.print(f"[red]{status} ×{len(jobs)}[/]: {escape(error)}\n  jobs: {escape(listed)}",
-                      highlight=False)
-    for run in report.warned:
-        console.print(f"[yellow]warning[/] {escape(relative(run.path, report.sweep_dir))}: "
-                      f"{escape('; '.join(run.warnings))}", highlight=False)
-    if report.pending:
-        console.print(f"[yellow]{len(report.pending)} job(s) started but have no metrics.json[/]")
-    if report.unstarted:
-        shown = "; ".join(describe(job, list(job)) for job in report.unstarted[:5])
-        more = f"; … {len(report.unstarted) - 5} more (see report.md)" if len(report.unstarted) > 5 else ""
-        console.print(f"[yellow]{len(report.unstarted)} planned job(s) never started[/]: "
-                      f"{escape(shown + more)}",
-                      highlight=False)
 

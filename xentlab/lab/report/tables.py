@@ -1,0 +1,178 @@
+"""The report's tables as plain data, one `Table` each, rendered alike by every format (xentlab/lab/report
+/render.py): a table names the formats that show it, so a new table (or a new column in a comparison's
+record) reaches the terminal, report.md, report.tex, report.html and its CSV without format-specific code.
+
+Cells are plain values (str, int, float, bool, None) or `Marked` (a result with its significance mark);
+renderers escape text for their format and write numbers in full precision to CSV.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from xentlab.lab.report.compare import KEY_METRICS, MINORITY, Comparison, Group, Metric
+from xentlab.lab.report.stats import MIN_SEEDS, NO_RUNS, paired_test
+from xentlab.lab.report.sweep import relative
+
+BETTER, WORSE = "better", "worse"
+
+
+@dataclass(frozen=True)
+class Marked:
+    """A table cell with a significance mark: "" (none), BETTER or WORSE than the baseline."""
+
+    text: str
+    mark: str = ""
+
+
+@dataclass
+class Table:
+    """One table: `name` is its CSV file's stem (report.csv, comparisons.csv, ...), `formats` where it
+    appears (any of terminal, md, csv, latex, html), `caption` a sentence under its title."""
+
+    name: str
+    title: str
+    columns: list[str]
+    rows: list[list]
+    formats: frozenset = frozenset({"md", "html"})
+    caption: str = ""
+    blocks: list[int] = field(default_factory=list)  # row indices that start a new block (a context)
+    notes: list[str] = field(default_factory=list)  # sentences shown under the table
+
+
+def cell(group: Group, metric: Metric) -> str:
+    """`mean [low, high]`, with `(n=k)` when fewer of the group's runs reported the metric; `—` if none."""
+    summary = group.stats.get(metric.key)
+    if summary is None or summary.n == 0:
+        return "—"
+    text = summary.text()
+    return text if summary.n == len(group.runs) else f"{text} (n={summary.n})"
+
+
+def marks(comparisons: list[Comparison]) -> dict[tuple[int, str], str]:
+    """(group id, metric key) → BETTER / WORSE where the group differs significantly from the baseline."""
+    return {(id(c.group), c.metric.key): BETTER if c.better else WORSE for c in comparisons if c.significant}
+
+
+def baseline_text(report) -> str:
+    return ",".join(f"{k}={v}" for k, v in report.baseline.items())
+
+
+def results_caption(report) -> str:
+    return (f"Mean [95% CI] over seeds (Student t, clipped to the metric's range); ★ / ▼ significantly "
+            f"better / worse than {baseline_text(report)} (paired on seeds, Holm-adjusted p < 0.05, "
+            f"≥ {MIN_SEEDS} seeds).")
+
+
+def results_table(report) -> Table:
+    """One row per group (the baseline labelled), one column per reported metric, marked cells."""
+    found = marks(report.comparisons.items)
+    with_context = any(g.context for g in report.groups)
+    columns = ((["context"] if with_context else []) + ["loss / run", "n"]
+               + [m.heading for m in report.metrics])
+    rows, blocks = [], []
+    for i, g in enumerate(report.groups):
+        if i == 0 or g.context != report.groups[i - 1].context:
+            blocks.append(i)
+        label = g.label + (" (baseline)" if g.is_baseline else "")
+        rows.append(([g.context] if with_context else []) + [label, len(g.runs)]
+                    + [Marked(cell(g, m), found.get((id(g), m.key), "")) for m in report.metrics])
+    return Table("", "Results", columns, rows, frozenset({"terminal", "md", "html", "latex"}),
+                 results_caption(report), blocks, result_notes(report))
+
+
+def result_notes(report) -> list[str]:
+    """What the results table leaves out, and why."""
+    recorded = {k for g in report.groups for run in g.runs for k in run.metrics}
+    notes = []
+    missing = [m.key for m in KEY_METRICS if m not in report.metrics and m.key not in recorded]
+    if missing and report.request.metrics is None:
+        notes.append(f"Not reported by these runs: {', '.join(missing)}.")
+    if MINORITY in [m.key for m in report.metrics] and not all(MINORITY in g.stats for g in report.groups):
+        notes.append("Minority recall is left out where the classes have equal sizes (imbalance ratio 1): "
+                     "there it would name an arbitrary class.")
+    return notes
+
+
+def comparison_record(c: Comparison) -> dict:
+    """comparisons.csv's row for one comparison: the source of the verdicts, the marks and report.md."""
+    d = c.paired
+    return {"context": c.context, "metric": c.metric.key, "loss": c.group.label, "baseline": c.baseline.label,
+            "n": d.n, "diff": d.diff, "ci_low": d.low, "ci_high": d.high, "p": d.p,
+            "p_adjusted": None if math.isnan(c.p_adjusted) else c.p_adjusted, "significant": c.significant,
+            "better": c.better, "test": d.test,
+            "seeds_better": d.positive if c.metric.higher_is_better else d.negative,
+            "seeds_worse": d.negative if c.metric.higher_is_better else d.positive,
+            "higher_is_better": c.metric.higher_is_better, "seeds_needed": c.needed}
+
+
+def comparisons_table(report) -> Table:
+    records = [comparison_record(c) for c in report.comparisons.items]
+    # With nothing to compare, the header of a blank record: a header-only file, which pandas reads.
+    empty = Group({}, "", "", [], {}, [])
+    columns = list(records[0] if records else comparison_record(Comparison("", Metric("", "", True), empty,
+                                                                           empty, paired_test([]))))
+    return Table("comparisons", "Comparisons with the baseline", columns,
+                 [list(r.values()) for r in records], frozenset({"csv", "html"}),
+                 "One row per loss, context and metric against the baseline on matched seeds "
+                 "(docs/statistics.md).")
+
+
+def groups_table(report) -> Table:
+    """report.csv: one row per group with its settings and, per test metric, mean, 95% interval, std, n."""
+    keys = sorted({k for g in report.groups for k in g.settings})
+    names = sorted({m for g in report.groups for m in g.stats if m.startswith("test/")})
+    columns = (["context", "group", "baseline", *keys, "n"]
+               + [f"{m}_{part}" for m in names for part in ("mean", "ci_low", "ci_high", "std", "n")])
+    rows = []
+    for g in report.groups:
+        values = []
+        for m in names:
+            s = g.stats.get(m, NO_RUNS)
+            values += [s.mean, s.low, s.high, s.std, s.n]
+        rows.append([g.context, g.label, g.is_baseline, *(g.settings.get(k, "") for k in keys), len(g.runs),
+                     *values])
+    return Table("report", "Groups", columns, rows, frozenset({"csv"}))
+
+
+def runs_table(report) -> Table:
+    """runs.csv, tidy: one row per completed run × recorded metric, with the run's folder, every swept
+    key, its seed, group and context as columns (`pandas.read_csv` then `seaborn` without reshaping)."""
+    from xentlab.lab.report.compare import seed_of
+
+    keys = sorted({k for g in report.groups for k in g.settings})
+    rows = []
+    for g in report.groups:
+        for run in g.runs:
+            where = [relative(run.path, report.sweep_dir), *(g.settings.get(k, "") for k in keys),
+                     seed_of(run), g.label, g.context]
+            rows += [[*where, name, value] for name, value in sorted(run.metrics.items())]
+    columns = ["run", *keys, "seed", "group", "context", "metric", "value"]
+    return Table("runs", "Runs", columns, rows, frozenset({"csv"}))
+
+
+def convergence_table(report) -> Table | None:
+    conv = report.convergence
+    if conv is None:
+        return None
+    with_context = any(g.context for g, _, _ in conv.rows)
+    columns = (["context"] if with_context else []) + ["group", "epochs to threshold", "epochs run"]
+    rows = [([g.context] if with_context else []) + [g.label, s.text(1), n] for g, s, n in conv.rows]
+    return Table("", "Convergence", columns, rows, frozenset({"md", "html"}), conv.header() + ".",
+                 notes=conv.comparison_text())
+
+
+def problems_table(report) -> Table | None:
+    if not report.problems:
+        return None
+    rows = [[relative(run.path, report.sweep_dir), run.status, run.error or ""] for run in report.problems]
+    return Table("", "Failed, unreadable or incomplete jobs", ["job", "status", "reason"], rows)
+
+
+def tables(report) -> list[Table]:
+    """Every table of the report, in the order the documents show them; tables that other modules add to
+    `report.tables` come after the results."""
+    found = [results_table(report), *report.tables, convergence_table(report), comparisons_table(report),
+             groups_table(report), runs_table(report), problems_table(report)]
+    return [t for t in found if t is not None]
