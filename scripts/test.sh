@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up from nothing (.venv + xentlab with its test extras), then run the whole test suite.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k registry`.
+# The `gpu` extra (Triton) even without a GPU: tests/test_triton.py runs the Triton kernels in Triton's CPU
+# interpreter (TRITON_INTERPRET=1, tests/conftest.py), so their correctness is checked on every machine.
 source "$(dirname "$0")/_setup.sh" "dev,sweep,gpu,mnist"
 # tests/test_slurm.py starts a one-node SLURM cluster, and the browser tests open pages in headless
 # Chromium: as root on Debian, install SLURM, munge and Chromium if missing (elsewhere those tests skip,

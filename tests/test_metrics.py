@@ -24,8 +24,10 @@ from xentlab.lab.metrics import (
     fit_temperature,
     logit_adjusted,
     loss_curve,
+    model_prior,
     per_label,
     probabilities,
+    shift_calibration,
     temperature_scaled,
 )
 from xentlab.lab.module import ClassifierModule, SeedRun
@@ -367,7 +369,68 @@ def test_logit_adjustment_matches_a_hand_computation():
     # priors 0.9, 0.1: z - log pi adds 0.105 to class 0 and 2.303 to class 1, so rows 0-2 go to class 1
     # (row 0 wrongly), row 3 stays class 0: recall 1/2 for class 0, 2/2 for class 1 (the minority).
     values = logit_adjusted(logits, target, torch.tensor([90, 10]))
-    assert values == pytest.approx(
-        {"la_accuracy": 0.75, "la_balanced_accuracy": 0.75, "la_minority_recall": 1.0})
+    # Macro-F1: class 0 precision 1, recall 1/2 (F1 2/3); class 1 precision 2/3, recall 1 (F1 4/5).
+    assert values == pytest.approx({"la_accuracy": 0.75, "la_balanced_accuracy": 0.75,
+                                    "la_macro_f1": (2 / 3 + 4 / 5) / 2, "la_minority_recall": 1.0})
     assert logit_adjusted(logits, target, torch.tensor([90, 10]), tau=0.0) == pytest.approx(
-        {"la_accuracy": 0.75, "la_balanced_accuracy": 0.75, "la_minority_recall": 0.5})
+        {"la_accuracy": 0.75, "la_balanced_accuracy": 0.75, "la_macro_f1": (4 / 5 + 2 / 3) / 2,
+         "la_minority_recall": 0.5})
+
+
+def hand_classwise_ece(probs: np.ndarray, target: np.ndarray) -> float:
+    """(1/C) sum_c sum_b (n_bc / N) |freq_bc - conf_bc| with 15 equal-width bins, looped by hand."""
+    n, c = probs.shape
+    total = 0.0
+    for k in range(c):
+        for b in range(N_BINS):
+            low, high = b / N_BINS, (b + 1) / N_BINS
+            upper = probs[:, k] < high if b < N_BINS - 1 else probs[:, k] <= high
+            inside = (probs[:, k] >= low) & upper
+            if inside.any():
+                total += inside.sum() / n * abs(np.mean(target[inside] == k) - probs[inside, k].mean())
+    return total / c
+
+
+def test_classwise_ece_matches_a_hand_computation():
+    logits, target = fixed_predictions(400, 4, seed=3)
+    values = shift_calibration(logits, target, "multiclass")
+    expected = hand_classwise_ece(torch.softmax(logits.double(), 1).numpy(), target.numpy())
+    assert values["classwise_ece"] == pytest.approx(expected, rel=1e-6)  # probabilities in float32
+    assert "prior_corrected_ece" not in values  # no training counts: no prior to correct from
+
+
+@pytest.mark.parametrize("probability_map", ["softmax", "sigmoid"])
+def test_prior_correction_removes_the_miscalibration_a_prior_shift_causes(probability_map):
+    # A model calibrated on a long-tailed training prior, tested on a balanced split: its logits are the
+    # balanced truth's plus log pi_train. Raw ECE is large, the prior-corrected ECE is binning noise.
+    generator = torch.Generator().manual_seed(4)
+    z = torch.randn(20000, 4, generator=generator, dtype=torch.float64)
+    target = torch.multinomial(torch.softmax(z, 1), 1, generator=generator).squeeze(1)
+    counts = torch.tensor([800.0, 200.0, 50.0, 8.0])
+    prior = counts / counts.sum()
+    logits = torch.log_softmax(z, 1) + prior.log()
+    if probability_map == "sigmoid":  # the same probabilities under the normalised-sigmoid map
+        q = torch.softmax(logits, 1)
+        logits = torch.log(q / (1 - q))
+    values = shift_calibration(logits, target, "multiclass", probability_map, counts)
+    raw = StageMetrics("multiclass", 4, probability_map=probability_map)
+    raw.update(logits, target, torch.tensor(0.0))
+    assert raw.compute()["ece"] > 0.15
+    assert values["prior_corrected_ece"] < 0.015
+
+
+def test_the_prior_a_model_carries_follows_its_sampler_and_loss():
+    from xentlab.losses.builtin import CrossEntropy, LogitAdjustedCrossEntropy, WeightedCrossEntropy
+
+    counts = torch.tensor([900.0, 90.0, 10.0])
+    uniform = torch.full((3,), 1 / 3, dtype=torch.float64)
+    assert model_prior(counts, CrossEntropy()) == pytest.approx(counts.double() / 1000)
+    assert model_prior(counts, CrossEntropy(), "class_balanced") == pytest.approx(uniform)
+    root = counts.double().sqrt() / counts.sqrt().sum()
+    assert model_prior(counts, CrossEntropy(), "sqrt") == pytest.approx(root)
+    # Inverse-frequency weights and balanced softmax (tau = 1) both fit the balanced posterior.
+    weighted = WeightedCrossEntropy(weights="inverse_frequency", beta=0.999, class_counts=counts)
+    assert model_prior(counts, weighted) == pytest.approx(uniform)
+    balanced_softmax = LogitAdjustedCrossEntropy(tau=1.0, class_counts=counts)
+    assert model_prior(counts, balanced_softmax) == pytest.approx(uniform)
+    assert model_prior(counts, LogitAdjustedCrossEntropy(tau=0.5, class_counts=counts)) == pytest.approx(root)

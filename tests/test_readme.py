@@ -3,10 +3,10 @@ and run, so the two cannot drift apart.
 
 What the tests add to the printed commands, and why: `trainer.max_epochs=1` on every training command
 (the README's epochs would take minutes); on multiruns also `seed=0` and, for the imbalance sweep, a
-smaller `data.n_samples` and one of its losses, so a sweep is a few jobs instead of dozens; the sweep
-folder for `xentlab report outputs/multirun/<date>/<time>`; and the plugin is installed with
-`pip --target` into a folder on PYTHONPATH instead of `pip install -e .` into the test environment,
-which it would change for every later test.
+smaller `data.n_samples` and one of its losses, and for Optuna two trials, so a sweep is a few jobs
+instead of dozens; the sweep folder for `xentlab report outputs/multirun/<date>/<time>`; and the plugin
+is installed with `pip --target` into a folder on PYTHONPATH instead of `pip install -e .` into the test
+environment, which it would change for every later test.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def shortened(args: list[str]) -> list[str]:
         # Its val/test splits are balanced: 3000 samples leave the rarest class 12 to train on at ratio 100.
         # It trains 10 seeds per job as a seed batch; two keep the test short.
         return [*args, *SHORT_SWEEP, "data.n_samples=3000", "loss=ce", "seeds=2"]
+    if "experiment=tune_focal" in args:
+        return [*args, *SHORT_SWEEP, "hydra.sweeper.n_trials=2"]  # two Optuna trials, not twelve
     return [*args, *SHORT_SWEEP]
 
 
@@ -76,6 +78,9 @@ def test_the_tour_runs_as_printed(tmp_path):
     assert runs and all(r["status"] == "completed" for r in runs)
     assert any(r["config"]["data"]["name"] == "digits" for r in runs)
     assert (max(tmp_path.glob("outputs/multirun/*/*")) / "report.md").is_file()
+    (study,) = [p.parent for p in tmp_path.glob("outputs/multirun/*/*/optimization_results.yaml")]
+    tuned = [p.parent.name for p in study.glob("*/metrics.json")]
+    assert sorted(tuned) == ["trial=0", "trial=1"]  # Optuna's trials, named by number, not by gamma
     assert {"report.tex", "report.html", "runs.csv"} <= {p.name for p in (tmp_path / "paper").iterdir()}
 
 

@@ -108,12 +108,13 @@ def test_report_numbers_match_hand_computation(tmp_path, capsys):
            "| 0.200 [0.000, 0.448] |")
     assert row in md
     assert "better than" not in md and "clear win" not in md
-    assert "Not reported by these runs: test/macro_f1, test/ece." in md
+    assert "Not reported by these runs: test/macro_f1, test/ece, test/prior_corrected_ece." in md
     assert "| failed | ValueError: boom |" in md
     assert "data.imbalance_ratio=100,loss=mse,seed=1" in md  # started, no metrics.json yet
     assert {p.name for p in report.files} == {"report.md", "report.csv", "comparisons.csv", "runs.csv",
                                               "report.json", "report_metric_vs_ratio.png",
-                                              "report_class_recall.png"}
+                                              "report_class_recall.png", "rankings.csv", "aggregate.csv",
+                                              "report_cd.png"}
     for png in ("report_metric_vs_ratio.png", "report_class_recall.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no staging file
@@ -138,7 +139,7 @@ def test_significant_difference_is_starred_and_worded(tmp_path):
     assert significant == [("loss=weighted_ce", "test/minority_recall")]
     md = (tmp_path / "report.md").read_text()
     assert "loss=weighted_ce better than loss=ce by +0.2" in md and "(8/8 seeds, adjusted p = " in md
-    assert "no detectable difference from loss=ce at n = 8: loss=focal" in md
+    assert "inconclusive against loss=ce (within ±0.02) at n = 8: loss=focal" in md
     starred = [line for line in md.splitlines() if "★" in line and line.startswith("| loss=")]
     assert len(starred) == 1 and starred[0].startswith("| loss=weighted_ce | 8 |")
     # Another baseline: everything is compared with focal instead.

@@ -196,7 +196,7 @@ def test_each_seed_writes_a_run_of_its_own(tmp_path):
         session.Reload()
         assert "hp/balanced_accuracy" in session.Tags()["scalars"]
     report = build_report(tmp_path)
-    assert [len(group.runs) for group in report.groups] == [2]
+    assert [len(group.runs) for group in report.trained] == [2]
     assert not report.pending
 
 

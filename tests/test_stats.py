@@ -11,7 +11,17 @@ import pytest
 from scipy import stats as scipy_stats
 
 from xentlab.lab.report.compare import KEY_METRICS, build_groups, compare, verdict_lines
-from xentlab.lab.report.stats import MIN_SEEDS, holm, paired_test, seeds_needed, sign_flip_p, summarize
+from xentlab.lab.report.rank import across_contexts, critical_difference, probability_best, rankings, ranks
+from xentlab.lab.report.stats import (
+    MIN_SEEDS,
+    decision_interval,
+    holm,
+    paired_test,
+    seeds_needed,
+    sign_flip_p,
+    summarize,
+    tost_p,
+)
 from xentlab.lab.report.sweep import Run
 
 
@@ -145,3 +155,203 @@ def test_a_constant_difference_on_three_seeds_makes_no_claim():
     assert not only.significant and only.needed is not None and only.needed >= MIN_SEEDS
     (line,) = verdict_lines(found)
     assert "no claim with fewer than 5 matched seeds" in line and "better than" not in line
+
+
+# --- equivalence, decision intervals, post-hoc baselines -------------------------------------------------
+
+def two_losses(rng: np.random.Generator, gap: float, n_seeds: int = 10, noise: float = 0.002) -> list[Run]:
+    """ce and focal on n seeds: a shared per-seed level, focal `gap` higher on balanced accuracy."""
+    runs = []
+    for seed in range(n_seeds):
+        level = 0.7 + 0.03 * rng.normal()
+        for loss, shift in (("ce", 0.0), ("focal", gap)):
+            value = level + shift + noise * rng.normal()
+            runs.append(Run(Path(f"{loss}{seed}"), "completed", {"test/balanced_accuracy": value},
+                            {"seed": seed, "loss": {"name": loss}}, (f"loss={loss}", f"seed={seed}")))
+    return runs
+
+
+BALANCED_ACCURACY = next(m for m in KEY_METRICS if m.key == "test/balanced_accuracy")
+
+
+@pytest.mark.parametrize(("gap", "decision"), [(0.001, "equivalent"), (0.05, "better"), (-0.05, "worse")])
+def test_planted_effects_are_called_equivalent_better_or_worse(gap, decision):
+    found = compare(build_groups(two_losses(np.random.default_rng(1), gap)), [BALANCED_ACCURACY],
+                    {"loss": "ce"}, {"balanced_accuracy": 0.01})
+    (only,) = found.items
+    assert only.decision == decision and only.delta == 0.01
+    assert only.equivalent == (decision == "equivalent")
+    low, high = only.interval
+    if decision == "equivalent":  # the simultaneous interval shows it: inside ±δ
+        assert -0.01 < low < high < 0.01
+        (line,) = verdict_lines(found)
+        assert line.startswith("balanced acc ↑: equivalent to loss=ce (within ±0.01) at n = 10: "
+                               "loss=focal +0.0")
+    else:
+        assert (low > 0) == (gap > 0) and (high < 0) == (gap < 0)
+
+
+def test_an_unclear_difference_is_inconclusive_with_the_seeds_it_needs():
+    found = compare(build_groups(two_losses(np.random.default_rng(2), 0.008, n_seeds=6, noise=0.01)),
+                    [BALANCED_ACCURACY], {"loss": "ce"})
+    (only,) = found.items
+    assert only.decision == "inconclusive" and only.needed is not None and only.needed > 6
+    (line,) = verdict_lines(found)
+    assert "inconclusive against loss=ce (within ±0.01) at n = 6: loss=focal" in line
+    assert f"~{only.needed} seeds would decide" in line and "no detectable difference" not in line
+
+
+def test_tost_is_two_one_sided_t_tests():
+    d = np.array([0.002, -0.001, 0.004, 0.0, 0.003, 0.001])
+    lower = scipy_stats.ttest_1samp(d, -0.01, alternative="greater").pvalue
+    upper = scipy_stats.ttest_1samp(d, 0.01, alternative="less").pvalue
+    assert tost_p(d, 0.01, "paired t") == pytest.approx(max(lower, upper), rel=1e-10)
+
+
+def test_no_row_says_no_difference_while_its_decision_interval_excludes_zero():
+    # The simultaneous interval at α/m inverts each comparison's own test, so excluding 0 implies
+    # p < α/m, hence a Holm-adjusted p < α: never "inconclusive" with an interval that excludes 0.
+    rng = np.random.default_rng(3)
+    effect = {("weighted_ce", 100, "test/balanced_accuracy"): 0.03, ("focal", 10, "test/ece"): -0.02}
+    for _ in range(20):
+        for c in claims(simulated_sweep(rng, 8, effect)).items:
+            low, high = c.interval
+            if low > 0 or high < 0:
+                assert c.significant, (c.paired, c.interval, c.p_adjusted)
+
+
+def test_the_sign_flip_decision_interval_inverts_the_sign_flip_test():
+    level, d = 0.05, np.array([0.0, 0.1, 0.1, 0.1, 0.2, 0.1, 0.1])
+    low, high = decision_interval(d, level, "sign-flip", (-1.0, 1.0))
+    accepted = [mu for mu in np.linspace(-1, 1, 4001) if sign_flip_p(d - mu) >= level]
+    assert low == pytest.approx(min(accepted), abs=1e-3) and high == pytest.approx(max(accepted), abs=1e-3)
+    # A constant difference: 2/2^6 = 0.031 < 0.05 rejects every other shift; 2/2^4 = 0.125 rejects none.
+    assert decision_interval([0.091] * 6, level, "sign-flip", (-1.0, 1.0)) == pytest.approx((0.091, 0.091))
+    assert decision_interval([0.091] * 4, level, "sign-flip", (-1.0, 1.0)) == (-1.0, 1.0)
+
+
+def long_tailed_runs(rng: np.random.Generator, n_seeds: int = 8) -> list[Run]:
+    """ce (with its post-hoc figures) and weighted_ce trained long-tailed, tested on a balanced split."""
+    runs = []
+    for seed in range(n_seeds):
+        level = 0.03 * rng.normal()
+        rows = {"ce": {"test/balanced_accuracy": 0.60 + level + 0.005 * rng.normal(),
+                       "test/la_balanced_accuracy": 0.66 + level + 0.005 * rng.normal(),
+                       "test/ece": 0.23 + 0.01 * rng.normal(), "test/ts_ece": 0.20 + 0.01 * rng.normal(),
+                       "test/prior_corrected_ece": 0.09 + 0.005 * rng.normal()},
+                "weighted_ce": {"test/balanced_accuracy": 0.63 + level + 0.005 * rng.normal(),
+                                "test/ece": 0.12 + 0.01 * rng.normal(),
+                                "test/prior_corrected_ece": 0.09 + 0.005 * rng.normal()}}
+        for loss, metrics in rows.items():
+            config = {"seed": seed, "loss": {"name": loss}, "data": {"imbalance_ratio": 100,
+                                                                      "eval_split": "balanced"}}
+            overrides = (f"loss={loss}", f"seed={seed}")
+            runs.append(Run(Path(f"{loss}{seed}"), "completed", metrics, config, overrides))
+    return runs
+
+
+def test_post_hoc_baselines_are_rows_built_from_the_logged_post_hoc_metrics():
+    runs = long_tailed_runs(np.random.default_rng(4))
+    groups = build_groups(runs, {"loss": "ce"})
+    by_label = {g.label: g for g in groups}
+    assert list(by_label) == ["loss=ce", "loss=ce+posthoc_la", "loss=ce+ts", "loss=weighted_ce"]
+    ce = [r for r in runs if r.config["loss"]["name"] == "ce"]
+    la, ts = by_label["loss=ce+posthoc_la"], by_label["loss=ce+ts"]
+    assert la.stats["test/balanced_accuracy"].mean == pytest.approx(
+        np.mean([r.metrics["test/la_balanced_accuracy"] for r in ce]))
+    assert ts.stats["test/ece"].mean == pytest.approx(np.mean([r.metrics["test/ts_ece"] for r in ce]))
+    assert set(la.stats) == {"test/balanced_accuracy"} and set(ts.stats) == {"test/ece"}
+
+    found = compare(groups, [m for m in KEY_METRICS if "ece" in m.key or "balanced" in m.key], {"loss": "ce"})
+    wce_vs_la = next(c for c in found.items if c.group.label == "loss=weighted_ce"
+                     and c.baseline is la and c.metric.key == "test/balanced_accuracy")
+    wce = {r.config["seed"]: r.metrics["test/balanced_accuracy"] for r in runs
+           if r.config["loss"]["name"] != "ce"}
+    expected = np.mean([wce[r.config["seed"]] - r.metrics["test/la_balanced_accuracy"] for r in ce])
+    assert wce_vs_la.paired.diff == pytest.approx(expected)
+    # Imbalanced training, balanced test: the headline baseline is the stronger of CE and CE + post-hoc
+    # adjustment, so weighted CE, better than plain CE, is reported worse than what CE gets for free.
+    assert wce_vs_la.headline and wce_vs_la.decision == "worse"
+    plain = next(c for c in found.items if c.group.label == "loss=weighted_ce"
+                 and c.baseline.label == "loss=ce" and c.metric.key == "test/balanced_accuracy")
+    assert plain.better and not plain.headline
+    lines = verdict_lines(found)
+    assert lines[0].startswith("balanced acc ↑ (against loss=ce+posthoc_la, the stronger of loss=ce (0.")
+    assert "loss=weighted_ce worse than loss=ce+posthoc_la by -0.0" in lines[0]
+    assert lines[1].startswith("balanced acc ↑ against loss=ce: loss=weighted_ce better than loss=ce")
+    # Calibration under the prior shift: judged by the prior-corrected ECE, where CE and weighted CE are
+    # alike; raw ECE (the shift) is not compared.
+    keys = {c.metric.key for c in found.items}
+    assert "test/ece" not in keys and "test/prior_corrected_ece" in keys
+    pc = next(c for c in found.items if c.metric.key == "test/prior_corrected_ece")
+    assert pc.decision in ("equivalent", "inconclusive")
+
+
+def test_a_post_hoc_baseline_can_be_chosen():
+    runs = long_tailed_runs(np.random.default_rng(5))
+    baseline = {"loss": "ce+posthoc_la"}
+    found = compare(build_groups(runs, baseline), [BALANCED_ACCURACY], baseline)
+    lead = [c for c in found.items if c.headline]
+    assert {c.baseline.label for c in lead} == {"loss=ce+posthoc_la"}
+    assert {c.group.label for c in lead} == {"loss=ce", "loss=weighted_ce"}
+
+
+# --- rankings, aggregation over contexts, critical differences --------------------------------------------
+
+def context_sweep(means: dict[str, list[float]], n_seeds: int = 3, metric: str = "test/balanced_accuracy"):
+    """Runs over contexts `data=<i>`: loss L in context i scores means[L][i] on every seed (plus a tiny
+    seed-specific wobble shared by all losses, so differences are exact)."""
+    runs = []
+    for loss, values in means.items():
+        for i, value in enumerate(values):
+            for seed in range(n_seeds):
+                runs.append(Run(Path(f"{loss}-{i}-{seed}"), "completed", {metric: value + 0.001 * seed},
+                                {"seed": seed, "loss": {"name": loss}},
+                                (f"loss={loss}", f"data=d{i}", f"seed={seed}")))
+    return runs
+
+
+def test_critical_difference_ranks_match_a_hand_computation():
+    means = {"ce": [0.70, 0.60, 0.80], "focal": [0.72, 0.58, 0.80], "weighted_ce": [0.75, 0.65, 0.79]}
+    groups = build_groups(context_sweep(means), {"loss": "ce"})
+    cd = critical_difference(groups, BALANCED_ACCURACY)
+    # Per context, 1 = best: d0 wce 1, focal 2, ce 3; d1 wce 1, ce 2, focal 3; d2 ce and focal tie for
+    # 1-2 (1.5 each), wce 3. Averages: ce (3 + 2 + 1.5) / 3, focal (2 + 3 + 1.5) / 3, wce (1 + 1 + 3) / 3.
+    assert cd.labels == ("loss=ce", "loss=focal", "loss=weighted_ce") and cd.contexts == 3
+    assert cd.average_rank == pytest.approx((6.5 / 3, 6.5 / 3, 5 / 3))
+    assert cd.different == frozenset()  # three contexts cannot separate anything
+    assert cd.cliques() == [(0, 2)]
+
+
+def test_wilcoxon_over_contexts_with_holm_matches_scipy():
+    rng = np.random.default_rng(6)
+    ce = rng.uniform(0.5, 0.8, 8)
+    means = {"ce": list(ce), "focal": list(ce + rng.normal(0, 0.01, 8)),
+             "weighted_ce": list(ce + 0.03 + rng.normal(0, 0.01, 8))}
+    groups = build_groups(context_sweep(means), {"loss": "ce"})
+    compare(groups, [BALANCED_ACCURACY], {"loss": "ce"})  # marks the baselines
+    rows = {r.loss: r for r in across_contexts(groups, [BALANCED_ACCURACY])}
+    expected = {}
+    for loss in ("focal", "weighted_ce"):
+        diffs = np.array(means[loss]) - ce
+        assert rows[f"loss={loss}"].diffs == pytest.approx(tuple(diffs))
+        expected[loss] = scipy_stats.wilcoxon(diffs).pvalue
+        assert rows[f"loss={loss}"].p == pytest.approx(expected[loss])
+    ordered = sorted(expected.values())
+    holm_by_hand = {loss: max(min(1, (2 - ordered.index(p)) * p) for p in ordered[:ordered.index(v) + 1])
+                    for loss, v in expected.items()}
+    for loss, value in holm_by_hand.items():
+        assert rows[f"loss={loss}"].p_adjusted == pytest.approx(value)
+    assert rows["loss=weighted_ce"].decision == "better"  # 8/8 contexts: exact p = 2/256, adjusted 0.016
+    assert rows["loss=focal"].decision == "inconclusive"
+
+
+def test_mean_ranks_and_the_probability_of_being_best_over_seeds():
+    values = np.array([[0.7, 0.6, 0.5], [0.8, 0.6, 0.7], [0.7, 0.7, 0.6]])  # seeds × losses
+    assert ranks(values, True).mean(axis=0) == pytest.approx([(1 + 1 + 1.5) / 3, (2 + 3 + 1.5) / 3, 8 / 3])
+    best = probability_best(values, True)
+    assert best.sum() == pytest.approx(1.0) and best[0] > 0.95  # the best mean on nearly every resample
+    found = rankings(build_groups(two_losses(np.random.default_rng(7), 0.05)), [BALANCED_ACCURACY])
+    (only,) = found
+    assert only.labels == ("loss=ce", "loss=focal") and only.mean_rank == pytest.approx((2.0, 1.0))
+    assert only.p_best == pytest.approx((0.0, 1.0))

@@ -4,9 +4,11 @@ session per run in its `hparams` sub-run with the varied keys and only the hp/ m
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -22,13 +24,14 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from xentlab.lab.board import HPARAMS_RUN, board_tag
+from xentlab.lab.board import HEADLINE_METRICS, HPARAMS_RUN, board_tag
 from xentlab.lab.data import build_datamodule
 from xentlab.lab.module import session_hparams
 from xentlab.lab.report.sweep import read_curve
 from xentlab.lab.run import train
 from xentlab.train import CONFIG_DIR
 
+ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["trainer.max_epochs=2", "model.hidden_sizes=[16]"]
 RUNS = {
     # Figures every validation epoch and step scalars every step in this run; the other keeps the
@@ -209,19 +212,34 @@ def poll(url: str, ready, deadline: float, server: subprocess.Popen):
     pytest.fail(f"tensorboard did not answer {url} in time")
 
 
-def test_tensorboard_server_answers_with_the_runs(logs):
-    root, runs_logged = logs
+@contextlib.contextmanager
+def tensorboard_server(logdir: Path, ready):
+    """A real `tensorboard` on a free local port, yielded as its base URL once `ready(scalar tags)`."""
     port = free_port()
     script = Path(sys.executable).with_name("tensorboard")
-    command = [str(script), "--logdir", str(root), "--port", str(port), "--host", "127.0.0.1"]
+    command = [str(script), "--logdir", str(logdir), "--port", str(port), "--host", "127.0.0.1"]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    base = f"http://127.0.0.1:{port}"
+    try:
+        poll(f"{base}/data/plugin/scalars/tags", ready, time.monotonic() + 60, server)
+        yield base
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_tensorboard_server_answers_with_the_runs(logs):
+    root, runs_logged = logs
     names = [*RUNS, *TWIN]
     sessions = [f"{run}/{HPARAMS_RUN}" for run in names]
-    try:
-        runs = poll(f"{base}/data/runs", lambda answer: set(names) <= set(answer), deadline, server)
+    with tensorboard_server(root, lambda tags: set(names) <= set(tags)) as base:
+        runs = get_json(f"{base}/data/runs")
         assert set(runs) == {*names, *sessions}
-        tags = poll(f"{base}/data/plugin/scalars/tags", lambda got: set(names) <= set(got), deadline, server)
+        tags = get_json(f"{base}/data/plugin/scalars/tags")
         expected = {"1_val/balanced_accuracy", "1_val/recall_class_4", "2_test/minority_recall",
                     "3_train/logit_grad_norm"}
         assert expected <= set(tags["multiclass"])
@@ -261,13 +279,6 @@ def test_tensorboard_server_answers_with_the_runs(logs):
             (value,) = [m["value"] for m in group["metricValues"]
                         if m["name"]["tag"] == "hp/balanced_accuracy"]
             assert value == pytest.approx(record["metrics"]["test/balanced_accuracy"], rel=1e-6)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def test_session_hparams_keep_the_loss_the_seed_and_what_the_sweep_varies():
@@ -285,3 +296,97 @@ def test_session_hparams_keep_the_loss_the_seed_and_what_the_sweep_varies():
                      "optimizer._target_": "torch.optim.SGD"}
     # A choice of a group that only sets other keys shows as itself.
     assert session_hparams(params, ["+method=ldam_drw"], varied=["method"])["method"] == "ldam_drw"
+
+
+# --- a sweep's per-setting summaries, and the views of them in a real browser -----------------------------
+
+LOSSES = ("ce", "focal", "logit_adjusted")
+SEEDS = 5
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory) -> Path:
+    """A real multirun, 3 losses x 5 seeds (one seed batch per loss), 3 epochs on tiny data; no report."""
+    root = tmp_path_factory.mktemp("sweep")
+    command = [str(Path(sys.executable).with_name("xentlab-train")), "-m", f"loss={','.join(LOSSES)}",
+               f"seeds={SEEDS}", "trainer.max_epochs=3", "data.n_samples=400", "model.hidden_sizes=[8]",
+               f"hydra.sweep.dir={root / 'sweep'}", "~hydra.callbacks.report"]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Custom Scalars" in result.stdout
+    return root / "sweep"
+
+
+def test_job_folders_are_named_by_the_swept_keys_only(sweep_dir):
+    assert sorted(p.name for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()) == \
+        [f"loss={loss}" for loss in LOSSES]  # not `loss=ce,model.hidden_sizes=[8],seeds=5,...`
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_summary_run_holds_the_mean_and_95_interval_over_the_seeds(sweep_dir, loss):
+    from scipy import stats
+
+    summary = accumulator(sweep_dir / "summary" / f"loss={loss}")
+    seeds = [accumulator(sweep_dir / f"loss={loss}" / f"seed={seed}") for seed in range(SEEDS)]
+    tags = set(summary.Tags()["scalars"])
+    for tag in ("1_val/balanced_accuracy", "1_val/nll", "2_test/ece", "3_train/loss"):
+        per_seed = [{e.step: e.value for e in run.Scalars(tag)} for run in seeds]
+        means = {e.step: e.value for e in summary.Scalars(tag)}
+        lows = {e.step: e.value for e in summary.Scalars(f"interval/{tag}/low")}
+        highs = {e.step: e.value for e in summary.Scalars(f"interval/{tag}/high")}
+        assert {f"interval/{tag}/low", f"interval/{tag}/high"} <= tags
+        assert set(means) == set(per_seed[0]) and len(means) == (1 if tag.startswith("2_test") else 3)
+        for step, mean in means.items():
+            values = [run[step] for run in per_seed]
+            assert mean == pytest.approx(sum(values) / SEEDS, rel=1e-5)
+            half = stats.t.ppf(0.975, SEEDS - 1) * stats.tstd(values) / math.sqrt(SEEDS)
+            low, high = mean - half, mean + half
+            if tag != "1_val/nll" and tag != "3_train/loss":  # rates and ECE lie in [0, 1]
+                low, high = max(low, 0.0), min(high, 1.0)
+            assert lows[step] == pytest.approx(low, rel=1e-4, abs=1e-6)
+            assert highs[step] == pytest.approx(high, rel=1e-4, abs=1e-6)
+            if stats.tstd(values) > 0:
+                assert lows[step] < mean < highs[step]
+
+
+def test_custom_scalars_margin_charts_and_hparams_headline_first(sweep_dir):
+    summaries = {f"summary/loss={loss}" for loss in LOSSES}
+    with tensorboard_server(sweep_dir, lambda tags: summaries <= set(tags)) as base:
+        runs = set(get_json(f"{base}/data/runs"))
+        assert summaries <= runs
+        tags = get_json(f"{base}/data/plugin/scalars/tags")
+        layout = get_json(f"{base}/data/plugin/custom_scalars/layout")
+        (category,) = layout["category"]  # one category, however many summary runs carry it
+        charts = {chart["title"]: chart["margin"]["series"] for chart in category["chart"]}
+        # Listed last to first: the Custom Scalars tab draws a category's charts in reverse order.
+        assert list(charts)[::-1] == [*(f"val/{m}" for m in HEADLINE_METRICS), "train/loss"]
+        for title, (series,) in charts.items():
+            assert series["value"] == board_tag(title)
+            for run in summaries:  # every setting draws one line with its band
+                assert {series["value"], series["lower"], series["upper"]} <= set(tags[run])
+            drawn = [run for run in runs if {series["value"], series["lower"]} <= set(tags.get(run, {}))]
+            assert sorted(drawn) == sorted(summaries)  # the seeds' own runs have no band: no extra lines
+
+        experiment = get_json(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
+        metrics = [m["name"]["tag"] for m in experiment["metricInfos"]]
+        assert metrics[:len(HEADLINE_METRICS)] == [f"hp/{m}" for m in HEADLINE_METRICS]
+        assert "hp/accuracy" in metrics[len(HEADLINE_METRICS):]
+        infos = {h["name"]: h for h in experiment["hparamInfos"]}
+        assert set(infos["loss.name"]["domainDiscrete"]) == set(LOSSES)
+        assert set(infos["seed"]["domainDiscrete"]) == {str(seed) for seed in range(SEEDS)}
+        assert "loss.gamma" in infos and "loss.tau" in infos  # every loss's parameters, not the first's
+
+
+def test_screenshots_of_the_sweep_in_headless_chromium(sweep_dir, chromium, tmp_path):
+    """scripts/screenshots.sh on the sweep: Time Series, Custom Scalars and HParams, drawn by Chromium."""
+    env = {**os.environ, "SWEEP": str(sweep_dir), "OUT": str(tmp_path), "BROWSER": chromium,
+           "VENV": str(Path(sys.executable).parent.parent)}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "screenshots.sh")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("tensorboard_scalars.png", "tensorboard_custom_scalars.png", "tensorboard_hparams.png"):
+        picture = Image.open(tmp_path / name).convert("RGB")
+        assert picture.width >= 1600 and picture.height >= 680
+        # A drawn page, not a blank one: TensorBoard's orange bar and a spread of other colours.
+        colours = picture.getcolors(maxcolors=1 << 20)
+        assert len(colours) > 200, name

@@ -71,10 +71,8 @@ def test_multirun_names_job_folders_after_overrides(tmp_path):
     result = run_cli(["-m", *TINY, "trainer.max_epochs=1", "seed=0,1"], tmp_path)
     assert result.returncode == 0, result.stderr
     records = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/metrics.json"))
-    # Hydra's override_dirname: the job's overrides sorted by key, so TensorBoard shows "...,seed=1".
-    assert [p.parent.name for p in records] == [
-        f"data.n_samples=400,model.hidden_sizes=[16],seed={seed},trainer.max_epochs=1" for seed in (0, 1)
-    ]
+    # Hydra's override_dirname of the keys the sweep varies: the constants (data.n_samples, ...) stay out.
+    assert [p.parent.name for p in records] == ["seed=0", "seed=1"]
     for record in records:
         assert json.loads(record.read_text())["status"] == "completed"
 

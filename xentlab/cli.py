@@ -72,7 +72,8 @@ def add_report_arguments(report: argparse.ArgumentParser) -> None:
                                           "a parent folder of several sweeps")
     report.add_argument("--baseline", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
                         help="the group every other is compared with (default: the sweep's report.baseline, "
-                             "else loss=ce)")
+                             "else loss=ce); loss=ce+posthoc_la or loss=ce+ts: CE after post-hoc logit "
+                             "adjustment or temperature scaling")
     report.add_argument("--metrics", "--metric", action="append", metavar="NAME[,NAME]",
                         help="test metrics to compare, e.g. test/balanced_accuracy,test/la_balanced_accuracy "
                              "(any logged test/ metric; default: the key metrics the runs recorded)")

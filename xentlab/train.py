@@ -32,6 +32,7 @@ from xentlab.lab.runs import (
     write_record,
 )
 from xentlab.lab.slurm import requeued
+from xentlab.lab.summary import SUMMARY_DIR, write_summaries
 from xentlab.lab.sweep import (
     available_cpus,
     discard_unstarted_run,
@@ -116,6 +117,10 @@ def run_job(cfg: DictConfig) -> float:
         return math.nan
     print_records(records, hydra_cfg, cfg.objective, multirun=multirun, output_dir=output_dir,
                   started=started)
+    if not multirun and len(records) > 1:  # a seed batch: mean and interval per curve (a sweep: at its end)
+        if write_summaries(output_dir):
+            print(f"[xentlab] TensorBoard: mean and 95% interval over the seeds in "
+                  f"{shown(output_dir / SUMMARY_DIR)}")
     if not multirun and any(record["status"] != "completed" for record in records):
         raise SystemExit(1)  # the runs are recorded and their errors printed above
     values = [sweep_value(record, cfg.objective, must_be_finite=multirun and raises_failures)

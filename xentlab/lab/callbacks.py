@@ -1,4 +1,5 @@
-"""The Hydra callback that writes the sweep report at the end of every multirun."""
+"""The Hydra callbacks that write the sweep's TensorBoard summaries and its report at the end of every
+multirun."""
 
 from __future__ import annotations
 
@@ -14,6 +15,25 @@ log = logging.getLogger(__name__)
 # The sweeps this process reported incomplete (failed, unreadable, unfinished or never-started jobs):
 # `xentlab-train` then exits with status 1, as `xentlab report` does for them.
 INCOMPLETE_SWEEPS: list[Path] = []
+
+
+class SummaryCallback(Callback):
+    """Hydra callback (`hydra.callbacks.summary`, conf/hydra/default.yaml): writes the sweep's per-setting
+    TensorBoard summaries, `<sweep dir>/summary/<setting>` (xentlab.lab.summary), when every job returned.
+    A failure is logged, never raised: `xentlab.lab.summary.write_summaries(<sweep dir>)` can redo it."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from xentlab.lab.summary import SUMMARY_DIR, write_summaries
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            written = write_summaries(sweep_dir)
+        except Exception as error:  # noqa: BLE001 - the jobs' results are on disk whatever happens here
+            log.warning("TensorBoard summaries for %s failed: %s: %s", sweep_dir, type(error).__name__, error)
+            return
+        if written:
+            print(f"[xentlab] TensorBoard: mean and 95% interval over seeds per setting in "
+                  f"{sweep_dir / SUMMARY_DIR} (Custom Scalars tab)", flush=True)
 
 
 class ReportCallback(Callback):

@@ -5,7 +5,8 @@
 lacks (NLL, Brier, binned calibration) are small `torchmetrics.Metric`s here, so they sync across
 processes like the rest. Probabilities follow the loss's `probability_map` ("softmax", or "sigmoid":
 normalised one-vs-rest sigmoids) and use torch's own functions, never the losses under study.
-`temperature_scaled` and `logit_adjusted` are the post-hoc adjustments logged at test.
+`temperature_scaled` and `logit_adjusted` are the post-hoc adjustments logged at test, `shift_calibration`
+the calibration figures that separate a train/test prior shift from miscalibration.
 """
 
 from __future__ import annotations
@@ -370,9 +371,9 @@ def temperature_scaled(fit_logits: torch.Tensor, fit_target: torch.Tensor, logit
 def logit_adjusted(logits: torch.Tensor, target: torch.Tensor, class_counts: torch.Tensor,
                    tau: float = 1.0) -> dict[str, float]:
     """Post-hoc logit adjustment (Menon et al. 2021): decide argmax_c (z_c - tau * log pi_c), pi the
-    training split's class priors n_c / sum_k n_k. Returns `la_accuracy`, `la_balanced_accuracy` and
-    `la_minority_recall` (recall of the class with the fewest training samples) of those decisions.
-    Single-label data only."""
+    training split's class priors n_c / sum_k n_k. Returns `la_accuracy`, `la_balanced_accuracy`,
+    `la_macro_f1` and `la_minority_recall` (recall of the class with the fewest training samples) of those
+    decisions. Single-label data only."""
     counts = torch.as_tensor(class_counts, dtype=torch.float64, device=logits.device)
     log_prior = (counts / counts.sum()).log()
     predicted = (logits.double() - tau * log_prior).argmax(dim=1)
@@ -381,7 +382,71 @@ def logit_adjusted(logits: torch.Tensor, target: torch.Tensor, class_counts: tor
     return {"la_accuracy": float(tmf.multiclass_accuracy(predicted, target, num_classes, average="micro")),
             "la_balanced_accuracy": float(tmf.multiclass_accuracy(predicted, target, num_classes,
                                                                   average="macro")),
+            "la_macro_f1": float(tmf.multiclass_f1_score(predicted, target, num_classes, average="macro")),
             "la_minority_recall": float(recall[int(counts.argmin())])}
+
+
+def classwise_ece(probs: torch.Tensor, target: torch.Tensor, task: str, n_bins: int = N_BINS) -> float:
+    """Classwise ECE (Kull et al. 2019): (1/C) sum_c sum_b (n_bc / N) |freq_bc - conf_bc|, the binned
+    calibration of every class's probability p_c over all samples (bins as `bin_index`), where freq_bc is
+    the fraction of bin b's samples whose label is c (for multilabel data: whose label c is on)."""
+    probs = probs.double()
+    hits = target.double() if task == "multilabel" else F.one_hot(target.long(), probs.shape[1]).double()
+    n, classes = probs.shape
+    index = bin_index(probs, n_bins) + n_bins * torch.arange(classes, device=probs.device)  # (N, C) bins
+    # (n_bc / N) |freq_bc - conf_bc| = |sum over the bin's samples of (hit - p_c)| / N
+    gap = torch.zeros(classes * n_bins, dtype=torch.float64, device=probs.device).index_add_(
+        0, index.flatten(), (hits - probs).flatten())
+    return float(gap.abs().sum() / (n * classes)) if n else float("nan")
+
+
+def prior_corrected(logits: torch.Tensor, probability_map: str, train_prior: torch.Tensor,
+                    test_prior: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities moved from the training prior to the test prior (Saerens et al. 2002):
+    q'_c ∝ q_c · π_test,c / π_train,c, q the model's probabilities. A softmax model's q' is
+    softmax(z - log π_train + log π_test); with a balanced test split, softmax(z - log π_train)."""
+    shift = (test_prior.double() / train_prior.double()).log().to(logits.device)
+    return torch.log_softmax(log_probabilities(logits, probability_map).double() + shift, dim=1)
+
+
+def model_prior(class_counts, loss: nn.Module | None = None, sampler: str = "instance") -> torch.Tensor:
+    """The class prior a trained model's probabilities carry, from the training counts n_c, how batches were
+    drawn and what the loss does to the prior: π_batch (n_c / Σ n_k; uniform for the `class_balanced`
+    sampler, ∝ √n_c for `sqrt`), times w_c for a loss with per-class weights w (the minimiser of weighted
+    CE is q_c ∝ w_c p(c | x)), times π_c^(−τ) for logit-adjusted CE (softmax(z + τ log π) fits the batch
+    posterior, so softmax(z) carries π_batch / π^τ; τ = 1, balanced softmax: uniform on instance batches).
+    Other losses (focal, label smoothing, LDAM, ...) are taken to fit the batch prior."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64).cpu()
+    prior = {"class_balanced": torch.ones_like(counts), "sqrt": counts.sqrt()}.get(sampler, counts)
+    weight = getattr(loss, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.shape == counts.shape:
+        prior = prior * weight.detach().double().cpu()
+    log_prior, tau = getattr(loss, "log_prior", None), getattr(loss, "tau", None)
+    if isinstance(log_prior, torch.Tensor) and isinstance(tau, (int, float)):
+        prior = prior * torch.exp(-tau * log_prior.detach().double().cpu())
+    return prior / prior.sum()
+
+
+def shift_calibration(logits: torch.Tensor, target: torch.Tensor, task: str, probability_map: str = "softmax",
+                      class_counts=None, prior: torch.Tensor | None = None) -> dict[str, float]:
+    """`classwise_ece` of the model's probabilities and, for single-label data with known training counts,
+    `prior_corrected_ece`: the ECE (same bins as `ece`) of the probabilities moved from the prior they carry
+    (`prior`, see `model_prior`; by default the training split's) to the test split's class prior (its label
+    frequencies) by `prior_corrected`. When training and test priors differ (a long-tailed training split, a
+    balanced test split), raw ECE mostly measures that shift; the corrected figure measures the
+    miscalibration that is left (docs/metrics.md)."""
+    values = {"classwise_ece": classwise_ece(probabilities(logits, task, probability_map), target, task)}
+    if task == "multilabel" or class_counts is None:
+        return values
+    counts = torch.as_tensor(class_counts, dtype=torch.float64).cpu()
+    prior = counts / counts.sum() if prior is None else prior.double().cpu()
+    test_counts = torch.bincount(target.long().cpu(), minlength=logits.shape[1]).double()
+    if (prior <= 0).any() or (test_counts <= 0).any():
+        return values  # a class absent from one split has no prior ratio
+    log_q = prior_corrected(logits, probability_map, prior, test_counts / test_counts.sum())
+    bins = CalibrationBins(task).to(logits.device)
+    bins.update(log_q.exp(), target)
+    return {**values, "prior_corrected_ece": bins.bins().ece}
 
 
 def loss_curve(loss: Callable, p_true: torch.Tensor, *, task: str, num_classes: int, true_class: int = 0,

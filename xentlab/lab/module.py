@@ -25,7 +25,15 @@ from torch.utils.tensorboard.summary import hparams
 from xentlab import functional as xF
 from xentlab.lab import plots
 from xentlab.lab.board import HPARAMS_RUN, board_tag
-from xentlab.lab.metrics import StageMetrics, logit_adjusted, loss_curve, per_label, temperature_scaled
+from xentlab.lab.metrics import (
+    StageMetrics,
+    logit_adjusted,
+    loss_curve,
+    model_prior,
+    per_label,
+    shift_calibration,
+    temperature_scaled,
+)
 from xentlab.lab.runs import nonfinite_loss
 from xentlab.lab.stacking import (
     clip_grad_norm_per_seed,
@@ -265,7 +273,9 @@ class ClassifierModule(pl.LightningModule):
             metrics = self.metrics[k]["test_"]
             posthoc = posthoc_metrics(run.val_logits, *metrics.kept_logits(), task=self.task,
                                       probability_map=metrics.probability_map,
-                                      class_counts=getattr(run.datamodule, "class_counts", None))
+                                      class_counts=getattr(run.datamodule, "class_counts", None),
+                                      loss=self.losses[k],
+                                      sampler=getattr(run.datamodule, "sampler", "instance"))
             self._log_stage(k, "test", figures=True)
             self._log(run, {f"test/{name}": value for name, value in posthoc.items()})
 
@@ -361,11 +371,16 @@ def seed_axis_layout(state: dict) -> dict:
 
 
 def posthoc_metrics(val: tuple[torch.Tensor, torch.Tensor] | None, logits: torch.Tensor, target: torch.Tensor,
-                    *, task: str, probability_map: str, class_counts=None) -> dict[str, float]:
+                    *, task: str, probability_map: str, class_counts=None, loss=None,
+                    sampler: str = "instance") -> dict[str, float]:
     """Temperature scaling fitted on `val` (the last validation epoch's logits and targets; skipped when
     None) and, for single-label data, logit adjustment by the training priors `class_counts`, both
-    scored on the test logits and targets (docs/metrics.md)."""
-    values = {}
+    scored on the test logits and targets; beside them classwise ECE and the ECE after moving the
+    probabilities from the prior the model (`loss`, `sampler`) carries to the test split's prior
+    (docs/metrics.md)."""
+    single = class_counts is not None and task != "multilabel"
+    prior = model_prior(class_counts, loss, sampler) if single else None
+    values = shift_calibration(logits, target, task, probability_map, class_counts, prior)
     if val is not None:
         values.update(temperature_scaled(*val, logits, target, task, probability_map))
     if task != "multilabel" and class_counts is not None:

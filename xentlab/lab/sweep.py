@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from xentlab.lab.runs import METRICS_FILE
 from xentlab.lab.validation import ConfigError, check_config
@@ -122,6 +122,7 @@ class SweepProgress(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         jobs, keys = sweep_plan(config)
+        name_jobs_by_swept_keys(config, keys)
         if jobs is not None:
             try:
                 check_sweep(config, jobs)
@@ -159,13 +160,32 @@ def sweep_plan(config: DictConfig) -> tuple[list[list[str]] | None, list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     sweeper = config.hydra.sweeper
-    params = sweeper.get("params") or {}
+    overrides = sweep_overrides(config)
     if "BasicSweeper" not in str(sweeper.get("_target_", "")):
-        return None, sorted(params)
-    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-    overrides = OverridesParser.create().parse_overrides(arguments)
+        return None, sorted(sweeper.get("params") or {})
     keys = sorted({o.key_or_group for o in overrides if o.is_sweep_override()})
     return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch], keys
+
+
+def sweep_overrides(config: DictConfig) -> list:
+    """The sweep's overrides, parsed: its sweeper's `params`, then the command line's."""
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    return OverridesParser.create().parse_overrides(arguments)
+
+
+def name_jobs_by_swept_keys(config: DictConfig, keys: list[str]) -> None:
+    """Leaves the sweep's constant keys out of its jobs' folder names (Hydra's `override_dirname`), so a
+    job of `-m experiment=compare_losses loss=ce,focal` is `loss=focal`, not
+    `experiment=compare_losses,loss=focal`: an override of `exclude_keys` added to the sweep's Hydra
+    overrides, which Hydra applies to every job's config. Nothing changes when no key varies."""
+    constants = sorted({o.key_or_group for o in sweep_overrides(config)} - set(keys))
+    if not keys or not constants:
+        return
+    excluded = [*config.hydra.job.config.override_dirname.exclude_keys, *constants]
+    listed = ",".join(f"'{key}'" for key in dict.fromkeys(excluded))
+    with read_write(config.hydra.overrides.hydra):  # Hydra makes its own config read-only
+        config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{listed}]")
 
 
 def covering_jobs(jobs: list[list[str]]) -> list[list[str]]:

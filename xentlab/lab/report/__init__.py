@@ -31,11 +31,13 @@ from xentlab.lab.report.compare import (
     build_groups,
     compare,
     parse_baseline,
+    sweep_margins,
 )
 from xentlab.lab.report.convergence import Convergence, convergence
 from xentlab.lab.report.document import FIGURE_CAPTIONS, Figure, document
 from xentlab.lab.report.figures import class_axis_label, plot_class_recall, plot_metric_vs_ratio
 from xentlab.lab.report.options import Request, metric_named
+from xentlab.lab.report.rank import critical_difference_plot, rank_tables
 from xentlab.lab.report.recipe import recipe
 from xentlab.lab.report.render import to_csv, to_html, to_latex, to_markdown
 from xentlab.lab.report.stats import Summary, summarize
@@ -103,7 +105,13 @@ class Report:
 
     @property
     def warned(self) -> list[Run]:
-        return [run for g in self.groups for run in g.runs if run.warnings]
+        return [run for g in self.trained for run in g.runs if run.warnings]
+
+    @property
+    def trained(self) -> list:
+        """The groups of runs as trained, without the rows derived from their post-hoc metrics (whose runs
+        are the baseline's again)."""
+        return [g for g in self.groups if g.derived is None]
 
 
 def build_report(sweep_dir: str | Path, baseline: str | None = None,
@@ -129,7 +137,7 @@ def build_report(sweep_dir: str | Path, baseline: str | None = None,
         raise ValueError(f"no runs under {str(sweep_dir)!r}: no {METRICS_FILE} at any depth{started}; "
                          "point at a sweep folder such as outputs/multirun/<date>/<time> or a run folder")
     runs, dropped = without_duplicates(runs, request.dedupe)
-    groups = build_groups(runs)
+    groups = build_groups(runs, spec)  # with the baseline's post-hoc variants as rows
     metrics = chosen_metrics(runs, groups, request)
     unstarted = []
     for plan in plans:
@@ -139,9 +147,12 @@ def build_report(sweep_dir: str | Path, baseline: str | None = None,
                                                    for p in plans if p.problem]))
     problems = [run for run in runs if run.status != "completed"]
     note = "; ".join(p.note for p in plans if p.note) or ("" if plans else "no multirun.yaml")
-    return Report(sweep_dir, groups, compare(groups, metrics, spec), metrics, problems, pending, unstarted,
-                  note, spec, convergence(groups, spec), request=request,
-                  sweeps=[p.sweep_dir for p in plans], plans=plans, skipped=skipped, dropped=dropped)
+    comparisons = compare(groups, metrics, spec, sweep_margins(plans))
+    trained = [g for g in groups if g.derived is None]
+    return Report(sweep_dir, groups, comparisons, metrics, problems, pending, unstarted,
+                  note, spec, convergence(trained, spec), request=request,
+                  sweeps=[p.sweep_dir for p in plans], plans=plans, skipped=skipped, dropped=dropped,
+                  tables=rank_tables(groups, metrics))
 
 
 def sweep_baseline(sweep_dir: Path, plans: list[Plan]) -> str | None:
@@ -228,7 +239,7 @@ def figures(report: Report) -> list[Figure]:
     """The plots that carry information for this report, as PNG bytes with their captions."""
     found = []
     for name, draw in (("report_metric_vs_ratio", plot_metric_vs_ratio),
-                       ("report_class_recall", plot_class_recall)):
+                       ("report_class_recall", plot_class_recall), ("report_cd", critical_difference_plot)):
         figure = draw(report)
         if figure is not None:
             buffer = io.BytesIO()

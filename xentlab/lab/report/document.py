@@ -41,8 +41,8 @@ class Figure:
 
 
 def summary(report) -> str:
-    done = sum(len(g.runs) for g in report.groups)
-    return (f"{done} completed runs in {len(report.groups)} groups, {len(report.problems)} failed or "
+    done = sum(len(g.runs) for g in report.trained)
+    return (f"{done} completed runs in {len(report.trained)} groups, {len(report.problems)} failed or "
             f"incomplete (failed, interrupted, unreadable or malformed), {len(report.pending)} started but "
             f"never finished, {len(report.unstarted)} never started.")
 
@@ -112,9 +112,10 @@ def document(report, figures: list[Figure], fmt: str) -> list:
         blocks.append(Bullets(tuple(copies)))
     said = verdict_lines(report.comparisons) or ["(nothing to compare)"]
     verdicts = [Heading(2, "Verdicts"),
-                Paragraph("Each loss against the baseline on matched seeds: mean paired difference [95% CI], "
-                          "seeds in that direction, Holm-adjusted p over every comparison below "
-                          "(comparisons.csv; method in docs/statistics.md)."),
+                Paragraph("Each loss against the baseline on matched seeds: mean paired difference "
+                          "[simultaneous 95% interval over every comparison below], seeds in that direction, "
+                          "Holm-adjusted p over every comparison below; equivalent: shown to lie within the "
+                          "metric's margin ±δ (comparisons.csv; method in docs/statistics.md)."),
                 Bullets(tuple(said))]
     blocks += section(setup_table(report), fmt) + verdicts
     for table in tables(report):
@@ -132,4 +133,7 @@ FIGURE_CAPTIONS = {
                               + ERROR_BARS + ".",
     "report_class_recall": "Test recall of each class, one bar per loss (colour by loss; the baseline "
                            "hatched); " + ERROR_BARS + ".",
+    "report_cd": "Critical-difference diagram per metric: each loss at its average rank over the contexts "
+                 "(1 = best); thick bars join losses that pairwise Wilcoxon signed-rank tests over contexts "
+                 "with Holm cannot tell apart (docs/statistics.md).",
 }

@@ -69,7 +69,7 @@ def commands(report) -> str:
     if found:
         return values_text(found)
     choices: dict[str, list[str]] = {}
-    for run in (run for g in report.groups for run in g.runs if run.overrides is not None):
+    for run in (run for g in report.trained for run in g.runs if run.overrides is not None):
         for override in run.overrides:
             key, _, value = override.partition("=")
             if value not in choices.setdefault(key, []):
@@ -82,7 +82,7 @@ def commands(report) -> str:
 
 def recipe(report) -> list[tuple[str, str]]:
     """(item, text) rows of the set-up section, over the report's completed runs."""
-    runs = [run for g in report.groups for run in g.runs]
+    runs = [run for g in report.trained for run in g.runs]
     flat = [flatten(run.config) for run in runs]
     rows = []
     for item, keys in ITEMS:

@@ -25,13 +25,40 @@ POWER = 0.8
 UNIT = (0.0, 1.0)
 RANGES = {"accuracy": UNIT, "balanced_accuracy": UNIT, "macro_f1": UNIT, "micro_f1": UNIT, "map": UNIT,
           "minority_recall": UNIT, "exact_match": UNIT, "hamming_loss": UNIT, "ece": UNIT,
+          "prior_corrected_ece": UNIT, "classwise_ece": UNIT, "overconfidence": (-1.0, 1.0),
           "brier": (0.0, 2.0), "nll": (0.0, math.inf)}
 CLASS_METRIC = re.compile(r"^(recall|precision|f1)_class_\d+$")
+# Post-hoc variants of a metric share its range and margin: `ts_ece` (after temperature scaling),
+# `la_balanced_accuracy` (after post-hoc logit adjustment).
+POSTHOC_PREFIX = re.compile(r"^(ts|la)_")
+
+# Smallest effect size of interest δ per metric: a difference within ±δ is too small to matter, so two
+# losses whose difference is shown to lie within it are called equivalent (docs/statistics.md says why
+# each value). `report.sesoi` in the config overrides them per metric name.
+SESOI = {"accuracy": 0.01, "balanced_accuracy": 0.01, "macro_f1": 0.01, "micro_f1": 0.01, "map": 0.01,
+         "minority_recall": 0.02, "exact_match": 0.01, "hamming_loss": 0.005, "ece": 0.005,
+         "prior_corrected_ece": 0.005, "classwise_ece": 0.005, "overconfidence": 0.01, "nll": 0.02,
+         "brier": 0.01}
+
+
+def metric_name(key: str) -> str:
+    """The metric a key measures: `test/ts_ece` → `ece`, `val/balanced_accuracy` → `balanced_accuracy`."""
+    return POSTHOC_PREFIX.sub("", key.rpartition("/")[2])
+
+
+def sesoi(key: str, chosen: dict | None = None) -> float | None:
+    """The equivalence margin δ of a metric: `chosen[name]` (report.sesoi) or the default; None when the
+    metric has none (then no equivalence is claimed)."""
+    name = metric_name(key)
+    value = (chosen or {}).get(name, SESOI.get(name))
+    if CLASS_METRIC.match(name) and value is None:
+        value = SESOI["minority_recall"]
+    return None if value is None else float(value)
 
 
 def metric_range(key: str) -> tuple[float, float]:
     """(low, high) a metric can take, from its name (`test/ece` → (0, 1)); unbounded when unknown."""
-    name = key.rpartition("/")[2]
+    name = metric_name(key)
     if name in RANGES:
         return RANGES[name]
     if CLASS_METRIC.match(name):
@@ -115,19 +142,34 @@ def sign_flip_p(diffs) -> float:
     metrics; its smallest value is 2 / 2^n (0.25 at n = 3), so a constant difference over few seeds is
     never significant on its own.
     """
+    return sign_flip_tail(diffs, "two-sided")
+
+
+def sign_flip_tail(diffs, side: str) -> float:
+    """p of the sign-flip test of mean(d) = 0 against `side`: "two-sided" (|Σ s_i d_i| ≥ |Σ d_i|),
+    "greater" (Σ s_i d_i ≥ Σ d_i: evidence that the mean is > 0) or "less"."""
     d = np.asarray(diffs, dtype=float)
     n = len(d)
     if n == 0:
         return math.nan
-    observed = abs(d.sum())
     tolerance = 1e-9 * max(np.abs(d).sum(), 1e-300)  # equal sums that differ only by rounding count as ties
+    sums = sign_vectors(n) @ d
+    if side == "two-sided":
+        hits = np.abs(sums) >= abs(d.sum()) - tolerance
+    elif side == "greater":
+        hits = sums >= d.sum() - tolerance
+    else:
+        hits = sums <= d.sum() + tolerance
     if n <= EXACT_MAX_N:
-        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)
-        return float(np.mean(np.abs(signs @ d) >= observed - tolerance))
-    rng = np.random.default_rng(0)
-    signs = rng.choice((-1.0, 1.0), size=(RESAMPLES, n))
-    hits = np.sum(np.abs(signs @ d) >= observed - tolerance)
-    return float((1 + hits) / (1 + RESAMPLES))
+        return float(np.mean(hits))
+    return float((1 + np.sum(hits)) / (1 + RESAMPLES))
+
+
+def sign_vectors(n: int) -> np.ndarray:
+    """Every vector of n signs (n ≤ 16), else 20 000 drawn with a fixed seed (the same on every call)."""
+    if n <= EXACT_MAX_N:
+        return (1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)).astype(float)
+    return np.random.default_rng(0).choice((-1.0, 1.0), size=(RESAMPLES, n))
 
 
 @dataclass(frozen=True)
@@ -196,7 +238,7 @@ def holm(p_values) -> np.ndarray:
     return adjusted
 
 
-def seeds_needed(paired: Paired, family: int) -> int | None:
+def seeds_needed(paired: Paired, family: int, start: int = MIN_SEEDS) -> int | None:
     """Matched seeds that would detect a difference of this size with 80% power at the strictest Holm
     level α / family: the paired t's power 1 - F_nct(t_crit; n - 1, δ√n) with δ = mean / std, or, for a
     constant difference, the sign-flip test's n with 2 / 2^n ≤ α / family. At least MIN_SEEDS; None when
@@ -206,10 +248,87 @@ def seeds_needed(paired: Paired, family: int) -> int | None:
     if paired.n < 2 or not math.isfinite(paired.diff) or paired.diff == 0:
         return None  # one seed says nothing about the spread
     if not paired.std > 0:
-        return max(MIN_SEEDS, math.ceil(math.log2(2 / level)))
+        return max(MIN_SEEDS, start, math.ceil(math.log2(2 / level)))
     effect = abs(paired.diff) / paired.std
-    for n in range(max(MIN_SEEDS, 2), 201):
-        critical = stats.t.ppf(1 - level / 2, n - 1)
-        if stats.nct.sf(critical, n - 1, effect * math.sqrt(n)) >= POWER:
-            return n
-    return None
+    n = np.arange(max(MIN_SEEDS, start, 2), 201)
+    power = stats.nct.sf(stats.t.ppf(1 - level / 2, n - 1), n - 1, effect * np.sqrt(n))
+    return first_reaching(n, power)
+
+
+def first_reaching(n: np.ndarray, power: np.ndarray) -> int | None:
+    """The first n whose power reaches POWER, None when none does."""
+    hits = np.flatnonzero(power >= POWER)
+    return int(n[hits[0]]) if len(hits) else None
+
+
+# --- equivalence and the intervals that match the decisions (docs/statistics.md) ----------------------
+
+def tost_p(diffs, delta: float, test: str) -> float:
+    """p of the two one-sided tests (Schuirmann 1987) that the mean difference lies within ±δ:
+    max(p of "mean > −δ", p of "mean < +δ"), each a one-sided paired t (n − 1 degrees of freedom), or the
+    one-sided sign-flip test of d + δ and d − δ when `test` is "sign-flip" (the test the difference used).
+    A small p is evidence of equivalence."""
+    d = np.asarray(diffs, dtype=float)
+    d = d[np.isfinite(d)]
+    n = len(d)
+    if n < 2 or not delta > 0:
+        return math.nan
+    if test == "paired t":
+        se = float(d.std(ddof=1)) / math.sqrt(n)
+        lower = float(special.stdtr(n - 1, -(d.mean() + delta) / se))  # H0: mean ≤ −δ
+        upper = float(special.stdtr(n - 1, (d.mean() - delta) / se))  # H0: mean ≥ +δ
+        return max(lower, upper)
+    return max(sign_flip_tail(d + delta, "greater"), sign_flip_tail(d - delta, "less"))
+
+
+def decision_interval(diffs, level: float, test: str,
+                      bounds: tuple[float, float] = (-math.inf, math.inf)) -> tuple[float, float]:
+    """The two-sided (1 − level) interval of the mean difference that inverts the comparison's own test:
+    the Student t interval for the paired t; for the sign-flip test, the shifts μ whose differences
+    d − μ the test does not reject at `level` (found by bisection on each side of the mean). Clipped to
+    `bounds`. With level = α/m (Bonferroni over the m comparisons of the report) the intervals hold
+    simultaneously with 95% coverage, and one that excludes 0 always belongs to a Holm-significant
+    comparison."""
+    d = np.asarray(diffs, dtype=float)
+    d = d[np.isfinite(d)]
+    n = len(d)
+    if n < 2:
+        return (math.nan, math.nan)
+    mean = float(d.mean())
+    if test == "paired t":
+        half = float(special.stdtrit(n - 1, 1 - level / 2)) * float(d.std(ddof=1)) / math.sqrt(n)
+        return (max(bounds[0], mean - half), min(bounds[1], mean + half))
+    if sign_flip_p(np.full(n, 1.0)) >= level:  # even a constant difference cannot be rejected
+        return bounds
+
+    def accepted(mu: float) -> bool:
+        return sign_flip_p(d - mu) >= level
+
+    ends = []
+    for far in (float(d.min()) - 1e-9 * (1 + abs(d.min())), float(d.max()) + 1e-9 * (1 + abs(d.max()))):
+        inside, outside = mean, far  # the test accepts μ = mean (p = 1), rejects beyond every d_i
+        for _ in range(50):
+            middle = (inside + outside) / 2
+            inside, outside = (middle, outside) if accepted(middle) else (inside, middle)
+        ends.append(inside)
+    return (max(bounds[0], ends[0]), min(bounds[1], ends[1]))
+
+
+def seeds_to_decide(paired: Paired, delta: float | None, family: int) -> int | None:
+    """Matched seeds at which an undecided comparison would be decided with 80% power at the strictest
+    Holm level α / family, if the observed mean and spread were the truth: `seeds_needed` (detect the
+    difference) when |mean| ≥ δ or no δ is set, else the seeds the two one-sided tests need to show
+    equivalence (power ≥ P(reject lower) + P(reject upper) − 1 from the noncentral t). None when not
+    estimable or above 200 seeds."""
+    if delta is None or not math.isfinite(paired.diff) or abs(paired.diff) >= delta:
+        return seeds_needed(paired, family, start=paired.n + 1)
+    if paired.n < 2:
+        return None
+    if not paired.std > 0:  # a constant difference inside the margin: the exact test's floor decides
+        return max(MIN_SEEDS, paired.n + 1, math.ceil(math.log2(1 / (ALPHA / max(1, family)))))
+    level = ALPHA / max(1, family)
+    n = np.arange(max(MIN_SEEDS, paired.n + 1), 201)
+    critical, scale = stats.t.ppf(1 - level, n - 1), np.sqrt(n) / paired.std
+    lower = stats.nct.sf(critical, n - 1, (paired.diff + delta) * scale)
+    upper = stats.nct.cdf(-critical, n - 1, (paired.diff - delta) * scale)
+    return first_reaching(n, lower + upper - 1)

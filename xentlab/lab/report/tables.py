@@ -8,11 +8,10 @@ renderers escape text for their format and write numbers in full precision to CS
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from xentlab.lab.report.compare import KEY_METRICS, MINORITY, Comparison, Group, Metric
-from xentlab.lab.report.stats import MIN_SEEDS, NO_RUNS, paired_test
+from xentlab.lab.report.compare import COLUMNS, KEY_METRICS, MINORITY, Comparison, Group, Metric
+from xentlab.lab.report.stats import MIN_SEEDS, NO_RUNS
 from xentlab.lab.report.sweep import relative
 
 BETTER, WORSE = "better", "worse"
@@ -51,8 +50,10 @@ def cell(group: Group, metric: Metric) -> str:
 
 
 def marks(comparisons: list[Comparison]) -> dict[tuple[int, str], str]:
-    """(group id, metric key) → BETTER / WORSE where the group differs significantly from the baseline."""
-    return {(id(c.group), c.metric.key): BETTER if c.better else WORSE for c in comparisons if c.significant}
+    """(group id, metric key) → BETTER / WORSE where the group is decided better / worse than the metric's
+    headline baseline."""
+    return {(id(c.group), c.metric.key): c.decision for c in comparisons
+            if c.headline and c.decision in (BETTER, WORSE)}
 
 
 def baseline_text(report) -> str:
@@ -60,8 +61,9 @@ def baseline_text(report) -> str:
 
 
 def results_caption(report) -> str:
-    return (f"Mean [95% CI] over seeds (Student t, clipped to the metric's range); ★ / ▼ significantly "
-            f"better / worse than {baseline_text(report)} (paired on seeds, Holm-adjusted p < 0.05, "
+    return (f"Mean [95% CI] over seeds (Student t, clipped to the metric's range); ★ / ▼ decided better / "
+            f"worse than {baseline_text(report)} or the metric's stronger post-hoc baseline named in the "
+            f"verdicts (paired on seeds, Holm-adjusted p < 0.05, "
             f"≥ {MIN_SEEDS} seeds).")
 
 
@@ -75,7 +77,8 @@ def results_table(report) -> Table:
     for i, g in enumerate(report.groups):
         if i == 0 or g.context != report.groups[i - 1].context:
             blocks.append(i)
-        label = g.label + (" (baseline)" if g.is_baseline else "")
+        # A post-hoc row's label (`loss=ce+posthoc_la`) already says whose runs it reads.
+        label = g.label + (" (baseline)" if g.is_baseline and g.derived is None else "")
         rows.append(([g.context] if with_context else []) + [label, len(g.runs)]
                     + [Marked(cell(g, m), found.get((id(g), m.key), "")) for m in report.metrics])
     return Table("", "Results", columns, rows, frozenset({"terminal", "md", "html", "latex"}),
@@ -84,7 +87,7 @@ def results_table(report) -> Table:
 
 def result_notes(report) -> list[str]:
     """What the results table leaves out, and why."""
-    recorded = {k for g in report.groups for run in g.runs for k in run.metrics}
+    recorded = {k for g in report.trained for run in g.runs for k in run.metrics}
     notes = []
     missing = [m.key for m in KEY_METRICS if m not in report.metrics and m.key not in recorded]
     if missing and report.request.metrics is None:
@@ -95,28 +98,11 @@ def result_notes(report) -> list[str]:
     return notes
 
 
-def comparison_record(c: Comparison) -> dict:
-    """comparisons.csv's row for one comparison: the source of the verdicts, the marks and report.md."""
-    d = c.paired
-    return {"context": c.context, "metric": c.metric.key, "loss": c.group.label, "baseline": c.baseline.label,
-            "n": d.n, "diff": d.diff, "ci_low": d.low, "ci_high": d.high, "p": d.p,
-            "p_adjusted": None if math.isnan(c.p_adjusted) else c.p_adjusted, "significant": c.significant,
-            "better": c.better, "test": d.test,
-            "seeds_better": d.positive if c.metric.higher_is_better else d.negative,
-            "seeds_worse": d.negative if c.metric.higher_is_better else d.positive,
-            "higher_is_better": c.metric.higher_is_better, "seeds_needed": c.needed}
-
-
 def comparisons_table(report) -> Table:
-    records = [comparison_record(c) for c in report.comparisons.items]
-    # With nothing to compare, the header of a blank record: a header-only file, which pandas reads.
-    empty = Group({}, "", "", [], {}, [])
-    columns = list(records[0] if records else comparison_record(Comparison("", Metric("", "", True), empty,
-                                                                           empty, paired_test([]))))
-    return Table("comparisons", "Comparisons with the baseline", columns,
+    records = [c.record() for c in report.comparisons.items]
+    return Table("comparisons", "Comparisons with the baseline", list(COLUMNS),
                  [list(r.values()) for r in records], frozenset({"csv", "html"}),
-                 "One row per loss, context and metric against the baseline on matched seeds "
-                 "(docs/statistics.md).")
+                 "One row per loss, context, metric and baseline on matched seeds (docs/statistics.md).")
 
 
 def groups_table(report) -> Table:
@@ -143,7 +129,7 @@ def runs_table(report) -> Table:
 
     keys = sorted({k for g in report.groups for k in g.settings})
     rows = []
-    for g in report.groups:
+    for g in report.trained:
         for run in g.runs:
             where = [relative(run.path, report.sweep_dir), *(g.settings.get(k, "") for k in keys),
                      seed_of(run), g.label, g.context]
