@@ -3,7 +3,8 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k registry`.
 # The `gpu` extra (Triton) even without a GPU: tests/test_triton.py runs the Triton kernels in Triton's CPU
 # interpreter (TRITON_INTERPRET=1, tests/conftest.py), so their correctness is checked on every machine.
-source "$(dirname "$0")/_setup.sh" "dev,sweep,gpu,mnist"
+# tables, wandb and mlflow: the tests read Parquet and write each optional logger's files offline.
+source "$(dirname "$0")/_setup.sh" "dev,sweep,gpu,mnist,tables,wandb,mlflow"
 # tests/test_slurm.py starts a one-node SLURM cluster, and the browser tests open pages in headless
 # Chromium: as root on Debian, install SLURM, munge and Chromium if missing (elsewhere those tests skip,
 # saying why). Quiet and idempotent; a failed install is one line.

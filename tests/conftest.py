@@ -12,6 +12,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(params=["tiny-chunks", "one-shot", "default-chunks"])
+def chunking(request, monkeypatch):
+    """Runs a test on each path of the fused backend: 5-element row chunks (no one-shot path for small
+    inputs), so every multi-chunk path runs; the one-shot closed-form path that inputs of up to
+    sizes.SMALL_ELEMS elements take; and the defaults (the smallest inputs take PyTorch's row kernels)."""
+    from xentlab.kernels.fused import sizes
+
+    if request.param != "default-chunks":
+        monkeypatch.setattr(sizes, "TINY_ELEMS", 0)
+    if request.param == "tiny-chunks":
+        monkeypatch.setattr(sizes, "CHUNK_ELEMS", 5)
+        monkeypatch.setattr(sizes, "SMALL_ELEMS", 0)
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's headless Chromium, for the tests that open a page in a real browser; they skip without it

@@ -16,7 +16,9 @@ from xentlab.lab.data import TensorBatches, build_datamodule, flip_labels, stand
 from xentlab.lab.datasets import DATASETS, SPLITS, counts_for_total, long_tail_counts, split
 from xentlab.train import CONFIG_DIR
 
-DATA_CONFIGS = sorted(Path(CONFIG_DIR, "data").glob("*.yaml"))
+# The configs that build as they are; those of the user's own data (a file, a folder, a factory: `???`)
+# are built in tests/test_owndata.py from data the tests write.
+DATA_CONFIGS = sorted(p for p in Path(CONFIG_DIR, "data").glob("*.yaml") if "???" not in p.read_text())
 
 
 def total_counts(datamodule) -> list[int]:

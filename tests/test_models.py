@@ -84,3 +84,169 @@ def test_the_cnn_trains_on_image_datasets(tmp_path, overrides):
     (record,) = train(cfg, tmp_path)
     assert record["status"] == "completed" and record["epochs"] == 1
     assert 0 <= record["metrics"]["test/balanced_accuracy"] <= 1
+
+
+# --- ResNet-32, models by import path, timm ---------------------------------------------------------------
+
+def test_resnet32_is_the_papers_network():
+    from xentlab.lab.models import CifarResNet
+
+    model = build_model("resnet32", input_shape=(3, 32, 32), num_outputs=10)
+    assert isinstance(model, CifarResNet)
+    # 31 convolutions + the linear head = 32 weighted layers; 464 154 parameters at 10 classes (the 0.46 M
+    # of Cao et al. 2019), 470 004 at 100.
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 31
+    assert sum(p.numel() for p in model.parameters()) == 464_154
+    assert sum(p.numel() for p in build_model("resnet32", input_shape=(3, 32, 32), num_outputs=100)
+               .parameters()) == 470_004
+    cosine = build_model("resnet32", input_shape=(3, 32, 32), num_outputs=10, head="cosine")
+    assert isinstance(cosine.head, CosineHead)
+    with pytest.raises(ValueError, match="model=resnet32 takes images"):
+        build_model("resnet32", in_features=20, num_outputs=3)
+
+
+@pytest.fixture
+def one_thread():
+    """torch's intra-op threads at 1, as xentlab-train sets them for one job: a second thread on two busy
+    cores makes a ResNet step ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resnet32_takes_a_training_step(one_thread):
+    torch.manual_seed(0)
+    model = build_model("resnet32", input_shape=(3, 32, 32), num_outputs=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
+    before = torch.nn.functional.cross_entropy(model(x), y)
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert torch.nn.functional.cross_entropy(model(x), y).item() < before.item()
+
+
+@pytest.fixture(scope="module")
+def fake_cifar(tmp_path_factory):
+    from _fakedata import write_fake_cifar10
+
+    return write_fake_cifar10(tmp_path_factory.mktemp("cifar"))
+
+
+def compose_run(overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def test_resnet32_trains_an_epoch_on_fake_cifar10_lt(fake_cifar, tmp_path, one_thread):
+    cfg = compose_run(["data=cifar10_lt", f"data.root={fake_cifar}", "data.imbalance_ratio=100",
+                       "model=resnet32", "optimizer=sgd", "trainer.max_epochs=1",
+                       "trainer.log_every_n_steps=1"])
+    record = train(cfg, tmp_path)
+    assert record["status"] == "completed" and record["epochs"] == 1
+    assert 0 <= record["metrics"]["test/balanced_accuracy"] <= 1
+
+
+@pytest.fixture(scope="module")
+def nets_module(tmp_path_factory):
+    """A module of the user's own: a model class taking num_classes and in_features, and a fake `timm`."""
+    import sys
+    import textwrap
+
+    folder = tmp_path_factory.mktemp("nets")
+    (folder / "my_nets.py").write_text(textwrap.dedent('''
+        import torch
+
+        built = []
+
+        class Net(torch.nn.Module):
+            def __init__(self, in_features, num_classes, width=16):
+                super().__init__()
+                built.append({"in_features": in_features, "num_classes": num_classes, "width": width})
+                self.body = torch.nn.Sequential(torch.nn.Linear(in_features, width), torch.nn.Tanh(),
+                                                torch.nn.Linear(width, num_classes))
+
+            def forward(self, x):
+                return self.body(x)
+
+        def no_classes(width=3):
+            return torch.nn.Linear(4, width)
+        '''))
+    fake_timm = folder / "fake_timm"
+    (fake_timm / "timm").mkdir(parents=True)
+    (fake_timm / "timm" / "__init__.py").write_text(textwrap.dedent('''
+        import torch
+
+        calls = []
+
+        def create_model(name, pretrained=False, num_classes=1000, in_chans=3, **kwargs):
+            calls.append(dict(name=name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans,
+                              **kwargs))
+            return torch.nn.Sequential(torch.nn.Conv2d(in_chans, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                       torch.nn.Flatten(), torch.nn.Linear(4, num_classes))
+        '''))
+    sys.path.insert(0, str(folder))
+    yield folder
+    sys.path.remove(str(folder))
+    sys.modules.pop("my_nets", None)
+
+
+def test_a_model_by_import_path_gets_the_data_sizes_and_its_own_arguments(nets_module, tmp_path):
+    import my_nets
+
+    cfg = compose_run(["data=wine", "model=custom", "model._target_=my_nets.Net", "model.width=8",
+                       "trainer.max_epochs=2"])
+    record = train(cfg, tmp_path)
+    assert record["status"] == "completed"
+    assert my_nets.built[-1] == {"in_features": 13, "num_classes": 3, "width": 8}
+
+
+@pytest.mark.parametrize(("target", "fragment"), [
+    ("my_nets.Missing", "cannot import it"),
+    ("my_nets.no_classes", "must take num_classes"),
+])
+def test_a_model_by_import_path_is_checked(nets_module, target, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        build_model(_target_=target, in_features=4, num_outputs=3)
+
+
+@pytest.mark.parametrize("group", ["model", "data"])
+def test_a_target_on_a_built_in_group_points_to_the_custom_one(nets_module, group):
+    """`<group>._target_=` (not a setting of a built-in) and `+<group>._target_=` (the built-in's settings
+    would go to the user's class or factory) both name `<group>=custom`."""
+    from hydra.errors import HydraException
+
+    from xentlab.lab.validation import check_data, describe_composition_error
+
+    with pytest.raises(HydraException) as raised:
+        compose_run([f"{group}._target_=my_nets.Net"])
+    assert f"choose {group}=custom {group}._target_=" in describe_composition_error(raised.value)
+    cfg = compose_run([f"+{group}._target_=my_nets.Net"])
+    refusal = f"cannot extend {group}=.*; choose {group}=custom {group}._target_="
+    with pytest.raises(ValueError, match=refusal):
+        if group == "model":
+            build_model(**cfg.model, in_features=4, num_outputs=3)
+        else:
+            check_data(cfg.data)
+
+
+def test_timm_models_are_wired_and_a_missing_timm_is_named(nets_module, fake_cifar, monkeypatch, tmp_path,
+                                                           one_thread):
+    import sys
+
+    # timm itself needs torchvision, which cannot sit beside this torch build: a stand-in on sys.path
+    # records how it is called.
+    monkeypatch.syspath_prepend(str(nets_module / "fake_timm"))
+    monkeypatch.delitem(sys.modules, "timm", raising=False)
+    cfg = compose_run(["data=cifar10_lt", f"data.root={fake_cifar}", "data.imbalance_ratio=10",
+                       "model=timm", "model.name=tiny_net", "model.drop_rate=0.1", "trainer.max_epochs=1"])
+    assert train(cfg, tmp_path)["status"] == "completed"
+    import timm
+
+    assert timm.calls[-1] == {"name": "tiny_net", "pretrained": False, "num_classes": 10, "in_chans": 3,
+                              "drop_rate": 0.1}
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"model=timm needs the optional extra: .*'xentlab\[timm\]'"):
+        build_model(**cfg.model, input_shape=(3, 32, 32), num_outputs=10)

@@ -111,3 +111,23 @@ def test_write_your_own_loss_runs_as_printed(tmp_path):
     assert sorted(map(str, runs)) == sorted(map(str, [{"name": "taylor", "order": 3},
                                                       {"_target_": "my_pkg.taylor.TaylorCE",
                                                        "name": "my_pkg.taylor.TaylorCE", "order": 3}]))
+
+
+def test_your_data_and_model_run_as_printed(tmp_path):
+    blocks = code_blocks("Your data, your model")
+    for language, text in blocks:
+        if language == "python":  # each file's first line names it: "# my_model.py: why"
+            (tmp_path / text.splitlines()[0].removeprefix("# ").split(":")[0]).write_text(text)
+    (block,) = [text for language, text in blocks if language == "bash"]
+    for args in commands(block):
+        run(shortened([sys.executable, *args[1:]] if args[0] == "python" else args), tmp_path)
+    runs = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/**/metrics.json")]
+    assert len(runs) == 1 + 2 * 5 and all(r["status"] == "completed" for r in runs)
+    assert all(r["config"]["data"]["path"] == "my_data.csv" for r in runs)
+    assert sum(r["config"]["model"].get("_target_") == "my_model.Net" for r in runs) == 10
+    (single,) = [p.parent for p in tmp_path.glob("outputs/*/*/metrics.json") if "multirun" not in str(p)]
+    assert (single / "metrics.csv").is_file()  # logger=csv
+    report = (max(tmp_path.glob("outputs/multirun/*/*")) / "report.md").read_text()
+    # Verdicts on the user's data: focal against CE over the five matched seeds of each.
+    verdicts = report.split("## Verdicts", 1)[1].split("\n## ", 1)[0]
+    assert "loss=focal" in verdicts and "nothing to compare" not in verdicts and "no claim" not in verdicts

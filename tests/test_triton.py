@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import os
 import subprocess
 import sys
@@ -201,6 +202,46 @@ def test_sigmoid_family_matches_pytorch(case_id, dtype):
         _parity(_sigmoid_case(case_id, d, reduction), d)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case_id", ["ce_weight_smooth_ignore1", "ce_probs_weight_smooth", "focal_gamma_half",
+                                     "mse_probs_soft", "bce_weight_pos", "sigmoid_focal", "asl", "ldam"])
+def test_second_order_gradients_equal_the_reference_backends(case_id, reduction):
+    """A backward under create_graph=True (here a Hessian-vector product, in the logits and, for soft
+    targets, a mixed one in the target) is differentiable and equals the reference backend's, taken twice by
+    autograd."""
+    d = _data(torch.float64)
+    if case_id == "ldam":
+        transform = LogitTransform(scale=5.0, margin=d.w / 10)
+        name, args = "softmax_loss", (d.y, NLL(), d.w, transform, -100, reduction, 0.1)
+        truth = reference.softmax_loss
+    else:
+        name, args = (_softmax_case if case_id in SOFTMAX_CASES else _sigmoid_case)(case_id, d, reduction)
+        truth = getattr(reference, name)
+    target = args[0]
+    soft = target.is_floating_point()
+    v = torch.randn(d.x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def products(fn):
+        x, t = d.x.clone().requires_grad_(), target.clone().requires_grad_(soft)
+        loss = fn(x, t, *args[1:])
+        go = torch.ones_like(loss) if reduction == "mean" else torch.linspace(0.5, 1.5, loss.numel(),
+                                                                             dtype=loss.dtype).view(loss.shape)
+        (g,) = torch.autograd.grad(loss, x, go, create_graph=True)
+        return torch.autograd.grad((g * v).sum(), (x, t) if soft else (x,))
+
+    for got, want in zip(products(_on_device_pair(getattr(tx, name))), products(truth), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def _on_device_pair(fn):
+    """fn(x, target, *rest) on DEVICE for CPU-held arguments, the result brought back."""
+    def call(x, target, *rest):
+        moved = [_moved(a) for a in rest]
+        return fn(x.to(DEVICE), target.to(DEVICE), *moved).cpu()
+
+    return call
+
+
 def _run(fn, x, args, grad_out):
     x = x.detach().clone().requires_grad_()
     loss = fn(x, *args)
@@ -265,6 +306,42 @@ def test_all_ignored_and_empty_batches():
         assert {"mean": loss.isnan(), "sum": loss == 0, "none": loss.shape == (0,)}[reduction], reduction
     loss, grad = _run(tx.binary_cross_entropy_with_logits, empty, (empty, None, None, "mean"), None)
     assert torch.isnan(loss) and grad.shape == (0, 4)
+
+
+INFINITE = torch.tensor([[math.inf, -math.inf, math.inf, -math.inf, 30.0, -30.0, 0.0]] * 3,
+                        dtype=torch.float64)
+INFINITE_TARGET = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.5]] * 3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("name", "args"), [
+    ("sigmoid_focal_loss", (0.25, 2.0)), ("sigmoid_focal_loss", (-1.0, 0.5)),
+    ("sigmoid_focal_loss", (0.25, 0.0)),
+    ("asl_loss", (0.0, 0.0, 0.0)), ("asl_loss", (0.0, 4.0, 0.0)), ("asl_loss", (1.0, 4.0, 0.05)),
+    ("asl_loss", (0.0, 0.0, 0.1))])
+def test_infinite_logits_give_the_peers_values_and_gradients(name, args):
+    """torchvision's sigmoid focal loss (PyTorch's BCE inside: inf, NaN where it is NaN, p - t at gamma 0) and
+    ASL's formula through PyTorch's ops: the same values, NaNs and gradients."""
+    for dtype in (torch.float64, torch.float32):
+        x = INFINITE.to(dtype)
+        expected = _run(TRUTH[name], x, (INFINITE_TARGET.to(dtype), *args, "none"), torch.ones_like(x))
+        got = _run(_on_device(getattr(tx, name), INFINITE_TARGET.to(dtype), *args, "none"), x, (),
+                   torch.ones_like(x))
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e.to(dtype), equal_nan=True)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_rows_whose_weights_are_all_zero_give_pytorchs_nan(smoothing):
+    """`mean` over kept rows of total weight 0: NaN loss, NaN gradient on kept rows, 0 on ignored ones."""
+    x = cases.make_logits(6, 5, torch.float64)
+    y = torch.tensor([0, -100, 2, 0, -100, 2])
+    weight = torch.tensor([0.0, 1.0, 0.0, 2.0, 1.0], dtype=torch.float64)
+    truth = torch.nn.functional.cross_entropy
+    expected = _run(truth, x, (y, weight, None, -100, None, "mean", smoothing), None)
+    got = _run(_on_device(tx.cross_entropy, y, weight, -100, "mean", smoothing), x, (), None)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, equal_nan=True)
+    assert expected[1][y >= 0].isnan().all() and (expected[1][y < 0] == 0).all()
 
 
 def _on(d):

@@ -12,6 +12,14 @@ Every loss takes `validate=True`. `validate=False` skips only the checks that re
 so that a CUDA graph can capture the call; types, dtypes, shapes, devices and scalar parameters are still
 checked. Out-of-range targets then give undefined values (the Triton kernels treat them as ignored rows and
 never read out of bounds) instead of a ValueError.
+
+Autograd, however entered: gradients of every order are exact on every backend (the fused and Triton
+backends differentiate the reference composition when their backward runs under create_graph=True). Inside
+torch.func transforms (vmap, grad, jvp, ...), under forward-mode AD and while torch.compile traces, every
+backend runs the reference composition (`xentlab.kernels.composable_only`). Under vmap the value checks read
+the whole batch's values behind the transform, so they still run; while torch.compile traces they are
+skipped, as with `validate=False` (a host read would break the graph): check inputs eagerly before a compiled
+call where that matters.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import inspect
 import math
 
 import torch
+import torch._C._functorch as _functorch
 
 from xentlab.kernels import compute_dtype, get_backend, spec
 
@@ -38,7 +47,8 @@ def _validating(loss):
     """Adds the keyword-only `validate` (see the module docstring) to a public loss function."""
     @functools.wraps(loss)
     def wrapper(*args, validate: bool = True, **kwargs):
-        if validate is True and _CHECK_VALUES.get():  # the common case: nothing to switch
+        # the common case, and torch.compile's (which skips the value checks and must not trace a ContextVar)
+        if torch.compiler.is_compiling() or (validate is True and _CHECK_VALUES.get()):
             return loss(*args, **kwargs)
         if not isinstance(validate, bool):
             raise TypeError(f"validate must be True or False, got {validate!r}")
@@ -228,7 +238,18 @@ def softmax_loss(input: Tensor, target: Tensor, row_loss: spec.RowLoss, weight: 
     if transform is not None and not isinstance(transform, spec.LogitTransform):
         raise TypeError(f"transform must be a LogitTransform or None, got {type(transform).__name__}")
     transform = _transform(transform, n_classes, input)
+    if _learns(row_loss):  # only autograd through its value() gives its own tensors a gradient
+        backend = "reference"
     return _softmax_family(input, target, row_loss, weight, transform, ignore_index, reduction, backend, eps)
+
+
+def _learns(row_loss) -> bool:
+    """Whether a (plugin's) row loss holds a tensor that requires grad, with grad mode on."""
+    if not torch.is_grad_enabled():
+        return False
+    if isinstance(row_loss, torch.nn.Module):
+        return any(p.requires_grad for p in row_loss.parameters())
+    return any(isinstance(v, Tensor) and v.requires_grad for v in getattr(row_loss, "__dict__", {}).values())
 
 
 def _softmax_family(input, target, row_loss, weight, transform, ignore_index, reduction, backend, eps=0.0):
@@ -252,7 +273,7 @@ def _with_index_check(module, rows: Tensor, target: Tensor, ignore_index: int, c
     """Runs the backend call with class indices checked (integer targets only): by the backend's own kernels
     where it says so (`checks_targets`, PyTorch's nll and scatter kernels raising IndexError/RuntimeError,
     translated here into xentlab's ValueError), otherwise by one host-synchronising check before the call."""
-    if target.dtype.is_floating_point or not _CHECK_VALUES.get():
+    if target.dtype.is_floating_point or not _checking_values():
         return call()
     checks = getattr(module, "checks_targets", None)
     if checks is None or not checks(rows):
@@ -268,6 +289,7 @@ def _with_index_check(module, rows: Tensor, target: Tensor, ignore_index: int, c
 
 
 def _bad_index_message(target: Tensor, n_classes: int, ignore_index: int) -> str | None:
+    target = _values(target)
     bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
     if not bool(bad.any()):
         return None
@@ -282,6 +304,20 @@ def _raise_if_bad_indices(target: Tensor, n_classes: int, ignore_index: int) -> 
 
 
 # ---------------------------------------------------------------- argument checks
+
+
+def _checking_values() -> bool:
+    """Whether the checks that read tensor values run: not with validate=False, nor while torch.compile
+    traces (a host read would break the graph; see the module docstring)."""
+    return not torch.compiler.is_compiling() and _CHECK_VALUES.get()
+
+
+def _values(t: Tensor) -> Tensor:
+    """The plain tensor behind torch.func's wrappers (vmap's batched tensors hold every sample's values), so a
+    value check reads the whole batch instead of failing on a data-dependent branch inside the transform."""
+    while _functorch.is_functorch_wrapped_tensor(t):
+        t = _functorch.get_unwrapped(t)
+    return t
 
 
 def _backend_for(backend: str, input: Tensor, target: Tensor):
@@ -343,8 +379,9 @@ def _check_int(name: str, value) -> None:
 def _check_weights(name: str, values: Tensor, nonnegative: bool = True) -> None:
     if values.dtype.is_complex or values.dtype == torch.bool:
         raise TypeError(f"{name} must be real-valued, got dtype {values.dtype}")
-    if not _CHECK_VALUES.get():
+    if not _checking_values():
         return
+    values = _values(values)
     bad = ~torch.isfinite(values)
     if nonnegative:
         bad = bad | (values < 0)
@@ -388,6 +425,7 @@ def _transform(transform, n_classes: int, input: Tensor):
             if tuple(value.shape) not in ((n_classes,), ()):
                 raise ValueError(f"transform.{name} must have shape (C,) = ({n_classes},), got "
                                  f"{tuple(value.shape)}")
+            _check_weights(f"transform.{name}", value, nonnegative=False)
             value = value.to(device=input.device, dtype=compute_dtype(input.dtype))
         elif value is not None:
             value = spec.check_real(f"transform.{name}", value, spec.Range(-math.inf, math.inf))
@@ -444,9 +482,10 @@ def _binary_target(target, input: Tensor) -> Tensor:
     if target.dtype.is_complex:
         raise TypeError(f"target must be real-valued, got dtype {target.dtype}")
     converted = target if target.dtype == input.dtype else target.to(input.dtype)
-    if _CHECK_VALUES.get() and target.numel():
+    if _checking_values() and target.numel():
         # one pass and one host sync (the comparisons fail for NaN); integer targets are exact as floats
-        checked = target if target.dtype.is_floating_point else converted
+        target = _values(target)
+        checked = target if target.dtype.is_floating_point else _values(converted)
         low, high = torch.stack(torch.aminmax(checked)).tolist()
         if not (low >= 0 and high <= 1):
             bad = ~((target >= 0) & (target <= 1))

@@ -7,6 +7,10 @@ whole index-target softmax family over a row loss of log p_y and a logit transfo
 mse_loss, binary_cross_entropy_with_logits, sigmoid_focal_loss, asl_loss), all over already-validated,
 flattened (N, C) arguments.
 Triton is imported only when the Triton backend is actually chosen, so importing xentlab never needs it.
+
+Under torch.compile, torch.func transforms (vmap, grad, jvp, ...) and forward-mode AD every backend runs the
+reference composition (`composable_only`): the compiler fuses it by itself, and the transforms need ops they
+can see through, which a hand-written autograd.Function's closed-form gradient is not.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import importlib.util
 from types import ModuleType
 
 import torch
+import torch._C._functorch as _functorch
+from torch.autograd import forward_ad
 
 BACKENDS = ("auto", "fused", "triton", "reference")
 
@@ -32,17 +38,40 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def mean_over(total: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """`mean` as PyTorch's losses give it: total / D, and NaN where D = 0 (nothing to average over), even
+    where the total is not 0 (label smoothing over rows whose class weights are all 0), never inf. No host
+    read."""
+    return torch.where(denominator == 0, torch.nan, total / denominator)
+
+
+def composable_only() -> bool:
+    """Whether the call is being traced by torch.compile, runs inside a torch.func transform, or under
+    forward-mode AD (a `torch.autograd.forward_ad.dual_level`): then only plain PyTorch ops compose."""
+    return (torch.compiler.is_compiling() or _functorch.peek_interpreter_stack() is not None
+            or forward_ad._current_level >= 0)
+
+
 def get_backend(name: str, input: torch.Tensor) -> ModuleType:
     """The backend module for `name`: "auto" picks Triton for CUDA inputs when Triton is importable and the
-    fused CPU path otherwise; "fused", "triton" and "reference" pick that module outright."""
-    if name == "auto":
+    fused CPU path otherwise; "fused", "triton" and "reference" pick that module outright, except that every
+    name is the reference composition where `composable_only()`."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if composable_only():
+        name = "reference"
+    elif name == "auto":
         name = "triton" if input.is_cuda and triton_available() else "fused"
     module = _loaded.get(name)
     if module is None:  # first use of this backend (this sits on every loss call's path: keep it a lookup)
-        if name not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
         module = _loaded[name] = importlib.import_module(f"{__name__}.{name}")
     return module
 
 
 _loaded: dict[str, ModuleType] = {}
+
+# The reference composition is plain torch and cheap to import; loaded up front so that the path a compiled
+# or transformed call takes never imports anything while being traced.
+from xentlab.kernels import reference  # noqa: E402
+
+_loaded["reference"] = reference

@@ -10,10 +10,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from xentlab.kernels import compute_dtype
+from xentlab.kernels import compute_dtype, mean_over, spec
 from xentlab.kernels.spec import NLL, Focal
 
 Tensor = torch.Tensor
+
+
+def gradient_of(loss_fn, inputs: tuple[Tensor, ...], needed: tuple[bool, ...], grad_output: Tensor):
+    """The gradients of `loss_fn(*inputs)` (None where not `needed`) by autograd with create_graph=True.
+
+    The fused and Triton backends call this from their backward when it runs with grad mode on, i.e. under
+    `torch.autograd.grad(..., create_graph=True)`, `backward(create_graph=True)` or a Hessian-vector product:
+    their closed-form gradients are not themselves differentiable, these are, exactly and to any order.
+    `loss_fn` is this module's composition of the same loss with the same arguments."""
+    wanted = [t for t, need in zip(inputs, needed, strict=True) if need]
+    with torch.enable_grad():
+        grads = iter(torch.autograd.grad(loss_fn(*inputs), wanted, grad_output, create_graph=True,
+                                         materialize_grads=True))
+    return tuple(next(grads) if need else None for need in needed)
 
 
 def _reduce(loss: Tensor, reduction: str, denominator: Tensor | float) -> Tensor:
@@ -35,12 +49,13 @@ def softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduc
     logp = torch.log_softmax(z, dim=1)
     weight = None if weight is None else weight.to(logp.dtype)
     w_y = valid.to(logp.dtype) if weight is None else weight[y] * valid
-    loss = (1 - label_smoothing) * w_y * row_loss.value(logp.gather(1, y[:, None]).squeeze(1))
+    loss = (1 - label_smoothing) * w_y * spec.row_value(row_loss, logp.gather(1, y[:, None]).squeeze(1))
     if label_smoothing:
         smooth = -(logp if weight is None else logp * weight).sum(1)
         loss = loss + (label_smoothing / logp.shape[1]) * smooth
     loss = torch.where(valid, loss, 0.0)
-    return _reduce(loss, reduction, w_y.sum()).to(input.dtype)
+    total = loss if reduction == "none" else loss.sum()
+    return (mean_over(total, w_y.sum()) if reduction == "mean" else total).to(input.dtype)
 
 
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
@@ -70,7 +85,9 @@ def mse_loss(input, target, ignore_index, reduction, on):
         goal, valid = target.to(x.dtype), torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     else:
         valid = target != ignore_index
-        goal = F.one_hot(torch.where(valid, target, 0), x.shape[1]).to(x.dtype)
+        # a comparison, not F.one_hot, whose range check reads values (no data-dependent ops under vmap)
+        classes = torch.arange(x.shape[1], device=x.device)
+        goal = (torch.where(valid, target, 0)[:, None] == classes).to(x.dtype)
     loss = torch.where(valid[:, None], (pred - goal) ** 2, 0.0)
     return _reduce(loss, reduction, valid.sum() * x.shape[1]).to(input.dtype)
 

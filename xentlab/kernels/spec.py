@@ -38,9 +38,23 @@ class RowLoss(Protocol):
 def value_and_slope(row_loss: RowLoss, logpt: Tensor) -> tuple[Tensor, Tensor]:
     """(phi(l), phi'(l)) for the closed-form backends. A row loss may define `value_and_slope` to share work
     between the two (at training shapes every elementwise op is a dispatch that costs more than its math);
-    otherwise `value` and `slope` are called."""
+    otherwise `value` and `slope` are called. Both must be elementwise (`row_value`)."""
     both = getattr(row_loss, "value_and_slope", None)
-    return both(logpt) if both is not None else (row_loss.value(logpt), row_loss.slope(logpt))
+    value, slope = both(logpt) if both is not None else (row_loss.value(logpt), row_loss.slope(logpt))
+    return _elementwise(row_loss, "value", value, logpt), _elementwise(row_loss, "slope", slope, logpt)
+
+
+def row_value(row_loss: RowLoss, logpt: Tensor) -> Tensor:
+    """phi(l), checked to be elementwise: one value per row, not a reduced or broadcast tensor."""
+    return _elementwise(row_loss, "value", row_loss.value(logpt), logpt)
+
+
+def _elementwise(row_loss, method: str, out, logpt: Tensor) -> Tensor:
+    if not isinstance(out, Tensor) or out.shape != logpt.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"{type(row_loss).__name__}.{method}(logpt) must return one value per row, a tensor "
+                         f"of logpt's shape {tuple(logpt.shape)}, got {shape}")
+    return out
 
 
 @dataclass(frozen=True)

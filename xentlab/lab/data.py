@@ -1,23 +1,25 @@
 """The datasets of `xentlab.lab.datasets` as in-memory LightningDataModules: splits scaled on the training
-split only, optional label noise, batches that are slices of whole tensors (no per-item `__getitem__` +
-collate).
+split only (rows per feature, images per channel), optional label noise and image augmentation, batches that
+are slices of whole tensors (no per-item `__getitem__` + collate).
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from sklearn.preprocessing import StandardScaler
 
 from xentlab.lab.datasets import (
-    DATASETS,
+    GIVEN_SPLITS,
     SPLITS,
     balanced_eval_splits,
     check_positive_int,
     check_sampler,
     check_settings,
+    dataset,
     split,
 )
 from xentlab.tasks import check_task
@@ -30,12 +32,85 @@ log = logging.getLogger(__name__)
 def standardize(splits: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """z = (x - mean_train) / std_train per feature, the statistics from the training split only.
 
-    Returns float32 features and int64 class indices (or float32 multi-hot rows).
+    Returns float32 features (of each row's own shape) and int64 class indices (or float32 multi-hot rows).
     """
-    scaler = StandardScaler().fit(splits["train"][0])
-    return {name: (torch.tensor(scaler.transform(x), dtype=torch.float32),
-                   torch.tensor(y, dtype=torch.long if y.ndim == 1 else torch.float32))
+    scaler = StandardScaler().fit(splits["train"][0].reshape(len(splits["train"][0]), -1))
+    return {name: (torch.tensor(scaler.transform(x.reshape(len(x), -1)).reshape(x.shape),
+                                dtype=torch.float32), labels(y))
             for name, (x, y) in splits.items()}
+
+
+def labels(y) -> torch.Tensor:
+    """Class indices as int64, multi-hot rows as float32."""
+    return torch.tensor(y, dtype=torch.long if y.ndim == 1 else torch.float32)
+
+
+# --- images ---------------------------------------------------------------------------------------------
+
+def channel_statistics(x: torch.Tensor, chunk: int = 2048) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of images (N, C, H, W), pixels scaled to [0, 1] if uint8."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    squares = torch.zeros(x.shape[1], dtype=torch.float64)
+    for start in range(0, len(x), chunk):
+        part = to_unit(x[start:start + chunk]).double()
+        total += part.sum((0, 2, 3))
+        squares += part.square().sum((0, 2, 3))
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / count
+    return mean.tolist(), (squares / count - mean.square()).clamp_min(1e-12).sqrt().tolist()
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Images as float32, uint8 pixels divided by 255."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
+def crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """The standard CIFAR augmentation on a batch (B, C, H, W), each image its own draw: a random H x W
+    crop of the image zero-padded by `padding` pixels on every side, then a horizontal flip with
+    probability 1/2 (torchvision's RandomCrop(padding=p) then RandomHorizontalFlip)."""
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy, dx = (torch.randint(0, 2 * padding + 1, (b,), generator=generator) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    crops = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    flip = torch.rand(b, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], crops.flip(3), crops)
+
+
+class ImageTransform:
+    """Turns a batch of stored images into the model's input: float pixels (uint8 / 255), the optional
+    crop-and-flip augmentation (training only), then (x - mean_c) / std_c per channel."""
+
+    def __init__(self, mean: list[float], std: list[float], augment: bool = False, crop_padding: int = 4):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.augment, self.crop_padding = augment, crop_padding
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = to_unit(x)
+        if self.augment:
+            x = crop_flip(x, self.crop_padding, generator)
+        return (x - self.mean) / self.std
+
+
+def image_splits(splits: dict, mean, std, augment: bool, crop_padding: int) -> tuple[dict, dict]:
+    """Images kept as stored (uint8 stays uint8: a quarter of float32's memory) and one ImageTransform per
+    split; `mean`/`std` None are the training split's per-channel statistics."""
+    tensors = {name: (torch.tensor(x), labels(y)) for name, (x, y) in splits.items()}
+    channels = tensors["train"][0].shape[1]
+    if mean is None or std is None:
+        measured = channel_statistics(tensors["train"][0])
+        mean, std = measured[0] if mean is None else mean, measured[1] if std is None else std
+    for key, value in (("mean", mean), ("std", std)):
+        if len(value) != channels:
+            raise ValueError(f"data.{key} needs one value per channel ({channels}), got {list(value)}")
+    if min(std) <= 0:
+        raise ValueError(f"data.std must be positive, got {list(std)}")
+    transforms = {name: ImageTransform(list(mean), list(std), augment and name == "train", crop_padding)
+                  for name in splits}
+    return tensors, transforms
 
 
 def flip_labels(y: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
@@ -90,7 +165,7 @@ class TensorDataModule(pl.LightningDataModule):
 
     def __init__(self, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], task: str, num_classes: int,
                  batch_size: int = 128, seed: int = 0, name: str = "", eval_batch_size: int | None = None,
-                 sampler: str = "instance"):
+                 sampler: str = "instance", transforms: dict | None = None):
         super().__init__()
         check_task(task)
         # Checked (and computed) here, before training starts.
@@ -101,7 +176,11 @@ class TensorDataModule(pl.LightningDataModule):
         check_positive_int("eval_batch_size", eval_batch_size)
         self.splits, self.task, self.num_classes, self.name = splits, task, num_classes, name
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
-        self.num_features = splits["train"][0].shape[1]
+        # One sample's shape: (features,) for rows, (channels, height, width) for images.
+        self.input_shape = tuple(splits["train"][0].shape[1:])
+        self.num_features = int(np.prod(self.input_shape))
+        # Per split, what turns a stored batch into the model's input (images: scaling, augmentation).
+        self.transforms = dict(transforms or {})
 
     def counts(self, split: str) -> torch.Tensor:
         """Samples per class in `split` (positives per label for multilabel data), int64, one per class."""
@@ -127,7 +206,7 @@ class TensorDataModule(pl.LightningDataModule):
         # Under DDP each process takes its own shard; alone (or without a trainer) it takes everything.
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return TensorBatches(x, y, batch_size, shuffle, self.seed, rank=rank, world_size=world_size,
-                             weights=weights)
+                             weights=weights, transform=self.transforms.get(split_name))
 
     def train_dataloader(self):
         return self._batches("train", self.batch_size, shuffle=True, weights=self.train_weights)
@@ -148,18 +227,19 @@ class TensorBatches:
     same permutation (same seed), so the shards are disjoint apart from that padding of at most
     world_size - 1 samples. With per-sample `weights` (re-sampling, `sampling_weights`), each epoch is
     instead len(x) draws with replacement, sample i drawn with probability w_i / sum(w), as torch's
-    WeightedRandomSampler does; seeded, so every process draws the same sequence.
+    WeightedRandomSampler does; seeded, so every process draws the same sequence. `transform(x, generator)`,
+    if given, maps each batch's x (e.g. `ImageTransform`), drawing any randomness from the same generator.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int, *,
-                 rank: int = 0, world_size: int = 1, weights: torch.Tensor | None = None):
+                 rank: int = 0, world_size: int = 1, weights: torch.Tensor | None = None, transform=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if weights is not None and (weights.shape != (len(x),) or not shuffle):
             raise ValueError(f"weights must be one per sample ({len(x)}) and only for a shuffled (training) "
                              f"split, got shape {tuple(weights.shape)} with shuffle={shuffle}")
         self.x, self.y, self.batch_size, self.shuffle, self.weights = x, y, batch_size, shuffle, weights
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.transform = rank, world_size, transform
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -183,19 +263,30 @@ class TensorBatches:
         else:
             x, y = self.x, self.y
         for start in range(0, len(x), self.batch_size):
-            yield x[start:start + self.batch_size], y[start:start + self.batch_size]
+            batch = x[start:start + self.batch_size]
+            if self.transform is not None:
+                batch = self.transform(batch, self.generator)
+            yield batch, y[start:start + self.batch_size]
 
 
-def build_datamodule(name: str, *, seed: int = 0, val_fraction: float = 0.2, test_fraction: float = 0.2,
-                     eval_split: str = "natural", sampler: str = "instance", batch_size: int = 128,
-                     eval_batch_size: int | None = None, label_noise: float = 0.0,
+def build_datamodule(name: str | None = None, *, seed: int = 0, val_fraction: float = 0.2,
+                     test_fraction: float = 0.2, eval_split: str = "natural", sampler: str = "instance",
+                     batch_size: int = 128, eval_batch_size: int | None = None, label_noise: float = 0.0,
+                     augment: bool = False, crop_padding: int = 4, mean: list[float] | None = None,
+                     std: list[float] | None = None, _target_: str | None = None,
                      **params) -> TensorDataModule:
-    """The dataset `name` (a key of DATASETS) generated with `params`, split, scaled and batched.
+    """The dataset `name` (a key of DATASETS; or the factory at `_target_`) built with `params`, split,
+    scaled and batched.
 
     `eval_split` is `natural` (a stratified split: val and test imbalanced like train) or `balanced`
-    (train long-tailed, val and test with equal numbers per class; `balanced_eval_splits`). `sampler`
-    draws training batches: `instance` (each sample once per epoch), `class_balanced` or `sqrt`
-    (re-sampling by class, `sampling_weights`).
+    (train long-tailed, val and test with equal numbers per class; `balanced_eval_splits`); data that comes
+    split (CIFAR-LT, a factory's own splits) keeps its val and test splits. `sampler` draws training
+    batches: `instance` (each sample once per epoch), `class_balanced` or `sqrt` (re-sampling by class,
+    `sampling_weights`).
+
+    Rows are standardised per feature on the training split (`standardize`). Images (N, C, H, W) are
+    kept as stored and scaled per batch (`ImageTransform`): per channel by `mean`/`std` (None: the
+    training split's), after the crop-and-flip augmentation on training batches when `augment`.
 
     Training batches hold `batch_size` samples; validation and test batches `eval_batch_size` (default:
     the same). `label_noise` > 0 flips that fraction of the *training* labels to another class
@@ -203,24 +294,34 @@ def build_datamodule(name: str, *, seed: int = 0, val_fraction: float = 0.2, tes
     """
     task = check_settings(name, val_fraction=val_fraction, test_fraction=test_fraction, eval_split=eval_split,
                           sampler=sampler, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                          label_noise=label_noise, **params)
-    make = DATASETS[name][0]
-    if eval_split == "balanced":
+                          label_noise=label_noise, augment=augment, crop_padding=crop_padding, mean=mean,
+                          std=std, _target_=_target_, **params)
+    make = dataset(name, _target_)[0]
+    if eval_split == "balanced" and name not in GIVEN_SPLITS:
         raw = balanced_eval_splits(make, params, val_fraction, test_fraction, seed)
     else:
-        raw = split(*make(seed=seed, **params), val_fraction, test_fraction, seed)
+        data = make(seed=seed, **params)
+        raw = data if isinstance(data, dict) else split(*data, val_fraction, test_fraction, seed)
     y = raw["train"][1]
     num_classes = int(y.shape[1]) if y.ndim == 2 else int(max(s[1].max() for s in raw.values())) + 1
-    splits = standardize(raw)
+    task = task or ("multilabel" if y.ndim == 2 else "binary" if num_classes == 2 else "multiclass")
+    if raw["train"][0].ndim == 4:
+        splits, transforms = image_splits(raw, mean, std, augment, crop_padding)
+    elif augment:
+        raise ValueError("data.augment crops and flips images (N, C, H, W); this data has rows of shape "
+                         f"{raw['train'][0].shape[1:]}: set data.augment=false")
+    else:
+        splits, transforms = standardize(raw), None
     if label_noise:
         x_train, y_train = splits["train"]
         splits["train"] = (x_train, flip_labels(y_train, label_noise, num_classes, seed))
     check_splits(splits, task, num_classes)
-    return TensorDataModule(splits, task, num_classes, batch_size=batch_size, seed=seed, name=name,
-                            eval_batch_size=eval_batch_size, sampler=sampler)
+    return TensorDataModule(splits, task, num_classes, batch_size=batch_size, seed=seed,
+                            name=name or _target_, eval_batch_size=eval_batch_size, sampler=sampler,
+                            transforms=transforms)
 
 
 def log_counts(datamodule: TensorDataModule) -> None:
-    """The class-count table (`describe`) on this module's logger at INFO, by `xentlab.lab.run.build_parts`
+    """The class-count table (`describe`) on this module's logger at INFO, by `xentlab.train.build_parts`
     once the loss and model are built too: a run refused while building shows its refusal alone."""
     log.info("%s", datamodule.describe())

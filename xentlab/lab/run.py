@@ -8,7 +8,8 @@ ends, its `metrics.json` written by `xentlab.lab.runs.RunRecord`: `completed` (w
 `warnings`), `failed` (its loss went NaN or infinite, while the other seeds train on; or the run raised)
 or `interrupted` (Ctrl-C, SIGTERM).
 
-The one place that builds loggers is `build_logger`, the model stack `build_run`, and the place that
+The one place that builds the model stack is `build_run` (each seed's logger by
+`xentlab.lab.loggers.build_logger`), and the place that
 restores a run from its folder `resume_point`. The run's checkpoint, `<run folder>/checkpoints/last.ckpt`,
 refreshed every epoch, holds every seed; a batch also leaves each seed its own, in a single run's form
 (`split_checkpoint`), so a seed can be continued alone.
@@ -36,8 +37,9 @@ from torch import nn
 
 from xentlab.lab.checkpoint import SafeCheckpointIO, load_checkpoint
 from xentlab.lab.data import TensorDataModule, build_datamodule, log_counts
+from xentlab.lab.loggers import build_logger, send_record
 from xentlab.lab.models import build_model
-from xentlab.lab.module import BoardLogger, ClassifierModule, SeedRun, single_run_layout
+from xentlab.lab.module import ClassifierModule, SeedRun, single_run_layout
 from xentlab.lab.runs import (
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
@@ -51,6 +53,7 @@ from xentlab.lab.runs import (
     divergence_warnings,
     folder_state,
     nothing_to_resume,
+    read_record,
     stamped_config,
     try_to_record,
 )
@@ -107,15 +110,10 @@ def build_parts(cfg: DictConfig, show_counts: bool = True) -> tuple[TensorDataMo
     datamodule = build_datamodule(seed=cfg.seed, **cfg.data)
     loss = build_loss(**cfg.loss, task=datamodule.task, class_counts=datamodule.class_counts,
                       num_examples=len(datamodule.splits["train"][1]))
-    model = build_model(**cfg.model, in_features=datamodule.num_features, num_outputs=datamodule.num_classes)
+    model = build_model(**cfg.model, input_shape=datamodule.input_shape, num_outputs=datamodule.num_classes)
     if show_counts:
         log_counts(datamodule)
     return datamodule, loss, model
-
-
-def build_logger(cfg: DictConfig, run_dir: Path) -> BoardLogger:
-    """The logger of one seed, writing into its folder."""
-    return BoardLogger(save_dir=str(run_dir), name="", version="", **cfg.logger)
 
 
 def check_batch(cfg: DictConfig, optimizer) -> None:
@@ -153,8 +151,9 @@ def build_run(cfg: DictConfig, output_dir: str | Path, overrides=(), shared_dir:
         datamodules.append(datamodule)
         losses.append(loss)
         models.append(model)
-        runs.append(SeedRun(seed.seed, datamodule, build_logger(cfg, seed.dir), flat_params(seed.cfg),
-                            seed.overrides, varied))
+        params = flat_params(seed.cfg)
+        logger = build_logger(OmegaConf.to_container(cfg.logger), seed.dir, params)
+        runs.append(SeedRun(seed.seed, datamodule, logger, params, seed.overrides, varied))
     _set_rng_states(stream)
     data = stack_data(datamodules)
     module = ClassifierModule(stack_models(models), losses, runs, task=data.task,
@@ -262,6 +261,17 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
             return records[k].interrupted(cause, epochs=epochs(), metrics=run.final if run else {})
         return records[k].failed(error, epochs=epochs(), trace=trace)
 
+    def tell_loggers() -> None:
+        """Each seed's record just written, to its loggers beside TensorBoard (`logger=csv|wandb|mlflow`).
+        Their failure is only logged: the seed's own record is written and stands."""
+        for seed, run in zip(seeds, module.runs if module is not None else (), strict=False):
+            try:
+                send_record(run.logger, read_record(seed.dir / METRICS_FILE), seed.dir / METRICS_FILE)
+            except Exception as error:  # whatever a third-party logger raises
+                logging.getLogger(__name__).warning("the record of %s did not reach logger=%s: %s: %s",
+                                                    seed.dir, cfg.logger.get("name"), type(error).__name__,
+                                                    error)
+
     try:
         ckpt_path = cfg.ckpt_path
         if ckpt_path == "last":
@@ -283,9 +293,11 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
             if any(run.error is None for run in module.runs):
                 trainer.test(module, datamodule=data, verbose=False)
         recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
-        return [stopped(k) if run.error is not None else
+        done = [stopped(k) if run.error is not None else
                 records[k].completed(run.final, epochs=epochs(), warnings=recorder.warnings(k))
                 for k, run in enumerate(module.runs)]
+        tell_loggers()
+        return done
     except FolderHoldsAnotherRun:
         raise  # the folder's records belong to that other run: leave them
     except Exception as error:
@@ -294,12 +306,15 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
                 for k in range(len(seeds))]
         if any(lost):
             raise RunNotRecorded(f"{type(error).__name__}: {error}; {next(filter(None, lost))}") from error
+        tell_loggers()
         error.xentlab_recorded = True  # run_job need not record it again
         raise
     except (KeyboardInterrupt, SystemExit) as stop:  # Lightning turns Ctrl-C and SIGTERM into SystemExit
         cause = interruption.describe(stop)
         lost = [try_to_record(functools.partial(stopped, k, cause=cause), "interrupted")
                 for k in range(len(seeds))]
+        if not any(lost):
+            tell_loggers()
         epoch = f" in epoch {trainer.current_epoch + 1}" if trainer is not None else ""
         folder = seeds[0].dir.with_name("seed=*") if len(seeds) > 1 else seeds[0].dir
         where = f"recorded in {folder / METRICS_FILE}"

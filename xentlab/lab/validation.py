@@ -49,14 +49,26 @@ def check_config(cfg: DictConfig) -> None:
     check_optimizer_arguments(cfg.optimizer)
 
 
-def check_data(data: DictConfig) -> str:
-    """The data settings that can be checked without generating the data; returns the dataset's task."""
+def check_data(data: DictConfig) -> str | None:
+    """The data settings that can be checked without generating the data; returns the dataset's task (None
+    when only the data can tell: a table, an image folder, a factory's data)."""
     from xentlab.lab.datasets import check_settings
 
+    check_required(data, "data")
     try:
         return check_settings(**OmegaConf.to_container(data, resolve=True))
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error)) from error
+
+
+def check_required(group: DictConfig, prefix: str) -> None:
+    """Refuse a `???` value left in `group` (a file, a folder, a `_target_` the config cannot guess)."""
+    raw = OmegaConf.to_container(group, resolve=False)
+    for key, value in raw.items():
+        if value == "???":
+            choice = raw.get("name")
+            where = f" ({prefix}={choice} needs it)" if isinstance(choice, str) and "$" not in choice else ""
+            raise ConfigError(f"{prefix}.{key} must be set{where}: add {prefix}.{key}=<value> to the command")
 
 
 def check_top_level(cfg: DictConfig) -> None:
@@ -160,12 +172,15 @@ def lightning_trainer_arguments() -> tuple[str, ...]:
 
 
 def open_groups(cfg: DictConfig) -> None:
-    """Lets overrides add keys to OPEN_GROUPS (`trainer.gradient_clip_val=1`, `loss.reduction=sum`) without
-    `+`: Hydra closes the whole config before applying overrides, but a node whose own struct flag is False
+    """Lets overrides add keys to OPEN_GROUPS (`trainer.gradient_clip_val=1`, `loss.reduction=sum`), and to a
+    data or model group that names its own `_target_` (the factory's or class's arguments), without `+`:
+    Hydra closes the whole config before applying overrides, but a node whose own struct flag is False
     stays open."""
-    for group in OPEN_GROUPS:
-        if isinstance(cfg.get(group), DictConfig):
-            OmegaConf.set_struct(cfg[group], False)
+    for group in (*OPEN_GROUPS, "data", "model"):
+        node = cfg.get(group)
+        # `in node.keys()`: `"_target_" in node` is False while its value is still `???`.
+        if isinstance(node, DictConfig) and (group in OPEN_GROUPS or "_target_" in node.keys()):
+            OmegaConf.set_struct(node, False)
 
 
 def install_open_groups() -> None:
@@ -201,6 +216,8 @@ def describe_composition_error(error: Exception) -> str:
         prefix = f"{group}." if group else ""
         hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
         where = f"{group} has" if group else "the config has"
+        if key == "_target_" and group in ("data", "model"):  # the user's own factory or class
+            hint = f"; to build your own, choose {group}=custom {group}._target_=<pkg.module.name>"
         return f"{full_key} is not a setting{hint} ({where}: {', '.join(keys)})"
     # Hydra's search-path listing after the choices is for debugging plugins, not for a typo.
     lines = [str(error).split("\nConfig search path:")[0].strip()]

@@ -358,11 +358,15 @@ def binary_targets(input: Tensor, target: Tensor) -> Tensor:
     if input.dim() == 2 and input.shape[1] == 1:
         return target.reshape(-1, 1).to(input.dtype)
     n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
-    bad = (target < 0) | (target >= n_classes)
-    if bool(bad.any()):
-        raise ValueError(f"target contains class index {target[bad][0].item()}, outside [0, {n_classes}) "
-                         f"for C={n_classes} classes")
-    return nn.functional.one_hot(target.long(), n_classes).movedim(-1, 1).to(input.dtype)
+    if F._checking_values():
+        values = F._values(target)
+        bad = (values < 0) | (values >= n_classes)
+        if bool(bad.any()):
+            raise ValueError(f"target contains class index {values[bad][0].item()}, outside [0, {n_classes}) "
+                             f"for C={n_classes} classes")
+    # a comparison, not one_hot, whose own range check reads values (which neither vmap nor compile allow)
+    classes = torch.arange(n_classes, device=target.device)
+    return (target[..., None] == classes).movedim(-1, 1).to(input.dtype)
 
 
 def _choice(name: str, value, choices) -> None:

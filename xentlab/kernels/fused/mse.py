@@ -7,14 +7,15 @@ smallest batches, `_SmallMse` (one pass) up to SMALL_ELEMS elements, the chunked
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from xentlab.kernels import compute_dtype
+from xentlab.kernels import compute_dtype, reference
 from xentlab.kernels.fused import sizes
 from xentlab.kernels.fused.softmax import softmax_into, softmax_parts, through_softmax
-from xentlab.kernels.fused.sweep import FusedLoss, NoDoubleBackward, has_ignored, reduced
+from xentlab.kernels.fused.sweep import FusedLoss, differentiable_gradient, has_ignored, reduced
 
 Tensor = torch.Tensor
 
@@ -59,14 +60,16 @@ def mse_loss(input, target, ignore_index, reduction, on):
     probability target; `mean` divides by (non-ignored rows) * C."""
     if sizes.is_tiny(input):
         return _tiny_mse(input, target, ignore_index, reduction, on)
+    composable = functools.partial(reference.mse_loss, target=target, ignore_index=ignore_index,
+                                   reduction=reduction, on=on)
     if sizes.is_one_shot(input):
-        return _SmallMse.apply(input, (target, ignore_index, on), reduction)
+        return _SmallMse.apply(input, (target, ignore_index, on), reduction, composable)
     if target.dtype.is_floating_point:
         kernel = _Mse(target, None, True, on, input.shape[1])
     else:
         valid = target != ignore_index
         kernel = _Mse(torch.where(valid, target, 0), valid, bool(valid.all()), on, input.shape[1])
-    return FusedLoss.apply(input, kernel, reduction)
+    return FusedLoss.apply(input, kernel, reduction, composable)
 
 
 def _tiny_mse(input, target, ignore_index, reduction, on):
@@ -99,7 +102,7 @@ class _SmallMse(torch.autograd.Function):
     softmax, p (g - sum_k g_k p_k). Backward only scales it (`none` forms it there, per element)."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, problem, reduction: str) -> Tensor:
+    def forward(ctx, input: Tensor, problem, reduction: str, composable) -> Tensor:
         target, ignore_index, on = problem
         cdt = compute_dtype(input.dtype)
         z = input if input.dtype == cdt else input.to(cdt)
@@ -123,26 +126,25 @@ class _SmallMse(torch.autograd.Function):
             flat = err.view(-1)
             loss = torch.dot(flat, flat)
             loss = loss / count if reduction == "mean" else loss
-        ctx.reduction, ctx.dtype = reduction, input.dtype
+        ctx.reduction, ctx.dtype, ctx.composable = reduction, input.dtype, composable
         probs = pred if on == "probs" else None
         if reduction == "none" or not ctx.needs_input_grad[0]:
-            ctx.save_for_backward(err, probs)
+            ctx.save_for_backward(input, err, probs)
             return loss.to(input.dtype)
         # an empty or all-ignored batch: zero gradient, as PyTorch's
         scale = 2.0 if reduction == "sum" else 2 / (count.clamp(min=1) if isinstance(count, Tensor) else
                                                         max(count, 1.0))
-        ctx.save_for_backward(through_softmax(err.mul_(scale), probs), None)
+        ctx.save_for_backward(input, through_softmax(err.mul_(scale), probs), None)
         return loss.to(input.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        saved, probs = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return differentiable_gradient(ctx, grad_output), None, None, None
+        _, saved, probs = ctx.saved_tensors
         go = grad_output.to(saved.dtype)
         if ctx.reduction == "none":
             grad = through_softmax(saved * (2 * go), probs)
         else:
             grad = saved * go
-        grad = grad.to(ctx.dtype)
-        if torch.is_grad_enabled():
-            grad = NoDoubleBackward.apply(grad.detach().requires_grad_())
-        return grad, None, None
+        return grad.to(ctx.dtype), None, None, None

@@ -7,11 +7,12 @@ stably. BCE at training shapes is PyTorch's own op; the others, and BCE above SM
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from xentlab.kernels import compute_dtype
+from xentlab.kernels import compute_dtype, reference
 from xentlab.kernels.fused import sizes
 from xentlab.kernels.fused.sweep import REDUCTION_ENUM, FusedLoss
 
@@ -73,7 +74,9 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
     pos_weight = None if pos_weight is None else pos_weight.to(cdt)
     if sizes.is_one_shot(input):
         return _small_bce(input, target, weight, pos_weight, reduction)
-    return FusedLoss.apply(input, _Bce(target, weight, pos_weight), reduction)
+    composable = functools.partial(reference.binary_cross_entropy_with_logits, target=target, weight=weight,
+                                   pos_weight=pos_weight, reduction=reduction)
+    return FusedLoss.apply(input, _Bce(target, weight, pos_weight), reduction, composable)
 
 
 def _small_bce(input, target, weight, pos_weight, reduction):
@@ -90,7 +93,9 @@ def _small_bce(input, target, weight, pos_weight, reduction):
 class _SigmoidFocal(_PerElement):
     """torchvision's sigmoid focal loss ce * m^g * alpha_t, with m = 1 - p_t = s(x)(1-t) + s(-x) t formed
     without cancellation; dL/dx = alpha_t [(s - t) m^g + g m^g (ce/m) s(x) s(-x) (1 - 2t)], where ce/m -> 1
-    as m -> 0."""
+    as m -> 0. ce is PyTorch's own form (1-t) x + softplus(-x), so +-inf logits give torchvision's values
+    (inf for x = +inf, t = 0; NaN where its BCE is NaN) and its NaN gradients wherever a product of an
+    infinite ce and a vanishing derivative appears (none for gamma = 0, where the gradient is (s - t))."""
 
     target: Tensor
     alpha: float
@@ -99,19 +104,24 @@ class _SigmoidFocal(_PerElement):
 
     def chunk(self, x, rows, out, ws, s):
         ce, sig_neg, m, modulator, loss = ws
-        t = self.target[rows]
-        _softplus(x, ce).addcmul_(t, x, value=-1)
+        t = self.target[rows].to(x.dtype)  # in the compute dtype, as _Bce's (and written into its buffers)
+        _softplus(torch.neg(x, out=ce), ce).addcmul_(torch.neg(t, out=sig_neg).add_(1), x)
         sig = torch.sigmoid(x, out=out)
         torch.sigmoid(torch.neg(x, out=sig_neg), out=sig_neg)
         torch.addcmul(sig, sig, t, value=-1, out=m).addcmul_(sig_neg, t)
         torch.pow(m, self.gamma, out=modulator)
         torch.mul(ce, modulator, out=loss)
         if s is not None:
-            # gamma m^(gamma-1) ce is formed as gamma m^gamma (ce/m), with ce/m -> 1 where m -> 0
-            ratio = ce.div_(m).masked_fill_(m == 0, 1.0)
-            ratio.mul_(modulator).mul_(sig).mul_(sig_neg)
-            ratio.addcmul_(ratio, t, value=-2)  # times (1 - 2t)
-            sig.sub_(t).mul_(modulator).add_(ratio, alpha=self.gamma).mul_(s)
+            sig_s = sig.mul(sig_neg) if self.gamma else None
+            sig.sub_(t).mul_(modulator)
+            if self.gamma:
+                # gamma m^(gamma-1) ce is formed as gamma m^gamma (ce/m), with ce/m -> 1 where m -> 0 (NaN
+                # where ce is: ce * 0 + 1)
+                ratio = torch.where(m == 0, ce.mul(0).add_(1), ce.div_(m))
+                ratio.mul_(modulator).mul_(sig_s)
+                ratio.addcmul_(ratio, t, value=-2)  # times (1 - 2t)
+                sig.add_(ratio, alpha=self.gamma)
+            sig.mul_(s)
         if self.alpha >= 0:  # alpha_t = alpha t + (1-alpha)(1-t) reuses sig_neg's buffer, no longer needed
             alpha_t = torch.mul(t, 2 * self.alpha - 1, out=sig_neg).add_(1 - self.alpha)
             loss.mul_(alpha_t)
@@ -122,7 +132,9 @@ class _SigmoidFocal(_PerElement):
 
 def sigmoid_focal_loss(input, target, alpha, gamma, reduction):
     """torchvision.ops.sigmoid_focal_loss: alpha_t (1 - p_t)^gamma BCE(x, t), mean over all elements."""
-    return FusedLoss.apply(input, _SigmoidFocal(target, float(alpha), float(gamma)), reduction)
+    composable = functools.partial(reference.sigmoid_focal_loss, target=target, alpha=alpha, gamma=gamma,
+                                   reduction=reduction)
+    return FusedLoss.apply(input, _SigmoidFocal(target, float(alpha), float(gamma)), reduction, composable)
 
 
 @dataclass(eq=False)
@@ -130,7 +142,9 @@ class _Asl(_PerElement):
     """Asymmetric loss, with p = s(x), q = 1 - p = s(-x) and p_m = max(p - clip, 0):
     l = t q^g+ softplus(-x) - (1-t) p_m^g- log(1 - p_m). dl/dx = t q^g+ (-g+ p softplus(-x) - q) +
     (1-t) [p_m > 0] p_m^g- p q (1 / (1 - p_m) - g- r) with r = log(1 - p_m) / p_m (-> -1 as p_m -> 0, so
-    p_m^(g-1) is never formed) and 1 - p_m = q + clip there."""
+    p_m^(g-1) is never formed) and 1 - p_m = q + clip there. The terms mix as t a + (1 - t) b, so +-inf
+    logits give the reference's values: NaN where a zero target weight meets an infinite term (as PyTorch's
+    BCE, which ASL is at g+ = g- = clip = 0), and at g = 0 the plain gradients (-q, p), never a 0 * inf."""
 
     target: Tensor
     gamma_pos: float
@@ -152,23 +166,23 @@ class _Asl(_PerElement):
             log_rest = -_softplus(x, torch.empty_like(x))
         p_m_pow = p_m.pow(self.gamma_neg)
         negative = -p_m_pow * log_rest
-        loss = _mix(t, q_pow * neg_logp, negative)
+        loss = t * (q_pow * neg_logp) + (1 - t) * negative
         if s is None:
             return loss
-        d_positive = q_pow * (-self.gamma_pos * p * neg_logp - q)
-        ratio = torch.where(p_m > 0, log_rest / p_m, -1.0)
+        d_positive = q_pow * (-self.gamma_pos * p * neg_logp - q) if self.gamma_pos else q.neg()
         pq = p * q  # p q / (1 - p_m) is p when clip = 0, where 1 - p_m = q can underflow
         slope = p if self.clip == 0 else pq / rest
-        d_negative = torch.where(p_m > 0, p_m_pow * (slope - self.gamma_neg * ratio * pq), 0.0)
-        out.copy_(_mix(t, d_positive, d_negative)).mul_(s)
+        if self.gamma_neg:
+            ratio = torch.where(p_m > 0, log_rest / p_m, -1.0)
+            slope = p_m_pow * (slope - self.gamma_neg * ratio * pq)
+        d_negative = torch.where(p_m > 0, slope, 0.0)
+        torch.add(t * d_positive, (1 - t) * d_negative, out=out).mul_(s)
         return loss.sum(1)
-
-
-def _mix(t: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
-    """t positive + (1 - t) negative, where a zero weight drops its term even when it is infinite."""
-    return torch.where(t != 0, t * positive, 0.0) + torch.where(t != 1, (1 - t) * negative, 0.0)
 
 
 def asl_loss(input, target, gamma_pos, gamma_neg, clip, reduction):
     """Asymmetric loss (Ridnik et al. 2021) per element, `mean` over all elements; see `_Asl`."""
-    return FusedLoss.apply(input, _Asl(target, float(gamma_pos), float(gamma_neg), float(clip)), reduction)
+    composable = functools.partial(reference.asl_loss, target=target, gamma_pos=gamma_pos,
+                                   gamma_neg=gamma_neg, clip=clip, reduction=reduction)
+    kernel = _Asl(target, float(gamma_pos), float(gamma_neg), float(clip))
+    return FusedLoss.apply(input, kernel, reduction, composable)

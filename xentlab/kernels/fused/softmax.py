@@ -10,13 +10,20 @@ batches, `_SmallSoftmax` (one pass over the whole batch) up to SMALL_ELEMS eleme
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from xentlab.kernels import compute_dtype, spec
+from xentlab.kernels import compute_dtype, mean_over, reference, spec
 from xentlab.kernels.fused import sizes
-from xentlab.kernels.fused.sweep import REDUCTION_ENUM, FusedLoss, NoDoubleBackward, has_ignored, reduced
+from xentlab.kernels.fused.sweep import (
+    REDUCTION_ENUM,
+    FusedLoss,
+    differentiable_gradient,
+    has_ignored,
+    reduced,
+)
 
 Tensor = torch.Tensor
 
@@ -104,6 +111,7 @@ class _SoftmaxIndex:
     row_loss: spec.RowLoss
     transform: spec.LogitTransform | None
     elementwise = False
+    nan_when_weightless = True  # kept rows whose weights sum to 0 get PyTorch's NaN `mean` gradient
 
     @property
     def slots(self) -> int:
@@ -122,7 +130,7 @@ class _SoftmaxIndex:
         if nll:
             value = -logpt
         elif s is None:
-            value = self.row_loss.value(logpt)
+            value = spec.row_value(self.row_loss, logpt)
         else:  # both, from one computation where the row loss shares them (focal)
             value, slope = spec.value_and_slope(self.row_loss, logpt)
         keep = 1 - self.eps
@@ -136,7 +144,10 @@ class _SoftmaxIndex:
         coef_y = w_y if nll else w_y * -slope
         if keep != 1:
             coef_y = keep * coef_y
-        coef_y = coef_y * s  # s: a number, 0-d, or (rows,) in the backward of reduction="none"
+        # s: 0-d, or (rows,) in the backward of reduction="none"; 1/D is inf where D = 0, and an ignored row's
+        # gradient is 0 even then (PyTorch's), a kept row's NaN
+        s = torch.where(self.valid[rows], s, 0.0)
+        coef_y = coef_y * s
         softmax_gradient(p, y, coef_y, None if smooth is None else smooth * s, self.weight, self.transform)
         return torch.where(self.valid[rows], loss, 0.0)
 
@@ -178,14 +189,17 @@ def softmax_loss(input, target, row_loss, weight, transform, ignore_index, reduc
             return _small_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
         if not label_smoothing:
             return _row_loss_by_autograd(input, target, row_loss, weight, transform, ignore_index, reduction)
+    composable = functools.partial(reference.softmax_loss, target=target, row_loss=row_loss, weight=weight,
+                                   transform=transform, ignore_index=ignore_index, reduction=reduction,
+                                   label_smoothing=label_smoothing)
     if checks_targets(input):
         problem = (target, row_loss, weight, transform, ignore_index, label_smoothing)
-        return _SmallSoftmax.apply(input, problem, reduction)
+        return _SmallSoftmax.apply(input, problem, reduction, composable)
     valid = target != ignore_index
     y = torch.where(valid, target, 0)
     w_y = valid.to(cdt) if weight is None else weight[y] * valid
     kernel = _SoftmaxIndex(y, valid, w_y, weight, label_smoothing, row_loss, transform)
-    return FusedLoss.apply(input, kernel, reduction)
+    return FusedLoss.apply(input, kernel, reduction, composable)
 
 
 def checks_targets(input: Tensor) -> bool:
@@ -222,7 +236,7 @@ def _row_loss_by_autograd(input, target, row_loss, weight, transform, ignore_ind
     if transform is not None:
         z = transform.apply(z, y)
     neg_logpt = torch._C._nn.cross_entropy_loss(z, target, None, 0, ignore_index, 0.0)
-    loss = neg_logpt if isinstance(row_loss, spec.NLL) else row_loss.value(neg_logpt.neg())
+    loss = neg_logpt if isinstance(row_loss, spec.NLL) else spec.row_value(row_loss, neg_logpt.neg())
     if weight is None and not has_ignored(target, ignore_index):  # the training loop: every row counts
         return reduced(loss.sum() if reduction == "sum" else loss.mean() if reduction == "mean" else loss,
                         input.dtype)
@@ -244,7 +258,7 @@ class _SmallSoftmax(torch.autograd.Function):
     Backward only scales the saved gradient."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, problem, reduction: str) -> Tensor:
+    def forward(ctx, input: Tensor, problem, reduction: str, composable) -> Tensor:
         target, row_loss, weight, transform, ignore_index, eps = problem
         cdt = compute_dtype(input.dtype)
         z = input if input.dtype == cdt else input.to(cdt)
@@ -270,32 +284,31 @@ class _SmallSoftmax(torch.autograd.Function):
             loss = loss.sub_(smooth * (logp.sum(1) if weight is None else logp @ weight))
         denominator = w_y.sum() if reduction == "mean" else None
         if reduction != "none":
-            loss = loss.sum() if denominator is None else loss.sum().div_(denominator)
+            loss = loss.sum() if denominator is None else mean_over(loss.sum(), denominator)
         if ctx.needs_input_grad[0]:
             # coef_y = -slope w_y (1-eps) / D; an empty or all-ignored batch: NaN mean loss, zero gradient
             if nll:
                 coef_y = w_kept
             else:
                 coef_y = (slope * w_kept).neg_()
-            if denominator is not None:
-                inverse = denominator.clamp(min=torch.finfo(cdt).tiny).reciprocal_()
+            if denominator is not None:  # 1/D (inf where D = 0) on kept rows: NaN there, as PyTorch's
+                inverse = torch.where(valid, 1 / denominator, 0.0)
                 coef_y = coef_y * inverse
                 smooth = smooth.mul_(inverse) if eps else None
             grad = softmax_gradient(e, y, coef_y, smooth if eps else None, weight, transform, row_sum=s)
-            ctx.save_for_backward(grad)
-        ctx.reduction, ctx.dtype = reduction, input.dtype
+            ctx.save_for_backward(input, grad)
+        ctx.reduction, ctx.dtype, ctx.composable = reduction, input.dtype, composable
         return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        (grad,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return differentiable_gradient(ctx, grad_output), None, None, None
+        grad = ctx.saved_tensors[1]
         # scaled in the compute dtype, rounded once to the input's dtype
         go = grad_output if grad_output.dtype == grad.dtype else grad_output.to(grad.dtype)
         grad = grad * (go[:, None] if ctx.reduction == "none" else go)
-        grad = grad if grad.dtype == ctx.dtype else grad.to(ctx.dtype)
-        if torch.is_grad_enabled():
-            grad = NoDoubleBackward.apply(grad.detach().requires_grad_())
-        return grad, None, None
+        return (grad if grad.dtype == ctx.dtype else grad.to(ctx.dtype)), None, None, None
 
 
 @dataclass(eq=False)
@@ -333,7 +346,10 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
     if not target.dtype.is_floating_point:
         return softmax_loss(input, target, _NLL, weight, None, ignore_index, reduction, label_smoothing)
     weight = None if weight is None else weight.to(compute_dtype(input.dtype))
-    return FusedLoss.apply(input, _SoftmaxProbs(target, weight, label_smoothing), reduction)
+    composable = functools.partial(reference.cross_entropy, target=target, weight=weight,
+                                   ignore_index=ignore_index, reduction=reduction,
+                                   label_smoothing=label_smoothing)
+    return FusedLoss.apply(input, _SoftmaxProbs(target, weight, label_smoothing), reduction, composable)
 
 
 def focal_loss(input, target, gamma, alpha, ignore_index, reduction):

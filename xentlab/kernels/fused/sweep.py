@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-from xentlab.kernels import compute_dtype
+from xentlab.kernels import compute_dtype, mean_over, reference
 from xentlab.kernels.fused import sizes
 
 Tensor = torch.Tensor
@@ -48,40 +48,37 @@ def workspace_bytes() -> int:
 
 class FusedLoss(torch.autograd.Function):
     """Drives a chunk kernel: forward sweeps once (loss, and the gradient for mean/sum); backward either
-    returns that gradient (times grad_output) or, for `none`, re-sweeps the saved logits with grad_output."""
+    returns that gradient (times grad_output) or, for `none`, re-sweeps the saved logits with grad_output.
+    `composable` is the same loss as the reference backend composes it, for `differentiable_gradient`."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, kernel, reduction: str) -> Tensor:
-        ctx.kernel, ctx.reduction = kernel, reduction
+    def forward(ctx, input: Tensor, kernel, reduction: str, composable) -> Tensor:
+        ctx.kernel, ctx.reduction, ctx.composable = kernel, reduction, composable
         want_grad = ctx.needs_input_grad[0]
         if reduction == "none" or not want_grad:
-            ctx.save_for_backward(input if reduction == "none" else None)
+            ctx.save_for_backward(input)
             loss = sweep(kernel, input, None, None)
             if reduction != "none":
-                loss = loss.sum() / kernel.denominator() if reduction == "mean" else loss.sum()
+                loss = mean_over(loss.sum(), kernel.denominator()) if reduction == "mean" else loss.sum()
             return loss.to(input.dtype)
         cdt = compute_dtype(input.dtype)
         denominator = kernel.denominator().to(cdt) if reduction == "mean" else None
-        if denominator is None:
-            scale = torch.ones((), dtype=cdt, device=input.device)
-        else:  # an empty or all-ignored batch has a NaN mean loss but a zero gradient, as in PyTorch
-            scale = torch.where(denominator > 0, 1 / denominator, 0.0)
+        scale = torch.ones((), dtype=cdt, device=input.device) if denominator is None else 1 / denominator
         grad = torch.empty_like(input)
         total = sweep(kernel, input, scale, grad)
-        ctx.save_for_backward(grad)
-        return (total if denominator is None else total / denominator).to(input.dtype)
+        ctx.save_for_backward(input, grad)  # the logits for a create_graph backward: a reference, no copy
+        return (total if denominator is None else mean_over(total, denominator)).to(input.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
+        if torch.is_grad_enabled():
+            return differentiable_gradient(ctx, grad_output), None, None, None
         with torch.no_grad():
-            grad = _input_gradient(ctx, grad_output)
-        if torch.is_grad_enabled():  # create_graph=True: make a later differentiation of `grad` fail loudly
-            grad = NoDoubleBackward.apply(grad.detach().requires_grad_())
-        return grad, None, None
+            return _input_gradient(ctx, grad_output), None, None, None
 
 
 def _input_gradient(ctx, grad_output: Tensor) -> Tensor:
-    (saved,) = ctx.saved_tensors
+    saved = ctx.saved_tensors[-1]
     if ctx.reduction == "none":
         grad = torch.empty_like(saved)
         sweep(ctx.kernel, saved, grad_output.to(compute_dtype(saved.dtype)), grad)
@@ -91,18 +88,11 @@ def _input_gradient(ctx, grad_output: Tensor) -> Tensor:
     return saved * grad_output.to(saved.dtype)
 
 
-class NoDoubleBackward(torch.autograd.Function):
-    """Identity on a first-order gradient whose backward raises: the fused losses are once-differentiable."""
-
-    @staticmethod
-    def forward(ctx, grad: Tensor) -> Tensor:
-        return grad.view_as(grad)
-
-    @staticmethod
-    def backward(ctx, _):
-        raise RuntimeError("xentlab's fused losses are once-differentiable: double backward (differentiating "
-                           "a gradient taken with create_graph=True) is not supported; "
-                           "use backend='reference'")
+def differentiable_gradient(ctx, grad_output: Tensor) -> Tensor:
+    """The gradient when backward runs with grad mode on (create_graph=True, a Hessian-vector product): by
+    autograd through `ctx.composable`, the reference composition, from the saved logits (the first saved
+    tensor), so that it can be differentiated again exactly. The closed forms are first-order only."""
+    return reference.gradient_of(ctx.composable, ctx.saved_tensors[:1], (True,), grad_output)[0]
 
 
 def sweep(kernel, x: Tensor, scale: Tensor | None, grad: Tensor | None) -> Tensor:
@@ -110,6 +100,9 @@ def sweep(kernel, x: Tensor, scale: Tensor | None, grad: Tensor | None) -> Tenso
     per element); with `scale` it writes scale * gradient into `grad` and returns the summed loss."""
     n, c = x.shape
     cdt = compute_dtype(x.dtype)
+    if x.numel() == 0:  # no rows or no classes: nothing to sweep (a `mean` is then 0/0, NaN, as PyTorch's)
+        shape = () if scale is not None else (n, c) if kernel.elementwise else (n,)
+        return torch.zeros(shape, dtype=cdt, device=x.device)
     step = sizes.chunk_rows(n, c)
     convert = x.dtype != cdt
     in_place = grad is not None and grad.dtype == cdt  # the gradient is computed right in its final place

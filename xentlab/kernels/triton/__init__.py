@@ -26,7 +26,10 @@ Nothing synchronises with the host: the `mean` denominator stays a device tensor
 store their partial sums in a fixed order (deterministic, no atomics) and grad_output is read on the device,
 so forward and backward can be captured in a CUDA graph. No gradient-sized buffer is kept between forward
 and backward; each backward is computed afresh from the saved logits, so any sequence of backward calls
-through a retained graph, with any grad_output (0 included), is exact. Gradients of probability targets and
+through a retained graph, with any grad_output (0 included), is exact. A backward run with grad mode on
+(`create_graph=True`, a Hessian-vector product) instead differentiates the reference composition of the same
+loss from the saved logits and target by autograd, so gradients of every order are exact (that backward is
+plain PyTorch ops, not these kernels). Gradients of probability targets and
 of BCE / sigmoid-focal / ASL targets that require grad are computed by the same backward kernels; class
 weights, pos_weight and transform vectors that require grad are refused with a ValueError (PyTorch refuses
 weight gradients too).
@@ -50,6 +53,9 @@ pytorch_lightning imports triton); otherwise CPU tensors are refused with a Valu
 
 from __future__ import annotations
 
+from functools import partial
+
+from xentlab.kernels import reference
 from xentlab.kernels.spec import NLL, Focal
 from xentlab.kernels.triton import launch
 from xentlab.kernels.triton.autograd import (
@@ -85,7 +91,9 @@ def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothin
         return softmax_loss(input, target, NLL(), weight, None, ignore_index, reduction, label_smoothing,
                             inplace_backward=inplace_backward)
     spec = _Spec(int(_CE_PROBS), reduction, ignore_index=int(ignore_index), eps=float(label_smoothing))
-    return _apply_softmax(input, target, weight, spec, inplace_backward)
+    composable = partial(reference.cross_entropy, weight=weight, ignore_index=ignore_index,
+                         reduction=reduction, label_smoothing=label_smoothing)
+    return _apply_softmax(input, target, weight, spec, inplace_backward, composable)
 
 
 def focal_loss(input, target, gamma, alpha, ignore_index, reduction, *, inplace_backward=None):
@@ -101,7 +109,8 @@ def mse_loss(input, target, ignore_index, reduction, on, *, inplace_backward=Non
     through the softmax is 2 p_c ((p_c - t_c) - sum_k p_k (p_k - t_k)) per unit of upstream gradient, and
     d l / d t = -2 (pred - t) for probability targets that require grad."""
     spec = _Spec(int(_MSE_PROBS if on == "probs" else _MSE_LOGITS), reduction, ignore_index=int(ignore_index))
-    return _apply_softmax(input, target, None, spec, inplace_backward)
+    composable = partial(reference.mse_loss, ignore_index=ignore_index, reduction=reduction, on=on)
+    return _apply_softmax(input, target, None, spec, inplace_backward, composable)
 
 
 def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reduction, *, inplace_backward=None):
@@ -109,7 +118,9 @@ def binary_cross_entropy_with_logits(input, target, weight, pos_weight, reductio
     `mean` over all N*C elements; gradient weight [(1-t) sigmoid(x) - pos_weight t sigmoid(-x)], and
     weight [pos_weight softplus(-x) - softplus(x)] with respect to a target that requires grad."""
     spec = _Spec(int(_BCE), reduction)
-    return _apply_sigmoid(input, target, weight, pos_weight, spec, inplace_backward)
+    composable = partial(reference.binary_cross_entropy_with_logits, weight=weight, pos_weight=pos_weight,
+                         reduction=reduction)
+    return _apply_sigmoid(input, target, weight, pos_weight, spec, inplace_backward, composable)
 
 
 def sigmoid_focal_loss(input, target, alpha, gamma, reduction, *, inplace_backward=None):
@@ -117,7 +128,8 @@ def sigmoid_focal_loss(input, target, alpha, gamma, reduction, *, inplace_backwa
     (1-p)(1-t), alpha_t = alpha t + (1-alpha)(1-t) (alpha < 0: 1); gradient alpha_t [(p - t)(1-p_t)^gamma +
     gamma ce (1-p_t)^(gamma-1) (1-2t) p (1-p)], the second term taken as 0 where 1 - p_t == 0."""
     spec = _Spec(int(_SIGMOID_FOCAL), reduction, alpha=float(alpha), gamma=float(gamma))
-    return _apply_sigmoid(input, target, None, None, spec, inplace_backward)
+    composable = partial(reference.sigmoid_focal_loss, alpha=alpha, gamma=gamma, reduction=reduction)
+    return _apply_sigmoid(input, target, None, None, spec, inplace_backward, composable)
 
 
 def asl_loss(input, target, gamma_pos, gamma_neg, clip, reduction, *, inplace_backward=None):
@@ -127,4 +139,6 @@ def asl_loss(input, target, gamma_pos, gamma_neg, clip, reduction, *, inplace_ba
     t (1-p)^gamma_pos (gamma_pos p log p - (1-p)) - (1-t) [p > clip] p (1-p) p_m^gamma_neg (gamma_neg
     log(1-p_m)/p_m - 1/(1-p_m))."""
     spec = _Spec(int(_ASL), reduction, gamma=float(gamma_pos), gamma_neg=float(gamma_neg), clip=float(clip))
-    return _apply_sigmoid(input, target, None, None, spec, inplace_backward)
+    composable = partial(reference.asl_loss, gamma_pos=gamma_pos, gamma_neg=gamma_neg, clip=clip,
+                         reduction=reduction)
+    return _apply_sigmoid(input, target, None, None, spec, inplace_backward, composable)

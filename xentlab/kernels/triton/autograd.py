@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass, replace
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from xentlab.kernels import compute_dtype, spec
+from xentlab.kernels import compute_dtype, mean_over, reference, spec
 from xentlab.kernels.triton.launch import (
     _INTERPRETED,
     _launch_row_stats,
@@ -87,6 +87,16 @@ def _done_inplace(ctx, x: Tensor) -> None:
         torch.autograd.graph.increment_version(x)
 
 
+def _differentiable_backward(ctx, grad_output: Tensor, n_outputs: int) -> tuple:
+    """The backward under create_graph=True (a Hessian-vector product, a meta-gradient): the kernels'
+    gradients are not themselves differentiable, so the gradients in the logits and the target are taken by
+    autograd through `ctx.composable`, the reference composition of the same loss, from the saved logits and
+    target: exact to any order. Nothing is written in place."""
+    needed = ctx.needs_input_grad[:2]
+    grads = reference.gradient_of(ctx.composable, ctx.saved_tensors[:2], needed, grad_output)
+    return *grads, *(None,) * (n_outputs - 2)
+
+
 # ------------------------------------------------------------------------------ index-target softmax family
 
 
@@ -106,7 +116,8 @@ class _SoftmaxLoss(torch.autograd.Function):
     vectors, the gradient by one element-wise kernel in the backward."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, scale, bias, margin, args: _RowArgs):
+    def forward(ctx, x, target, weight, scale, bias, margin, args: _RowArgs, composable):
+        ctx.composable = composable
         n, c = x.shape
         vectors = (scale, bias, margin)
         smooth = args.eps > 0
@@ -116,7 +127,7 @@ class _SoftmaxLoss(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # both, from one computation where the row loss shares them (focal)
             value, slope = spec.value_and_slope(args.row_loss, logpt)
         else:
-            value = args.row_loss.value(logpt)
+            value = spec.row_value(args.row_loss, logpt)
         loss = w_y * value
         if smooth:
             loss = (1 - args.eps) * loss + (args.eps / c) * smoothing
@@ -127,18 +138,22 @@ class _SoftmaxLoss(torch.autograd.Function):
             if smooth:
                 c_y = (1 - args.eps) * c_y
             c_w = kept * (args.eps / c) if smooth else None
-            inv = torch.where(denominator > 0, 1 / denominator, 0.0) if args.reduction == "mean" else None
+            # 1/D per row, 0 on ignored rows: where D = 0 (no weight on any kept row) the kept rows' gradient
+            # is NaN and the ignored rows' 0, as PyTorch's
+            inv = torch.where(target != args.ignore_index, 1 / denominator, 0.0) \
+                if args.reduction == "mean" else None
             ctx.save_for_backward(x, target, weight, scale, bias, margin, lse, c_y, c_w, inv)
             ctx.args, ctx.inplace = args, args.inplace
             ctx.total_weight = c if weight is None else weight.sum()
         if args.reduction == "none":
             return loss.to(x.dtype)
         total = loss.sum()
-        return (total / denominator if args.reduction == "mean" else total).to(x.dtype)
+        return (mean_over(total, denominator) if args.reduction == "mean" else total).to(x.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx, grad_output, 8)
         x, target, weight, scale, bias, margin, lse, c_y, c_w, inv = ctx.saved_tensors
         k = grad_output.to(lse.dtype)
         if inv is not None:
@@ -150,7 +165,7 @@ class _SoftmaxLoss(torch.autograd.Function):
         _launch_softmax_grad(x, target, weight, (scale, bias, margin), ctx.args.ignore_index, lse,
                              c_p.contiguous(), c_y.contiguous(), c_w, grad)
         _done_inplace(ctx, x)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def _apply_softmax_loss(x, target, row_loss, weight, transform, ignore_index, reduction, label_smoothing,
@@ -162,7 +177,10 @@ def _apply_softmax_loss(x, target, row_loss, weight, transform, ignore_index, re
                                      zip(("scale", "bias", "margin"), (scale, bias, margin), strict=True)})
     weight = None if weight is None else weight.contiguous()
     args = _RowArgs(row_loss, int(ignore_index), reduction, float(label_smoothing), inplace)
-    return _SoftmaxLoss.apply(x.contiguous(), target, weight, scale, bias, margin, args)
+    composable = functools.partial(reference.softmax_loss, row_loss=row_loss, weight=weight,
+                                   transform=transform, ignore_index=ignore_index, reduction=reduction,
+                                   label_smoothing=label_smoothing)
+    return _SoftmaxLoss.apply(x.contiguous(), target, weight, scale, bias, margin, args, composable)
 
 
 # ----------------------------------------------------- probability-target CE, MSE; element-wise losses
@@ -191,8 +209,8 @@ class _SoftmaxFamily(torch.autograd.Function):
     """Cross-entropy with probability targets and MSE (index or probability targets)."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, spec):
-        ctx.spec, ctx.inplace = spec, spec.inplace
+    def forward(ctx, x, target, weight, spec, composable):
+        ctx.spec, ctx.inplace, ctx.composable = spec, spec.inplace, composable
         n, c = x.shape
         ctx.save_for_backward(x, target, weight)
         if spec.reduction == "none":
@@ -206,17 +224,18 @@ class _SoftmaxFamily(torch.autograd.Function):
         return _scalar_loss(parts, n, spec.reduction, x.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
-        return *_backward(ctx, grad_output, _launch_softmax), None, None
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx, grad_output, 5)
+        return *_backward(ctx, grad_output, _launch_softmax), None, None, None
 
 
 class _SigmoidFamily(torch.autograd.Function):
     """BCE with logits, sigmoid focal loss, ASL."""
 
     @staticmethod
-    def forward(ctx, x, target, weight, pos_weight, spec):
-        ctx.spec, ctx.inplace = spec, spec.inplace
+    def forward(ctx, x, target, weight, pos_weight, spec, composable):
+        ctx.spec, ctx.inplace, ctx.composable = spec, spec.inplace, composable
         ctx.save_for_backward(x, target, weight, pos_weight)
         if spec.reduction == "none":
             loss = torch.empty_like(x)
@@ -228,22 +247,23 @@ class _SigmoidFamily(torch.autograd.Function):
         return _scalar_loss(parts, x.numel(), spec.reduction, x.dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
-        return *_backward(ctx, grad_output, _launch_sigmoid), None, None, None
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx, grad_output, 6)
+        return *_backward(ctx, grad_output, _launch_sigmoid), None, None, None, None
 
 
-def _apply_softmax(x, target, weight, spec: _Spec, inplace_backward):
+def _apply_softmax(x, target, weight, spec: _Spec, inplace_backward, composable):
     # the kernels assume unit column strides for the logits and the class weights (no-ops when contiguous)
     spec = replace(spec, inplace=_inplace(inplace_backward))
     _check_input(x, spec.inplace)
     _check_no_grad(weight=weight)
     weight = None if weight is None else weight.contiguous()
-    return _SoftmaxFamily.apply(x.contiguous(), target, weight, spec)
+    return _SoftmaxFamily.apply(x.contiguous(), target, weight, spec, composable)
 
 
-def _apply_sigmoid(x, target, weight, pos_weight, spec: _Spec, inplace_backward):
+def _apply_sigmoid(x, target, weight, pos_weight, spec: _Spec, inplace_backward, composable):
     spec = replace(spec, inplace=_inplace(inplace_backward))
     _check_input(x, spec.inplace)
     _check_no_grad(weight=weight, pos_weight=pos_weight)
-    return _SigmoidFamily.apply(x.contiguous(), target, weight, pos_weight, spec)
+    return _SigmoidFamily.apply(x.contiguous(), target, weight, pos_weight, spec, composable)

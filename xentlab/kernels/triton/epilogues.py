@@ -225,13 +225,17 @@ def _sigmoid_family_kernel(
         dloss = (1.0 - t) * p - pos * q
         dtarget = pw * sp_neg - sp_pos
     elif LOSS == _SIGMOID_FOCAL:
-        ce = t * sp_neg + (1.0 - t) * sp_pos
+        # ce in PyTorch's own form (1-t) x + softplus(-x), so that +-inf logits give torchvision's values
+        # (inf, and NaN where its BCE is NaN)
+        ce = (1.0 - t) * x + sp_neg
         base = p * (1.0 - t) + q * t  # 1 - p_t
         focus = _pow(base, gamma)
-        # d(1-p_t)/dx = (1-2t) p q; base^(gamma-1) = focus / base, and the term vanishes where base == 0
+        # d(1-p_t)/dx = (1-2t) p q; base^(gamma-1) = focus / base, and the term vanishes where base == 0; at
+        # gamma = 0 it is absent (never 0 * an infinite ce), so the gradient there is torchvision's (p - t)
         tail = tl.where(base > 0.0, focus / tl.where(base > 0.0, base, 1.0), 0.0)
         loss = ce * focus
-        dloss = ((1.0 - t) * p - t * q) * focus + gamma * ce * tail * (1.0 - 2.0 * t) * p * q
+        focusing = tl.where(gamma > 0.0, gamma * ce * tail * (1.0 - 2.0 * t) * p * q, 0.0)
+        dloss = ((1.0 - t) * p - t * q) * focus + focusing
         # d ce/dt = softplus(-x) - softplus(x) = -x; d(1-p_t)/dt = q - p
         dtarget = -x * focus + gamma * ce * tail * (q - p)
         if HAS_ALPHA:
@@ -255,8 +259,10 @@ def _sigmoid_family_kernel(
         # -p q p_m^g- (g- log(1 - p_m) / p_m - 1 / (1 - p_m)), the ratio log(1 - p_m)/p_m -> -1 as p_m -> 0
         ratio = tl.where(p_m > 0.0, log_one_m_pm / tl.where(p_m > 0.0, p_m, 1.0), -1.0)
         q_over = tl.where(one_m_pm > 0.0, q / tl.where(one_m_pm > 0.0, one_m_pm, 1.0), 1.0)
-        d_pos = pos_focus * (-gamma * p * sp_neg - q)
-        d_neg = tl.where(shifted, -p * neg_focus * (gamma_neg * ratio * q - q_over), 0.0)
+        # the focusing terms are absent at gamma = 0 (never 0 * inf at +-inf logits: the gradients are -q, p)
+        d_pos = pos_focus * (tl.where(gamma > 0.0, -gamma * p * sp_neg, 0.0) - q)
+        d_neg = tl.where(shifted, -p * neg_focus * (tl.where(gamma_neg > 0.0, gamma_neg * ratio * q, 0.0)
+                                                    - q_over), 0.0)
         dloss = t * d_pos + (1.0 - t) * d_neg
         dtarget = pos_loss - neg_loss
     if HAS_WEIGHT:
