@@ -144,7 +144,7 @@ def test_resnet32_trains_an_epoch_on_fake_cifar10_lt(fake_cifar, tmp_path, one_t
     cfg = compose_run(["data=cifar10_lt", f"data.root={fake_cifar}", "data.imbalance_ratio=100",
                        "model=resnet32", "optimizer=sgd", "trainer.max_epochs=1",
                        "trainer.log_every_n_steps=1"])
-    record = train(cfg, tmp_path)
+    (record,) = train(cfg, tmp_path)
     assert record["status"] == "completed" and record["epochs"] == 1
     assert 0 <= record["metrics"]["test/balanced_accuracy"] <= 1
 
@@ -198,7 +198,7 @@ def test_a_model_by_import_path_gets_the_data_sizes_and_its_own_arguments(nets_m
 
     cfg = compose_run(["data=wine", "model=custom", "model._target_=my_nets.Net", "model.width=8",
                        "trainer.max_epochs=2"])
-    record = train(cfg, tmp_path)
+    (record,) = train(cfg, tmp_path)
     assert record["status"] == "completed"
     assert my_nets.built[-1] == {"in_features": 13, "num_classes": 3, "width": 8}
 
@@ -242,7 +242,7 @@ def test_timm_models_are_wired_and_a_missing_timm_is_named(nets_module, fake_cif
     monkeypatch.delitem(sys.modules, "timm", raising=False)
     cfg = compose_run(["data=cifar10_lt", f"data.root={fake_cifar}", "data.imbalance_ratio=10",
                        "model=timm", "model.name=tiny_net", "model.drop_rate=0.1", "trainer.max_epochs=1"])
-    assert train(cfg, tmp_path)["status"] == "completed"
+    assert train(cfg, tmp_path)[0]["status"] == "completed"
     import timm
 
     assert timm.calls[-1] == {"name": "tiny_net", "pretrained": False, "num_classes": 10, "in_chans": 3,
