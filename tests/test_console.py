@@ -68,14 +68,104 @@ def assert_one_line_refusal(result: subprocess.CompletedProcess, fragment: str, 
         (["loss=focal", "loss.gamma=-1"], "loss 'focal': gamma", ["torch"]),
         (["seeds=2", "data=multilabel"], "loss 'ce' does not support multilabel data", ["torch"]),
         # Found once Lightning configured the optimizer, with a traceback and exit status 1, before.
-        (["optimizer.lr=-1"], "optimizer torch.optim.Adam: Invalid learning rate: -1", ["torch"]),
-        (["threads=0"], "threads must be a positive integer or null (automatic), got 0", ["torch"]),
+        (["optimizer.lr=-1"], "optimizer.lr must be a finite number > 0", ["torch"]),
     ],
 )
 def test_a_setting_wrong_whatever_the_data_is_refused_before_lightning(tmp_path, overrides, fragment, loaded):
     result, imported = watched(tmp_path, *overrides)
     assert_one_line_refusal(result, fragment, tmp_path)
     assert imported == loaded
+
+
+# Every bad setting of the audit that once gave a traceback, a late refusal or exit 0. Lightning's trainer
+# values, unknown group choices and sweeps of bad values are decided from the config alone.
+BEFORE_TORCH = [
+    (["trainer.devices=0"], "trainer.devices must be a positive integer"),
+    (["trainer.accelerator=tpu"], "trainer.accelerator must be one of auto, cpu, gpu, cuda, mps"),
+    (["trainer.val_check_interval=abc"], "trainer.val_check_interval must be an integer >= 1"),
+    (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps must be an integer >= 1"),
+    (["trainer.precision=7"], "trainer.precision must be one of 64, 32, 16, bf16"),
+    (["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch must be an integer >= 1"),
+    (["seeds=0"], "seeds (how many seeds to train together"),
+    (["threads=0"], "threads must be a positive integer or null"),
+    (["data.n_samples=30"], "leaves class 4 with 1 samples"),
+    (["loss=focl"], "loss=focl: no such loss config; did you mean loss=focal? choose one of: asl,"),
+    (["experiment=nope"], "experiment=nope: no such experiment config; choose one of: benchmark, calib"),
+    (["-m", "loss=ce,foo"], "loss=foo: no such loss config; choose one of: asl,"),
+    (["-m", "seeds=0,2"], "must be an integer >= 1, got 0 (in job seeds=0"),
+    (["-m", "data.imbalance_ratio=1e9,10"], "data.imbalance_ratio=1000000000.0 leaves class 4 with 1"),
+    (["-m", "data.n_samples=300,3000", "data.imbalance_ratio=10,100"],  # only 300 x 100 is wrong
+     "data.imbalance_ratio=100 leaves class 4 with 2 samples"),
+]
+# Settings the loss (built with torch on the data's class count) or the metric code decides, still
+# without Lightning: each run in a child forked from one process that has imported torch already.
+WITH_TORCH = [
+    (["loss=weighted_ce", "loss.weights=[1,2]"], "loss 'weighted_ce': weight must have shape (C,) = (5,)"),
+    (["loss=weighted_ce", "loss.weights=[-1,1,1,1,1]"], "loss 'weighted_ce': weight must be finite and >= 0"),
+    (["loss=focal", "loss.alpha=[1,2]"], "loss 'focal': alpha must have shape (C,) = (5,)"),
+    (["loss=bce", "loss.pos_weight=[1,2]"], "loss 'bce': pos_weight must be a scalar or have shape (5,)"),
+    (["data=digits", "loss=focal", "loss.alpha=[1,1,1,1,1]"], "alpha must have shape (C,) = (10,)"),
+    (["-m", "loss=weighted_ce", "loss.weights=[1,1,1,1,1],[1,2]"], "weight must have shape (C,) = (5,)"),
+    (["objective=val/nonexistent"], "objective 'val/nonexistent' is not a metric this run reports"),
+    (["objective=test/ts_ecee"], "did you mean test/ts_ece?"),
+    (["report.baseline=foo"], "report.baseline must be key=value pairs"),
+    (['report.baseline="lost=ce"'], "report.baseline=lost=ce: lost is not a setting of this run"),
+    (["report.baseline=lost=ce"], "mismatched input '=' expecting <EOF>"),  # Hydra's grammar, one line
+    (["optimizer.lr=0"], "optimizer.lr must be a finite number > 0"),
+    (["ckpt_path=last"], "ckpt_path=last: nothing to resume in"),
+]
+
+# Runs main() once per case, each in a child forked from this process after the imports the cases share
+# (with torch: the loss and metric code too), and writes the case's stdout, stderr, exit status and
+# the heavy packages imported by then into <folder>/<n>.json: one start-up for many refusals.
+FORKING = f"""
+import contextlib, io, json, os, sys
+folder, cases, with_torch = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "torch"
+if with_torch:
+    __import__("torch").set_num_threads(1)  # a forked child must not wait on its parent's thread pool
+    import xentlab.lab.metrics, xentlab.losses
+from xentlab.train import main
+for number, overrides in enumerate(cases):
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(os.path.join(folder, str(number)))
+        out, err, code = io.StringIO(), io.StringIO(), 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            sys.argv = ["xentlab-train", *overrides]
+            try:
+                main()
+            except SystemExit as stop:
+                code = stop.code
+        heavy = [m for m in {HEAVY!r} if m in sys.modules]
+        with open(os.path.join(folder, f"{{number}}.json"), "w") as file:
+            json.dump({{"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "heavy": heavy}},
+                      file)
+        os._exit(0)
+    os.waitpid(pid, 0)
+"""
+
+
+def refused_in_forks(folder: Path, cases: list[tuple[list[str], str]], with_torch: bool) -> list[dict]:
+    for number in range(len(cases)):
+        (folder / str(number)).mkdir(parents=True)
+    subprocess.run([sys.executable, "-c", FORKING, str(folder), json.dumps([o for o, _ in cases]),
+                    "torch" if with_torch else "plain"], env=environment(), check=True, timeout=300)
+    results = []
+    for number, (overrides, fragment) in enumerate(cases):
+        result = json.loads((folder / f"{number}.json").read_text())
+        completed = subprocess.CompletedProcess(overrides, result["code"], result["stdout"], result["stderr"])
+        assert_one_line_refusal(completed, fragment, folder / str(number))
+        results.append(result)
+    return results
+
+
+def test_every_bad_setting_is_one_line_before_lightning(tmp_path):
+    for overrides, result in zip(BEFORE_TORCH, refused_in_forks(tmp_path / "plain", BEFORE_TORCH, False),
+                                 strict=True):
+        assert result["heavy"] == [], (overrides, result["heavy"])
+    for overrides, result in zip(WITH_TORCH, refused_in_forks(tmp_path / "torch", WITH_TORCH, True),
+                                 strict=True):
+        assert "pytorch_lightning" not in result["heavy"] and "lightning" not in result["heavy"], overrides
 
 
 def test_help_imports_neither_torch_nor_lightning(tmp_path):

@@ -67,3 +67,15 @@ def test_the_evaluation_experiments_have_the_power_their_questions_need():
     assert ce_vs_mse.hydra.sweeper.params["loss"] == "ce,mse" and ce_vs_mse.seeds == 10
     for cfg in (imbalance, calibration, ce_vs_mse, composed(["experiment=tune_focal"]), composed([])):
         assert cfg.objective.startswith("val/")  # tuned on validation, never on test
+
+
+def test_tuned_tunes_every_loss_on_its_own_grid_and_reports_fresh_seeds():
+    from xentlab.lab.tuning import candidates, grid_of, tuning_seeds
+
+    for loss, size in (("ce", 3), ("weighted_ce", 3), ("focal", 9), ("logit_adjusted", 9)):
+        cfg = composed(["experiment=tuned", f"loss={loss}"])
+        assert len(candidates(grid_of(cfg))) == size, loss
+        assert set(tuning_seeds(cfg)).isdisjoint(range(cfg.seed, cfg.seed + cfg.seeds))
+    swept = composed(["experiment=tuned"]).hydra.sweeper.params["loss"]
+    assert swept == "ce,weighted_ce,focal,logit_adjusted"
+    assert grid_of(composed(["loss=focal"])) == {}  # tune=none: one recipe, as before

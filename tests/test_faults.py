@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
+import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -112,19 +115,26 @@ def test_resuming_a_sweep_without_its_folder_is_refused_before_any_job(tmp_path)
 # --- atomic files and corrupt checkpoints ---------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 256 KiB tmpfs (root only: CI runs as root); skipped with the reason where mounting is refused."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+    """`folder` as a tmpfs mounted with `options` (root only: CI runs as root); the test is skipped with
+    the reason where mounting is refused."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {mounted.stderr.strip() or 'refused'}")
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip() or 'refused'}")
     try:
-        yield disk
+        yield folder
     finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB disk to fill."""
+    with tmpfs(tmp_path / "disk", "size=256k") as disk:
+        yield disk
 
 
 def fill(disk: Path, leave: int) -> None:
@@ -186,6 +196,51 @@ def test_a_corrupt_checkpoint_names_the_file_and_never_suggests_unsafe_loading(t
     assert "weights_only" not in str(raised.value) and raised.value.__cause__ is None
 
 
+def test_a_malicious_checkpoint_is_named_as_code_and_never_run(tmp_path):
+    # A pickle that calls os.system when unpickled: torch blocks the module, and the error says so.
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": Payload()}, path)
+    with pytest.raises(CheckpointError, match=r"holds a Python object \(posix\.system\) beyond tensors"):
+        load_checkpoint(path)
+    assert not (tmp_path / "ran").exists()
+
+
+class Payload:
+    def __reduce__(self):
+        return os.system, ("touch ran",)
+
+
+def test_random_files_are_checkpoint_errors(tmp_path):
+    # Random bytes, truncations and corruptions of a real checkpoint: the unpickler fails in many ways
+    # (IndexError, KeyError, ...); every one is a CheckpointError naming the file, or a dict.
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.ones(64)}, "epoch": 1, "loops": {"fit": [1, 2]}}, buffer)
+    good, rng, path = buffer.getvalue(), random.Random(0), tmp_path / "last.ckpt"
+    for number in range(100):
+        if number % 3 == 0:
+            data = rng.randbytes(rng.randrange(1, 2000))
+        elif number % 3 == 1:
+            data = good[: rng.randrange(len(good))]
+        else:
+            data = bytearray(good)
+            for _ in range(rng.randrange(1, 20)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        path.write_bytes(bytes(data))
+        try:
+            loaded = load_checkpoint(path)
+        except CheckpointError as error:
+            assert str(path) in str(error) and "weights_only" not in str(error)
+        else:
+            assert isinstance(loaded, dict)
+
+
+def test_a_file_that_is_not_a_training_checkpoint_is_refused_before_lightning_reads_it(tmp_path):
+    path = tmp_path / "other.ckpt"
+    torch.save({"weights": torch.ones(3)}, path)
+    with pytest.raises(CheckpointError, match="not a training checkpoint .*lacks state_dict, epoch, "):
+        SafeCheckpointIO().load_checkpoint(path)
+
+
 def test_resume_from_a_truncated_last_checkpoint_names_it(tmp_path):
     train(composed("trainer.max_epochs=1"), tmp_path)
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -194,6 +249,47 @@ def test_resume_from_a_truncated_last_checkpoint_names_it(tmp_path):
         train(composed("trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "failed" and str(last) in record["error"]
+
+
+def refusal(args: list[str], cwd: Path) -> str:
+    """xentlab-train's one stderr line for a refused command (exit status 2, nothing on stdout)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.stderr.startswith("xentlab-train: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_resuming_from_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, seeds):
+    run_dir = tmp_path / "run"
+    started = cli([*TINY, "trainer.max_epochs=1", f"seeds={seeds}", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert started.wait(timeout=180) == 0, started.communicate()[0][-3000:]
+    for record in run_dir.rglob("metrics.json"):
+        record.unlink()  # as after a SIGKILL: the checkpoint alone
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(random.Random(3).randbytes(3000))
+    line = refusal([*TINY, "trainer.max_epochs=2", f"seeds={seeds}", f"hydra.run.dir={run_dir}",
+                    "ckpt_path=last"], tmp_path)
+    assert f"cannot read checkpoint {last}: it is " in line
+    for record in run_dir.rglob("metrics.json"):
+        assert "IndexError" not in json.loads(record.read_text()).get("error", "")
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A read-only disk (as root, which CI runs as, a chmod would not stop writes)."""
+    with tmpfs(tmp_path / "read-only", "ro,size=64k") as folder:
+        yield folder
+
+
+def test_a_read_only_run_folder_is_one_line(read_only_folder, tmp_path):
+    line = refusal([*TINY, f"hydra.run.dir={read_only_folder}"], tmp_path)
+    assert f"cannot write {read_only_folder}/train.log: Read-only file system" in line
+    line = refusal(["-m", *TINY, "seed=0,1", f"hydra.sweep.dir={read_only_folder}"], tmp_path)
+    assert f"cannot write {read_only_folder}/multirun.yaml: Read-only file system" in line
 
 
 def test_a_sweep_on_a_full_disk_says_the_record_was_lost_and_still_reports(small_disk):
@@ -245,14 +341,14 @@ def test_a_sweep_that_dies_inside_hydra_still_reports_what_exists(tmp_path):
 def test_a_signal_during_training_is_recorded_as_interrupted(tmp_path, monkeypatch, sig, cause):
     from xentlab.lab.module import ClassifierModule
 
-    original = ClassifierModule.on_train_epoch_end
+    original = ClassifierModule.training_step
 
-    def signal_in_second_epoch(self):
-        original(self)
-        if self.current_epoch == 1:
-            os.kill(os.getpid(), sig)
+    def signal_in_second_epoch(self, batch, batch_idx):
+        if self.current_epoch == 1 and batch_idx == 0:
+            os.kill(os.getpid(), sig)  # noted here, raised when the next batch starts
+        return original(self, batch, batch_idx)
 
-    monkeypatch.setattr(ClassifierModule, "on_train_epoch_end", signal_in_second_epoch)
+    monkeypatch.setattr(ClassifierModule, "training_step", signal_in_second_epoch)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(RunInterrupted, match=f"interrupted by {cause}.*in epoch 2; recorded in") as raised:
         train(composed("trainer.max_epochs=5"), tmp_path)
@@ -277,6 +373,29 @@ def test_sigterm_to_the_console_script_records_the_run_and_exits_with_one_line(t
     (line,) = [line for line in output.splitlines() if "interrupted" in line]
     assert line.startswith("[xentlab] interrupted by SIGTERM in epoch") and str(run_dir) in line
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "interrupted"
+
+
+def test_ctrl_c_during_a_sweep_exits_130_with_one_line_and_the_resume_command(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen([str(SCRIPT), "-m", *TINY, "trainer.max_epochs=500", "seed=0,1",
+                                f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(sweep_dir.glob("*/checkpoints/last.ckpt")) and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stdout[-2000:] + stderr[-3000:]
+    assert "Traceback" not in stdout + stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("xentlab-train: ")]
+    assert line.startswith("xentlab-train: interrupted by SIGINT (Ctrl-C) in epoch")
+    resume = ["xentlab-train", "-m", *TINY, "trainer.max_epochs=500", "seed=0,1", "hydra.sweep.dir=sweep",
+              "ckpt_path=last"]  # the folder as given to the shell that runs it, here relative
+    assert line.endswith(f"resume: {shlex.join(resume)}"), line
+    (record,) = [json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")]
+    assert record["status"] == "interrupted"
 
 
 def test_a_failed_single_run_is_recorded_with_its_error(tmp_path):

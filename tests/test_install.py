@@ -86,3 +86,36 @@ def test_the_installed_commands_run_from_any_folder(wheel_env, tmp_path):
          "model.hidden_sizes=[16]"], tmp_path)
     (record,) = tmp_path.glob("outputs/*/*/metrics.json")
     assert '"status": "completed"' in record.read_text()
+
+
+@pytest.mark.parametrize(("gpu_listed", "asked", "extras"), [
+    (False, None, "sweep,mnist"),        # no CUDA: no Triton
+    (True, None, "sweep,mnist,gpu"),     # nvidia-smi lists a GPU
+    (False, "1", "sweep,mnist,gpu"),     # asked for
+    (True, "0", "sweep,mnist"),          # refused
+])
+def test_the_scripts_install_triton_only_where_cuda_is(tmp_path, gpu_listed, asked, extras):
+    """scripts/_setup.sh as demo.sh sources it, with a stand-in venv whose python records each pip call
+    and an `nvidia-smi` that lists a GPU or fails as it does without one."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy2(ROOT / "scripts" / "_setup.sh", tmp_path / "scripts" / "_setup.sh")
+    (tmp_path / "pyproject.toml").write_text("")
+    bin_dir, tools = tmp_path / ".venv" / "bin", tmp_path / "tools"
+    bin_dir.mkdir(parents=True)
+    tools.mkdir()
+    (bin_dir / "activate").write_text(f'PATH="{bin_dir}:$PATH"\n')
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$*" >> "{tmp_path / "calls"}"\n')
+    # Without a GPU, nvidia-smi (where installed) fails; this one comes before any real one on PATH.
+    listing = "echo 'GPU 0: NVIDIA H100'" if gpu_listed else "echo 'NVIDIA-SMI has failed' >&2; exit 9"
+    (tools / "nvidia-smi").write_text(f"#!/bin/sh\n{listing}\n")
+    for script in (bin_dir / "python", tools / "nvidia-smi"):
+        script.chmod(0o755)
+    env = {"PATH": f"{tools}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    if asked is not None:
+        env["XENTLAB_GPU"] = asked
+    result = subprocess.run(["bash", "-c", 'source scripts/_setup.sh "sweep,mnist"'], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[-2:] == ["-m pip install -q torch==2.13.0", f"-m pip install -q -e .[{extras}]"]
+    assert (tmp_path / ".venv" / ".xentlab-installed").read_text().strip() == extras

@@ -421,14 +421,14 @@ def test_an_interrupted_batch_records_every_unfinished_seed(tmp_path, monkeypatc
     from xentlab.lab.module import ClassifierModule
     from xentlab.lab.runs import RunInterrupted
 
-    original = ClassifierModule.on_train_epoch_end
+    original = ClassifierModule.training_step
 
-    def signal_in_second_epoch(self):
-        original(self)
-        if self.current_epoch == 1:
-            os.kill(os.getpid(), sig)
+    def signal_in_second_epoch(self, batch, batch_idx):
+        if self.current_epoch == 1 and batch_idx == 0:
+            os.kill(os.getpid(), sig)  # noted here, raised when the next batch starts
+        return original(self, batch, batch_idx)
 
-    monkeypatch.setattr(ClassifierModule, "on_train_epoch_end", signal_in_second_epoch)
+    monkeypatch.setattr(ClassifierModule, "training_step", signal_in_second_epoch)
     poison_seed(monkeypatch, 1)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(RunInterrupted, match=f"interrupted by {cause} in epoch 2; recorded in") as raised:

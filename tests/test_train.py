@@ -12,8 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from xentlab.lab.run import build_run, train
-from xentlab.lab.sweep import covering_jobs
-from xentlab.lab.validation import ConfigError, check_config
+from xentlab.lab.validation import ConfigError, check_config, sweep_jobs_to_check
 from xentlab.train import CONFIG_DIR
 
 TINY = ["data.n_samples=400", "model.hidden_sizes=[16]"]
@@ -83,8 +82,9 @@ def test_multirun_names_job_folders_after_overrides(tmp_path):
         (["seed=abc"], ["seed must be an integer", "'abc'"]),
         (["loss=focal", "loss.gama=1"], ["'gama'", "did you mean 'gamma'"]),
         (["data.n_sampels=400"], ["data.n_sampels", "did you mean data.n_samples"]),
-        (["loss=nosuch"], ["loss/nosuch", "ce", "focal"]),
-        (["-m", "loss=ce,nosuch"], ["loss/nosuch", "focal"]),  # refused before the sweep's first job
+        (["loss=nosuch"], ["loss=nosuch: no such loss config", "ce", "focal"]),
+        # refused before the sweep's first job
+        (["-m", "loss=ce,nosuch"], ["loss=nosuch: no such loss config", "focal"]),
         (["-m", "loss=focal", "loss.gamma=1,-1"], ["gamma", "got -1", "loss.gamma=-1", "no job was started"]),
         (["data.n_samples=-5"], ["data.n_samples", "-5"]),
         (["data=multilabel"], ["'ce' does not support multilabel", "bce"]),
@@ -181,11 +181,12 @@ def test_ddp_on_two_cpu_processes_shards_training_and_reports_global_metrics(tmp
     assert record["metrics"]["test/balanced_accuracy"] == pytest.approx(expected, abs=1e-6)
 
 
-def test_the_pre_sweep_check_composes_one_job_per_swept_value_not_the_whole_grid():
+def test_the_pre_sweep_check_composes_one_job_per_joint_combination_not_the_whole_grid():
     grid = [[f"loss={loss}", f"data.imbalance_ratio={ratio}", f"seed={seed}"]
             for loss in ("ce", "focal", "mse") for ratio in (1, 10, 100) for seed in range(10)]
-    kept = covering_jobs(grid)
-    assert len(kept) == 10
+    kept = sweep_jobs_to_check(grid)
+    assert len(kept) == 10  # 9 loss x ratio combinations, and the 10 seeds spread over them
     assert {o for job in kept for o in job} == {o for job in grid for o in job}
+    assert {tuple(job[:2]) for job in kept} == {tuple(job[:2]) for job in grid}
     assert kept[0] == grid[0] and all(job in grid for job in kept)
-    assert covering_jobs([[]]) == [[]]
+    assert sweep_jobs_to_check([[]]) == [[]]

@@ -94,6 +94,26 @@ def test_grad_and_jvp_equal_autograd(name, seeds):
     assert_close(tangent, (expected * direction).sum())
 
 
+def test_forward_mode_ad_and_a_hessian_equal_pytorchs():
+    """Eager dual numbers (torch.autograd.forward_ad) on an input past the one-shot size, and torch.func's
+    Hessian of a small one: both against F.cross_entropy."""
+    from torch.autograd import forward_ad
+
+    x = make_logits(2000, C, torch.float64)
+    y = make_index_target(2000, C)
+    tangent = make_logits(2000, C, torch.float64, seed=7)
+    results = []
+    for loss in (XF.cross_entropy, nn.functional.cross_entropy):
+        with forward_ad.dual_level():
+            out = forward_ad.unpack_dual(loss(forward_ad.make_dual(x, tangent), y))
+        results.append((out.primal, out.tangent))
+    for got, expected in zip(*results, strict=True):
+        assert_close(got, expected)
+    small, y_small = x[:6], y[:6]
+    expected = torch.autograd.functional.hessian(lambda z: nn.functional.cross_entropy(z, y_small), small)
+    assert_close(torch.func.hessian(lambda z: XF.focal_loss(z, y_small, 0.0))(small), expected)
+
+
 def test_validation_still_runs_under_vmap():
     """The value checks read every sample behind vmap's wrapper: a bad class index in one seed is refused."""
     x = make_logits(3 * N, C, torch.float32).reshape(3, N, C)

@@ -7,12 +7,14 @@ parallel sweep never trains, and importing torch and Lightning there would cost 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import hydra
@@ -24,32 +26,48 @@ from omegaconf.errors import OmegaConfBaseException
 
 import xentlab.lab.sweep as console
 from xentlab import config_dir
+from xentlab.lab.loss_configs import store_loss_configs
 from xentlab.lab.runs import (
     FolderHoldsAnotherRun,
     RunInterrupted,
     RunNotRecorded,
+    holds_a_run,
+    nothing_to_resume,
     try_to_record,
     write_record,
 )
 from xentlab.lab.slurm import requeued
 from xentlab.lab.summary import SUMMARY_DIR, write_summaries
 from xentlab.lab.sweep import (
+    SWEEP_ENV,
     available_cpus,
     discard_unstarted_run,
     job_line,
-    name_the_loss,
     print_records,
     refuse,
+    resume_command,
     shown,
     sweep_keys,
     sweep_value,
     threads_per_job,
 )
-from xentlab.lab.validation import ConfigError, check_config, describe_composition_error, install_open_groups
+from xentlab.lab.validation import (
+    ConfigError,
+    check_config,
+    describe_composition_error,
+    describe_startup_error,
+    install_open_groups,
+    name_the_loss,
+)
 
 CONFIG_DIR = str(config_dir())
 
 install_open_groups()
+_IMPORT_ERROR: Exception | None = None
+try:
+    store_loss_configs(CONFIG_DIR)  # a plugin loss without a YAML is a loss= choice too
+except Exception as error:  # noqa: BLE001 - e.g. a broken Hydra plugin module: main() says so in one line
+    _IMPORT_ERROR = error
 
 
 def run_job(cfg: DictConfig) -> float:
@@ -82,18 +100,22 @@ def run_job(cfg: DictConfig) -> float:
         check_config(cfg)
         if requeued() and cfg.ckpt_path is None:
             cfg.ckpt_path = "last"  # SLURM requeued this job (xentlab.lab.slurm): it resumes its own run
+        if cfg.ckpt_path == "last" and not multirun and not requeued() and not holds_a_run(output_dir):
+            raise nothing_to_resume(output_dir)  # said now, not after Lightning has loaded
         threads = threads_per_job(hydra_cfg.launcher, available_cpus(), cfg.threads)
         from xentlab.lab.run import train  # torch and Lightning: only in a process that trains
+        from xentlab.lab.tuning import tune
 
+        cfg = tune(cfg, output_dir, threads=threads)  # tune=grid: the candidates train first; else cfg
         records = train(cfg, output_dir, overrides=overrides, threads=threads,
                         shared_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
                         varied=sweep_keys() if multirun else None,
                         fresh_if_nothing_to_resume=multirun or requeued(),
                         announce=None if multirun else announce)
     except RunInterrupted as stop:
-        print(f"[xentlab] {stop}", flush=True)
         if multirun:
-            raise
+            raise  # main() says it once for the sweep, with the command that resumes it
+        print(f"[xentlab] {stop}; resume: {resume_command('hydra.run.dir', output_dir)}", flush=True)
         raise SystemExit(stop.exit_code) from None
     except Exception as error:
         if not multirun:
@@ -137,13 +159,31 @@ def main() -> None:
     re-raises it with its traceback, as Hydra does. A multirun whose report finds failed, unfinished or
     never-started jobs exits with status 1 (the sweep still ran every job and wrote its report)."""
     console.BRIEF_ERRORS = os.environ.get("HYDRA_FULL_ERROR") != "1"
+    # A broken loss plugin is logged once, in one line (and named again if a run asks for its loss); the
+    # same message as a Python warning would add two more lines to every run's console.
+    warnings.filterwarnings("ignore", message="skipping xentlab loss plugin", category=RuntimeWarning)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exiting with 1
     try:
+        if _IMPORT_ERROR is not None:
+            raise _IMPORT_ERROR
         hydra_main()
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM during a sweep (a single run exits in run_job)
+        if not console.BRIEF_ERRORS:
+            raise
+        sweep_dir = json.loads(os.environ.get(SWEEP_ENV, "{}")).get("dir")
+        said = str(stop) if isinstance(stop, RunInterrupted) else "interrupted by SIGINT"
+        resume = f"; resume: {resume_command('hydra.sweep.dir', sweep_dir)}" if sweep_dir else ""
+        print(f"xentlab-train: {said}{resume}", file=sys.stderr, flush=True)
+        sys.exit(getattr(stop, "exit_code", 130))
     except (ConfigError, HydraException, OmegaConfBaseException) as error:
         if not console.BRIEF_ERRORS:
             raise
         refuse(str(error) if isinstance(error, ConfigError) else describe_composition_error(error))
+    except Exception as error:
+        message = describe_startup_error(error) if console.BRIEF_ERRORS else None
+        if message is None:
+            raise
+        refuse(message)
     from xentlab.lab.callbacks import INCOMPLETE_SWEEPS
 
     if INCOMPLETE_SWEEPS:

@@ -12,37 +12,65 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 
 from xentlab.lab.atomic import atomic_open
+from xentlab.lab.validation import ConfigError
 
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch names the global a weights-only load refused: "Unsupported global: GLOBAL pkg.Class" for a class,
+# "Trying to load unsupported GLOBAL posix.system whose module posix is blocked" for a blocked module.
+_UNSUPPORTED_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL ([\w.]+)", re.IGNORECASE)
+# torch's reason for refusing other pickle content, e.g. "Unsupported operand 149".
+_UNSUPPORTED_CONTENT = re.compile(r"^\s*(Unsupported [^\n]+)$", re.MULTILINE)
+# What Lightning needs of a checkpoint to continue a run from it.
+LIGHTNING_KEYS = ("state_dict", "epoch", "global_step")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read as a checkpoint; the message names the file."""
+class CheckpointError(ConfigError):
+    """A checkpoint file that cannot be read as a checkpoint of this run; the message names the file. A
+    ConfigError: `ckpt_path` (or the folder resumed) points at the wrong file."""
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """`torch.load(path, weights_only=True)`: tensors, containers and plain values only.
+    """`torch.load(path, weights_only=True)`: tensors, containers and plain values only, as a dict.
 
     A checkpoint is untrusted input (docs/trust.md): unpickling arbitrary objects would run code, so
     this never falls back to `weights_only=False`. A missing, truncated (a crash or a full disk while it
     was written by an older tool), foreign or non-checkpoint file raises `CheckpointError` naming the
-    file and what to do, without PyTorch's advice to retry unsafely.
+    file and what to do, without PyTorch's advice to retry unsafely. Whatever the loader raises on a
+    damaged file (its unpickler fails in many ways on random bytes) is that error.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        found = _UNSUPPORTED_GLOBAL.search(str(error))
+        found, content = _UNSUPPORTED_GLOBAL.search(str(error)), _UNSUPPORTED_CONTENT.search(str(error))
+        detail = f" ({content.group(1).strip()})" if content else ""
         reason = (f"it holds a Python object ({found.group(1)}) beyond tensors and plain values, which "
                   "xentlab does not unpickle because loading it could run code" if found
-                  else "it is not a PyTorch checkpoint")
-    except (RuntimeError, OSError, EOFError, ValueError) as error:
-        reason = f"it is truncated or damaged ({type(error).__name__}: {error or 'unexpected end of file'})"
+                  else f"it is not a PyTorch checkpoint{detail}")
+    except Exception as error:  # noqa: BLE001 - random bytes make the unpickler fail in any way
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else "unexpected end of file"
+        reason = f"it is truncated or damaged ({type(error).__name__}: {detail})"
+    else:
+        if isinstance(checkpoint, dict):
+            return checkpoint
+        reason = f"it holds a {type(checkpoint).__name__}, not a checkpoint's dict"
     raise CheckpointError(
         f"cannot read checkpoint {path}: {reason}. Delete it to start that run over, or point ckpt_path "
         "at another checkpoint file.")
+
+
+def load_run_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """`load_checkpoint`, and the file must be a Lightning checkpoint (weights, epoch and step), so that
+    a run never continues from a file that only looks like one."""
+    checkpoint = load_checkpoint(path, map_location)
+    missing = [key for key in LIGHTNING_KEYS if key not in checkpoint]
+    if missing or not isinstance(checkpoint["state_dict"], dict):
+        raise CheckpointError(
+            f"cannot resume from checkpoint {path}: it is not a training checkpoint (it lacks "
+            f"{', '.join(missing) or 'a state_dict of tensors'}). Delete it to start that run over, or point "
+            "ckpt_path at another checkpoint file.")
+    return checkpoint
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -62,4 +90,4 @@ class SafeCheckpointIO(TorchCheckpointIO):
             file.write(buffer.getbuffer())
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        return load_checkpoint(path, map_location=map_location or "cpu")
+        return load_run_checkpoint(path, map_location=map_location or "cpu")

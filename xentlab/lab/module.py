@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -267,6 +268,11 @@ class ClassifierModule(pl.LightningModule):
             # Kept for the post-hoc fits at test time; the last epoch's logits are the tested model's.
             run.val_logits = self.metrics[k]["val_"].kept_logits()
             self._log_stage(k, "val", figures=figures)
+
+    def objective_values(self, key: str) -> list[float]:
+        """Each seed's latest value of a logged metric (`xentlab.lab.selection`); NaN for a seed that failed
+        or never logged it."""
+        return [float(run.final.get(key, math.nan)) if run.error is None else math.nan for run in self.runs]
 
     def on_test_epoch_end(self) -> None:
         for k, run in enumerate(self.runs):

@@ -58,6 +58,7 @@ from xentlab.lab.runs import (
     try_to_record,
 )
 from xentlab.lab.schedules import build_scheduler
+from xentlab.lab.selection import SELECTED_EPOCH, BestEpoch, best_epoch_callback, restore_best, seed_part
 from xentlab.lab.slurm import lightning_plugins
 from xentlab.lab.stacking import check_optimizer, stack_data, stack_models
 from xentlab.lab.validation import ConfigError, flatten
@@ -161,6 +162,9 @@ def build_run(cfg: DictConfig, output_dir: str | Path, overrides=(), shared_dir:
                               figure_every_n_epochs=cfg.figure_every_n_epochs, shared_dir=shared_dir)
     # Each seed's losses for its divergence warnings; the run's config stamped in its checkpoint.
     callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True), runs=len(seeds))]
+    best = best_epoch_callback(cfg)  # checkpoint=best: each seed's weights of its best validation epoch
+    if best is not None:
+        callbacks.append(best)
     if cfg.trainer.get("enable_checkpointing", True):
         # last.ckpt, refreshed every epoch, is what `ckpt_path=last` resumes from.
         callbacks.append(ModelCheckpoint(dirpath=Path(output_dir) / CHECKPOINT_DIR, save_last=True))
@@ -287,11 +291,16 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
                 raise ConfigError(str(error)) from error
             if announce is not None:
                 announce()
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-            if len(seeds) > 1 and (output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
-                split_checkpoint(output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, module, seeds)
-            if any(run.error is None for run in module.runs):
-                trainer.test(module, datamodule=data, verbose=False)
+            trainer.callbacks.append(interruption.stop_point())
+            with interruption.deferring():
+                trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+                if len(seeds) > 1 and (output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+                    split_checkpoint(output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT, module, seeds)
+                if any(run.error is None for run in module.runs):
+                    selected = restore_best(trainer, module, data)  # checkpoint=best: each seed's epoch
+                    for run, epoch in zip(module.runs, selected or [], strict=False):
+                        run.final[SELECTED_EPOCH] = float(epoch)
+                    trainer.test(module, datamodule=data, verbose=False)
         recorder = next(c for c in trainer.callbacks if isinstance(c, RunRecorder))
         done = [stopped(k) if run.error is not None else
                 records[k].completed(run.final, epochs=epochs(), warnings=recorder.warnings(k))
@@ -374,6 +383,9 @@ def split_checkpoint(path: Path, module: ClassifierModule, seeds: list[Seed]) ->
         if RECORDER_STATE in callbacks:
             one["callbacks"] = {**callbacks, RECORDER_STATE: recorder.state_of(
                 k, OmegaConf.to_container(seed.cfg, resolve=True))}
+        if BestEpoch.__qualname__ in callbacks:  # checkpoint=best: seed k's kept weights only
+            one["callbacks"] = {**one.get("callbacks", callbacks),
+                                BestEpoch.__qualname__: seed_part(callbacks[BestEpoch.__qualname__], k)}
         # Parameter order: the stacked model's, then loss 0's, loss 1's, ...; a single run: model, loss.
         first = len(stacked) + sum(own[:k])
         indices = list(range(len(stacked))) + list(range(first, first + own[k]))

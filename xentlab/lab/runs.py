@@ -15,11 +15,15 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from xentlab.lab.atomic import atomic_write, remove_staging_files
 from xentlab.lab.validation import ConfigError, flatten
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -86,11 +90,18 @@ def nonfinite_loss(loss: float, epoch: int, step: int) -> FloatingPointError | N
 
 
 class Interruption:
-    """Records which signal stopped a run: SIGTERM is turned into KeyboardInterrupt while the run trains,
-    so Lightning shuts down as on Ctrl-C (it then exits through SystemExit, which loses the cause)."""
+    """Records which signal stopped a run, and stops it where stopping is safe.
+
+    While a run trains (`deferring`), Ctrl-C (SIGINT) and SIGTERM only note the signal; `stop_point()`,
+    a callback the run's Trainer carries, raises KeyboardInterrupt when the next batch starts,
+    and Lightning then shuts down as on Ctrl-C (it exits through SystemExit, which loses the cause: hence
+    the note). A KeyboardInterrupt raised wherever the signal lands could land inside TensorBoard's
+    writer queue, whose thread then never wakes and Lightning's shutdown waits on it forever. A second
+    signal, or one before the Trainer runs or after it is done, raises at once."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
+        self._deferring = False
 
     def describe(self, stop: BaseException) -> str:
         if self.signal:
@@ -104,23 +115,56 @@ class Interruption:
         """The shell's convention for a process a signal stopped: 128 + the signal number."""
         return 128 + (signal.SIGTERM if cause.startswith("SIGTERM") else signal.SIGINT)
 
+    def stop_point(self) -> pl.Callback:
+        """A callback that delivers a noted signal when the next batch of any stage starts."""
+        import pytorch_lightning as pl  # only a process that trains asks for it
+
+        interruption = self
+
+        class StopPoint(pl.Callback):
+            def _stop_if_signalled(self, *_args) -> None:
+                interruption.raise_if_signalled()
+
+            on_train_batch_start = on_validation_batch_start = on_test_batch_start = _stop_if_signalled
+
+        return StopPoint()
+
+    def raise_if_signalled(self) -> None:
+        if self.signal is not None:
+            self._deferring = False  # Lightning's shutdown may take a while; a second Ctrl-C still works
+            raise KeyboardInterrupt(self.signal)
+
     @contextlib.contextmanager
     def watching(self) -> Iterator[Interruption]:
+        """Notes SIGINT and SIGTERM while the block runs; within `deferring()`, they wait for a stop point."""
         if threading.current_thread() is not threading.main_thread():
             yield self  # only the main thread may set handlers; Lightning's own SIGTERM handling remains
             return
 
-        def on_sigterm(signum, frame):
-            self.signal = "SIGTERM"
-            raise KeyboardInterrupt("SIGTERM")
+        def on_signal(signum, frame):
+            first = self.signal is None
+            self.signal = self.signal or ("SIGTERM" if signum == signal.SIGTERM else "SIGINT (Ctrl-C)")
+            if not (first and self._deferring):
+                raise KeyboardInterrupt(self.signal)
 
         # Lightning sets SIGINT to "ignore" after a Ctrl-C and leaves it so; restored here for the caller.
-        previous = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, on_sigterm)
+        previous = signal.signal(signal.SIGINT, on_signal), signal.signal(signal.SIGTERM, on_signal)
         try:
             yield self
         finally:
             signal.signal(signal.SIGINT, previous[0])
             signal.signal(signal.SIGTERM, previous[1])
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[None]:
+        """The block (a Trainer's fit or test, which carries `stop_point()`) is stopped at a stop point; a
+        signal that arrived too late for one is raised when the block ends."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        self.raise_if_signalled()
 
 
 class RunRecord:
@@ -201,6 +245,14 @@ def write_record(output_dir: Path, cfg: DictConfig, record: dict, overrides=()) 
     record = {**record, "overrides": list(overrides), "config": OmegaConf.to_container(cfg, resolve=True)}
     atomic_write(Path(output_dir) / METRICS_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+def holds_a_run(output_dir: Path) -> bool:
+    """Whether `output_dir` holds anything `ckpt_path=last` resumes from: a record (a single run's, or a
+    seed batch's `seed=<s>/metrics.json`) or a last checkpoint."""
+    checkpoint = output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    return (output_dir / METRICS_FILE).is_file() or checkpoint.is_file() \
+        or any(output_dir.glob(f"seed=*/{METRICS_FILE}"))
 
 
 def read_record(path: Path) -> dict:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -18,10 +19,10 @@ from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from xentlab.lab.runs import METRICS_FILE
-from xentlab.lab.validation import ConfigError, check_config
+from xentlab.lab.validation import ConfigError, check_sweep, check_threads
 
 SUMMARY = ("balanced_accuracy", "macro_f1", "minority_recall", "ece")  # printed when a run ends
 # Set by SweepProgress in the process that launches a multirun, read by each job (joblib and submitit
@@ -76,9 +77,7 @@ def threads_per_job(launcher: DictConfig, cpu_count: int, requested: int | None 
     costs 15-20x per step (OpenMP threads wait for each other; see docs/benchmarks.md).
     """
     if requested is not None:
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise ConfigError(f"threads must be a positive integer or null (automatic), got {requested!r}")
-        return requested
+        return check_threads(requested)
     if "n_jobs" in launcher:
         jobs = launcher.n_jobs if launcher.n_jobs > 0 else cpu_count + 1 + launcher.n_jobs
         return max(1, cpu_count // max(1, jobs))
@@ -132,7 +131,7 @@ class SweepProgress(Callback):
                     traceback.print_exc()
                 refuse(str(error))
         size = len(jobs) if jobs is not None else config.hydra.sweeper.get("n_trials")
-        os.environ[SWEEP_ENV] = json.dumps({"size": size, "keys": keys})
+        os.environ[SWEEP_ENV] = json.dumps({"size": size, "keys": keys, "dir": str(config.hydra.sweep.dir)})
         # Hydra's launchers log one line per job at its start; the job's own line at its end says more.
         for name in ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -188,43 +187,6 @@ def name_jobs_by_swept_keys(config: DictConfig, keys: list[str]) -> None:
         config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{listed}]")
 
 
-def covering_jobs(jobs: list[list[str]]) -> list[list[str]]:
-    """A few jobs in which every value of every swept key appears: greedily, the job bringing the most
-    overrides not yet covered. A 210-job grid (7 losses x 3 ratios x 10 seeds) keeps 10 jobs."""
-    uncovered = {o for overrides in jobs for o in overrides}
-    kept = []
-    while uncovered:
-        best = max(jobs, key=lambda overrides: len(uncovered.intersection(overrides)))
-        kept.append(best)
-        uncovered.difference_update(best)
-    return kept or jobs[:1]  # a multirun without sweeps: its one job
-
-
-def check_sweep(config: DictConfig, jobs: list[list[str]]) -> None:
-    """The composed configs of the jobs that cover every swept value through check_config before the sweep
-    starts: an invalid setting stops the sweep with one message instead of failing its jobs one by one.
-    Composing every job of a large grid would hold the sweep back by minutes; the checked settings
-    depend on one key's value each, so one job per value finds them (mistakes found only by building
-    the data still fail their jobs, which are recorded, and the sweep goes on)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    loader = GlobalHydra.instance().config_loader()
-    for overrides in covering_jobs(jobs):
-        job_cfg = loader.load_sweep_config(config, overrides)
-        name_the_loss(job_cfg, job_cfg.hydra.runtime.choices)
-        try:
-            check_config(job_cfg)
-        except ConfigError as error:
-            raise ConfigError(f"{error} (in job {','.join(overrides)}; no job was started)") from error
-
-
-def name_the_loss(cfg: DictConfig, choices) -> None:
-    """A loss YAML need not repeat its name: without `name` (or a `_target_`) the loss is its group choice."""
-    if "name" not in cfg.loss and "_target_" not in cfg.loss:
-        with open_dict(cfg):
-            cfg.loss.name = choices.loss
-
-
 def job_line(hydra_cfg: DictConfig, text: str, seconds: float) -> str:
     """`[k/N] <the job's values of the swept keys> <text> (<seconds> s)`: one finished job of a multirun."""
     plan = json.loads(os.environ.get(SWEEP_ENV, "{}"))
@@ -263,6 +225,13 @@ def print_records(records: list[dict], hydra_cfg: DictConfig, objective: str, *,
             print(f"[xentlab] {record['status']}: {text} ({written})")
         for warning in record.get("warnings", []):
             print(" ".join(filter(None, ("[xentlab] warning:", batched, warning))), flush=True)
+
+
+def resume_command(folder_key: str, folder: str | Path) -> str:
+    """The command line that resumes this run or sweep in `folder`: its own arguments, pointed at that
+    folder (`folder_key`, hydra.run.dir or hydra.sweep.dir) with `ckpt_path=last`."""
+    kept = [a for a in sys.argv[1:] if not a.startswith((f"{folder_key}=", "ckpt_path="))]
+    return shlex.join(["xentlab-train", *kept, f"{folder_key}={shown(folder)}", "ckpt_path=last"])
 
 
 def refuse(message: str) -> None:

@@ -128,6 +128,10 @@ def get_loss(name: str) -> LossEntry:
     closest match."""
     losses = _losses()
     if name not in losses:
+        for broken in _STATE.broken:
+            if broken.entry_point.partition(" = ")[0] == name:
+                raise ValueError(f"loss {name!r} comes from the plugin {broken.distribution} "
+                                 f"({broken.entry_point}), which failed to load: {broken.error}")
         close = difflib.get_close_matches(str(name), list(losses), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown loss {name!r}.{hint} Registered losses: {', '.join(sorted(losses))}")

@@ -44,7 +44,14 @@ def metric_named(key: str) -> Metric:
     label = LABELS.get(base, base.replace("_", " "))
     if prefix:
         label += f" {POST_HOC[prefix]}"
-    return Metric(key, label, not any(base == low or base.endswith("_" + low) for low in LOWER_IS_BETTER))
+    return Metric(key, label, higher_is_better(key))
+
+
+def higher_is_better(key: str) -> bool:
+    """Whether a larger value of a logged metric (any stage, post-hoc or not) is the better one, by name."""
+    name = key.rpartition("/")[2]
+    base = name[len(next((p for p in POST_HOC if name.startswith(p)), "")):]
+    return not any(base == low or base.endswith("_" + low) for low in LOWER_IS_BETTER)
 
 
 def parse_list(values: list[str] | str | None) -> list[str]:

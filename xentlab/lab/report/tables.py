@@ -92,7 +92,7 @@ def result_notes(report) -> list[str]:
     missing = [m.key for m in KEY_METRICS if m not in report.metrics and m.key not in recorded]
     if missing and report.request.metrics is None:
         notes.append(f"Not reported by these runs: {', '.join(missing)}.")
-    if MINORITY in [m.key for m in report.metrics] and not all(MINORITY in g.stats for g in report.groups):
+    if MINORITY in [m.key for m in report.metrics] and not all(MINORITY in g.stats for g in report.trained):
         notes.append("Minority recall is left out where the classes have equal sizes (imbalance ratio 1): "
                      "there it would name an arbitrary class.")
     return notes
@@ -149,6 +149,31 @@ def convergence_table(report) -> Table | None:
                  notes=conv.comparison_text())
 
 
+def tuning_table(report) -> Table | None:
+    """tuning.csv and the "Tuned settings" section: the setting each tuned group trained with, from its
+    runs' `tune.result` (xentlab.lab.tuning), or None when no run was tuned. Jobs of one group that chose
+    differently (a seed range split over jobs) show each choice."""
+    rows = []
+    for g in report.trained:
+        tuned = [run.config["tune"] for run in g.runs if isinstance(run.config.get("tune"), dict)]
+        results = [t["result"] for t in tuned if isinstance(t.get("result"), dict)]
+        if not results:
+            continue
+        chosen = sorted({", ".join(str(o) for o in r.get("chosen") or []) for r in results})
+        scores = sorted({r.get("score") for r in results if isinstance(r.get("score"), (int, float))})
+        seeds = sorted({str(r.get("tuning_seeds")) for r in results})
+        rows.append([g.context, g.label, "; ".join(chosen), str(results[0].get("objective")),
+                     "; ".join(f"{s:.4f}" for s in scores), results[0].get("candidates"), "; ".join(seeds)])
+    if not rows:
+        return None
+    return Table("tuning", "Tuned settings", ["context", "loss / run", "chosen", "objective",
+                                              "tuning score", "candidates", "tuning seeds"], rows,
+                 frozenset({"md", "html", "csv"}),
+                 "Each loss trained and was tested with the setting its grid's candidates scored best on, by "
+                 "the mean objective on the validation split over tuning seeds that are not the reported "
+                 "seeds (tuning.json in each job folder has every candidate's scores).")
+
+
 def problems_table(report) -> Table | None:
     if not report.problems:
         return None
@@ -159,6 +184,7 @@ def problems_table(report) -> Table | None:
 def tables(report) -> list[Table]:
     """Every table of the report, in the order the documents show them; tables that other modules add to
     `report.tables` come after the results."""
-    found = [results_table(report), *report.tables, convergence_table(report), comparisons_table(report),
+    found = [results_table(report), tuning_table(report), *report.tables, convergence_table(report),
+             comparisons_table(report),
              groups_table(report), runs_table(report), problems_table(report)]
     return [t for t in found if t is not None]

@@ -19,7 +19,7 @@ from rich.table import Table as RichTable
 from xentlab.lab.report.compare import describe, verdict_lines
 from xentlab.lab.report.render import SIGNS, one_line, value_text
 from xentlab.lab.report.sweep import relative
-from xentlab.lab.report.tables import BETTER, Marked, results_table
+from xentlab.lab.report.tables import BETTER, Marked, results_table, tuning_table
 
 PIPED_WIDTH = 150  # output to a file or pipe without COLUMNS: wide, as nothing wraps it again
 MIN_LABEL = 12  # a label column is never narrower than this; longer labels wrap
@@ -100,7 +100,8 @@ def rich_tables(report, width: int) -> list[RichTable]:
 
 def report_title(report) -> str:
     base = ",".join(f"{k}={v}" for k, v in report.baseline.items())
-    return f"mean [95% CI] over seeds; ★ / ▼ significantly better / worse than {base} (Holm-adjusted, paired)"
+    return (f"mean [95% CI] over seeds; ★ / ▼ significantly better / worse than {base} or the metric's "
+            "stronger post-hoc baseline named in the verdicts (Holm-adjusted, paired)")
 
 
 def build(title: str, table, columns: list[int], widths: dict[int, int], *, rows: list[int] | None = None,
@@ -144,6 +145,11 @@ def print_report(report, console: Console) -> None:
         console.print(f"[yellow]No completed runs under {safe(report.sweep_dir)}.[/]")
     for line in verdict_lines(report.comparisons):
         console.print(f"[bold]verdict[/] {safe(line)}", highlight=False)
+    tuned = tuning_table(report)
+    for context, label, chosen, objective, score, *_ in tuned.rows if tuned is not None else []:
+        where = f"{context}, " if context else ""
+        console.print(f"[bold]tuned[/] {safe(where + label)}: {safe(chosen)} ({safe(objective)} "
+                      f"{safe(score)} on tuning seeds)", highlight=False)
     if report.convergence is not None:
         for line in report.convergence.lines():
             console.print(safe(line), highlight=False)
