@@ -7,7 +7,7 @@ With the defaults the whole benchmark took 7 minutes on the project's shared 2-c
 average ~3.5 (parts 1 and 2 ~3.5 min, part 3 ~3.5 min); `--skip-sweeps` leaves out part 3. It prints its
 own total time at the end.
 
-1. Overhead. In one process, with the same torch threads: `xentlab.train.train` (Lightning fit with
+1. Overhead. In one process, with the same torch threads: `xentlab.lab.run.train` (Lightning fit with
    validation every epoch, test, TensorBoard logging and figures, checkpoints, metrics.json) against a
    bare loop doing the same arithmetic with the same data module, model, loss object, optimizer, batch
    size and epochs: train steps, a validation pass (loss + accuracy) per epoch and a test pass. Both
@@ -19,8 +19,11 @@ own total time at the end.
    the run's settings on the same data. `--threads` (default 1, as in xentlab's own runs) sets torch's
    threads here.
 2. Seed batches. In the same process and with the same settings, `--seeds` seeds (default 10) of that
-   run trained as one seed batch (`train_seeds`, `seeds=K`) against the same seeds trained one after
-   another (`train`, one seed each); best of `--seed-repeats` alternating runs.
+   run trained as one seed batch (`train` with `seeds=K`) against the same seeds trained one after
+   another (`train`, one seed each); best of `--seed-repeats` alternating runs. Then where the time goes:
+   the CPU time of each part of a run (figures, epoch metrics, checkpoints, builds, ...; timers wrapped
+   around the functions that do them) in one single run and in one batch, and what each added seed of the
+   batch costs in each part, (batch - single) / (K - 1).
 3. Sweeps. `xentlab-train -m experiment=compare_losses` (6 losses × 10 seeds, one seed batch per loss)
    as a subprocess with the basic (sequential) launcher and with `hydra/launcher=joblib`, and with
    joblib without seed batches (`seeds=1 seed=range(10)`: the same 60 runs as 60 jobs): wall time of the
@@ -31,6 +34,8 @@ own total time at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import platform
 import resource
@@ -48,15 +53,13 @@ from hydra.utils import instantiate
 from rich.console import Console
 from rich.table import Table
 
-from xentlab.train import (
-    CONFIG_DIR,
-    available_cpus,
-    build_parts,
-    quiet_lightning,
-    train,
-    train_seeds,
-    trainer_arguments,
-)
+import xentlab.lab.checkpoint
+import xentlab.lab.metrics
+import xentlab.lab.module
+import xentlab.lab.run
+from xentlab.lab.run import build_parts, quiet_lightning, train, trainer_arguments
+from xentlab.lab.sweep import available_cpus
+from xentlab.train import CONFIG_DIR
 
 
 def config(samples: int, epochs: int, *overrides: str):
@@ -173,7 +176,7 @@ def seed_batch(samples: int, epochs: int, seeds: int, repeats: int) -> dict[str,
     def batch() -> tuple[float, float]:
         started, cpu = time.perf_counter(), time.process_time()
         with tempfile.TemporaryDirectory() as out:
-            train_seeds(config(samples, epochs, f"seeds={seeds}"), out)
+            train(config(samples, epochs, f"seeds={seeds}"), out)
         return time.perf_counter() - started, time.process_time() - cpu
 
     def one_by_one() -> tuple[float, float]:
@@ -187,12 +190,70 @@ def seed_batch(samples: int, epochs: int, seeds: int, repeats: int) -> dict[str,
     with warnings.catch_warnings():  # the warm-up's logging-interval warning
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval")
         with tempfile.TemporaryDirectory() as out:
-            train_seeds(config(400, 1, "seeds=2"), out)
+            train(config(400, 1, "seeds=2"), out)
     times: dict[str, list[tuple[float, float]]] = {"batch": [], "sequential": []}
     for _ in range(repeats):
         times["batch"].append(batch())
         times["sequential"].append(one_by_one())
     return {name: (min(w for w, _ in pairs), min(c for _, c in pairs)) for name, pairs in times.items()}
+
+
+# The parts of a run timed by `parts_of_a_run`: (label, [(module or class, function name), ...]). None of
+# these functions calls another of them, so their times add up.
+PARTS = (
+    ("figures and PR curves (last validation epoch, test)", [(xentlab.lab.module, "log_figures")]),
+    ("loss-vs-p(true) figure and data description (start)",
+     [(xentlab.lab.module.ClassifierModule, "on_fit_start")]),
+    ("epoch metrics: computed and logged", [(xentlab.lab.metrics.StageMetrics, "compute"),
+                                            (xentlab.lab.module.ClassifierModule, "_log")]),
+    ("post-hoc fits at test", [(xentlab.lab.module, "posthoc_metrics")]),
+    ("checkpoints written", [(xentlab.lab.checkpoint.SafeCheckpointIO, "save_checkpoint"),
+                             (xentlab.lab.run, "split_checkpoint")]),
+    ("data, loss and model built", [(xentlab.lab.run, "build_parts")]),
+    ("module (metric objects) built", [(xentlab.lab.module.ClassifierModule, "__init__")]),
+)
+
+
+@contextlib.contextmanager
+def parts_timed(spent: dict[str, float]):
+    """Adds the CPU seconds spent in each of PARTS to `spent` while the block runs."""
+    originals = []
+
+    def timer(label, original):
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            started = time.process_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.process_time() - started
+        return timed
+
+    for label, functions in PARTS:
+        for owner, name in functions:
+            original = owner.__dict__[name]
+            originals.append((owner, name, original))
+            setattr(owner, name, timer(label, original))
+    try:
+        yield spent
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+def parts_of_a_run(samples: int, epochs: int, seeds: int) -> dict[str, tuple[float, float]]:
+    """CPU seconds of each part (and of the whole, "total") of one single run and one batch of `seeds`:
+    label -> (single run, batch)."""
+    times = []
+    for count in (1, seeds):
+        spent: dict[str, float] = {}
+        with parts_timed(spent), tempfile.TemporaryDirectory() as out:
+            cpu = time.process_time()
+            train(config(samples, epochs, f"seeds={count}"), out)
+            spent["total"] = time.process_time() - cpu
+        times.append(spent)
+    return {label: (times[0].get(label, 0.0), times[1].get(label, 0.0))
+            for label in [label for label, _ in PARTS] + ["total"]}
 
 
 def sweep_seconds(extra: list[str]) -> tuple[float, float]:
@@ -263,7 +324,7 @@ def main() -> None:
     table.add_row(f"xentlab run, same work (CPU {run_cpu:.2f} s)", f"{run:.2f}",
                   f"{run / bare:.2f}× (CPU {run_cpu / bare_cpu:.2f}×)", "≤ 1.5×")
     table.add_row("xentlab run / Lightning floor", "", f"{run / floor:.2f}× (CPU {run_cpu / floor_cpu:.2f}×)",
-                  "≤ 1.15×")
+                  "≤ 1.3×")
     k = args.seeds
     seeds = seed_batch(args.samples, args.epochs, k, args.seed_repeats)
     (one_by_one, one_by_one_cpu), (batch, batch_cpu) = seeds["sequential"], seeds["batch"]
@@ -272,6 +333,22 @@ def main() -> None:
     table.add_row(f"{k} seeds of that run as one seed batch (seeds={k}; CPU {batch_cpu:.1f} s)",
                   f"{batch:.2f}", f"{one_by_one / batch:.2f}× faster (CPU {one_by_one_cpu / batch_cpu:.2f}×)",
                   "≥ 4×")
+    if k > 1:
+        where = Table(title=f"where the CPU time goes: one run and one batch of {k} (one run of each)",
+                      title_justify="left")
+        for column in ("part", "single run, s", f"batch of {k}, s", "each added seed, s"):
+            where.add_column(column, justify="left" if column == "part" else "right")
+        parts = parts_of_a_run(args.samples, args.epochs, k)
+        counted = [0.0, 0.0]
+        for label, (single, batched) in parts.items():
+            if label == "total":
+                single, batched = single - counted[0], batched - counted[1]
+                label = "the rest: training steps, validation and test passes, Lightning's loop"
+            else:
+                counted = [counted[0] + single, counted[1] + batched]
+            where.add_row(label, f"{single:.2f}", f"{batched:.2f}", f"{(batched - single) / (k - 1):.3f}")
+        single, batched = parts["total"]
+        where.add_row("total", f"{single:.2f}", f"{batched:.2f}", f"{(batched - single) / (k - 1):.3f}")
     if not args.skip_sweeps:
         launchers = sweeps(args.sweep_repeats)
         (sequential, sequential_cpu), (parallel, parallel_cpu) = launchers["sequential"], launchers["joblib"]
@@ -283,6 +360,8 @@ def main() -> None:
         table.add_row(f"compare_losses sweep, joblib, no seed batches (60 jobs; CPU {unbatched_cpu:.0f} s)",
                       f"{unbatched:.1f}", f"batched {unbatched / parallel:.2f}× faster", "")
     console.print(table)
+    if k > 1:
+        console.print(where)
     console.print(f"load average after: {os.getloadavg()[0]:.1f}; benchmark took "
                   f"{time.perf_counter() - began:.0f} s")
 

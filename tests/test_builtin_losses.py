@@ -10,9 +10,10 @@ from torch import nn
 from torch.nn import functional as TF
 
 from xentlab import weights
+from xentlab.lab.run import build_run, train
 from xentlab.losses import build_loss, list_losses
 from xentlab.testing import CHECKS, LATE_EPOCH, LossCheckError, check_loss
-from xentlab.train import CONFIG_DIR, build_run, train
+from xentlab.train import CONFIG_DIR
 
 BUILTIN_CASES = [(e.name, task) for e in list_losses() if e.source == "built-in" for task in e.tasks]
 COUNTS = torch.tensor([40, 20, 10, 5])
@@ -390,6 +391,6 @@ def test_bce_with_balanced_pos_weight_trains_on_multilabel_data(tmp_path):
     cfg = compose_run("data=multilabel", "loss=bce", "loss.pos_weight=balanced")
     _, module, datamodule = build_run(cfg, tmp_path)
     n_train = len(datamodule.splits["train"][1])
-    torch.testing.assert_close(module.loss.pos_weight,
+    torch.testing.assert_close(module.losses[0].pos_weight,
                                weights.pos_weight_from_counts(datamodule.class_counts, n_train))
-    assert train(cfg, tmp_path)["status"] == "completed"
+    assert train(cfg, tmp_path)[0]["status"] == "completed"

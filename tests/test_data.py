@@ -229,7 +229,7 @@ def test_unknown_parameter_names_the_valid_ones():
 def test_split_counts_are_described_for_the_start_up_log(caplog):
     from hydra import compose, initialize_config_dir
 
-    from xentlab.train import build_parts
+    from xentlab.lab.run import build_parts
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["data=wine", "data.imbalance_ratio=5"])

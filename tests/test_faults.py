@@ -23,8 +23,9 @@ from hydra import compose, initialize_config_dir
 
 from xentlab.lab.atomic import atomic_open, atomic_write, remove_staging_files
 from xentlab.lab.checkpoint import CheckpointError, SafeCheckpointIO, load_checkpoint
-from xentlab.lab.runs import FolderHoldsAnotherRun, RunRecorder, config_differences, divergence_warnings
-from xentlab.train import CONFIG_DIR, RunInterrupted, train
+from xentlab.lab.run import RunRecorder, train
+from xentlab.lab.runs import FolderHoldsAnotherRun, RunInterrupted, config_differences, divergence_warnings
+from xentlab.train import CONFIG_DIR
 
 TINY = ["data.n_samples=400", "model.hidden_sizes=[16]"]
 SCRIPT = Path(sys.executable).with_name("xentlab-train")
@@ -69,14 +70,14 @@ def test_a_resumed_job_is_named_like_the_job_it_resumes():
 
 
 def test_resume_into_a_folder_holding_another_configuration_is_an_error(tmp_path):
-    first = train(composed("trainer.max_epochs=1", "loss=focal"), tmp_path)
+    (first,) = train(composed("trainer.max_epochs=1", "loss=focal"), tmp_path)
     written = (tmp_path / "metrics.json").read_bytes()
     with pytest.raises(FolderHoldsAnotherRun, match=r"loss.name: 'focal' -> 'ce'") as raised:
         train(composed("trainer.max_epochs=1", "ckpt_path=last"), tmp_path)
     assert str(tmp_path / "metrics.json") in str(raised.value)
     assert (tmp_path / "metrics.json").read_bytes() == written  # the other run's record is left alone
     # The same configuration is matched: its completed record comes back untrained, threads aside.
-    again = train(composed("trainer.max_epochs=1", "loss=focal", "ckpt_path=last", "threads=1"), tmp_path)
+    (again,) = train(composed("trainer.max_epochs=1", "loss=focal", "ckpt_path=last", "threads=1"), tmp_path)
     assert again["metrics"] == first["metrics"]
 
 
@@ -309,12 +310,12 @@ def test_a_sweep_on_a_full_disk_says_the_record_was_lost_and_still_reports(small
 
 
 def test_a_seed_batch_on_a_full_disk_says_its_records_were_lost(small_disk):
-    from xentlab.train import RunNotRecorded, train_seeds
+    from xentlab.lab.runs import RunNotRecorded
 
     fill(small_disk, leave=8 * 1024)
     with pytest.raises(RunNotRecorded, match=r"No space left.*its 'failed' record could not be written "
                                              r"either: .*seed=0/metrics\.json"):
-        train_seeds(composed("seeds=2", "trainer.max_epochs=1"), small_disk / "batch")
+        train(composed("seeds=2", "trainer.max_epochs=1"), small_disk / "batch")
     assert not list(small_disk.rglob("metrics.json")) and not list(small_disk.rglob("*.ckpt"))
     assert staging_files(small_disk) == []
 
@@ -408,10 +409,10 @@ def test_a_failed_single_run_is_recorded_with_its_error(tmp_path):
 
 def test_a_diverged_run_is_flagged(tmp_path):
     # Adam at lr=1e6 stays finite but ends at a training loss ~1e5 times its starting one, at chance.
-    record = train(composed("optimizer.lr=1e6", "trainer.max_epochs=2"), tmp_path)
+    (record,) = train(composed("optimizer.lr=1e6", "trainer.max_epochs=2"), tmp_path)
     assert record["status"] == "completed"
     assert any(w.startswith("diverged: the last epoch's training loss") for w in record["warnings"]), record
-    healthy = train(composed("trainer.max_epochs=2"), tmp_path / "healthy")
+    (healthy,) = train(composed("trainer.max_epochs=2"), tmp_path / "healthy")
     assert healthy["warnings"] == []
 
 

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from xentlab.train import CONFIG_DIR, train
+from xentlab.lab.run import train
+from xentlab.train import CONFIG_DIR
 
 QUICK = ["data=wine", "model.hidden_sizes=[8]", "trainer.max_epochs=2"]
 
@@ -19,7 +20,7 @@ QUICK = ["data=wine", "model.hidden_sizes=[8]", "trainer.max_epochs=2"]
 def run(tmp_path, *overrides: str) -> dict:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*QUICK, *overrides])
-    record = train(cfg, tmp_path, threads=1)
+    (record,) = train(cfg, tmp_path, threads=1)
     assert record["status"] == "completed"
     assert list(tmp_path.glob("events.out.tfevents.*"))  # TensorBoard's files are always written
     return record

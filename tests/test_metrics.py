@@ -30,7 +30,13 @@ from xentlab.lab.metrics import (
     shift_calibration,
     temperature_scaled,
 )
-from xentlab.lab.module import ClassifierModule
+from xentlab.lab.module import ClassifierModule, SeedRun
+
+
+def single_run_module(model, loss, task="multiclass", num_classes=4):
+    """A one-seed ClassifierModule without data or logger of its own."""
+    return ClassifierModule(model, [loss], [SeedRun(0, None, None, {})], task=task, num_classes=num_classes,
+                            optimizer=torch.optim.SGD)
 
 
 def fixed_predictions(n: int, c: int, seed: int, multilabel: bool = False):
@@ -192,8 +198,7 @@ def test_per_label_turns_softmax_losses_into_their_sigmoid_forms():
 
 
 def test_module_attributes_still_register_parameters_buffers_and_submodules():
-    module = ClassifierModule(torch.nn.Linear(3, 4), torch.nn.CrossEntropyLoss(), task="multiclass",
-                              num_classes=4, optimizer=torch.optim.SGD)
+    module = single_run_module(torch.nn.Linear(3, 4), torch.nn.CrossEntropyLoss())
     module.figure_every_n_epochs = 3  # a plain attribute given a plain value: the short path
     assert module.figure_every_n_epochs == 3 and "figure_every_n_epochs" in vars(module)
     module.task = torch.nn.Linear(3, 2)  # a plain attribute given a module becomes a submodule
@@ -211,22 +216,22 @@ def test_logit_gradient_norm_is_the_mean_per_sample_push_and_leaves_the_loss_alo
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 4)
     loss = torch.nn.CrossEntropyLoss()
-    module = ClassifierModule(model, loss, task="multiclass", num_classes=4, optimizer=torch.optim.SGD)
+    module = single_run_module(model, loss)
     x, y = torch.randn(16, 3), torch.randint(0, 4, (16,))
     # The norm is recorded only on steps Lightning writes to the logger: with every 2nd step, not step 0.
     logger = TensorBoardLogger(tmp_path)
     module.trainer = pl.Trainer(log_every_n_steps=2, logger=logger, enable_progress_bar=False)
-    module._step((x, y), "train").backward()
-    assert module._logit_grad_norm is None
+    module._step((x, y), "train").sum().backward()
+    assert module._logit_grad_norms is None
     module.trainer = pl.Trainer(log_every_n_steps=1, logger=False, enable_progress_bar=False)
-    module._step((x, y), "train").backward()
-    assert module._logit_grad_norm is None  # nothing to log it to
+    module._step((x, y), "train").sum().backward()
+    assert module._logit_grad_norms is None  # nothing to log it to
     module.trainer = pl.Trainer(log_every_n_steps=1, logger=logger, enable_progress_bar=False)
     model.zero_grad()
-    value = module._step((x, y), "train")
+    (value,) = module._step((x, y), "train")
     value.backward()
     expected = (torch.softmax(model(x), 1) - torch.nn.functional.one_hot(y, 4)).norm(dim=1).mean()
-    assert float(module._logit_grad_norm) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert float(module._logit_grad_norms[0]) == pytest.approx(float(expected.detach()), rel=1e-5)
     assert float(value.detach()) == pytest.approx(float(loss(model(x), y).detach()), rel=1e-6)
     grads_with_hook = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -322,12 +327,10 @@ def test_multilabel_scores_stay_per_label_sigmoid_and_a_bad_map_is_refused():
 def test_module_measures_with_the_probability_map_its_loss_declares():
     loss = torch.nn.BCEWithLogitsLoss()
     loss.probability_map = "sigmoid"
-    module = ClassifierModule(torch.nn.Linear(3, 4), loss, task="multiclass", num_classes=4,
-                              optimizer=torch.optim.SGD)
-    assert {m.probability_map for m in module.metrics.values()} == {"sigmoid"}
-    plain = ClassifierModule(torch.nn.Linear(3, 4), torch.nn.CrossEntropyLoss(), task="multiclass",
-                             num_classes=4, optimizer=torch.optim.SGD)
-    assert {m.probability_map for m in plain.metrics.values()} == {"softmax"}
+    module = single_run_module(torch.nn.Linear(3, 4), loss)
+    assert {m.probability_map for m in module.metrics[0].values()} == {"sigmoid"}
+    plain = single_run_module(torch.nn.Linear(3, 4), torch.nn.CrossEntropyLoss())
+    assert {m.probability_map for m in plain.metrics[0].values()} == {"softmax"}
 
 
 def planted(temperature: float, probability_map: str, n: int = 20000, c: int = 4, seed: int = 0):

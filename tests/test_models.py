@@ -7,7 +7,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from xentlab.lab.models import CosineHead, build_model
-from xentlab.train import CONFIG_DIR, train
+from xentlab.lab.run import train
+from xentlab.train import CONFIG_DIR
 
 
 def test_cosine_head_gives_the_cosine_of_features_and_class_weights():
@@ -80,7 +81,7 @@ def test_the_cnn_trains_on_image_datasets(tmp_path, overrides):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*overrides, "trainer.max_epochs=1",
                                                                   "trainer.log_every_n_steps=1"])
-    record = train(cfg, tmp_path)
+    (record,) = train(cfg, tmp_path)
     assert record["status"] == "completed" and record["epochs"] == 1
     assert 0 <= record["metrics"]["test/balanced_accuracy"] <= 1
 
@@ -143,7 +144,7 @@ def test_resnet32_trains_an_epoch_on_fake_cifar10_lt(fake_cifar, tmp_path, one_t
     cfg = compose_run(["data=cifar10_lt", f"data.root={fake_cifar}", "data.imbalance_ratio=100",
                        "model=resnet32", "optimizer=sgd", "trainer.max_epochs=1",
                        "trainer.log_every_n_steps=1"])
-    record = train(cfg, tmp_path)
+    (record,) = train(cfg, tmp_path)
     assert record["status"] == "completed" and record["epochs"] == 1
     assert 0 <= record["metrics"]["test/balanced_accuracy"] <= 1
 
@@ -197,7 +198,7 @@ def test_a_model_by_import_path_gets_the_data_sizes_and_its_own_arguments(nets_m
 
     cfg = compose_run(["data=wine", "model=custom", "model._target_=my_nets.Net", "model.width=8",
                        "trainer.max_epochs=2"])
-    record = train(cfg, tmp_path)
+    (record,) = train(cfg, tmp_path)
     assert record["status"] == "completed"
     assert my_nets.built[-1] == {"in_features": 13, "num_classes": 3, "width": 8}
 
@@ -241,7 +242,7 @@ def test_timm_models_are_wired_and_a_missing_timm_is_named(nets_module, fake_cif
     monkeypatch.delitem(sys.modules, "timm", raising=False)
     cfg = compose_run(["data=cifar10_lt", f"data.root={fake_cifar}", "data.imbalance_ratio=10",
                        "model=timm", "model.name=tiny_net", "model.drop_rate=0.1", "trainer.max_epochs=1"])
-    assert train(cfg, tmp_path)["status"] == "completed"
+    assert train(cfg, tmp_path)[0]["status"] == "completed"
     import timm
 
     assert timm.calls[-1] == {"name": "tiny_net", "pretrained": False, "num_classes": 10, "in_chans": 3,

@@ -9,8 +9,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from xentlab.lab.board import board_tag
+from xentlab.lab.run import build_run
 from xentlab.lab.schedules import build_scheduler, lr_factor
-from xentlab.train import CONFIG_DIR, build_run
+from xentlab.train import CONFIG_DIR
 
 TINY = ["data.n_samples=400", "model.hidden_sizes=[16]"]
 
@@ -100,9 +101,9 @@ def test_a_run_steps_the_schedule_per_epoch_logs_the_lr_and_tells_the_loss_the_e
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     trainer, module, datamodule = build_run(cfg, tmp_path)
-    module.loss = EpochRecorder(module.loss)
+    module.losses[0] = EpochRecorder(module.losses[0])
     trainer.fit(module, datamodule=datamodule)
-    assert module.loss.epochs == [0, 1, 2, 3]
+    assert module.losses[0].epochs == [0, 1, 2, 3]
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     lrs = [e.value for e in events.Scalars(board_tag("train/lr"))]

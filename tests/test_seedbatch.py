@@ -1,7 +1,9 @@
-"""Seed batches (xentlab.lab.seedbatch): a batch of K seeds is K independent runs, written as K runs."""
+"""Seed batches (`seeds: K`, xentlab.lab.run + xentlab.lab.stacking): a batch of K seeds is K independent
+runs, written as K runs."""
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import os
@@ -16,8 +18,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from xentlab.lab.seedbatch import StackedModel, seed_overrides
-from xentlab.train import CONFIG_DIR, train, train_seeds
+from xentlab.lab.run import build_parts, build_run, plan_seeds, seed_config, train
+from xentlab.lab.stacking import StackedModel
+from xentlab.train import CONFIG_DIR
 
 # label_noise flips a different set of training labels per seed, so the seeds' class counts (and with
 # them weighted_ce's weights) differ: each seed's loss must be built from its own counts.
@@ -58,8 +61,8 @@ def test_a_seed_trained_in_a_batch_is_the_seed_trained_alone(tmp_path, overrides
         cfg = functools.partial(compose_config, ["trainer.max_epochs=1", "model.channels=[4]", *overrides])
     else:
         cfg = functools.partial(config, *overrides)
-    alone = train(cfg("seed=4"), tmp_path / "alone")
-    records = train_seeds(cfg("seed=3", "seeds=3"), tmp_path / "batch")
+    (alone,) = train(cfg("seed=4"), tmp_path / "alone")
+    records = train(cfg("seed=3", "seeds=3"), tmp_path / "batch")
     assert [r["config"]["seed"] for r in records] == [3, 4, 5]
     single = final_state(tmp_path / "alone", "model.")
     stacked = final_state(tmp_path / "batch", "model.model.")
@@ -91,13 +94,10 @@ def test_every_loss_gives_each_seed_its_own_gradient_in_a_batched_step(tmp_path,
     # One step of a batch against each seed's own first step: same logits, loss value and gradients.
     import pytorch_lightning as pl
 
-    from xentlab.lab.seedbatch import build_batch, seed_config
-    from xentlab.train import build_parts
-
     special = {"custom": [*TINY, "loss=custom", "loss._target_=torch.nn.CrossEntropyLoss"],
                "bce-multilabel": [*TINY[:2], "loss=bce", "data=multilabel"]}
     cfg = compose_config(special.get(loss, [*TINY, f"loss={loss}"]), "seed=2", "seeds=2")
-    trainer, module, data = build_batch(cfg, tmp_path, [2, 3])
+    trainer, module, data = build_run(cfg, tmp_path)
     module.trainer = trainer
     x, y = next(iter(data.train_dataloader()))
     module.training_step((x, y), 0)["loss"].backward()
@@ -117,10 +117,10 @@ def test_every_loss_gives_each_seed_its_own_gradient_in_a_batched_step(tmp_path,
 def test_one_loss_call_serves_the_batch_only_where_it_equals_the_seeds_own_calls(tmp_path, loss, shared):
     # Without label noise the seeds' class counts, and so their losses, are equal; weighted_ce's weighted
     # mean is still no mean of rows (the first step's check refuses it), and LDAM's epoch hook may change it.
-    from xentlab.lab.seedbatch import build_batch, row_means
+    from xentlab.lab.stacking import row_means
 
     cfg = compose_config([*TINY[:3], f"loss={loss}"], "seed=2", "seeds=3")
-    trainer, module, data = build_batch(cfg, tmp_path, [2, 3, 4])
+    trainer, module, data = build_run(cfg, tmp_path)
     module.trainer = trainer
     batches = iter(data.train_dataloader())
     module.training_step(next(batches), 0)
@@ -142,7 +142,7 @@ def test_one_loss_call_serves_the_batch_only_where_it_equals_the_seeds_own_calls
 def test_only_losses_that_declare_a_mean_of_rows_share_one_call():
     """A loss whose mean is something else (class weights, or a plugin that does not say) is never batched
     on the strength of the first step's numbers alone."""
-    from xentlab.lab.seedbatch import interchangeable
+    from xentlab.lab.stacking import interchangeable
     from xentlab.losses import build_loss
 
     class PluginCE(torch.nn.Module):  # a plugin loss: a mean of rows, but it does not declare it
@@ -159,8 +159,8 @@ def test_only_losses_that_declare_a_mean_of_rows_share_one_call():
 
 
 def test_adding_a_seed_to_the_batch_changes_no_other_seed(tmp_path):
-    two = train_seeds(config("seed=0", "seeds=2"), tmp_path / "two")
-    three = train_seeds(config("seed=0", "seeds=3"), tmp_path / "three")
+    two = train(config("seed=0", "seeds=2"), tmp_path / "two")
+    three = train(config("seed=0", "seeds=3"), tmp_path / "three")
     small = final_state(tmp_path / "two", "model.model.")
     large = final_state(tmp_path / "three", "model.model.")
     for k in (0, 1):
@@ -178,7 +178,7 @@ def test_each_seed_writes_a_run_of_its_own(tmp_path):
     from xentlab.lab.report import build_report
 
     cfg = config("seed=7", "seeds=2", "trainer.log_every_n_steps=1")
-    train_seeds(cfg, tmp_path, overrides=["loss=ce", "seeds=2", "seed=7"])
+    train(cfg, tmp_path, overrides=["loss=ce", "seeds=2", "seed=7"])
     for seed in (7, 8):
         record = json.loads((tmp_path / f"seed={seed}" / "metrics.json").read_text())
         assert record["status"] == "completed" and record["epochs"] == 2
@@ -204,23 +204,23 @@ def test_ckpt_path_last_resumes_the_batch_and_skips_a_finished_one(tmp_path):
     def global_step():
         return torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
 
-    first = train_seeds(config("seeds=2", "trainer.max_epochs=1"), tmp_path)
+    first = train(config("seeds=2", "trainer.max_epochs=1"), tmp_path)
     one_epoch = global_step()
-    resumed = train_seeds(config("seeds=2", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    resumed = train(config("seeds=2", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
     assert [r["epochs"] for r in first] == [1, 1] and [r["epochs"] for r in resumed] == [2, 2]
     assert one_epoch > 0 and global_step() == 2 * one_epoch
-    again = train_seeds(config("seeds=2", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    again = train(config("seeds=2", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
     assert [r["duration_s"] for r in again] == [r["duration_s"] for r in resumed]  # not retrained
     # One seed of the batch continues alone from its own checkpoint.
     cfg = config("seed=1", "trainer.max_epochs=3")
     cfg.ckpt_path = str(tmp_path / "seed=1" / "checkpoints" / "last.ckpt")
-    assert train(cfg, tmp_path / "alone")["epochs"] == 3
+    assert train(cfg, tmp_path / "alone")[0]["epochs"] == 3
 
 
 def test_gradient_norm_clipping_is_per_seed(tmp_path):
     # Seed k's clipped step is what clipping seed k alone gives, whatever the other seeds' gradients.
-    alone = train(config("seed=1", "+trainer.gradient_clip_val=0.05"), tmp_path / "alone")
-    batch = train_seeds(config("seed=0", "seeds=2", "+trainer.gradient_clip_val=0.05"), tmp_path / "batch")
+    (alone,) = train(config("seed=1", "+trainer.gradient_clip_val=0.05"), tmp_path / "alone")
+    batch = train(config("seed=0", "seeds=2", "+trainer.gradient_clip_val=0.05"), tmp_path / "batch")
     single = final_state(tmp_path / "alone", "model.")
     stacked = final_state(tmp_path / "batch", "model.model.")
     for name, value in single.items():
@@ -254,26 +254,56 @@ def test_stacked_model_applies_model_k_to_slice_k(layers):
 ])
 def test_bad_batch_settings_are_refused_before_training(tmp_path, overrides, fragment):
     with pytest.raises(ValueError, match=fragment):
-        train_seeds(config(*overrides), tmp_path)
+        train(config(*overrides), tmp_path)
     assert not list(tmp_path.rglob("metrics.json"))
 
 
-def test_seed_overrides_replace_the_batch_settings():
-    assert seed_overrides(["loss=ce", "seeds=10", "seed=3", "data.seed_like=1"], 5) == \
-        ["loss=ce", "data.seed_like=1", "seed=5"]
+def test_seed_overrides_replace_the_batch_settings(tmp_path):
+    overrides = ["loss=ce", "seeds=10", "seed=3", "data.seed_like=1"]
+    seeds = plan_seeds(config("seed=5", "seeds=2"), tmp_path, overrides)
+    assert [s.overrides for s in seeds] == [["loss=ce", "data.seed_like=1", f"seed={s}"] for s in (5, 6)]
+    assert [s.dir for s in seeds] == [tmp_path / "seed=5", tmp_path / "seed=6"]
+    single = plan_seeds(config("seed=5"), tmp_path, ["seed=5", "loss=ce"])
+    assert [(s.dir, s.overrides) for s in single] == [(tmp_path, ["seed=5", "loss=ce"])]
 
 
-def test_multirun_of_seed_batches_reports_every_seed(tmp_path):
+def test_every_seed_of_a_batched_multirun_carries_the_swept_keys_in_its_hparams(tmp_path):
+    """A seed of a batch logs what its single run would: its HParams session holds the keys the sweep
+    varies, and the loss-vs-probability figure is drawn once per setting, not once per seed. The report
+    finds every seed."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from xentlab.lab.board import HPARAMS_RUN
+
     script = Path(sys.executable).with_name("xentlab-train")
-    result = subprocess.run([str(script), "-m", "loss=ce,focal", "seeds=2", *TINY], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    # 1500 samples leave the rarest class at ratio 100 the 10 samples data.min_class_samples asks for.
+    sweep = ["data.imbalance_ratio=10,100", "seeds=3", "data.n_samples=1500", "model.hidden_sizes=[16]",
+             "trainer.max_epochs=1"]
+    result = subprocess.run([str(script), "-m", *sweep], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stderr[-3000:]
-    records = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/seed=*/metrics.json"))
-    assert len(records) == 4
+    records = (tmp_path / "outputs" / "multirun").glob("*/*/*/seed=*/metrics.json")
+    seed_dirs = sorted(p.parent for p in records)
+    assert len(seed_dirs) == 6
+    ratios, drawn = [], 0
+    for seed_dir in seed_dirs:
+        session = EventAccumulator(str(seed_dir / HPARAMS_RUN))
+        session.Reload()
+        data = [plugin_data_pb2.HParamsPluginData.FromString(raw)
+                for raw in session.PluginTagToContent("hparams").values()]
+        (hparams,) = [d.session_start_info.hparams for d in data if d.HasField("session_start_info")]
+        ratios.append(hparams["data.imbalance_ratio"].number_value)
+        assert hparams["seed"].string_value == seed_dir.name.removeprefix("seed=")
+        events = EventAccumulator(str(seed_dir), size_guidance={"images": 0})
+        events.Reload()
+        drawn += "loss_curves" in events.Tags()["images"]
+    assert sorted(ratios) == [10] * 3 + [100] * 3
+    assert drawn == 2  # one per imbalance ratio
     assert "started but have no metrics.json" not in result.stdout
-    report = (records[0].parents[2] / "report.csv").read_text()
-    assert "loss=ce" in report and "loss=focal" in report
+    with open(seed_dirs[0].parents[1] / "report.csv", newline="") as report:
+        rows = list(csv.DictReader(report))
+    assert sorted((row["data.imbalance_ratio"], row["n"]) for row in rows) == [("10", "3"), ("100", "3")]
 
 
 # --- records, resume and failures of a batch: what a single run guarantees (docs/trust.md) ---------------
@@ -292,15 +322,15 @@ class NaNLoss(nn.Module):
 
 def poison_seed(monkeypatch, seed: int) -> None:
     """Seed `seed` of any batch built from here on trains on a NaN loss."""
-    import xentlab.lab.seedbatch as seedbatch
+    import xentlab.lab.run as run
 
-    original = seedbatch.build_parts
+    original = run.build_parts
 
-    def build_parts(cfg):
-        datamodule, loss, model = original(cfg)
+    def build_parts(cfg, show_counts=True):
+        datamodule, loss, model = original(cfg, show_counts)
         return datamodule, NaNLoss(loss) if cfg.seed == seed else loss, model
 
-    monkeypatch.setattr(seedbatch, "build_parts", build_parts)
+    monkeypatch.setattr(run, "build_parts", build_parts)
 
 
 def seed_records(folder: Path) -> dict[int, dict]:
@@ -312,11 +342,11 @@ def seed_records(folder: Path) -> dict[int, dict]:
 def test_resuming_a_batch_into_a_folder_of_another_configuration_is_an_error(tmp_path, finished):
     from xentlab.lab.runs import FolderHoldsAnotherRun
 
-    train_seeds(config("seeds=2", "loss=focal", "trainer.max_epochs=1"), tmp_path)
+    train(config("seeds=2", "loss=focal", "trainer.max_epochs=1"), tmp_path)
     written = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "events" not in p.name}
     epochs = 1 if finished else 2
     with pytest.raises(FolderHoldsAnotherRun, match=r"loss.name: 'focal' -> 'ce'") as raised:
-        train_seeds(config("seeds=2", f"trainer.max_epochs={epochs}", "ckpt_path=last"), tmp_path)
+        train(config("seeds=2", f"trainer.max_epochs={epochs}", "ckpt_path=last"), tmp_path)
     assert "seed=0" in str(raised.value)  # names the folder whose record differs
     assert {p: p.read_bytes() for p in written} == written  # not retrained, nothing overwritten
     # A batch whose records are gone is matched by the config stamped in the batch checkpoint.
@@ -327,9 +357,9 @@ def test_resuming_a_batch_into_a_folder_of_another_configuration_is_an_error(tmp
             checkpoint.unlink()
     with pytest.raises(FolderHoldsAnotherRun, match=r"checkpoints/last\.ckpt was written for it.*"
                                                     r"loss.name: 'focal' -> 'ce'"):
-        train_seeds(config("seeds=2", f"trainer.max_epochs={epochs}", "ckpt_path=last"), tmp_path)
+        train(config("seeds=2", f"trainer.max_epochs={epochs}", "ckpt_path=last"), tmp_path)
     # ... and its own configuration resumes from it.
-    resumed = train_seeds(config("seeds=2", "loss=focal", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    resumed = train(config("seeds=2", "loss=focal", "trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
     assert [r["status"] for r in resumed] == ["completed"] * 2 and [r["epochs"] for r in resumed] == [2, 2]
 
 
@@ -338,30 +368,30 @@ def test_a_single_run_record_in_the_folder_is_another_configuration_for_a_batch(
 
     train(config("trainer.max_epochs=1"), tmp_path)
     with pytest.raises(FolderHoldsAnotherRun, match=r"seeds: 1 -> 2"):
-        train_seeds(config("seeds=2", "trainer.max_epochs=1", "ckpt_path=last"), tmp_path / ".")
+        train(config("seeds=2", "trainer.max_epochs=1", "ckpt_path=last"), tmp_path / ".")
     # The other way round: a single run resuming a batch's folder finds the batch's checkpoint.
     batch = tmp_path / "batch"
-    train_seeds(config("seeds=2", "trainer.max_epochs=1"), batch)
+    train(config("seeds=2", "trainer.max_epochs=1"), batch)
     with pytest.raises(FolderHoldsAnotherRun, match=r"seeds: 2 -> 1"):
         train(config("trainer.max_epochs=2", "ckpt_path=last"), batch)
 
 
 def test_resuming_a_batch_with_nothing_to_resume_is_an_error_unless_a_sweep_asks_for_a_fresh_start(tmp_path):
     with pytest.raises(ValueError, match=r"nothing to resume in .*hydra\.run\.dir=<its folder>"):
-        train_seeds(config("seeds=2", "trainer.max_epochs=1", "ckpt_path=last"), tmp_path)
+        train(config("seeds=2", "trainer.max_epochs=1", "ckpt_path=last"), tmp_path)
     assert {s: r["status"] for s, r in seed_records(tmp_path).items()} == {0: "failed", 1: "failed"}
-    fresh = train_seeds(config("seeds=2", "trainer.max_epochs=1", "ckpt_path=last"), tmp_path / "sweep_job",
+    fresh = train(config("seeds=2", "trainer.max_epochs=1", "ckpt_path=last"), tmp_path / "sweep_job",
                         fresh_if_nothing_to_resume=True)
     assert [r["status"] for r in fresh] == ["completed"] * 2
 
 
 def test_a_seed_whose_loss_goes_nan_fails_alone_and_the_others_complete(tmp_path, monkeypatch):
-    alone = train(config("seed=0"), tmp_path / "alone")
+    (alone,) = train(config("seed=0"), tmp_path / "alone")
     failed_alone = tmp_path / "failed_alone"
     with pytest.raises(FloatingPointError):
         train(config("seed=0", "optimizer.lr=1e30"), failed_alone)
     poison_seed(monkeypatch, 1)
-    records = train_seeds(config("seed=0", "seeds=3"), tmp_path / "batch")
+    records = train(config("seed=0", "seeds=3"), tmp_path / "batch")
     assert [r["status"] for r in records] == ["completed", "failed", "completed"]
     assert records[1]["error"].startswith("FloatingPointError: train/loss is nan at epoch 0")
     assert records[1]["epochs"] == 0 and "FloatingPointError" in records[1]["traceback"]
@@ -378,7 +408,7 @@ def test_a_seed_whose_loss_goes_nan_fails_alone_and_the_others_complete(tmp_path
 
 def test_a_seed_that_diverges_with_a_finite_loss_is_flagged_as_a_single_run_is(tmp_path):
     # Adam at lr=1e6: finite losses ~1e5 times the initial one (tests/test_faults.py, single runs).
-    records = train_seeds(config("seeds=2", "optimizer.lr=1e6"), tmp_path)
+    records = train(config("seeds=2", "optimizer.lr=1e6"), tmp_path)
     assert [r["status"] for r in records] == ["completed"] * 2
     for record in records:
         assert any(w.startswith("diverged: the last epoch's training loss") for w in record["warnings"])
@@ -388,21 +418,21 @@ def test_a_seed_that_diverges_with_a_finite_loss_is_flagged_as_a_single_run_is(t
 @pytest.mark.parametrize(("sig", "cause"), [(signal.SIGINT, r"SIGINT \(Ctrl-C\)"),
                                            (signal.SIGTERM, "SIGTERM")])
 def test_an_interrupted_batch_records_every_unfinished_seed(tmp_path, monkeypatch, sig, cause):
-    from xentlab.lab.seedbatch import SeedBatchModule
-    from xentlab.train import RunInterrupted
+    from xentlab.lab.module import ClassifierModule
+    from xentlab.lab.runs import RunInterrupted
 
-    original = SeedBatchModule.training_step
+    original = ClassifierModule.training_step
 
     def signal_in_second_epoch(self, batch, batch_idx):
         if self.current_epoch == 1 and batch_idx == 0:
             os.kill(os.getpid(), sig)  # noted here, raised when the next batch starts
         return original(self, batch, batch_idx)
 
-    monkeypatch.setattr(SeedBatchModule, "training_step", signal_in_second_epoch)
+    monkeypatch.setattr(ClassifierModule, "training_step", signal_in_second_epoch)
     poison_seed(monkeypatch, 1)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(RunInterrupted, match=f"interrupted by {cause} in epoch 2; recorded in") as raised:
-        train_seeds(config("seed=0", "seeds=3", "trainer.max_epochs=5"), tmp_path)
+        train(config("seed=0", "seeds=3", "trainer.max_epochs=5"), tmp_path)
     assert raised.value.exit_code == 128 + sig
     assert signal.getsignal(signal.SIGINT) == handler
     records = seed_records(tmp_path)

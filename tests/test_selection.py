@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from xentlab.lab.run import train
 from xentlab.lab.validation import ConfigError, check_config
-from xentlab.train import CONFIG_DIR, train_seeds
+from xentlab.train import CONFIG_DIR
 
 TINY = ["data.n_samples=600", "model.hidden_sizes=[16]", "trainer.max_epochs=6"]
 
@@ -33,12 +34,12 @@ def val_curve(run_dir: Path) -> list[float]:
 def best(request, tmp_path_factory):
     """(seeds, folder, records) of a checkpoint=best run: one seed alone, or two as a seed batch."""
     folder = tmp_path_factory.mktemp("best")
-    return request.param, folder, train_seeds(config("checkpoint=best", f"seeds={request.param}"), folder)
+    return request.param, folder, train(config("checkpoint=best", f"seeds={request.param}"), folder)
 
 
 def test_best_tests_the_weights_of_the_best_validation_epoch(tmp_path, best):
     seeds, folder, records = best
-    last = train_seeds(config(f"seeds={seeds}"), tmp_path / "last")
+    last = train(config(f"seeds={seeds}"), tmp_path / "last")
     epochs = [int(record["metrics"]["val/selected_epoch"]) for record in records]
     assert min(epochs) < 6  # seed 0 peaks at epoch 4 here: the choice is not the last epoch by default
     for k, (chosen, plain) in enumerate(zip(records, last, strict=True)):
@@ -67,8 +68,8 @@ def test_checkpoint_settings_are_checked():
 
 def test_a_resumed_run_chooses_among_all_its_epochs(tmp_path, best):
     seeds, _, whole = best
-    train_seeds(config("checkpoint=best", f"seeds={seeds}", "trainer.max_epochs=4"), tmp_path / "resumed")
-    resumed = train_seeds(config("checkpoint=best", f"seeds={seeds}", "ckpt_path=last"), tmp_path / "resumed")
+    train(config("checkpoint=best", f"seeds={seeds}", "trainer.max_epochs=4"), tmp_path / "resumed")
+    resumed = train(config("checkpoint=best", f"seeds={seeds}", "ckpt_path=last"), tmp_path / "resumed")
     for one, other in zip(whole, resumed, strict=True):
         assert one["metrics"]["val/selected_epoch"] == other["metrics"]["val/selected_epoch"]
         tested = other["metrics"]["test/balanced_accuracy"]

@@ -17,7 +17,9 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from xentlab.lab.board import board_tag
-from xentlab.train import CONFIG_DIR, available_cpus, sweep_value, threads_per_job, train
+from xentlab.lab.run import train
+from xentlab.lab.sweep import available_cpus, sweep_value, threads_per_job
+from xentlab.train import CONFIG_DIR
 
 TINY = ["data.n_samples=400", "trainer.max_epochs=1", "model.hidden_sizes=[16]"]
 TINY_MODEL = TINY[1:]
@@ -113,21 +115,32 @@ def train_loss_steps(run_dir: Path) -> list[int]:
 
 
 def test_resume_from_last_checkpoint_continues_the_curves(tmp_path):
-    first = train(composed(), tmp_path)
+    (first,) = train(composed(), tmp_path)
     assert first["epochs"] == 1 and (tmp_path / "checkpoints" / "last.ckpt").exists()
-    steps_per_epoch = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    steps_per_epoch = checkpoint["global_step"]
     assert train_loss_steps(tmp_path) == [steps_per_epoch - 1]
+    # A single run's checkpoint keeps the layout single runs always wrote (no seed axis in its names):
+    # rewritten here into the oldest form, with the recorder's scalar losses, it still resumes.
+    assert not [key for key in checkpoint["state_dict"] if key.startswith(("losses.", "metrics.0."))]
+    recorder = checkpoint["callbacks"]["RunRecorder"]
+    checkpoint["callbacks"]["RunRecorder"] = {
+        "config": recorder["config"], "initial_loss": recorder["initial_losses"][0],
+        "epoch_losses": [epoch[0] for epoch in recorder["epoch_losses"]]}
+    torch.save(checkpoint, last)
 
-    resumed = train(composed("trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    (resumed,) = train(composed("trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
     assert resumed["status"] == "completed" and resumed["epochs"] == 2
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] \
-        == 2 * steps_per_epoch
+    continued = torch.load(last, weights_only=False)
+    assert continued["global_step"] == 2 * steps_per_epoch
+    assert len(continued["callbacks"]["RunRecorder"]["epoch_losses"]) == 2  # the old epoch's loss kept
     # One curve across both sessions: the second epoch's point comes after the first, not at step 0 again.
     assert train_loss_steps(tmp_path) == [steps_per_epoch - 1, 2 * steps_per_epoch - 1]
 
     # A job that already finished is not trained again when a sweep is resumed.
     written = (tmp_path / "metrics.json").stat().st_mtime_ns
-    again = train(composed("trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
+    (again,) = train(composed("trainer.max_epochs=2", "ckpt_path=last"), tmp_path)
     assert again["metrics"] == resumed["metrics"]
     assert (tmp_path / "metrics.json").stat().st_mtime_ns == written
 

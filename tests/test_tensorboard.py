@@ -28,7 +28,8 @@ from xentlab.lab.board import HEADLINE_METRICS, HPARAMS_RUN, board_tag
 from xentlab.lab.data import build_datamodule
 from xentlab.lab.module import session_hparams
 from xentlab.lab.report.sweep import read_curve
-from xentlab.train import CONFIG_DIR, train
+from xentlab.lab.run import train
+from xentlab.train import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["trainer.max_epochs=2", "model.hidden_sizes=[16]"]
@@ -53,7 +54,7 @@ def logs(tmp_path_factory):
     for name, overrides in {**RUNS, **TWIN}.items():
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
-        runs[name] = (cfg, train(cfg, root / name, overrides=overrides, shared_dir=root))
+        runs[name] = (cfg, train(cfg, root / name, overrides=overrides, shared_dir=root)[0])
     return root, runs
 
 
@@ -94,7 +95,7 @@ def test_scalars_are_grouped_by_stage_and_match_metrics_json(logs, run):
     assert len(events.Scalars(board_tag("train/loss"))) == 2
     pushes = events.Scalars(board_tag("train/logit_grad_norm"))
     batches = len(datamodule.train_dataloader())
-    # log_every_n_steps, capped at the batches of an epoch (xentlab.train.trainer_arguments).
+    # log_every_n_steps, capped at the batches of an epoch (xentlab.lab.run.trainer_arguments).
     steps, every = batches * record["epochs"], min(cfg.trainer.log_every_n_steps, batches)
     # Read on exactly the steps Lightning writes (steps every-1, 2*every-1, ...), none lost, none extra.
     assert [event.step for event in pushes] == list(range(every - 1, steps, every))

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from xentlab.lab.run import build_run, train
 from xentlab.lab.validation import ConfigError, check_config, sweep_jobs_to_check
-from xentlab.train import CONFIG_DIR, build_run, train
+from xentlab.train import CONFIG_DIR
 
 TINY = ["data.n_samples=400", "model.hidden_sizes=[16]"]
 
@@ -29,7 +30,7 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 180, full_error: bool =
 def test_compose_and_train_in_process(tmp_path):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*TINY, "trainer.max_epochs=2"])
-    record = train(cfg, tmp_path)
+    (record,) = train(cfg, tmp_path)
     assert record["status"] == "completed"
     assert record["epochs"] == 2
     for key in ("train/loss", "val/loss", "val/accuracy", "test/loss", "test/accuracy"):
@@ -139,7 +140,8 @@ def test_every_trainer_argument_and_loss_parameter_is_settable_without_plus(tmp_
     trainer, module, _ = build_run(cfg, tmp_path)
     assert (trainer.gradient_clip_val, trainer.accumulate_grad_batches) == (0.5, 2)
     assert trainer.progress_bar_callback is None  # enable_progress_bar: null, and stdout is no terminal
-    assert (module.loss.reduction, module.loss.backend, module.loss.ignore_index) == ("sum", "reference", -1)
+    (loss,) = module.losses
+    assert (loss.reduction, loss.backend, loss.ignore_index) == ("sum", "reference", -1)
 
 
 def test_ddp_on_two_cpu_processes_shards_training_and_reports_global_metrics(tmp_path):

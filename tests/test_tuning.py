@@ -10,9 +10,10 @@ from hydra import compose, initialize_config_dir
 
 from xentlab.lab.report import build_report
 from xentlab.lab.report.tables import tuning_table
+from xentlab.lab.run import train
 from xentlab.lab.tuning import TUNING_FILE, best_trial, candidates, grid_of, tune
 from xentlab.lab.validation import ConfigError, check_config
-from xentlab.train import CONFIG_DIR, train_seeds
+from xentlab.train import CONFIG_DIR
 
 TINY = ["data.n_samples=600", "model.hidden_sizes=[16]", "trainer.max_epochs=3", "loss=focal", "tune=grid",
         "tune.seeds=2", "seeds=2"]
@@ -58,7 +59,7 @@ def tuned(tmp_path_factory):
     """A job tuned on its grid, then its two fresh seeds trained with the choice."""
     folder = tmp_path_factory.mktemp("tuned")
     cfg = tune(config(*GRID, ONE_GAMMA), folder, say=lambda *a, **k: None)
-    return folder, cfg, train_seeds(cfg, folder)
+    return folder, cfg, train(cfg, folder)
 
 
 def test_tuning_chooses_on_tuning_seeds_and_leaves_no_runs_behind(tuned):
@@ -84,7 +85,7 @@ def test_a_resumed_job_reuses_its_tuning(tuned, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("tuned again")
 
-    monkeypatch.setattr("xentlab.train.train_seeds", no_training)
+    monkeypatch.setattr("xentlab.lab.run.train", no_training)
     again = tune(config(*GRID, ONE_GAMMA), folder, say=lambda *a, **k: None)
     assert again.tune.result == cfg.tune.result
 

@@ -24,25 +24,15 @@ import torch
 import torch._C._functorch as _functorch
 from torch.autograd import forward_ad
 
+from xentlab.kernels.numerics import compute_dtype, mean_over  # noqa: F401 (every backend imports them here)
+
 BACKENDS = ("auto", "fused", "triton", "reference")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype every backend does its arithmetic in: float64 for float64 inputs, float32 for the rest."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @functools.cache  # find_spec searches sys.path on disk; the answer does not change within a process
 def triton_available() -> bool:
     """True when the `triton` package can be imported; it is located, not imported, to keep imports lazy."""
     return importlib.util.find_spec("triton") is not None
-
-
-def mean_over(total: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """`mean` as PyTorch's losses give it: total / D, and NaN where D = 0 (nothing to average over), even
-    where the total is not 0 (label smoothing over rows whose class weights are all 0), never inf. No host
-    read."""
-    return torch.where(denominator == 0, torch.nan, total / denominator)
 
 
 def composable_only() -> bool:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from xentlab.kernels import compute_dtype, mean_over, spec
+from xentlab.kernels import spec
+from xentlab.kernels.numerics import compute_dtype, mean_over
 from xentlab.kernels.spec import NLL, Focal
 
 Tensor = torch.Tensor

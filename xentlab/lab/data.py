@@ -322,6 +322,6 @@ def build_datamodule(name: str | None = None, *, seed: int = 0, val_fraction: fl
 
 
 def log_counts(datamodule: TensorDataModule) -> None:
-    """The class-count table (`describe`) on this module's logger at INFO, by `xentlab.train.build_parts`
+    """The class-count table (`describe`) on this module's logger at INFO, by `xentlab.lab.run.build_parts`
     once the loss and model are built too: a run refused while building shows its refusal alone."""
     log.info("%s", datamodule.describe())

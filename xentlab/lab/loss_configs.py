@@ -23,8 +23,6 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from xentlab.lab.validation import ConfigError
-
 log = logging.getLogger(__name__)
 
 # xentlab.losses.ENTRY_POINT_GROUP, not imported from there: the registry imports torch.
@@ -56,7 +54,8 @@ def store_loss_configs(config_dir: str) -> list[str]:
 def with_signature_defaults(loss: DictConfig, choice: str | None) -> DictConfig:
     """`loss` with the constructor's parameters and defaults under its own values, when it is the config
     stored for `choice`; otherwise `loss` itself. A default a config cannot hold (a tensor, an object) is
-    left out: the constructor keeps it, and `loss.<parameter>=` still sets it, the loss group being open."""
+    left out: the constructor keeps it, and `loss.<parameter>=` still sets it, the loss group being open.
+    A plugin whose entry point fails to load is a ValueError naming the loss."""
     if choice not in _STORED or loss.get("name") != choice or "_target_" in loss:
         return loss
     from xentlab.losses import get_loss
@@ -64,7 +63,7 @@ def with_signature_defaults(loss: DictConfig, choice: str | None) -> DictConfig:
     try:
         entry = get_loss(choice)
     except ValueError as error:  # its entry point failed to load (the registry warned why)
-        raise ConfigError(f"loss={choice}: {error}") from error
+        raise ValueError(f"loss={choice}: {error}") from error  # a ConfigError once name_the_loss has it
     defaults = {"name": choice}
     for key, value in entry.parameters().items():
         value = list(value) if isinstance(value, tuple) else value

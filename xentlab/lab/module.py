@@ -1,9 +1,11 @@
-"""The LightningModule: forward the model, apply the loss it was given, log metrics and figures.
+"""The LightningModule, for one seed or K seeds trained as one: forward the model, apply each seed's
+loss, log each seed's metrics and figures to its own logger.
 
-No loss math here, and no loss registry: the loss object comes from `train.py`. Logged names are
-`<stage>/<metric>` (train/, val/, test/); in TensorBoard the stages are numbered (`BoardLogger`) so
-its Time Series opens on validation and test. `hp/<metric>` are the final test metrics of the HParams
-session, written into the run's `hparams` sub-run when testing ends. Conventions: docs/metrics.md.
+No loss math here, and no loss registry: the losses come from the run's builder (`xentlab.lab.run`).
+Logged names are `<stage>/<metric>` (train/, val/, test/); in TensorBoard the stages are numbered
+(`BoardLogger`) so its Time Series opens on validation and test. `hp/<metric>` are the final test
+metrics of the HParams session, written into the run's `hparams` sub-run when testing ends.
+Conventions: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ from xentlab.lab.metrics import (
     temperature_scaled,
 )
 from xentlab.lab.runs import nonfinite_loss
+from xentlab.lab.stacking import (
+    clip_grad_norm_per_seed,
+    interchangeable,
+    row_means,
+    seed_axis,
+    stacked_forward,
+)
 
 CURVE_POINTS = 49
 # Overrides that are no HParams column: threads and ckpt_path change nothing computed, and an experiment's
@@ -49,11 +58,76 @@ class BoardLogger(TensorBoardLogger):
         super().log_metrics({board_tag(k): v for k, v in metrics.items() if k != "epoch"}, step)
 
 
-class LeanModule(pl.LightningModule):
-    """The glue both training modules (one run, a seed batch) share: plain attributes set without
-    nn.Module's checks; train/val/test steps through the subclass's `_step(batch, stage)`; the optimizer
-    (and learning-rate schedule) from the factories it stores as `optimizer_factory` and
-    `scheduler_factory` (None: a constant rate)."""
+class SeedRun:
+    """What belongs to one seed besides its parameters: its data, where it logs and what it logged.
+
+    `run_params` (its flattened config), `overrides` (its command-line overrides) and `varied` (the keys
+    its sweep varies, None when unknown) pick its TensorBoard HParams columns (`session_hparams`)."""
+
+    def __init__(self, seed: int, datamodule, logger: TensorBoardLogger | None, run_params: dict,
+                 overrides: Sequence[str] = (), varied: Sequence[str] | None = None):
+        self.seed, self.datamodule, self.logger = seed, datamodule, logger
+        self.run_params, self.overrides = dict(run_params), list(overrides)
+        self.varied = None if varied is None else list(varied)
+        self.final: dict[str, float] = {}  # the last value of each logged `<stage>/<metric>`
+        self.error: FloatingPointError | None = None  # set when the seed's loss went NaN or infinite
+        self.failed_epoch = 0  # the epoch it did
+        self.val_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # the last validation epoch's
+
+    @property
+    def minority(self) -> int | None:
+        """The training split's rarest class (label with the fewest positives)."""
+        counts = getattr(self.datamodule, "class_counts", None)
+        return None if counts is None else int(torch.as_tensor(counts).argmin())
+
+    def setting(self) -> str:
+        """The run's settings but the seed: equal for the seeds of one setting of a sweep."""
+        return json.dumps({k: str(v) for k, v in sorted(self.run_params.items()) if k != "seed"})
+
+
+class ClassifierModule(pl.LightningModule):
+    """Trains K >= 1 seeds of one configuration: `model` (K models stacked by `xentlab.lab.stacking`, the
+    plain model at K = 1) with seed k's `losses[k](logits_k, target_k)`, and logs each seed's metrics of
+    `xentlab.lab.metrics`, figures and HParams session to that seed's own logger (`runs[k]`), so every
+    seed of a batch writes what a single run writes. Batches carry a leading seed axis (`seed_axis`).
+
+    Figures (confusion matrix, reliability diagram) and per-class PR curves go to TensorBoard every
+    `figure_every_n_epochs` validation epochs (0: only the last), at the last epoch and at test; the
+    loss-vs-probability figure once per setting (once per sweep when given its folder, `shared_dir`).
+    A seed whose epoch's training loss is NaN or infinite is failed (`SeedRun.error`) while the others
+    train on; a single run raises that error.
+    """
+
+    def __init__(self, model: nn.Module, losses: Sequence[nn.Module], runs: Sequence[SeedRun], *, task: str,
+                 num_classes: int, optimizer: Callable[..., torch.optim.Optimizer],
+                 figure_every_n_epochs: int = 0,
+                 scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+                 | None = None, shared_dir: str | Path | None = None):
+        super().__init__()
+        if len(losses) != len(runs) or getattr(model, "num_models", 1) != len(runs):
+            raise ValueError(f"{len(runs)} seeds need as many models and losses, got "
+                             f"{getattr(model, 'num_models', 1)} and {len(losses)}")
+        if isinstance(figure_every_n_epochs, bool) or not isinstance(figure_every_n_epochs, int) \
+                or figure_every_n_epochs < 0:
+            raise ValueError(f"figure_every_n_epochs must be an integer >= 0, got {figure_every_n_epochs!r}")
+        self.model, self.losses, self.runs = model, nn.ModuleList(losses), list(runs)
+        self.num_seeds, self.task, self.num_classes = len(runs), task, num_classes
+        # A schedule is a function of the epoch alone (xentlab.lab.schedules), the same for every seed.
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.figure_every_n_epochs = figure_every_n_epochs
+        self.shared_dir = None if shared_dir is None else Path(shared_dir)
+        # Each seed's metrics on its loss's probabilities (calibration, NLL and Brier are measured on those).
+        # ModuleDict keys may not shadow nn.Module.train, hence the trailing underscore.
+        maps = [getattr(loss, "probability_map", "softmax") for loss in losses]
+        self.metrics = nn.ModuleList(nn.ModuleDict({
+            "train_": StageMetrics(task, num_classes, full=False, probability_map=m),
+            "val_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=m),
+            "test_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=m),
+        }) for m in maps)
+        self._logit_grad_norms: torch.Tensor | None = None
+        # None: one call may serve all seeds, checked at the first step (`_seed_losses`); False: it may not.
+        self._shared_loss: bool | None = None if interchangeable(list(losses)) else False
+        self._redrawn = plots.Redrawn()  # one figure per layout, redrawn for every seed and stage
 
     def __setattr__(self, name: str, value) -> None:
         # Lightning sets bookkeeping attributes (the current hook's name) around every hook call, some 40
@@ -64,14 +138,9 @@ class LeanModule(pl.LightningModule):
         else:
             super().__setattr__(name, value)
 
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._step(batch, "test")
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (K, B, ...) of inputs (K, B, ...), seed k's model on x[k]."""
+        return stacked_forward(self.model, x)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters())
@@ -80,184 +149,231 @@ class LeanModule(pl.LightningModule):
         # Lightning's default interval: stepped once per epoch, after it.
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
-
-class ClassifierModule(LeanModule):
-    """Trains `model` with `loss(logits, target)` and logs the metrics of `xentlab.lab.metrics` per epoch.
-
-    Figures (confusion matrix, reliability diagram) and per-class PR curves go to TensorBoard every
-    `figure_every_n_epochs` validation epochs (0: only the last), at the last epoch and at test.
-    """
-
-    def __init__(self, model: nn.Module, loss: nn.Module, *, task: str, num_classes: int,
-                 optimizer: Callable[..., torch.optim.Optimizer], run_params: dict | None = None,
-                 figure_every_n_epochs: int = 0,
-                 scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
-                 | None = None, overrides: Sequence[str] = (), shared_dir: str | Path | None = None,
-                 varied: Sequence[str] | None = None):
-        super().__init__()
-        if isinstance(figure_every_n_epochs, bool) or not isinstance(figure_every_n_epochs, int) \
-                or figure_every_n_epochs < 0:
-            raise ValueError(f"figure_every_n_epochs must be an integer >= 0, got {figure_every_n_epochs!r}")
-        # The run's flattened config (loss and its parameters, dataset, imbalance ratio, seed, ...) and
-        # its command-line overrides, for the TensorBoard HParams view (`session_hparams`).
-        self.run_params, self.overrides = dict(run_params or {}), list(overrides)
-        self.varied = None if varied is None else list(varied)
-        # A sweep's folder: the loss-curve figure, the same for every seed, is drawn once per setting.
-        self.shared_dir = None if shared_dir is None else Path(shared_dir)
-        self.model, self.loss, self.task, self.num_classes = model, loss, task, num_classes
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.figure_every_n_epochs = figure_every_n_epochs
-        # How the loss turns logits into probabilities: calibration, NLL and Brier are measured on those.
-        probability_map = getattr(loss, "probability_map", "softmax")
-        # ModuleDict keys may not shadow nn.Module.train, hence the trailing underscore.
-        self.metrics = nn.ModuleDict({
-            "train_": StageMetrics(task, num_classes, full=False, probability_map=probability_map),
-            "val_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=probability_map),
-            "test_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=probability_map),
-        })
-        self._logit_grad_norm: torch.Tensor | None = None
-        self._val_logits: tuple[torch.Tensor, torch.Tensor] | None = None  # last validation epoch
-        self._redrawn = plots.Redrawn()  # the validation figures' layouts, redrawn at test
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
-
     # --- steps -------------------------------------------------------------------------------------
 
+    def training_step(self, batch, batch_idx):
+        values = self._step(batch, "train")
+        # Seed k's parameters reach only values[k], so the sum's gradient is each seed's own. The losses
+        # per seed are for RunRecorder (each seed's divergence warnings).
+        return {"loss": values.sum(), "run_losses": values.detach()}
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
     def _step(self, batch, stage: str) -> torch.Tensor:
-        x, y = batch
+        """(K,) the seeds' losses on their slices of the batch."""
+        x, y = seed_axis(batch, self.num_seeds)
         logits = self(x)
-        loss = self.loss(logits, y)
+        values = self._seed_losses(logits, y)
         # Only on the steps Lightning writes to the logger: the norm on every step would cost more than
         # the rest of a small model's step.
         every = self.trainer.log_every_n_steps
         if logits.requires_grad and self.logger is not None and every and (self.global_step + 1) % every == 0:
-            logits.register_hook(self._record_logit_grad)
-        self.metrics[f"{stage}_"].update(logits.detach(), y, loss.detach())
-        return loss
+            logits.register_hook(self._record_logit_grads)
+        detached, losses = logits.detach(), values.detach()
+        for k, metrics in enumerate(self.metrics):
+            metrics[f"{stage}_"].update(detached[k], y[k], losses[k])
+        return values
 
-    def _record_logit_grad(self, grad: torch.Tensor) -> None:
-        # N * mean_i ||dL/dx_i||: the per-sample push under a batch-mean loss, free of the batch size.
-        self._logit_grad_norm = grad.detach().float().norm(dim=1).mean() * grad.shape[0]
+    def _seed_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(K,) each seed's loss on its own slice. When every seed's loss is the same function
+        (`interchangeable`) the K means come from one call on all K*B rows with reduction="none": ten small
+        loss calls a step cost more than the stacked model's whole forward. The first call checks that form
+        against the seeds' own calls (a weighted mean, say, is not a mean of rows) and keeps to the seeds'
+        own calls for good if it differs."""
+        if self._shared_loss:
+            return row_means(self.losses[0], logits, y)
+        own = torch.stack([loss(logits[k], y[k]) for k, loss in enumerate(self.losses)])
+        if self._shared_loss is None:
+            try:
+                shared = row_means(self.losses[0], logits, y).detach()
+            except (RuntimeError, ValueError, TypeError):  # a "none" output that is not one value per row
+                shared = None
+            self._shared_loss = shared is not None and shared.shape == own.shape and bool(
+                torch.allclose(shared, own.detach(), rtol=1e-5, atol=1e-7))
+        return own
+
+    def _record_logit_grads(self, grad: torch.Tensor) -> None:
+        # Per seed, N * mean_i ||dL/dx_i||: the per-sample push under a batch-mean loss, free of batch size.
+        self._logit_grad_norms = grad.detach().float().norm(dim=2).mean(dim=1) * grad.shape[1]
 
     def on_after_backward(self) -> None:
-        if self._logit_grad_norm is not None:
-            # Straight to the logger, at the step Lightning would use: self.log costs ~0.5 ms a call.
-            self.logger.log_metrics({"train/logit_grad_norm": float(self._logit_grad_norm)},
-                                    step=self.global_step)
-            self._logit_grad_norm = None
+        if self._logit_grad_norms is not None:
+            # Straight to the loggers, at the step Lightning would use: self.log costs ~0.5 ms a call.
+            for run, value in zip(self.runs, self._logit_grad_norms.tolist(), strict=True):
+                self._log(run, {"train/logit_grad_norm": value}, final=False)
+            self._logit_grad_norms = None
 
     def on_train_epoch_start(self) -> None:
         # A loss may change with the epoch (LDAM's deferred re-weighting): the documented hook, optional.
-        hook = getattr(self.loss, "on_train_epoch_start", None)
-        if callable(hook):
-            hook(self.current_epoch)
-        if self.logger is not None:
-            # Straight to the logger, once an epoch, like the logit-gradient norm.
-            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-            self.logger.log_metrics({"train/lr": lr}, step=self.global_step)
+        for loss in self.losses:
+            hook = getattr(loss, "on_train_epoch_start", None)
+            if callable(hook):
+                hook(self.current_epoch)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        for run in self.runs:
+            self._log(run, {"train/lr": lr}, final=False)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clipping by value is element-wise; clipping by norm of a batch uses each seed's own gradient
+        norm (over its slice of every stacked parameter and its own loss's parameters)."""
+        if self.num_seeds == 1 or gradient_clip_val is None or gradient_clip_algorithm == "value":
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        own = [[p.grad for p in loss.parameters() if p.grad is not None] for loss in self.losses]
+        stacked = [p.grad for p in self.model.parameters() if p.grad is not None]
+        clip_grad_norm_per_seed(stacked, own, gradient_clip_val)
 
     # --- epoch ends: scalars, figures, the HParams session -----------------------------------------
 
     def on_fit_start(self) -> None:
-        writer = self._writer()
-        if writer is not None:
-            write_data_description(writer, self.trainer.datamodule)
-        if writer is not None and self._claim_loss_curves():
-            name = self.run_params.get("loss.name", type(self.loss).__name__)
-            figure = loss_curves_figure(self.loss, name, task=self.task, num_classes=self.num_classes,
-                                        minority=self._minority_class() or 0, device=self.device)
-            writer.add_image("loss_curves", plots.to_image(figure), 0, dataformats="HWC")
+        images: dict[str, object] = {}  # seeds of one setting share one drawing
+        for run, loss in zip(self.runs, self.losses, strict=True):
+            writer = self._writer(run)
+            if writer is None:
+                continue
+            write_data_description(writer, run.datamodule)
+            if not self._claim_loss_curves(run):
+                continue
+            key = run.setting() + repr((run.minority, {k: v.tolist() for k, v in loss.state_dict().items()}))
+            if key not in images:
+                name = run.run_params.get("loss.name", type(loss).__name__)
+                images[key] = plots.to_image(loss_curves_figure(
+                    loss, name, task=self.task, num_classes=self.num_classes, minority=run.minority or 0,
+                    device=self.device))
+            writer.add_image("loss_curves", images[key], 0, dataformats="HWC")
 
     def on_train_epoch_end(self) -> None:
-        loss = self._log_stage("train")["loss"]
-        # In a sweep the error marks the job failed and the others go on.
-        error = nonfinite_loss(loss, self.current_epoch, self.global_step)
-        if error is not None:
-            raise error
+        for k, run in enumerate(self.runs):
+            loss = self._log_stage(k, "train", step=self.global_step - 1)["loss"]
+            error = nonfinite_loss(loss, self.current_epoch, self.global_step)
+            if run.error is None and error is not None:
+                # A single run fails with it; a batch's other seeds are unaffected and train on.
+                run.error, run.failed_epoch = error, self.current_epoch
+        if all(run.error is not None for run in self.runs):
+            if self.num_seeds == 1:
+                raise self.runs[0].error  # in a sweep the error marks the job failed and the others go on
+            self.trainer.should_stop = True  # every seed of the batch failed; their records will say so
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
-            self.metrics["val_"].reset()
+            for metrics in self.metrics:
+                metrics["val_"].reset()
             return
         epoch, every = self.current_epoch + 1, self.figure_every_n_epochs
-        last = epoch == self.trainer.max_epochs
-        # Kept for the post-hoc fits at test time; the last epoch's logits are the tested model's.
-        self._val_logits = self.metrics["val_"].kept_logits()
-        self._log_stage("val", figures=last or (every > 0 and epoch % every == 0))
+        figures = epoch == self.trainer.max_epochs or (every > 0 and epoch % every == 0)
+        for k, run in enumerate(self.runs):
+            # Kept for the post-hoc fits at test time; the last epoch's logits are the tested model's.
+            run.val_logits = self.metrics[k]["val_"].kept_logits()
+            self._log_stage(k, "val", figures=figures)
 
     def objective_values(self, key: str) -> list[float]:
-        """The run's latest value of a logged metric, as a one-run list (`xentlab.lab.selection`)."""
-        value = self.trainer.callback_metrics.get(key)
-        return [math.nan if value is None else float(value)]
+        """Each seed's latest value of a logged metric (`xentlab.lab.selection`); NaN for a seed that failed
+        or never logged it."""
+        return [float(run.final.get(key, math.nan)) if run.error is None else math.nan for run in self.runs]
 
     def on_test_epoch_end(self) -> None:
-        posthoc = self._posthoc(*self.metrics["test_"].kept_logits())
-        self._log_stage("test", figures=True)
-        self.log_dict({f"test/{name}": value for name, value in posthoc.items()}, sync_dist=True)
-
-    def _posthoc(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-        datamodule = self.trainer.datamodule
-        return posthoc_metrics(self._val_logits, logits, target, task=self.task,
-                               probability_map=self.metrics["test_"].probability_map,
-                               class_counts=getattr(datamodule, "class_counts", None), loss=self.loss,
-                               sampler=getattr(datamodule, "sampler", "instance"))
+        for k, run in enumerate(self.runs):
+            metrics = self.metrics[k]["test_"]
+            posthoc = posthoc_metrics(run.val_logits, *metrics.kept_logits(), task=self.task,
+                                      probability_map=metrics.probability_map,
+                                      class_counts=getattr(run.datamodule, "class_counts", None),
+                                      loss=self.losses[k],
+                                      sampler=getattr(run.datamodule, "sampler", "instance"))
+            self._log_stage(k, "test", figures=True)
+            self._log(run, {f"test/{name}": value for name, value in posthoc.items()})
 
     def on_test_end(self) -> None:
         # Per-class recalls included: they are what a loss for imbalanced data is judged by. The loss
         # value is left out, since values of different losses are not comparable.
-        final = {f"hp/{name.removeprefix('test/')}": float(value)
-                 for name, value in self.trainer.callback_metrics.items()
-                 if name.startswith("test/") and name != "test/loss"}
-        writer = self._writer()
-        if writer is not None:
-            write_hparams(writer, self.run_params, final, self.global_step, self.overrides, self.varied)
+        for run in self.runs:
+            final = {f"hp/{name.removeprefix('test/')}": value for name, value in run.final.items()
+                     if name.startswith("test/") and name != "test/loss"}
+            writer = self._writer(run)
+            if writer is not None:
+                write_hparams(writer, run.run_params, final, self.global_step, run.overrides, run.varied)
 
-    def _log_stage(self, stage: str, figures: bool = False) -> dict[str, float]:
-        """Logs the stage's epoch metrics (and figures), resets them and returns the logged values."""
-        metrics = self.metrics[f"{stage}_"]
+    def _log_stage(self, k: int, stage: str, figures: bool = False,
+                   step: int | None = None) -> dict[str, float]:
+        """Seed k's epoch metrics of `stage` to its logger at `step` (default: the global step) and its
+        figures; resets them, returns the values. The values are already global (torchmetrics syncs in
+        compute), so under DDP every process holds the same numbers. Training metrics go at the epoch's
+        last step, global step - 1, where Lightning logs epoch-end training metrics."""
+        run, metrics = self.runs[k], self.metrics[k][f"{stage}_"]
         values = metrics.compute()
-        minority = self._minority_class()
-        if minority is not None and f"recall_class_{minority}" in values:
-            values["minority_recall"] = values[f"recall_class_{minority}"]
-        # The values are already global (torchmetrics syncs in compute), so under DDP every process holds
-        # the same numbers; sync_dist only averages equal values, and tells Lightning they are synced.
-        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, sync_dist=True)
+        if f"recall_class_{run.minority}" in values:
+            values["minority_recall"] = values[f"recall_class_{run.minority}"]
+        self._log(run, {f"{stage}/{name}": value for name, value in values.items()}, step=step)
         if figures:
-            self._log_figures(stage, metrics)
+            log_figures(self._writer(run), self.global_step, stage, metrics, task=self.task,
+                        num_classes=self.num_classes, redrawn=self._redrawn)
         metrics.reset()
         return values
 
-    def _minority_class(self) -> int | None:
-        """The training split's rarest class (label with the fewest positives), from the datamodule."""
-        counts = getattr(self.trainer.datamodule, "class_counts", None)
-        return None if counts is None else int(torch.as_tensor(counts).argmin())
+    def _log(self, run: SeedRun, values: dict[str, float], final: bool = True,
+             step: int | None = None) -> None:
+        """`values` to the seed's logger at `step` (default: the global step); if `final`, also its latest
+        (its record's metrics)."""
+        if final:
+            run.final.update(values)
+        if run.logger is not None:
+            run.logger.log_metrics(values, step=self.global_step if step is None else step)
 
     # --- TensorBoard figures -----------------------------------------------------------------------
 
-    def _writer(self):
-        """The SummaryWriter on the process that writes (rank 0), else None."""
-        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
-            return self.logger.experiment
+    def _writer(self, run: SeedRun):
+        """The seed's SummaryWriter on the process that writes (rank 0), else None."""
+        if isinstance(run.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            return run.logger.experiment
         return None
 
-    def _log_figures(self, stage: str, metrics: StageMetrics) -> None:
-        log_figures(self._writer(), self.global_step, stage, metrics, task=self.task,
-                    num_classes=self.num_classes, redrawn=self._redrawn)
-
-    def _claim_loss_curves(self) -> bool:
-        """Whether this run draws the loss-curve figure: always, unless another run of the sweep with
-        the same settings but the seed already claimed it (an atomic mkdir in the sweep folder)."""
+    def _claim_loss_curves(self, run: SeedRun) -> bool:
+        """Whether this seed draws the loss-curve figure: always, unless another seed or run of the sweep
+        with the same settings but the seed already claimed it (an atomic mkdir in the sweep folder)."""
         if self.shared_dir is None:
             return True
-        setting = json.dumps({k: str(v) for k, v in sorted(self.run_params.items()) if k != "seed"})
         claims = self.shared_dir / ".loss_curves"
         claims.mkdir(parents=True, exist_ok=True)
         try:
-            (claims / hashlib.sha256(setting.encode()).hexdigest()[:20]).mkdir()
+            (claims / hashlib.sha256(run.setting().encode()).hexdigest()[:20]).mkdir()
         except FileExistsError:
             return False
         return True
+
+    # --- checkpoints: a single run's are in the single-model layout ----------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.num_seeds == 1:
+            checkpoint["state_dict"] = single_run_layout(checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.num_seeds == 1:
+            checkpoint["state_dict"] = seed_axis_layout(checkpoint["state_dict"])
+
+
+def single_run_layout(state: dict) -> dict:
+    """A one-seed module's state dict under a single run's names: `losses.0.x` as `loss.x`, `metrics.0.x`
+    as `metrics.x` (the model's `model.x` is the same)."""
+    renamed = {}
+    for key, value in state.items():
+        for many, one in (("losses.0.", "loss."), ("metrics.0.", "metrics.")):
+            if key.startswith(many):
+                key = one + key.removeprefix(many)
+        renamed[key] = value
+    return renamed
+
+
+def seed_axis_layout(state: dict) -> dict:
+    """The inverse of `single_run_layout`: a single run's checkpoint loaded into a one-seed module."""
+    renamed = {}
+    for key, value in state.items():
+        for one, many in (("loss.", "losses.0."), ("metrics.", "metrics.0.")):
+            if key.startswith(one):
+                key = many + key.removeprefix(one)
+        renamed[key] = value
+    return renamed
 
 
 def posthoc_metrics(val: tuple[torch.Tensor, torch.Tensor] | None, logits: torch.Tensor, target: torch.Tensor,
@@ -278,7 +394,7 @@ def posthoc_metrics(val: tuple[torch.Tensor, torch.Tensor] | None, logits: torch
     return values
 
 
-# --- what a run writes to TensorBoard besides scalars (shared with xentlab.lab.seedbatch) -----------------
+# --- what a run writes to TensorBoard besides scalars ----------------------------------------------------
 
 def write_data_description(writer, datamodule) -> None:
     """The datamodule's per-split class counts as a text panel (if it can describe itself)."""

@@ -1,22 +1,35 @@
-"""What a run knows about itself beyond its metrics: which configuration a folder holds, whether training
-diverged, and whether it was stopped by a signal; and `RunRecord`, the one writer of a run's
-`metrics.json`, for single runs (`xentlab.train`) and for each seed of a batch (`xentlab.lab.seedbatch`)."""
+"""A run's record, `<run dir>/metrics.json`, and what it says beyond the metrics: which configuration a
+folder holds (and whether it finished), whether training diverged, and whether a signal stopped it.
+`RunRecord` is the one writer of a record, for every seed of every run (`xentlab.lab.run`); nothing here
+imports torch or Lightning, so the Hydra entry point can record a job that failed before training."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import platform
 import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
 
+from xentlab.lab.atomic import atomic_write, remove_staging_files
 from xentlab.lab.validation import ConfigError, flatten
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+METRICS_FILE = "metrics.json"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"  # ModelCheckpoint(save_last=True) refreshes it every epoch
+# The key of the run's callback state in a checkpoint, where the config it was trained with is stamped.
+RECORDER_STATE = "RunRecorder"
 
 # Keys a resumed run may change without becoming another run: where it resumes from, how many threads
 # compute it, what the sweeper reads, how often figures are drawn, and how long it trains (resuming a
@@ -76,70 +89,6 @@ def nonfinite_loss(loss: float, epoch: int, step: int) -> FloatingPointError | N
                               "optimizer.lr or check the loss parameters")
 
 
-class RunRecorder(pl.Callback):
-    """Keeps what the records of the trainer's `runs` runs need and a checkpoint must carry for a resume.
-
-    Per run, the training loss of the first batch (before any update) and each epoch's mean training
-    loss feed `divergence_warnings` (`warnings(k)`); the config is stamped into every checkpoint, so a
-    resumed job can tell whether a folder's checkpoint is its own. All of it is callback state, saved
-    and restored with the checkpoint. A single run's training step returns its loss; a seed batch's
-    returns `{"loss": <the sum>, "run_losses": <one per seed>}` with batches stacked as (runs, B, ...).
-    Losses are summed on the device and read once per epoch (no per-step host sync).
-    """
-
-    def __init__(self, config: dict, runs: int = 1):
-        self.config, self.runs = config, runs
-        self.initial_losses: list[float] | None = None
-        self.epoch_losses: list[list[float]] = []  # per epoch, one mean per run
-        self._sum = self._count = 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs.get("run_losses", outputs.get("loss")) if isinstance(outputs, dict) else outputs
-        if loss is None:
-            return
-        target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
-        size = 1 if target is None else target.shape[1 if self.runs > 1 else 0]
-        losses = loss.detach().float().reshape(-1)  # float32: MPS has no float64
-        if self.initial_losses is None and trainer.global_step <= 1:
-            self.initial_losses = losses.tolist()
-        self._sum = self._sum + losses * size
-        self._count += size
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self._count:
-            self.epoch_losses.append((self._sum / self._count).tolist())
-        self._sum = self._count = 0
-
-    def warnings(self, k: int = 0) -> list[str]:
-        """Run k's `divergence_warnings`."""
-        initial = self.initial_losses[k] if self.initial_losses is not None else None
-        return divergence_warnings(initial, [epoch[k] for epoch in self.epoch_losses])
-
-    def state_dict(self) -> dict:
-        return {"config": self.config, "initial_losses": self.initial_losses,
-                "epoch_losses": self.epoch_losses}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.initial_losses = state_dict.get("initial_losses")
-        self.epoch_losses = [list(epoch) for epoch in state_dict.get("epoch_losses", [])]
-        if "initial_loss" in state_dict:  # a single run's checkpoint from before seed batches kept scalars
-            initial = state_dict["initial_loss"]
-            self.initial_losses = None if initial is None else [initial]
-            self.epoch_losses = [[loss] for loss in state_dict.get("epoch_losses", [])]
-
-    def state_of(self, k: int, config: dict) -> dict:
-        """Run k's part of this state, as the RunRecorder of run k trained alone (with `config`) holds it."""
-        return {"config": config,
-                "initial_losses": None if self.initial_losses is None else [self.initial_losses[k]],
-                "epoch_losses": [[epoch[k]] for epoch in self.epoch_losses]}
-
-    @staticmethod
-    def config_in(checkpoint: dict) -> dict | None:
-        """The config a checkpoint was written for (None for checkpoints written without this callback)."""
-        state = (checkpoint.get("callbacks") or {}).get(RunRecorder.__qualname__)
-        return state.get("config") if isinstance(state, dict) else None
-
-
 class Interruption:
     """Records which signal stopped a run, and stops it where stopping is safe.
 
@@ -168,6 +117,8 @@ class Interruption:
 
     def stop_point(self) -> pl.Callback:
         """A callback that delivers a noted signal when the next batch of any stage starts."""
+        import pytorch_lightning as pl  # only a process that trains asks for it
+
         interruption = self
 
         class StopPoint(pl.Callback):
@@ -217,15 +168,14 @@ class Interruption:
 
 
 class RunRecord:
-    """Writes one run's `metrics.json`: the only writer of that record, used by a single run
-    (`xentlab.train.train`) and by every seed of a batch (`xentlab.lab.seedbatch.train_batch`), so the two
-    cannot drift apart. Each method writes the record (atomically) and returns it.
+    """Writes one run's `metrics.json`: the only writer of that record, for a single run and every seed of
+    a batch alike. Each method writes the record (atomically) and returns it.
 
     Every record holds `status`, `duration_s` (since this object was made), `epochs`, `torch_threads`,
     `versions` (xentlab, torch, Lightning, Python: the report's set-up section reads them from here, never
     from its own process), `metrics`, plus what the status adds: `warnings` (completed), `error` and
-    `traceback` (failed), `error` ("stopped by <cause>", interrupted); `xentlab.train.write_record` adds
-    the overrides and the config. `extra` fields go into every record (a seed's `seed_batch`).
+    `traceback` (failed), `error` ("stopped by <cause>", interrupted); `write_record` adds the overrides
+    and the config. `extra` fields go into every record (a seed's `seed_batch`).
     """
 
     def __init__(self, output_dir: str | Path, cfg, overrides=(), **extra):
@@ -246,8 +196,6 @@ class RunRecord:
     def _write(self, status: str, epochs: int, metrics: dict, **fields) -> dict:
         import torch
 
-        from xentlab.train import write_record
-
         self.output_dir.mkdir(parents=True, exist_ok=True)
         return write_record(self.output_dir, self.cfg, {
             "status": status, "duration_s": round(time.time() - self.started, 3), "epochs": epochs,
@@ -257,9 +205,110 @@ class RunRecord:
 
 def versions() -> dict[str, str]:
     """The versions a run was made with, as its record keeps them."""
+    import pytorch_lightning as pl
     import torch
 
     import xentlab
 
     return {"xentlab": xentlab.__version__, "torch": torch.__version__, "lightning": pl.__version__,
             "python": platform.python_version()}
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM, after its `interrupted` record was written (or not: the message
+    says). `exit_code` is the shell's convention, 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RunNotRecorded(RuntimeError):
+    """A run failed and its `failed` record could not be written either (e.g. the disk is full)."""
+
+
+def try_to_record(write: Callable[[], object], status: str) -> str | None:
+    """`write()` the record of a run that ended early; None, or why that record could not be written."""
+    try:
+        write()
+    except OSError as error:
+        return f"its {status!r} record could not be written either: {type(error).__name__}: {error}"
+    return None
+
+
+def write_record(output_dir: Path, cfg: DictConfig, record: dict, overrides=()) -> dict:
+    """metrics.json: the run's status and final metrics, its overrides and the plain values of its config.
+
+    Written atomically (`xentlab.lab.atomic`), so a report reading a sweep in progress, a crash or a full disk
+    never leaves half a file. Returns the record as written.
+    """
+    record = {**record, "overrides": list(overrides), "config": OmegaConf.to_container(cfg, resolve=True)}
+    atomic_write(Path(output_dir) / METRICS_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def holds_a_run(output_dir: Path) -> bool:
+    """Whether `output_dir` holds anything `ckpt_path=last` resumes from: a record (a single run's, or a
+    seed batch's `seed=<s>/metrics.json`) or a last checkpoint."""
+    checkpoint = output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    return (output_dir / METRICS_FILE).is_file() or checkpoint.is_file() \
+        or any(output_dir.glob(f"seed=*/{METRICS_FILE}"))
+
+
+def read_record(path: Path) -> dict:
+    """A run's `metrics.json`; a ValueError naming the file if it is unreadable or not a record."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read the run record {path}: {type(error).__name__}: {error}; move it away "
+                         "to start that run over") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config", {}), dict):
+        raise ValueError(f"{path} is not a run record (a JSON object with a 'config' object); move it away "
+                         "to start that run over")
+    return record
+
+
+def folder_state(cfg: DictConfig, output_dir: Path) -> tuple[dict | None, str | None]:
+    """What `output_dir` holds of the run `cfg`: (its record if it completed its `trainer.max_epochs`
+    epochs, else None; its last checkpoint if there is one, else None).
+
+    A folder holds one configuration. Its `metrics.json`, or else the config stamped in its last.ckpt, is
+    compared with `cfg` (ignoring RESUME_MAY_CHANGE, e.g. threads); any other difference raises
+    `FolderHoldsAnotherRun` rather than hand this job another run's results or weights.
+    """
+    record_file, checkpoint = output_dir / METRICS_FILE, output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    for folder in (output_dir, checkpoint.parent):
+        if folder.is_dir():
+            remove_staging_files(folder)  # left by a process killed mid-write; this job owns the folder
+    record = read_record(record_file) if record_file.exists() else None
+    source, recorded = (record_file, record.get("config")) if record is not None else (None, None)
+    if record is None and checkpoint.exists():
+        from xentlab.lab.checkpoint import load_checkpoint  # torch: only when there is one to read
+
+        source, recorded = checkpoint, stamped_config(load_checkpoint(checkpoint))
+    if recorded is not None:
+        differences = config_differences(recorded, OmegaConf.to_container(cfg, resolve=True))
+        if differences:
+            raise FolderHoldsAnotherRun(
+                f"ckpt_path=last: {output_dir} holds another configuration's run ({source} was written for "
+                f"it); differences (recorded -> this job): {'; '.join(differences[:8])}"
+                f"{' ...' if len(differences) > 8 else ''}. Resume a job with the overrides it was started "
+                "with, or start it in a new folder (ckpt_path=null).")
+    finished = record is not None and record.get("status") == "completed" \
+        and record.get("epochs") == cfg.trainer.max_epochs
+    return (record if finished else None), (str(checkpoint) if checkpoint.exists() else None)
+
+
+def stamped_config(checkpoint: dict) -> dict | None:
+    """The config a checkpoint was written for (None for checkpoints written without RunRecorder)."""
+    state = (checkpoint.get("callbacks") or {}).get(RECORDER_STATE)
+    return state.get("config") if isinstance(state, dict) else None
+
+
+def nothing_to_resume(output_dir: Path) -> ConfigError:
+    """The error of `ckpt_path=last` in a folder without a checkpoint: how to point at the run instead."""
+    return ConfigError(
+        f"ckpt_path=last: nothing to resume in {output_dir} (no {CHECKPOINT_DIR}/{LAST_CHECKPOINT}). "
+        "Point at the run's folder: `xentlab-train <its overrides> hydra.run.dir=<its folder> "
+        "ckpt_path=last` (a sweep: `xentlab-train -m <its overrides> hydra.sweep.dir=<its folder> "
+        "ckpt_path=last`), or at a checkpoint file: ckpt_path=<path/to/file.ckpt>.")

@@ -27,27 +27,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from xentlab.lab.atomic import atomic_write
 from xentlab.lab.report.options import higher_is_better
-from xentlab.lab.validation import ConfigError
+from xentlab.lab.validation import ConfigError, grid_of
 
 TUNING_FILE = "tuning.json"
-
-
-def grid_of(cfg: DictConfig) -> dict[str, list]:
-    """The job's grid: `tune.grid` and the loss's own `tune.loss_grid[<loss name>]`, key → candidate values
-    ({} when the job is not tuned); ConfigError for a malformed one."""
-    tune = OmegaConf.to_container(cfg.tune, resolve=True) if cfg.get("tune") else {}
-    loss_grid = (tune.get("loss_grid") or {}).get(str(cfg.loss.get("name"))) or {}
-    grid = {str(key): values for key, values in {**(tune.get("grid") or {}), **loss_grid}.items()}
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"tune: the candidates of {key} must be a non-empty list, e.g. [0.001, 0.003, "
-                              f"0.01]; got {values!r}")
-        if OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
-            raise ConfigError(f"tune: {key} is not a setting of this run's config, so it cannot be tuned")
-    if grid and not str(cfg.objective).startswith("val/"):
-        raise ConfigError(f"tune: settings are chosen on the validation split, so `objective` must be a val/ "
-                          f"metric such as val/balanced_accuracy; got {cfg.objective!r}")
-    return grid
 
 
 def candidates(grid: dict[str, list]) -> list[dict]:
@@ -76,7 +58,8 @@ def tuning_seeds(cfg: DictConfig) -> list[int]:
 def tune(cfg: DictConfig, output_dir: Path, *, threads: int | None = None, say=print) -> DictConfig:
     """`cfg` with the grid's best candidate set and `tune.result` recorded (see the module docstring); `cfg`
     itself when there is no grid. Writes `<output_dir>/tuning.json`."""
-    from xentlab.train import sweep_value, train_seeds
+    from xentlab.lab.run import train  # torch and Lightning: only when there is a grid to tune
+    from xentlab.lab.sweep import sweep_value
 
     grid = grid_of(cfg)
     if not grid:
@@ -93,7 +76,7 @@ def tune(cfg: DictConfig, output_dir: Path, *, threads: int | None = None, say=p
                 trial.seed, trial.seeds, trial.ckpt_path = seeds[0], len(seeds), None
                 trial.tune.grid, trial.tune.loss_grid = {}, {}
             with tempfile.TemporaryDirectory(prefix="xentlab-tuning-") as folder:
-                records = train_seeds(trial, folder, threads=threads)
+                records = train(trial, folder, threads=threads)
             scores = [sweep_value(r, objective, must_be_finite=False) if r["status"] == "completed"
                       else math.nan for r in records]
             finite = [s for s in scores if math.isfinite(s)]

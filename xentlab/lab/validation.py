@@ -24,6 +24,8 @@ from pathlib import Path
 from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from xentlab.lab.loss_configs import with_signature_defaults
+
 # Any Lightning Trainer argument and any parameter a loss accepts may be set as `trainer.<arg>=` and
 # `loss.<param>=` without Hydra's `+`: these groups are left open, and the checks below name a typo instead.
 # A tuning grid names any settings (`tune.grid={optimizer.lr: [...]}`); `xentlab.lab.tuning` checks them.
@@ -138,9 +140,26 @@ def check_with_torch(cfg: DictConfig) -> None:
     check_loss(cfg.loss, task, num_classes)
     check_optimizer_arguments(cfg.optimizer)
     check_objective(str(cfg.get("objective", DEFAULT_OBJECTIVE)), task, num_classes)
-    from xentlab.lab.tuning import grid_of  # here: tuning imports this module's ConfigError
-
     grid_of(cfg)
+
+
+def grid_of(cfg: DictConfig) -> dict[str, list]:
+    """The job's tuning grid (`xentlab.lab.tuning`): `tune.grid` and the loss's own
+    `tune.loss_grid[<loss name>]`, key → candidate values ({} when the job is not tuned); ConfigError for a
+    malformed one."""
+    tune = OmegaConf.to_container(cfg.tune, resolve=True) if cfg.get("tune") else {}
+    loss_grid = (tune.get("loss_grid") or {}).get(str(cfg.loss.get("name"))) or {}
+    grid = {str(key): values for key, values in {**(tune.get("grid") or {}), **loss_grid}.items()}
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"tune: the candidates of {key} must be a non-empty list, e.g. [0.001, 0.003, "
+                              f"0.01]; got {values!r}")
+        if OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
+            raise ConfigError(f"tune: {key} is not a setting of this run's config, so it cannot be tuned")
+    if grid and not str(cfg.objective).startswith("val/"):
+        raise ConfigError(f"tune: settings are chosen on the validation split, so `objective` must be a val/ "
+                          f"metric such as val/balanced_accuracy; got {cfg.objective!r}")
+    return grid
 
 
 # Settings whose validity depends on each other (a dataset's size, ratio and classes; a loss's per-class
@@ -194,12 +213,13 @@ def check_sweep(config: DictConfig, jobs: list[list[str]]) -> None:
 def name_the_loss(cfg: DictConfig, choices) -> None:
     """A loss YAML need not repeat its name: without `name` (or a `_target_`) the loss is its group choice.
     A plugin loss without a YAML gets its constructor's parameters and defaults (xentlab.lab.loss_configs)."""
-    from xentlab.lab.loss_configs import with_signature_defaults  # here: it imports this module
-
     with open_dict(cfg):
         if "name" not in cfg.loss and "_target_" not in cfg.loss:
             cfg.loss.name = choices.loss
-        completed = with_signature_defaults(cfg.loss, choices.loss)
+        try:
+            completed = with_signature_defaults(cfg.loss, choices.loss)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
         if completed is not cfg.loss:
             cfg.loss = completed
 

@@ -46,7 +46,7 @@ class _Loss(nn.Module):
     def averages_rows(self) -> bool:
         """Whether `mean` is the plain mean of the `none` values over the non-ignored rows (over elements for
         the element-wise losses): no per-class weight divides it (pos_weight does not). Seed batches rely on
-        it to compute K seeds' means from one call (`xentlab.lab.seedbatch.row_means`)."""
+        it to compute K seeds' means from one call (`xentlab.lab.stacking.row_means`)."""
         return all(getattr(self, name, None) is None for name in ("weight", "alpha", "drw_weight"))
 
     def extra_repr(self) -> str:

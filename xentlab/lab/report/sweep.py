@@ -24,7 +24,7 @@ from pathlib import Path
 
 from xentlab.lab.board import board_tag
 
-# Same name as xentlab.train.METRICS_FILE; not imported from there, which would pull Hydra in.
+# Same name as xentlab.lab.runs.METRICS_FILE; not imported from there, which would pull OmegaConf in.
 METRICS_FILE = "metrics.json"
 PLANNED_FILE = "multirun.yaml"  # Hydra writes the sweep's full config there when a multirun starts
 OVERRIDES_FILE = ".hydra/overrides.yaml"
