@@ -6,8 +6,9 @@ SIGKILL), so a dead run never leaves a folder locked, and no lock file is writte
 
 `FolderLock`, a Hydra callback, takes the lock before Hydra writes anything there: a single run's folder
 at `on_run_start` (before Hydra writes `.hydra/` and the log) and a sweep's at `on_multirun_start`
-(before the sweeper writes `multirun.yaml`). Each job takes its own folder's lock too (`hold`, called by
-`xentlab.train.run_job`), in whichever process a launcher runs it.
+(before the sweeper writes `multirun.yaml`; `xentlab.lab.sweep.SweepProgress` takes it already, once the
+sweep's settings are accepted and before it announces the sweep). Each job takes its own folder's lock
+too (`hold`, called by `xentlab.train.run_job`), in whichever process a launcher runs it.
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ class FolderLock(Callback):
     A refusal is one line and exit status 2: Hydra would turn an exception raised here into a warning."""
 
     def on_run_start(self, config, **kwargs) -> None:
-        _hold_or_exit(config.hydra.run.dir, "hydra.run.dir")
+        claim(config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        _hold_or_exit(config.hydra.sweep.dir, "hydra.sweep.dir")
+        claim(config.hydra.sweep.dir, "hydra.sweep.dir")
 
     def on_run_end(self, config, **kwargs) -> None:
         release(config.hydra.run.dir)
@@ -87,7 +88,9 @@ class FolderLock(Callback):
         release(config.hydra.sweep.dir)
 
 
-def _hold_or_exit(folder: str, key: str) -> None:
+def claim(folder: str, key: str) -> None:
+    """`hold` for a Hydra callback, where an exception would become a warning: a folder in use is one line
+    on stderr and exit status 2."""
     try:
         hold(folder, f"{key}={folder}")
     except FolderInUse as error:
