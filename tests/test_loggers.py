@@ -38,6 +38,20 @@ def test_csv_logger(tmp_path):
     assert (hparams["loss.name"], hparams["data.name"], hparams["status"]) == ("ce", "wine", "completed")
 
 
+def test_each_seed_of_a_batch_gets_its_own_csv_logger(tmp_path):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*QUICK, "logger=csv", "seed=3", "seeds=2"])
+    records = train(cfg, tmp_path, threads=1)
+    for seed, record in zip((3, 4), records, strict=True):
+        folder = tmp_path / f"seed={seed}"
+        with open(folder / "metrics.csv", newline="") as f:
+            (test_row,) = [row for row in csv.DictReader(f) if row.get("test/balanced_accuracy")]
+        assert float(test_row["test/balanced_accuracy"]) == pytest.approx(
+            record["metrics"]["test/balanced_accuracy"])
+        hparams = yaml.safe_load((folder / "hparams.yaml").read_text())
+        assert (hparams["seed"], hparams["status"]) == (seed, "completed")
+
+
 def test_mlflow_logger_keeps_a_local_file_store(tmp_path):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient

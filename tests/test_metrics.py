@@ -257,19 +257,22 @@ def test_figures_render_to_rgb_images():
 
 
 def test_a_redrawn_figure_has_the_pixels_of_a_fresh_one():
-    # One kept figure per layout, redrawn with each new data set (empty bins and other sizes between).
+    # One kept figure per layout, its axes drawn once, redrawn with each new data set and title (empty
+    # bins, counts on another scale and other sizes between).
     rng = np.random.default_rng(1)
     redrawn = plots.Redrawn()
-    for n, n_bins in ((5, 15), (3, 15), (5, 10), (5, 15)):
+    for stage, n, n_bins, scale in (("val", 5, 15, 30), ("test", 3, 15, 30), ("val", 5, 10, 3000),
+                                    ("test", 5, 15, 30), ("val", 5, 15, 3000)):
         matrix = rng.integers(0, 60, (n, n))
-        count = rng.integers(0, 30, n_bins)
+        count = rng.integers(0, scale, n_bins)
         count[rng.choice(n_bins, 3, replace=False)] = 0
         bins = (rng.random(n_bins), rng.random(n_bins), count, float(rng.random()))
-        fresh = plots.to_image(plots.confusion_matrix_figure(matrix, title="val confusion"))
-        np.testing.assert_array_equal(redrawn.confusion_matrix(matrix, "val confusion"), fresh)
-        figure = plots.reliability_figure(*bins, title="test reliability")
+        fresh = plots.to_image(plots.confusion_matrix_figure(matrix, title=f"{stage} confusion"))
+        np.testing.assert_array_equal(redrawn.confusion_matrix(matrix, f"{stage} confusion"), fresh)
+        figure = plots.reliability_figure(*bins, title=f"{stage} reliability")
         assert figure.axes[1].get_ylim()[1] >= count.max()  # the count axis fits this data, not the last
-        np.testing.assert_array_equal(redrawn.reliability(*bins, "test reliability"), plots.to_image(figure))
+        np.testing.assert_array_equal(redrawn.reliability(*bins, f"{stage} reliability"),
+                                      plots.to_image(figure))
 
 
 def hand_scores(rows: list[list[float]], target: list[int], normalise) -> dict[str, float]:

@@ -173,6 +173,13 @@ def nets_module(tmp_path_factory):
 
         def no_classes(width=3):
             return torch.nn.Linear(4, width)
+
+        class Gated(Net):
+            """A forward that branches on a tensor's value, which vmap cannot batch."""
+
+            def forward(self, x):
+                out = self.body(x)
+                return out if out.sum() > -1e9 else -out
         '''))
     fake_timm = folder / "fake_timm"
     (fake_timm / "timm").mkdir(parents=True)
@@ -201,6 +208,39 @@ def test_a_model_by_import_path_gets_the_data_sizes_and_its_own_arguments(nets_m
     (record,) = train(cfg, tmp_path)
     assert record["status"] == "completed"
     assert my_nets.built[-1] == {"in_features": 13, "num_classes": 3, "width": 8}
+
+
+def final_weights(folder) -> dict[str, torch.Tensor]:
+    state = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    return {name: value for name, value in state.items() if name.startswith("model.")}
+
+
+def test_seeds_of_a_model_by_import_path_are_its_single_runs(nets_module, tmp_path, caplog):
+    """seeds=3 of a custom model: stacked under vmap where it allows (Net), else trained one seed after
+    another with a one-line note (Gated: Net's arithmetic, with a branch vmap refuses); either way seed s
+    is exactly `seed=s` trained alone."""
+    quick = ["data=wine", "model=custom", "model.width=8", "trainer.max_epochs=2"]
+    alone = [train(compose_run([*quick, "model._target_=my_nets.Net", f"seed={seed}"]),
+                   tmp_path / str(seed))[0] for seed in (3, 4, 5)]
+    for target in ("my_nets.Net", "my_nets.Gated"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="xentlab.lab.run"):
+            batch = train(compose_run([*quick, f"model._target_={target}", "seed=3", "seeds=3"]),
+                          tmp_path / target)
+        notes = [r.getMessage() for r in caplog.records if "cannot train stacked" in r.getMessage()]
+        if target == "my_nets.Gated":
+            (note,) = notes
+            assert note.startswith(f"seeds=3: model {target} cannot train stacked (") and "\n" not in note
+            assert note.endswith("its seeds train one after another")
+        else:
+            assert notes == []
+        for seed, mine, theirs in zip((3, 4, 5), batch, alone, strict=True):
+            assert mine["status"] == "completed" and mine["config"]["seed"] == seed
+            for name, value in theirs["metrics"].items():
+                assert mine["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-5), (target, name)
+            weights = final_weights(tmp_path / target / f"seed={seed}")
+            for name, value in final_weights(tmp_path / str(seed)).items():
+                torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=f"{target} {name}")
 
 
 @pytest.mark.parametrize(("target", "fragment"), [

@@ -132,7 +132,7 @@ def test_null_sweeps_make_a_false_claim_in_at_most_5_percent(n_seeds, sweeps):
 
 
 def test_a_realistic_effect_at_ten_seeds_is_found():
-    # Issue 12's measurement at ratio 100: class-weighted CE +0.20 minority recall over CE.
+    # The measured effect at ratio 100: class-weighted CE +0.20 minority recall over CE.
     rng = np.random.default_rng(5)
     found = claims(simulated_sweep(rng, 10, {("weighted_ce", 100, "test/minority_recall"): 0.2}))
     hit = next(c for c in found.items if c.group.label == "loss=weighted_ce" and c.context ==

@@ -436,7 +436,7 @@ def _fn(name):
 @pytest.mark.parametrize("name", ["cross_entropy", "focal_loss", "cross_entropy_probs", "mse_loss",
                                   "binary_cross_entropy_with_logits", "asl_loss"])
 def test_any_sequence_of_backwards_through_a_retained_graph_is_exact(name, reduction):
-    """Issue 16 item 7: grad_output 0 first (once a stored scale of 0, then NaN), then others, each exact, and
+    """grad_output 0 first (once a stored scale of 0, then NaN), then others, each exact, and
     a gradient already returned is never modified by a later backward."""
     d = _on(_data(torch.float32))
     args = _loss_args(name, d, reduction)
@@ -503,7 +503,7 @@ TARGET_GRAD_CASES = {
 
 @pytest.mark.parametrize("case_id", TARGET_GRAD_CASES)
 def test_target_gradients_are_computed_not_dropped(case_id):
-    """Issue 16 item 1: a probability or BCE target that requires grad gets d loss / d target (as PyTorch
+    """A probability or BCE target that requires grad gets d loss / d target (as PyTorch
     computes it), beside the logits' gradient, for every reduction."""
     name, make = TARGET_GRAD_CASES[case_id]
     d = _data(torch.float64)
@@ -542,7 +542,7 @@ HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int_
 
 
 def test_backend_code_never_reads_a_tensor_value_on_the_host(monkeypatch):
-    """Issue 16 item 7, checked without a GPU: forward + backward of every Triton loss (all reductions)
+    """Checked without a GPU: forward + backward of every Triton loss (all reductions)
     calls none of the Tensor methods that bring a value to the host, so on CUDA tensors they do not
     synchronise (the GPU-only test below also runs them under torch's sync-debug "error" mode)."""
     d = _on(_data(torch.float32))
@@ -603,7 +603,7 @@ def test_functional_dispatch_with_spatial_inputs(reduction):
 @pytest.mark.parametrize("name", ["cross_entropy", "mse_loss", "binary_cross_entropy_with_logits",
                                   "sigmoid_focal_loss", "asymmetric_loss"])
 def test_functional_target_gradients_on_the_triton_backend(name):
-    """Issue 16 item 1's reproduction through xentlab.functional: t.grad is PyTorch's, not None."""
+    """Through xentlab.functional, a target that requires grad: t.grad is PyTorch's, not None."""
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64).to(DEVICE)
     t = torch.softmax(torch.randn(2, 5, 3, generator=gen, dtype=torch.float64), 1).to(DEVICE)
@@ -737,7 +737,7 @@ GRAPH_CASES = ["cross_entropy", "ldam_focal", "ce_probs", "sigmoid_focal_loss", 
 @gpu_only
 @pytest.mark.parametrize("name", GRAPH_CASES)
 def test_gpu_forward_and_backward_capture_in_a_cuda_graph(name):
-    """Issue 16 item 7: no host synchronisation anywhere in forward + backward (torch's sync debug mode
+    """No host synchronisation anywhere in forward + backward (torch's sync debug mode
     raises on one), so the whole step captures in a CUDA graph and replays exactly on new logits."""
     if name == "functional_ce" and not _has_validate():
         pytest.skip("xentlab.functional has no validate=False fast path yet (its value checks synchronise)")

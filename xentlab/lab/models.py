@@ -188,29 +188,6 @@ def timm_model(name: str, num_classes: int, in_channels: int | None = None, pret
     return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **params)
 
 
-def stacking_problem(model: nn.Module, x: torch.Tensor) -> str | None:
-    """Why copies of `model` cannot train as one stacked model (their parameters stacked, run once with
-    `torch.func.vmap` over `functional_call`), or None when they can: two copies run forward and backward
-    on the batch `x` in training mode, the original left untouched. vmap refuses, for instance, a forward
-    that branches on a tensor's value (`.item()`, `if x.sum() > 0`)."""
-    import copy
-
-    from torch.func import functional_call, stack_module_state, vmap
-
-    copies = [copy.deepcopy(model).train() for _ in range(2)]
-    params, buffers = stack_module_state(copies)
-
-    def one(p, b, xi):
-        return functional_call(copies[0], (p, b), (xi,))
-
-    try:
-        out = vmap(one, randomness="different")(params, buffers, torch.stack([x, x]))
-        out.float().sum().backward()
-    except Exception as error:  # whatever the model's own code raises under vmap
-        return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-    return None
-
-
 def build_model(name: str | None = None, in_features: int | None = None, num_outputs: int = 2, *,
                 input_shape: Sequence[int] | None = None, _target_: str | None = None,
                 **params) -> nn.Module:

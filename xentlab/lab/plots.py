@@ -117,31 +117,97 @@ def _fill_reliability(figure: Figure, confidence, accuracy, count, ece: float, t
     top.set_title(f"{title} (ECE {ece:.3f}, {len(count)} bins)")
 
 
+class _TickMarks:
+    """The tick marks (no labels) that an axis (`matplotlib.axis.Axis`) shows, to be drawn on their own."""
+
+    def __init__(self, axis) -> None:
+        self.axis, self.lines = axis, []
+
+    def find(self) -> None:
+        """Takes the marks of the ticks the last draw placed (matplotlib's own choice of those in view)."""
+        self.lines = [line for tick in self.axis._update_ticks() for line in (tick.tick1line, tick.tick2line)
+                      if line.get_visible()]
+
+    def draw(self, renderer) -> None:
+        for line in self.lines:
+            line.draw(renderer)
+
+
+class _Blitted:
+    """A figure whose fixed parts (axes, tick labels, axis labels, colour bar) are rasterised once, kept as
+    a background, and whose changing `artists` (its data) are drawn over a copy of that background for
+    every image: laying out and drawing the tick labels is most of a small figure's cost. `artists` come
+    in the order a full draw draws them (by zorder: patches and images, the axes (1.5, as
+    `axes.axisbelow: line` puts them), lines, the frame, texts, the legend), `_TickMarks` among them since a
+    mark's antialiased end overlaps the data at the frame; so the pixels are those of a full draw
+    (tests/test_metrics.py)."""
+
+    def __init__(self, figure: Figure, artists: list):
+        self.figure, self.canvas, self.artists = figure, FigureCanvasAgg(figure), artists
+        self.canvas.draw()  # places the ticks
+        marks = [artist for artist in artists if isinstance(artist, _TickMarks)]
+        for artist in artists:
+            if isinstance(artist, _TickMarks):
+                artist.find()
+                for line in artist.lines:
+                    line.set_visible(False)
+            else:
+                artist.set_animated(True)
+        self.canvas.draw()
+        self.background = self.canvas.copy_from_bbox(figure.bbox)
+        for line in (line for artist in marks for line in artist.lines):
+            line.set_visible(True)
+
+    def image(self) -> np.ndarray:
+        self.canvas.restore_region(self.background)
+        renderer = self.canvas.get_renderer()
+        for artist in self.artists:
+            artist.draw(renderer)
+        return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _blitted_confusion(n: int) -> _Blitted:
+    figure = _confusion_layout(n)
+    ax = figure.axes[0]
+    return _Blitted(figure, [*ax.images, _TickMarks(ax.xaxis), _TickMarks(ax.yaxis), *ax.spines.values(),
+                             *ax.texts, ax.title])
+
+
+def _blitted_reliability(n_bins: int) -> _Blitted:
+    figure = _reliability_layout(n_bins)
+    top, bottom = figure.axes
+    # The count axis (bottom.yaxis) rescales to each data set, so it is redrawn whole.
+    return _Blitted(figure, [
+        *(bar for container in top.containers for bar in container), _TickMarks(top.xaxis),
+        _TickMarks(top.yaxis), *top.lines, *top.spines.values(), top.title, top.get_legend(),
+        *bottom.patches, _TickMarks(bottom.xaxis), bottom.yaxis, *bottom.spines.values()])
+
+
 class Redrawn:
-    """Confusion-matrix and reliability images drawn into one kept figure per layout, its data replaced
-    each time: building the figure costs as much as drawing it, and a run (a seed batch: each of its
-    seeds) draws the same layouts at its last validation epoch and at test. The pixels are those of a
-    fresh figure with the same data (tests/test_metrics.py)."""
+    """Confusion-matrix and reliability images drawn into one kept figure per layout (`_Blitted`), its
+    data replaced each time: building the figure and drawing its axes costs more than drawing its data,
+    and a run (a seed batch: each of its seeds) draws the same layouts at its last validation epoch and at
+    test. The pixels are those of a fresh figure with the same data (tests/test_metrics.py)."""
 
     def __init__(self) -> None:
-        self._figures: dict[tuple[str, int], Figure] = {}
+        self._figures: dict[tuple[str, int], _Blitted] = {}
 
-    def _figure(self, kind: str, size: int, layout) -> Figure:
+    def _figure(self, kind: str, size: int, layout) -> _Blitted:
         if (kind, size) not in self._figures:
             self._figures[kind, size] = layout(size)
         return self._figures[kind, size]
 
     def confusion_matrix(self, matrix: np.ndarray, title: str) -> np.ndarray:
         """`to_image(confusion_matrix_figure(matrix, title))`."""
-        figure = self._figure("confusion", len(matrix), _confusion_layout)
-        _fill_confusion(figure, matrix, title)
-        return to_image(figure)
+        blitted = self._figure("confusion", len(matrix), _blitted_confusion)
+        _fill_confusion(blitted.figure, matrix, title)
+        return blitted.image()
 
     def reliability(self, confidence, accuracy, count, ece: float, title: str) -> np.ndarray:
         """`to_image(reliability_figure(confidence, accuracy, count, ece, title))`."""
-        figure = self._figure("reliability", len(count), _reliability_layout)
-        _fill_reliability(figure, confidence, accuracy, count, ece, title)
-        return to_image(figure)
+        blitted = self._figure("reliability", len(count), _blitted_reliability)
+        _fill_reliability(blitted.figure, confidence, accuracy, count, ece, title)
+        return blitted.image()
 
 
 def loss_curves_figure(p_true: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndarray]],

@@ -60,9 +60,11 @@ from xentlab.lab.runs import (
 from xentlab.lab.schedules import build_scheduler
 from xentlab.lab.selection import SELECTED_EPOCH, BestEpoch, best_epoch_callback, restore_best, seed_part
 from xentlab.lab.slurm import lightning_plugins
-from xentlab.lab.stacking import check_optimizer, stack_data, stack_models
+from xentlab.lab.stacking import check_optimizer, stack_data, stack_models, stacking_problem
 from xentlab.lab.validation import ConfigError, flatten
 from xentlab.losses import build_loss
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -243,8 +245,14 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     if len(seeds) > 1:
         try:
             check_batch(cfg, instantiate(cfg.optimizer))  # refused before anything is written
+            problem = stacking_problem_of(seeds[0].cfg) if cfg.model.get("_target_") is not None else None
         except (ValueError, TypeError) as error:
             raise ConfigError(str(error)) from error
+        if problem is not None:
+            log.warning("seeds=%d: model %s cannot train stacked (%s); its seeds train one after another",
+                        len(seeds), cfg.model._target_, problem)
+            return train_one_by_one(seeds, threads=threads, shared_dir=shared_dir, varied=varied,
+                                    fresh_if_nothing_to_resume=fresh_if_nothing_to_resume, announce=announce)
     output_dir.mkdir(parents=True, exist_ok=True)
     batch = {"seed_batch": [seed.seed for seed in seeds]} if len(seeds) > 1 else {}
     records = [RunRecord(seed.dir, seed.cfg, seed.overrides, **batch) for seed in seeds]
@@ -272,9 +280,8 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
             try:
                 send_record(run.logger, read_record(seed.dir / METRICS_FILE), seed.dir / METRICS_FILE)
             except Exception as error:  # whatever a third-party logger raises
-                logging.getLogger(__name__).warning("the record of %s did not reach logger=%s: %s: %s",
-                                                    seed.dir, cfg.logger.get("name"), type(error).__name__,
-                                                    error)
+                log.warning("the record of %s did not reach logger=%s: %s: %s", seed.dir,
+                            cfg.logger.get("name"), type(error).__name__, error)
 
     try:
         ckpt_path = cfg.ckpt_path
@@ -329,6 +336,40 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
         where = f"recorded in {folder / METRICS_FILE}"
         raise RunInterrupted(f"interrupted by {cause}{epoch}; {next(filter(None, lost), where)}",
                              interruption.exit_code(cause)) from stop
+
+
+def stacking_problem_of(cfg: DictConfig) -> str | None:
+    """Why the model of the run `cfg` (one seed's config) cannot train stacked (`stacking_problem`), or
+    None: the model is built as its run builds it and tried on two rows of a training batch."""
+    data_log = logging.getLogger("xentlab.lab.data")
+    shown = data_log.level
+    data_log.setLevel(logging.WARNING)  # the label mapping is logged when the run itself is built
+    try:
+        pl.seed_everything(cfg.seed, workers=True)
+        datamodule, _, model = build_parts(cfg, show_counts=False)
+    finally:
+        data_log.setLevel(shown)
+    x = next(iter(datamodule.train_dataloader()))[0]
+    return stacking_problem(model, x[:2])
+
+
+def train_one_by_one(seeds: list[Seed], *, announce: Callable[[], None] | None = None, **settings) \
+        -> list[dict]:
+    """The seeds of a batch whose model cannot be stacked, each trained as its own single run into its
+    seed folder (the folders, configs and records a stacked batch writes). An error that stops one seed
+    (not a NaN loss, which only fails that seed) is recorded for the seeds not yet trained and re-raised;
+    `announce()` is called once, when the first seed starts."""
+    records = []
+    for k, seed in enumerate(seeds):
+        try:
+            records += train(seed.cfg, seed.dir, overrides=seed.overrides,
+                             announce=announce if k == 0 else None, **settings)
+        except Exception as error:
+            for later in seeds[k + 1:]:
+                record = RunRecord(later.dir, later.cfg, later.overrides)
+                try_to_record(functools.partial(record.failed, error, epochs=0), "failed")
+            raise
+    return records
 
 
 # --- resuming --------------------------------------------------------------------------------------------

@@ -94,6 +94,19 @@ class StackedModel(nn.Module):
         return {name: value[k] for name, value in self.model.state_dict().items()}
 
 
+def stacking_problem(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why copies of `model` cannot train as one `StackedModel`, or None when they can: two copies run
+    forward and backward on the batch `x` in training mode, the original left untouched. vmap refuses,
+    for instance, a forward that branches on a tensor's value (`.item()`, `if x.sum() > 0`)."""
+    try:
+        stacked = StackedModel([copy.deepcopy(model).train() for _ in range(2)])
+        stacked(torch.stack([x, x])).float().sum().backward()
+    except Exception as error:  # whatever the model's own code raises under vmap
+        lines = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return None
+
+
 def stack_models(models: list[nn.Module]) -> nn.Module:
     """One model for the K seeds: the model itself at K = 1, else a StackedModel."""
     return models[0] if len(models) == 1 else StackedModel(models)
