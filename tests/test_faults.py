@@ -509,3 +509,15 @@ def test_a_second_writer_is_refused_while_the_first_runs_and_a_killed_one_leaves
     for folder in (sweep_dir, job):
         hold(folder)
         release(folder)
+
+
+def test_a_resume_never_shrinks_what_a_folder_holds(tmp_path):
+    train(composed("trainer.max_epochs=2"), tmp_path)
+    held = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    shorter = composed("trainer.max_epochs=1", "ckpt_path=last")
+    with pytest.raises(FolderHoldsAnotherRun, match=r"trained for 2 epochs; trainer\.max_epochs=1 would"):
+        train(shorter, tmp_path)  # found by the completed record
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == held
+    (tmp_path / "metrics.json").unlink()  # as after a SIGKILL: the checkpoint alone
+    with pytest.raises(FolderHoldsAnotherRun, match=r"trained for 2 epochs; trainer\.max_epochs=1 would"):
+        train(shorter, tmp_path)  # found by the checkpoint's epoch
