@@ -521,3 +521,22 @@ def test_a_resume_never_shrinks_what_a_folder_holds(tmp_path):
     (tmp_path / "metrics.json").unlink()  # as after a SIGKILL: the checkpoint alone
     with pytest.raises(FolderHoldsAnotherRun, match=r"trained for 2 epochs; trainer\.max_epochs=1 would"):
         train(shorter, tmp_path)  # found by the checkpoint's epoch
+
+
+def every_file(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_a_refused_resume_leaves_every_file_of_its_folder_as_it_was(tmp_path, multirun):
+    folder = tmp_path / "runs"
+    mode, where = (["-m"], ["seed=0,1", f"hydra.sweep.dir={folder}"]) if multirun \
+        else ([], [f"hydra.run.dir={folder}"])
+    started = cli([*mode, *TINY, "trainer.max_epochs=2", *where], tmp_path)
+    assert started.wait(timeout=240) == 0, started.communicate()[0][-3000:]
+    before = every_file(folder)
+    for changed in (["trainer.max_epochs=1"], ["trainer.max_epochs=2", "loss=focal"]):
+        resumed = cli([*mode, *TINY, *changed, *where, "ckpt_path=last"], tmp_path)
+        output = resumed.communicate(timeout=240)[0]
+        assert resumed.returncode == 2, output[-3000:]
+        assert every_file(folder) == before, changed

@@ -71,15 +71,53 @@ def release(folder: str | Path) -> None:
         os.close(descriptor)
 
 
+# What Hydra has written in a run or sweep folder before a resume (`ckpt_path=last`) starts there: file ->
+# its bytes (`.hydra/` files, `multirun.yaml`) or its size (logs, which only grow). Hydra rewrites these
+# before any job can check the folder; a refused resume puts them back (`restore_refused`).
+_BEFORE: dict[Path, bytes | int | None] = {}
+
+
+def remember(folder: str | Path) -> None:
+    """Keep what Hydra will rewrite in `folder` (a run's, or a sweep's and its jobs'), for
+    `restore_refused`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in [*folder.glob("multirun.yaml"), *folder.glob(".hydra/*"), *folder.glob("*/.hydra/*")]:
+        _BEFORE[path] = path.read_bytes() if path.is_file() else None
+    for path in [*folder.glob("*.log"), *folder.glob("*/*.log")]:
+        _BEFORE[path] = path.stat().st_size
+
+
+def restore_refused() -> None:
+    """Put back what `remember` kept: a refused resume leaves its folder's files as they were. Files Hydra
+    added in a folder it had written before (a `.hydra/` file, a log) are removed."""
+    for path, before in _BEFORE.items():
+        if isinstance(before, bytes):
+            path.write_bytes(before)
+        elif isinstance(before, int) and path.is_file():
+            os.truncate(path, before)
+    folders = {path.parent for path in _BEFORE}
+    for folder in folders:
+        for path in [*folder.glob("*.yaml"), *folder.glob("*.log")] if folder.is_dir() else []:
+            if path not in _BEFORE and (folder.name == ".hydra" or path.suffix == ".log"):
+                path.unlink()
+    _BEFORE.clear()
+
+
 class FolderLock(Callback):
     """Hydra callback (`hydra.callbacks.lock`): locks the run or sweep folder before Hydra writes into it.
     A refusal is one line and exit status 2: Hydra would turn an exception raised here into a warning."""
 
     def on_run_start(self, config, **kwargs) -> None:
         claim(config.hydra.run.dir, "hydra.run.dir")
+        if config.get("ckpt_path") == "last":
+            remember(config.hydra.run.dir)
 
     def on_multirun_start(self, config, **kwargs) -> None:
         claim(config.hydra.sweep.dir, "hydra.sweep.dir")
+        if config.get("ckpt_path") == "last":
+            remember(config.hydra.sweep.dir)
 
     def on_run_end(self, config, **kwargs) -> None:
         release(config.hydra.run.dir)

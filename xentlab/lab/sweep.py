@@ -21,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from xentlab.lab.lock import claim
+from xentlab.lab.lock import claim, restore_refused
 from xentlab.lab.runs import METRICS_FILE
 from xentlab.lab.validation import ConfigError, check_sweep, check_threads
 
@@ -237,6 +237,7 @@ def resume_command(folder_key: str, folder: str | Path) -> str:
 
 
 def refuse(message: str) -> None:
-    """An invalid setting's message on stderr, exit status 2."""
+    """An invalid setting's message on stderr, exit status 2; a refused resume's folder as it was."""
+    restore_refused()
     print(f"xentlab-train: {message}", file=sys.stderr)
     sys.exit(2)
