@@ -469,3 +469,55 @@ def test_a_sweep_killed_with_sigkill_resumes_to_completion_with_every_record_int
         if folder.name in finished:  # completed before the kill: not trained again
             assert (folder / "metrics.json").stat().st_mtime_ns == finished[folder.name]
     assert staging_files(sweep_dir) == []
+
+
+# --- one writer per folder -------------------------------------------------------------------------------
+
+
+def hydra_files(folder: Path) -> dict[str, bytes]:
+    """What Hydra writes when a run or sweep starts: a refused second writer must leave these as they were."""
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in [*folder.glob("multirun.yaml"), *folder.rglob(".hydra/*")] if p.is_file()}
+
+
+def test_a_second_writer_is_refused_while_the_first_runs_and_a_killed_one_leaves_no_lock(tmp_path):
+    from xentlab.lab.lock import hold, release
+
+    sweep_dir = tmp_path / "sweep"
+    first = cli(["-m", *TINY, "trainer.max_epochs=500", "seed=0,1", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(sweep_dir.glob("*/checkpoints/last.ckpt")) and first.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.1)
+        (job,) = [p.parent.parent for p in sweep_dir.glob("*/checkpoints/last.ckpt")]
+        before = hydra_files(sweep_dir)
+        # Another sweep into the folder, resuming it or not, and a single run into the running job's folder.
+        for args in (["-m", *TINY, "trainer.max_epochs=2", "seed=0,1", f"hydra.sweep.dir={sweep_dir}"],
+                     ["-m", *TINY, "trainer.max_epochs=500", "seed=0,1", f"hydra.sweep.dir={sweep_dir}",
+                      "ckpt_path=last"],
+                     [*TINY, "trainer.max_epochs=500", "seed=0", f"hydra.run.dir='{job}'", "ckpt_path=last"]):
+            second = cli(args, tmp_path)
+            output = second.communicate(timeout=120)[0]
+            assert second.returncode == 2, output[-3000:]
+            assert output.count("\n") == 1 and "is in use: another xentlab-train is writing there" in output
+            assert first.poll() is None, "the first writer stopped"
+        assert hydra_files(sweep_dir) == before
+    finally:
+        first.kill()  # SIGKILL: no chance to give the lock back; the kernel drops it with the process
+        first.communicate(timeout=30)
+    for folder in (sweep_dir, job):
+        hold(folder)
+        release(folder)
+
+
+def test_a_resume_never_shrinks_what_a_folder_holds(tmp_path):
+    train(composed("trainer.max_epochs=2"), tmp_path)
+    held = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    shorter = composed("trainer.max_epochs=1", "ckpt_path=last")
+    with pytest.raises(FolderHoldsAnotherRun, match=r"trained for 2 epochs; trainer\.max_epochs=1 would"):
+        train(shorter, tmp_path)  # found by the completed record
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == held
+    (tmp_path / "metrics.json").unlink()  # as after a SIGKILL: the checkpoint alone
+    with pytest.raises(FolderHoldsAnotherRun, match=r"trained for 2 epochs; trainer\.max_epochs=1 would"):
+        train(shorter, tmp_path)  # found by the checkpoint's epoch

@@ -22,15 +22,17 @@ from xentlab.lab.sweep import available_cpus, sweep_value, threads_per_job
 from xentlab.train import CONFIG_DIR
 
 TINY = ["data.n_samples=400", "trainer.max_epochs=1", "model.hidden_sizes=[16]"]
+TINY_MODEL = TINY[1:]
+DIGITS_10_100 = ["data=digits", "data.imbalance_ratio=10,100"]  # 100: a class the data leaves too small
 
 
-def sweep(args: list[str], cwd: Path, timeout: float = 240, status: int = 0) \
+def sweep(args: list[str], cwd: Path, timeout: float = 240, status: int = 0, tiny: list[str] = TINY) \
         -> tuple[subprocess.CompletedProcess, Path]:
-    """Run `xentlab-train -m ...` in `cwd`, expecting exit `status` (1: a job failed); return the process
-    and its (single) sweep folder."""
+    """Run `xentlab-train -m <tiny> <args>` in `cwd`, expecting exit `status` (1: a job failed); return the
+    process and its (single) sweep folder."""
     script = Path(sys.executable).with_name("xentlab-train")
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([str(script), "-m", *TINY, *args], cwd=cwd, env=env, capture_output=True,
+    result = subprocess.run([str(script), "-m", *tiny, *args], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=timeout)
     assert result.returncode == status, result.stdout[-3000:] + result.stderr[-3000:]
     (sweep_dir,) = (cwd / "outputs" / "multirun").glob("*/*")
@@ -51,14 +53,14 @@ def assert_reported(result: subprocess.CompletedProcess, sweep_dir: Path, groups
 
 
 def assert_one_failed_one_reported(sweep_dir: Path, result: subprocess.CompletedProcess) -> dict:
-    """ratio 100 leaves the 400 samples' rarest class 3 samples, fewer than data.min_class_samples: only
-    the data builder can tell, inside the job, after the pre-sweep check passed the setting. That job is
-    recorded as failed with its error, the other completes, and the report lists both."""
+    """ratio 100 leaves the digits' rarest class 1 training sample, fewer than data.min_class_samples: only
+    the data can tell (a bundled dataset's counts), inside the job, after the pre-sweep check passed it.
+    That job is recorded as failed with its error, the other completes, and the report lists both."""
     runs = records(sweep_dir)
     assert sorted((name.split(",")[0], r["status"]) for name, r in runs.items()) == [
         ("data.imbalance_ratio=10", "completed"), ("data.imbalance_ratio=100", "failed")]
     failed = next(r for r in runs.values() if r["status"] == "failed")
-    assert "imbalance_ratio=100" in failed["error"] and "3 samples" in failed["error"] and failed["traceback"]
+    assert "imbalance_ratio=100" in failed["error"] and "1 samples" in failed["error"] and failed["traceback"]
     md = assert_reported(result, sweep_dir, groups=1)
     assert "1 completed runs" in md and "1 failed or incomplete" in md
     assert "| failed | ConfigError: data.imbalance_ratio" in md
@@ -68,8 +70,8 @@ def assert_one_failed_one_reported(sweep_dir: Path, result: subprocess.Completed
 
 
 def test_joblib_sweep_with_a_failing_job_then_report(tmp_path):
-    result, sweep_dir = sweep(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                               "data.imbalance_ratio=10,100"], tmp_path, status=1)
+    result, sweep_dir = sweep(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *DIGITS_10_100], tmp_path,
+                              status=1, tiny=TINY_MODEL)
     completed = assert_one_failed_one_reported(sweep_dir, result)
     # The console: the sweep announced once, one line per finished job, the class-count table once.
     output = result.stdout + result.stderr
@@ -83,7 +85,7 @@ def test_joblib_sweep_with_a_failing_job_then_report(tmp_path):
 
 def test_submitit_local_sweep_with_a_failing_job_then_report(tmp_path):
     result, sweep_dir = sweep(["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
-                               "data.imbalance_ratio=10,100"], tmp_path, status=1)
+                               *DIGITS_10_100], tmp_path, status=1, tiny=TINY_MODEL)
     assert (sweep_dir / ".submitit").is_dir()  # the jobs really went through submitit
     completed = assert_one_failed_one_reported(sweep_dir, result)
     assert completed["torch_threads"] == 1  # cpus_per_task unset: every local job starts at once

@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import xentlab.lab.sweep as console
 from xentlab import config_dir
+from xentlab.lab.lock import hold, release
 from xentlab.lab.loss_configs import store_loss_configs
 from xentlab.lab.runs import (
     FolderHoldsAnotherRun,
@@ -71,9 +72,22 @@ except Exception as error:  # noqa: BLE001 - e.g. a broken Hydra plugin module: 
 
 
 def run_job(cfg: DictConfig) -> float:
-    """One Hydra job: check the config, train its seeds, print how each ended; in a multirun a failed job
-    is recorded in its folder and the sweep goes on. Returns the sweeper's value: the objective, averaged
-    over the job's seeds."""
+    """One Hydra job (`run_held_job`) holding its folder's lock, in whichever process the launcher runs it:
+    one writer per folder. A folder in use is raised, not recorded: the folder's record is the other
+    writer's. The lock is given back when the job ends, so a long sweep holds one job's at a time."""
+    hydra_cfg = HydraConfig.get()
+    output_dir = hydra_cfg.runtime.output_dir
+    hold(output_dir, None if hydra_cfg.mode == RunMode.MULTIRUN else f"hydra.run.dir={output_dir}")
+    try:
+        return run_held_job(cfg)
+    finally:
+        release(output_dir)
+
+
+def run_held_job(cfg: DictConfig) -> float:
+    """Check the config, train its seeds, print how each ended; in a multirun a failed job is recorded in
+    its folder and the sweep goes on. Returns the sweeper's value: the objective, averaged over the job's
+    seeds."""
     started = time.time()
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)

@@ -274,7 +274,9 @@ def folder_state(cfg: DictConfig, output_dir: Path) -> tuple[dict | None, str | 
 
     A folder holds one configuration. Its `metrics.json`, or else the config stamped in its last.ckpt, is
     compared with `cfg` (ignoring RESUME_MAY_CHANGE, e.g. threads); any other difference raises
-    `FolderHoldsAnotherRun` rather than hand this job another run's results or weights.
+    `FolderHoldsAnotherRun` rather than hand this job another run's results or weights. So does a
+    `trainer.max_epochs` below the epochs the folder's run has trained (its completed record's, or else its
+    checkpoint's): a resume never shrinks a record.
     """
     record_file, checkpoint = output_dir / METRICS_FILE, output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
     for folder in (output_dir, checkpoint.parent):
@@ -282,10 +284,15 @@ def folder_state(cfg: DictConfig, output_dir: Path) -> tuple[dict | None, str | 
             remove_staging_files(folder)  # left by a process killed mid-write; this job owns the folder
     record = read_record(record_file) if record_file.exists() else None
     source, recorded = (record_file, record.get("config")) if record is not None else (None, None)
-    if record is None and checkpoint.exists():
+    completed = record is not None and record.get("status") == "completed"
+    held = record.get("epochs") if completed else None  # the epochs the folder's run has trained
+    if not completed and checkpoint.exists():
         from xentlab.lab.checkpoint import load_checkpoint  # torch: only when there is one to read
 
-        source, recorded = checkpoint, stamped_config(load_checkpoint(checkpoint))
+        loaded = load_checkpoint(checkpoint)
+        held = loaded.get("epoch", -1) + 1 if isinstance(loaded.get("epoch"), int) else None
+        if record is None:
+            source, recorded = checkpoint, stamped_config(loaded)
     if recorded is not None:
         differences = config_differences(recorded, OmegaConf.to_container(cfg, resolve=True))
         if differences:
@@ -294,8 +301,13 @@ def folder_state(cfg: DictConfig, output_dir: Path) -> tuple[dict | None, str | 
                 f"it); differences (recorded -> this job): {'; '.join(differences[:8])}"
                 f"{' ...' if len(differences) > 8 else ''}. Resume a job with the overrides it was started "
                 "with, or start it in a new folder (ckpt_path=null).")
-    finished = record is not None and record.get("status") == "completed" \
-        and record.get("epochs") == cfg.trainer.max_epochs
+    if isinstance(held, int) and held > cfg.trainer.max_epochs:
+        raise FolderHoldsAnotherRun(
+            f"ckpt_path=last: {output_dir} holds a run trained for {held} epochs; trainer.max_epochs="
+            f"{cfg.trainer.max_epochs} would end it earlier and replace its record with a shorter one. "
+            f"Resume with trainer.max_epochs >= {held}, or start the shorter run in a new folder "
+            "(ckpt_path=null).")
+    finished = completed and record.get("epochs") == cfg.trainer.max_epochs
     return (record if finished else None), (str(checkpoint) if checkpoint.exists() else None)
 
 

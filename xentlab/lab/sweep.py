@@ -21,6 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from xentlab.lab.lock import claim
 from xentlab.lab.runs import METRICS_FILE
 from xentlab.lab.validation import ConfigError, check_sweep, check_threads
 
@@ -130,6 +131,7 @@ class SweepProgress(Callback):
                 if not BRIEF_ERRORS:
                     traceback.print_exc()
                 refuse(str(error))
+        claim(config.hydra.sweep.dir, "hydra.sweep.dir")  # one writer per folder: before it is announced
         size = len(jobs) if jobs is not None else config.hydra.sweeper.get("n_trials")
         os.environ[SWEEP_ENV] = json.dumps({"size": size, "keys": keys, "dir": str(config.hydra.sweep.dir)})
         # Hydra's launchers log one line per job at its start; the job's own line at its end says more.

@@ -1,0 +1,98 @@
+"""One writer per run or sweep folder: an OS-level lock (`flock`) on the folder itself, held by the process
+that writes there until it exits. Two processes writing one folder would interleave TensorBoard points,
+overwrite each other's `metrics.json` and leave a report that counts one run where two were started; the
+second is refused instead. The kernel drops the lock when its holder exits, however it exits (a crash, a
+SIGKILL), so a dead run never leaves a folder locked, and no lock file is written into the folder.
+
+`FolderLock`, a Hydra callback, takes the lock before Hydra writes anything there: a single run's folder
+at `on_run_start` (before Hydra writes `.hydra/` and the log) and a sweep's at `on_multirun_start`
+(before the sweeper writes `multirun.yaml`; `xentlab.lab.sweep.SweepProgress` takes it already, once the
+sweep's settings are accepted and before it announces the sweep). Each job takes its own folder's lock
+too (`hold`, called by `xentlab.train.run_job`), in whichever process a launcher runs it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+from xentlab.lab.validation import ConfigError
+
+_HELD: dict[Path, int] = {}  # folder -> the descriptor holding its lock, for as long as this process lives
+
+
+class FolderInUse(ConfigError):
+    """Another live process holds the lock of the folder this run or sweep would write."""
+
+
+def hold(folder: str | Path, name: str | None = None) -> None:
+    """Lock `folder` (created if missing) for this process, or raise FolderInUse naming it (as `name`,
+    e.g. `hydra.sweep.dir=<folder>`). Holding it already is fine. Where the file system has no `flock`
+    (some network file systems), the run goes on unlocked: the lock guards against a mistake, it is not
+    needed to write."""
+    if helper_rank():
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    resolved = folder.resolve()
+    if resolved in _HELD:
+        return
+    descriptor = os.open(resolved, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise FolderInUse(f"{name or folder} is in use: another xentlab-train is writing there; wait for it "
+                          f"to end, or choose another folder") from None
+    except OSError:
+        os.close(descriptor)
+        return
+    _HELD[resolved] = descriptor
+
+
+# Set in every process of a distributed (DDP) run: by srun (SLURM_PROCID), torchrun (RANK, LOCAL_RANK) and
+# Lightning's own launchers (LOCAL_RANK, NODE_RANK).
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def helper_rank() -> bool:
+    """Whether this process is a DDP rank other than 0: it works in rank 0's folder, under rank 0's lock."""
+    return any(os.environ.get(name, "0").strip() not in ("", "0") for name in RANK_VARIABLES)
+
+
+def release(folder: str | Path) -> None:
+    """Give `folder`'s lock back (a process that exits gives back all of its locks anyway)."""
+    descriptor = _HELD.pop(Path(folder).resolve(), None)
+    if descriptor is not None:
+        os.close(descriptor)
+
+
+class FolderLock(Callback):
+    """Hydra callback (`hydra.callbacks.lock`): locks the run or sweep folder before Hydra writes into it.
+    A refusal is one line and exit status 2: Hydra would turn an exception raised here into a warning."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        claim(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        claim(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    def on_run_end(self, config, **kwargs) -> None:
+        release(config.hydra.run.dir)
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        release(config.hydra.sweep.dir)
+
+
+def claim(folder: str, key: str) -> None:
+    """`hold` for a Hydra callback, where an exception would become a warning: a folder in use is one line
+    on stderr and exit status 2."""
+    try:
+        hold(folder, f"{key}={folder}")
+    except FolderInUse as error:
+        print(f"xentlab-train: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
