@@ -205,6 +205,7 @@ PARTS = (
     ("loss-vs-p(true) figure and data description (start)",
      [(xentlab.lab.module.ClassifierModule, "on_fit_start")]),
     ("epoch metrics: computed and logged", [(xentlab.lab.metrics.StageMetrics, "compute"),
+                                            (xentlab.lab.metrics.SeedStages, "fold"),
                                             (xentlab.lab.module.ClassifierModule, "_log")]),
     ("post-hoc fits at test", [(xentlab.lab.module, "posthoc_metrics")]),
     ("checkpoints written", [(xentlab.lab.checkpoint.SafeCheckpointIO, "save_checkpoint"),

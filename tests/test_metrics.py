@@ -19,6 +19,7 @@ from xentlab import functional as xF
 from xentlab.lab import plots
 from xentlab.lab.metrics import (
     N_BINS,
+    SeedStages,
     StageMetrics,
     bin_index,
     fit_temperature,
@@ -437,3 +438,40 @@ def test_the_prior_a_model_carries_follows_its_sampler_and_loss():
     balanced_softmax = LogitAdjustedCrossEntropy(tau=1.0, class_counts=counts)
     assert model_prior(counts, balanced_softmax) == pytest.approx(uniform)
     assert model_prior(counts, LogitAdjustedCrossEntropy(tau=0.5, class_counts=counts)) == pytest.approx(root)
+
+
+@pytest.mark.parametrize("task, probability_map, full", [
+    ("multiclass", "softmax", True), ("multiclass", "sigmoid", True), ("multiclass", "softmax", False),
+    ("multilabel", "sigmoid", True)])
+def test_a_seed_batch_folds_every_seed_to_the_values_it_has_alone(task, probability_map, full):
+    # Three seeds' batches held stacked and folded in one pass give each seed, to the bit, what its own
+    # StageMetrics gives it from the same batches (NaN logits of one seed included).
+    torch.manual_seed(3)
+    seeds, classes = 3, 4
+    alone = [StageMetrics(task, classes, full=full, keep_predictions=full, probability_map=probability_map)
+             for _ in range(seeds)]
+    batched = SeedStages([StageMetrics(task, classes, full=full, keep_predictions=full,
+                                       probability_map=probability_map) for _ in range(seeds)])
+    for size in (17, 64, 5):
+        logits = torch.randn(seeds, size, classes) * 3
+        if size == 5:
+            logits[2, 1] = float("nan")
+        target = (torch.rand(seeds, size, classes) < 0.4).float() if task == "multilabel" \
+            else torch.randint(0, classes, (seeds, size))
+        losses = torch.rand(seeds)
+        batched.update(logits, target, losses)
+        for k in range(seeds):
+            alone[k].update(logits[k], target[k], losses[k])
+    batched.fold()
+    for own, seed in zip(alone, batched.stages, strict=True):
+        expected, got = own.compute(), seed.compute()
+        assert list(got) == list(expected)
+        assert all(g == e or (math.isnan(g) and math.isnan(e))
+                   for g, e in zip(got.values(), expected.values(), strict=True))
+        if full:
+            for g, e in zip(seed.kept_logits(), own.kept_logits(), strict=True):
+                torch.testing.assert_close(g, e, rtol=0, atol=0, equal_nan=True)
+    batched.update(logits, target, losses)
+    batched.reset()  # drops what it holds as well as what every seed counted
+    batched.fold()
+    assert all(int(seed.loss.n) == 0 for seed in batched.stages)

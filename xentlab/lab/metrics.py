@@ -60,23 +60,24 @@ def probabilities(logits: torch.Tensor, task: str, probability_map: str = "softm
     return log_probabilities(logits, probability_map).exp()
 
 
-def nll_sum(logits: torch.Tensor, target: torch.Tensor, task: str, probability_map: str = "softmax") \
-        -> tuple[torch.Tensor, int]:
+def nll_sum(logits: torch.Tensor, target: torch.Tensor, task: str, probability_map: str = "softmax",
+            log_q: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(sum, count) of the negative log-likelihood: -log q_y per sample (single-label, q as in
-    `log_probabilities`), or -[t log s + (1-t) log(1-s)], s = sigmoid(z), per (sample, label) element."""
+    `log_probabilities`, or `log_q` when already computed), or -[t log s + (1-t) log(1-s)],
+    s = sigmoid(z), per (sample, label) element."""
     if task == "multilabel":
         logits = _float(logits)
         total = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="sum")
         return total, target.numel()
-    log_q = log_probabilities(logits, probability_map)
+    log_q = log_probabilities(logits, probability_map) if log_q is None else log_q
     return -log_q.gather(1, target.long().unsqueeze(1)).sum(), len(target)
 
 
-def brier_sum(logits: torch.Tensor, target: torch.Tensor, task: str, probability_map: str = "softmax") \
-        -> tuple[torch.Tensor, int]:
+def brier_sum(logits: torch.Tensor, target: torch.Tensor, task: str, probability_map: str = "softmax",
+              probs: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(sum, count) of the Brier score: sum_c (q_c - [c = y])^2 per sample (single-label), or (s - t)^2
-    per (sample, label) element (multilabel)."""
-    probs = probabilities(logits, task, probability_map)
+    per (sample, label) element (multilabel); `probs`: `probabilities` when already computed."""
+    probs = probabilities(logits, task, probability_map) if probs is None else probs
     if task == "multilabel":
         return ((probs - target.to(probs.dtype)) ** 2).sum(), target.numel()
     one_hot = F.one_hot(target.long(), logits.shape[1]).to(probs.dtype)
@@ -165,6 +166,10 @@ class RunningMean(torchmetrics.Metric):
         self.total += total.double()
         self.n += n
 
+    def update(self, total: torch.Tensor, n: int) -> None:
+        """Adds items whose values sum to `total`."""
+        self.add(total, n)
+
     def compute(self) -> torch.Tensor:
         return self.total / self.n
 
@@ -177,17 +182,6 @@ class BatchMean(RunningMean):
         """Adds k batches: their means and sizes, two tensors of shape (k,)."""
         sizes = batch_sizes.to(device=batch_means.device, dtype=torch.float64)
         self.add((batch_means.double() * sizes).sum(), int(batch_sizes.sum()))
-
-
-class MeanScore(RunningMean):
-    """A mean of per-item scores: `score(logits, target, task, probability_map) -> (sum, count)`."""
-
-    def __init__(self, score: Callable, task: str, probability_map: str = "softmax", **kwargs):
-        super().__init__(**kwargs)
-        self.score, self.task, self.probability_map = score, task, check_probability_map(probability_map)
-
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        self.add(*self.score(logits, target, self.task, self.probability_map))
 
 
 class Predictions(torchmetrics.Metric):
@@ -210,6 +204,10 @@ class Predictions(torchmetrics.Metric):
 
 
 def _probability_metrics(task: str, num_classes: int, full: bool) -> dict[str, torchmetrics.Metric]:
+    """torchmetrics metrics updated with the probabilities (multilabel data) or with the predicted classes,
+    their argmax (single-label data: every one here counts decisions, and the argmax is taken once for
+    all of them; a single-label metric that needs the probabilities themselves goes beside `calibration`
+    in `StageMetrics.add`)."""
     # torchmetrics' multiclass default is average="macro"; every average is spelled out on purpose.
     if task == "multilabel":
         light = {"hamming_loss": tmc.MultilabelHammingDistance(num_classes, average="micro")}
@@ -245,9 +243,8 @@ class StageMetrics(nn.Module):
         self.probability_map = check_probability_map(probability_map)
         self.loss = BatchMean()  # the loss under study, averaged over the stage's samples
         self.on_probs = nn.ModuleDict(_probability_metrics(task, num_classes, full))
-        self.on_logits = nn.ModuleDict(
-            {"nll": MeanScore(nll_sum, task, probability_map),
-             "brier": MeanScore(brier_sum, task, probability_map)} if full else {})
+        # Means of `nll_sum` and `brier_sum`, fed from the probabilities every metric shares (`add`).
+        self.on_logits = nn.ModuleDict({"nll": RunningMean(), "brier": RunningMean()} if full else {})
         self.calibration = CalibrationBins(task) if full else None
         self.predictions = Predictions() if keep_predictions else None
         self._held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -266,14 +263,38 @@ class StageMetrics(nn.Module):
             return
         logits, target, losses = zip(*self._held, strict=True)
         self._held, self._held_elements = [], 0
-        self.loss.update(torch.stack(losses), torch.tensor([len(t) for t in target]))
-        logits, target = torch.cat(logits), torch.cat(target)
-        probs = probabilities(logits, self.task, self.probability_map)
-        target_int = target.long() if self.task == "multilabel" else target
+        sizes = torch.tensor([len(t) for t in target])
+        self.add(torch.cat(logits), torch.cat(target), torch.stack(losses), sizes)
+
+    def shared_log_q(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Softmax log-probabilities of (..., N, C) logits with any leading axes (a seed axis) in one call,
+        or None where the map is elementwise (sigmoid, multilabel). A row-wise kernel gives every row the
+        bits it gets alone; an elementwise one (exp, sigmoid) may round a value differently where it
+        falls in a vector register, so `add` applies those per seed."""
+        if self.task == "multilabel" or self.probability_map != "softmax":
+            return None
+        return log_probabilities(logits.reshape(-1, logits.shape[-1])).reshape(logits.shape)
+
+    def add(self, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, sizes: torch.Tensor,
+            log_q: torch.Tensor | None = None) -> None:
+        """Updates every metric with a stage's batches at once: their logits and targets concatenated, each
+        batch's mean loss and size, and `log_q`, the log-probabilities when already computed. The
+        probabilities and the predicted classes are computed once for all metrics."""
+        self.loss.update(losses, sizes)
+        if self.task == "multilabel":
+            probs, decided, probs_target = probabilities(logits, self.task), None, target.long()
+        else:
+            log_q = log_probabilities(logits, self.probability_map) if log_q is None else log_q
+            probs = log_q.exp()
+            # What torchmetrics does with probabilities, once for all its metrics.
+            decided = probs.argmax(dim=1)
+            probs_target = target
         for metric in self.on_probs.values():
-            metric.update(probs, target_int)
-        for metric in self.on_logits.values():
-            metric.update(logits, target)
+            metric.update(probs if decided is None else decided, probs_target)
+        if self.on_logits:
+            task, probability_map = self.task, self.probability_map
+            self.on_logits["nll"].update(*nll_sum(logits, target, task, probability_map, log_q=log_q))
+            self.on_logits["brier"].update(*brier_sum(logits, target, task, probability_map, probs=probs))
         if self.calibration is not None:
             self.calibration.update(probs, target)
         if self.predictions is not None:
@@ -320,6 +341,46 @@ class StageMetrics(nn.Module):
         for metric in self.modules():
             if isinstance(metric, torchmetrics.Metric):
                 metric.reset()
+
+
+class SeedStages:
+    """One stage's metrics for the K seeds of a batch, `stages[k]` seed k's `StageMetrics`: a step's batch
+    is held once for all seeds ((K, B, C) logits, (K, B) targets, (K,) losses), and at the fold the
+    batches are joined and the softmax log-probabilities computed for all seeds in one pass
+    (`StageMetrics.shared_log_q`) before each seed's metrics take their slice. Seed k's values are, to the
+    bit, those its `StageMetrics` computes alone (tests/test_metrics.py). Fold before reading any seed's
+    metrics."""
+
+    def __init__(self, stages: list[StageMetrics]):
+        self.stages, self._held, self._held_elements = list(stages), [], 0
+        first = self.stages[0]
+        # Seeds whose metrics map logits to probabilities alike share the computation.
+        self._shared = all((s.task, s.probability_map) == (first.task, first.probability_map)
+                           for s in self.stages)
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor) -> None:
+        self._held.append((logits, target, losses))
+        self._held_elements += logits.numel()
+        if self._held_elements >= self.stages[0].hold_elements * len(self.stages):
+            self.fold()
+
+    def fold(self) -> None:
+        """Updates every seed's metrics with all held batches."""
+        if not self._held:
+            return
+        logits, target, losses = zip(*self._held, strict=True)
+        self._held, self._held_elements = [], 0
+        sizes = torch.tensor([t.shape[1] for t in target])
+        logits, target = torch.cat(logits, dim=1), torch.cat(target, dim=1)
+        losses = torch.stack(losses, dim=1)  # (K, batches)
+        log_q = self.stages[0].shared_log_q(logits) if self._shared else None
+        for k, stage in enumerate(self.stages):
+            stage.add(logits[k], target[k], losses[k], sizes, None if log_q is None else log_q[k])
+
+    def reset(self) -> None:
+        self._held, self._held_elements = [], 0
+        for stage in self.stages:
+            stage.reset()
 
 
 # --- post-hoc adjustments (fitted or applied after training; docs/metrics.md) ---------------------------

@@ -27,6 +27,7 @@ from xentlab import functional as xF
 from xentlab.lab import plots
 from xentlab.lab.board import HPARAMS_RUN, board_tag
 from xentlab.lab.metrics import (
+    SeedStages,
     StageMetrics,
     logit_adjusted,
     loss_curve,
@@ -124,6 +125,9 @@ class ClassifierModule(pl.LightningModule):
             "val_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=m),
             "test_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=m),
         }) for m in maps)
+        # Each stage's batches held and folded for all seeds at once.
+        self._stages = {stage: SeedStages([seed[f"{stage}_"] for seed in self.metrics])
+                        for stage in ("train", "val", "test")}
         self._logit_grad_norms: torch.Tensor | None = None
         # None: one call may serve all seeds, checked at the first step (`_seed_losses`); False: it may not.
         self._shared_loss: bool | None = None if interchangeable(list(losses)) else False
@@ -173,9 +177,7 @@ class ClassifierModule(pl.LightningModule):
         every = self.trainer.log_every_n_steps
         if logits.requires_grad and self.logger is not None and every and (self.global_step + 1) % every == 0:
             logits.register_hook(self._record_logit_grads)
-        detached, losses = logits.detach(), values.detach()
-        for k, metrics in enumerate(self.metrics):
-            metrics[f"{stage}_"].update(detached[k], y[k], losses[k])
+        self._stages[stage].update(logits.detach(), y, values.detach())
         return values
 
     def _seed_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -246,6 +248,7 @@ class ClassifierModule(pl.LightningModule):
             writer.add_image("loss_curves", images[key], 0, dataformats="HWC")
 
     def on_train_epoch_end(self) -> None:
+        self._stages["train"].fold()
         for k, run in enumerate(self.runs):
             loss = self._log_stage(k, "train", step=self.global_step - 1)["loss"]
             error = nonfinite_loss(loss, self.current_epoch, self.global_step)
@@ -259,9 +262,9 @@ class ClassifierModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
-            for metrics in self.metrics:
-                metrics["val_"].reset()
+            self._stages["val"].reset()
             return
+        self._stages["val"].fold()
         epoch, every = self.current_epoch + 1, self.figure_every_n_epochs
         figures = epoch == self.trainer.max_epochs or (every > 0 and epoch % every == 0)
         for k, run in enumerate(self.runs):
@@ -275,6 +278,7 @@ class ClassifierModule(pl.LightningModule):
         return [float(run.final.get(key, math.nan)) if run.error is None else math.nan for run in self.runs]
 
     def on_test_epoch_end(self) -> None:
+        self._stages["test"].fold()
         for k, run in enumerate(self.runs):
             metrics = self.metrics[k]["test_"]
             posthoc = posthoc_metrics(run.val_logits, *metrics.kept_logits(), task=self.task,
