@@ -81,6 +81,9 @@ def test_a_seed_trained_in_a_batch_is_the_seed_trained_alone(tmp_path, overrides
     assert ours["state_dict"].keys() == theirs["state_dict"].keys()
     torch.testing.assert_close(ours["state_dict"], theirs["state_dict"], rtol=1e-4, atol=1e-5)
     assert (ours["epoch"], ours["global_step"]) == (theirs["epoch"], theirs["global_step"])
+    # ... and the position of its training batches' stream, so it continues alone as its single run would.
+    streams = [checkpoint["TensorDataModule"]["train_generator"] for checkpoint in (ours, theirs)]
+    assert torch.equal(*streams)
     (mine,), (single,) = ours["optimizer_states"], theirs["optimizer_states"]
     assert mine["param_groups"] == single["param_groups"]
     torch.testing.assert_close(mine["state"], single["state"], rtol=1e-4, atol=1e-6)

@@ -55,6 +55,17 @@ def event_reader(run_dir: Path, size_guidance: dict):
     """TensorBoard's EventAccumulator for the event files in `run_dir`, not yet loaded (`Reload()`)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    # Its directory watcher logs every file switch at INFO, which Hydra's logging would print per run.
-    logging.getLogger("tensorboard").setLevel(logging.WARNING)
+    # Its directory watcher logs every file switch at INFO, which Hydra's logging would print per run, and
+    # a resumed run's purge (`purge_from`) as a warning about a "TensorFlow restart": what a resume means.
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)
     return EventAccumulator(str(run_dir), size_guidance=size_guidance)
+
+
+def purge_from(writer, step: int) -> None:
+    """Marks the event files of `writer` (a SummaryWriter) so that TensorBoard's reader drops every point
+    and image at `step` or later written before the mark: a restart at `step` (SummaryWriter's
+    `purge_step`, for a writer already open). A run resumed from a checkpoint at global step `step`
+    logs those steps again, and each then holds the resumed run's point only."""
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    writer.file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))

@@ -1,4 +1,5 @@
-"""Checkpoint files: written atomically, read as data only (tensors and plain values, never pickled code)."""
+"""Checkpoint files: written atomically, read as data only (tensors and plain values, never pickled code),
+carrying the random streams a resume needs to continue exactly (`RandomStates`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 
@@ -91,3 +93,56 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
         return load_run_checkpoint(path, map_location=map_location or "cpu")
+
+
+def random_states() -> dict:
+    """The process's random streams as plain values and tensors (a checkpoint is loaded weights-only):
+    torch's CPU generator, every CUDA device's, numpy's global and Python's `random`."""
+    import random
+
+    import numpy as np
+
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
+                        float(gauss)]}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_random_states(states: dict) -> None:
+    """Puts back what `random_states` took (the streams it holds; CUDA where present)."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RandomStates(pl.Callback):
+    """Carries the process's random streams (`random_states`: dropout and any other global draw) in every
+    checkpoint, taken when it is written at an epoch's end, and puts them back when a resumed run starts
+    training, so the epochs after the checkpoint draw what they drew in the run that was interrupted.
+    With the data's own stream (`TensorDataModule.train_generator`) and Lightning's model, optimizer and
+    loop state, a resume from an epoch's checkpoint trains exactly the epochs the uninterrupted run did."""
+
+    def __init__(self) -> None:
+        self._restored: dict | None = None
+
+    def state_dict(self) -> dict:
+        return random_states()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = state_dict  # applied when training starts: loading and sanity checks come first
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._restored is not None:
+            set_random_states(self._restored)
+            self._restored = None

@@ -181,6 +181,9 @@ class TensorDataModule(pl.LightningDataModule):
         self.num_features = int(np.prod(self.input_shape))
         # Per split, what turns a stored batch into the model's input (images: scaling, augmentation).
         self.transforms = dict(transforms or {})
+        # The training batches' randomness (order, re-sampling, augmentation), one stream over the epochs:
+        # its state is part of a checkpoint, so a resumed run draws the epochs an uninterrupted one draws.
+        self.train_generator = torch.Generator().manual_seed(seed)
 
     def counts(self, split: str) -> torch.Tensor:
         """Samples per class in `split` (positives per label for multilabel data), int64, one per class."""
@@ -201,15 +204,25 @@ class TensorDataModule(pl.LightningDataModule):
                         + " ".join(f"{n:>6}" for n in self.counts(split_name).tolist()))
         return "\n".join(rows)
 
-    def _batches(self, split_name: str, batch_size: int, shuffle: bool, weights: torch.Tensor | None = None):
+    def _batches(self, split_name: str, batch_size: int, shuffle: bool, weights: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None):
         x, y = self.splits[split_name]
         # Under DDP each process takes its own shard; alone (or without a trainer) it takes everything.
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return TensorBatches(x, y, batch_size, shuffle, self.seed, rank=rank, world_size=world_size,
-                             weights=weights, transform=self.transforms.get(split_name))
+                             weights=weights, transform=self.transforms.get(split_name), generator=generator)
 
     def train_dataloader(self):
-        return self._batches("train", self.batch_size, shuffle=True, weights=self.train_weights)
+        return self._batches("train", self.batch_size, shuffle=True, weights=self.train_weights,
+                             generator=self.train_generator)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the data: the training stream's position (`train_generator`)."""
+        return {"train_generator": self.train_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "train_generator" in state_dict:  # checkpoints from before it was kept lack it
+            self.train_generator.set_state(state_dict["train_generator"])
 
     def val_dataloader(self):
         return self._batches("val", self.eval_batch_size, shuffle=False)
@@ -228,11 +241,13 @@ class TensorBatches:
     world_size - 1 samples. With per-sample `weights` (re-sampling, `sampling_weights`), each epoch is
     instead len(x) draws with replacement, sample i drawn with probability w_i / sum(w), as torch's
     WeightedRandomSampler does; seeded, so every process draws the same sequence. `transform(x, generator)`,
-    if given, maps each batch's x (e.g. `ImageTransform`), drawing any randomness from the same generator.
+    if given, maps each batch's x (e.g. `ImageTransform`), drawing any randomness from the same generator:
+    `generator`, or else one of its own seeded with `seed`.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int, *,
-                 rank: int = 0, world_size: int = 1, weights: torch.Tensor | None = None, transform=None):
+                 rank: int = 0, world_size: int = 1, weights: torch.Tensor | None = None, transform=None,
+                 generator: torch.Generator | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if weights is not None and (weights.shape != (len(x),) or not shuffle):
@@ -240,7 +255,7 @@ class TensorBatches:
                              f"split, got shape {tuple(weights.shape)} with shuffle={shuffle}")
         self.x, self.y, self.batch_size, self.shuffle, self.weights = x, y, batch_size, shuffle, weights
         self.rank, self.world_size, self.transform = rank, world_size, transform
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         per_process = -(-len(self.x) // self.world_size)

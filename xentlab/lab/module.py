@@ -25,7 +25,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from xentlab import functional as xF
 from xentlab.lab import plots
-from xentlab.lab.board import HPARAMS_RUN, board_tag
+from xentlab.lab.board import HPARAMS_RUN, board_tag, purge_from
 from xentlab.lab.metrics import (
     SeedStages,
     StageMetrics,
@@ -231,6 +231,8 @@ class ClassifierModule(pl.LightningModule):
     # --- epoch ends: scalars, figures, the HParams session -----------------------------------------
 
     def on_fit_start(self) -> None:
+        if self.trainer.ckpt_path is not None:
+            return  # a resumed run: its first process wrote these
         images: dict[str, object] = {}  # seeds of one setting share one drawing
         for run, loss in zip(self.runs, self.losses, strict=True):
             writer = self._writer(run)
@@ -270,7 +272,7 @@ class ClassifierModule(pl.LightningModule):
         for k, run in enumerate(self.runs):
             # Kept for the post-hoc fits at test time; the last epoch's logits are the tested model's.
             run.val_logits = self.metrics[k]["val_"].kept_logits()
-            self._log_stage(k, "val", figures=figures)
+            self._log_stage(k, "val", figures=figures, step=self.global_step - 1)
 
     def objective_values(self, key: str) -> list[float]:
         """Each seed's latest value of a logged metric (`xentlab.lab.selection`); NaN for a seed that failed
@@ -303,16 +305,18 @@ class ClassifierModule(pl.LightningModule):
                    step: int | None = None) -> dict[str, float]:
         """Seed k's epoch metrics of `stage` to its logger at `step` (default: the global step) and its
         figures; resets them, returns the values. The values are already global (torchmetrics syncs in
-        compute), so under DDP every process holds the same numbers. Training metrics go at the epoch's
-        last step, global step - 1, where Lightning logs epoch-end training metrics."""
+        compute), so under DDP every process holds the same numbers. Training and validation metrics go
+        at the last step trained, global step - 1 (where Lightning logs epoch-end training metrics): all
+        an epoch logs lies below the global step its checkpoint holds, which a resume purges from
+        (`purge_from`)."""
         run, metrics = self.runs[k], self.metrics[k][f"{stage}_"]
         values = metrics.compute()
         if f"recall_class_{run.minority}" in values:
             values["minority_recall"] = values[f"recall_class_{run.minority}"]
         self._log(run, {f"{stage}/{name}": value for name, value in values.items()}, step=step)
         if figures:
-            log_figures(self._writer(run), self.global_step, stage, metrics, task=self.task,
-                        num_classes=self.num_classes, redrawn=self._redrawn)
+            log_figures(self._writer(run), self.global_step if step is None else step, stage, metrics,
+                        task=self.task, num_classes=self.num_classes, redrawn=self._redrawn)
         metrics.reset()
         return values
 
@@ -355,6 +359,11 @@ class ClassifierModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.num_seeds == 1:
             checkpoint["state_dict"] = seed_axis_layout(checkpoint["state_dict"])
+        # What the interrupted process logged after this checkpoint is logged again from here on.
+        for run in self.runs:
+            writer = self._writer(run)
+            if writer is not None:
+                purge_from(writer, checkpoint["global_step"])
 
 
 def single_run_layout(state: dict) -> dict:
@@ -458,7 +467,8 @@ def write_hparams(writer, run_params: dict, final: dict[str, float], step: int,
     # so in a sweep mixing losses the other losses' parameters would vanish; without one it unites the
     # hyperparameters of all runs.
     _, start, end = hparams(session_hparams(run_params, overrides, varied), final)
-    with SummaryWriter(str(Path(writer.log_dir) / HPARAMS_RUN)) as session:
+    # Purging from `step`: a test stage run again after an interruption replaces the session, not adds one.
+    with SummaryWriter(str(Path(writer.log_dir) / HPARAMS_RUN), purge_step=step) as session:
         session.file_writer.add_summary(start, step)
         for name, value in final.items():
             session.add_scalar(name, value, step)

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from xentlab.lab.checkpoint import SafeCheckpointIO, load_checkpoint
+from xentlab.lab.checkpoint import RandomStates, SafeCheckpointIO, load_checkpoint
 from xentlab.lab.data import TensorDataModule, build_datamodule, log_counts
 from xentlab.lab.loggers import build_logger, send_record
 from xentlab.lab.models import build_model
@@ -60,7 +60,7 @@ from xentlab.lab.runs import (
 from xentlab.lab.schedules import build_scheduler
 from xentlab.lab.selection import SELECTED_EPOCH, BestEpoch, best_epoch_callback, restore_best, seed_part
 from xentlab.lab.slurm import lightning_plugins
-from xentlab.lab.stacking import check_optimizer, stack_data, stack_models, stacking_problem
+from xentlab.lab.stacking import StackedData, check_optimizer, stack_data, stack_models, stacking_problem
 from xentlab.lab.validation import ConfigError, flatten
 from xentlab.losses import build_loss
 
@@ -163,13 +163,16 @@ def build_run(cfg: DictConfig, output_dir: str | Path, overrides=(), shared_dir:
                               num_classes=data.num_classes, optimizer=optimizer, scheduler=scheduler,
                               figure_every_n_epochs=cfg.figure_every_n_epochs, shared_dir=shared_dir)
     # Each seed's losses for its divergence warnings; the run's config stamped in its checkpoint.
-    callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True), runs=len(seeds))]
+    # ... and the random streams, so a resume trains the epochs the uninterrupted run trains (RandomStates).
+    callbacks = [RunRecorder(OmegaConf.to_container(cfg, resolve=True), runs=len(seeds)), RandomStates()]
     best = best_epoch_callback(cfg)  # checkpoint=best: each seed's weights of its best validation epoch
     if best is not None:
         callbacks.append(best)
     if cfg.trainer.get("enable_checkpointing", True):
-        # last.ckpt, refreshed every epoch, is what `ckpt_path=last` resumes from.
-        callbacks.append(ModelCheckpoint(dirpath=Path(output_dir) / CHECKPOINT_DIR, save_last=True))
+        # last.ckpt, refreshed at every epoch's end (never mid-epoch, whatever trainer.val_check_interval),
+        # is what `ckpt_path=last` resumes from: the interrupted epoch is trained again from its start.
+        callbacks.append(ModelCheckpoint(dirpath=Path(output_dir) / CHECKPOINT_DIR, save_last=True,
+                                         save_on_train_epoch_end=True))
     arguments = trainer_arguments(cfg, train_batches=len(data.train_dataloader()))
     trainer = pl.Trainer(**arguments, logger=[run.logger for run in runs], callbacks=callbacks,
                          default_root_dir=str(output_dir), plugins=[SafeCheckpointIO(), *lightning_plugins()])
@@ -400,9 +403,10 @@ def resume_point(cfg: DictConfig, output_dir: Path, seeds: list[Seed], *, fresh_
 def split_checkpoint(path: Path, module: ClassifierModule, seeds: list[Seed]) -> None:
     """Writes `<seed folder>/checkpoints/last.ckpt` for every seed: the batch checkpoint at `path` cut into
     seed k's own, in the form a single run of that seed writes (model, loss and optimizer state under the
-    single run's names and parameter order; its RunRecorder state, stamped with its own config; epoch,
-    step, loop and schedule state as they are), so one seed can be loaded or continued alone
-    (`seeds=1 seed=<s> ckpt_path=<that file>`), and its folder is matched to its config on a resume."""
+    single run's names and parameter order; its RunRecorder state, stamped with its own config; its data's
+    training stream; epoch, step, loop, schedule and random state as they are), so one seed can be loaded
+    or continued alone (`seeds=1 seed=<s> ckpt_path=<that file>`), and its folder is matched to its config
+    on a resume."""
     batch = load_checkpoint(path)
     callbacks = batch.get("callbacks") or {}
     recorder = RunRecorder(stamped_config(batch), runs=len(seeds))
@@ -410,8 +414,12 @@ def split_checkpoint(path: Path, module: ClassifierModule, seeds: list[Seed]) ->
         recorder.load_state_dict(callbacks[RECORDER_STATE])
     stacked = [name for name, _ in module.model.model.named_parameters()]
     own = [len(list(loss.parameters())) for loss in module.losses]
+    data = batch.get(StackedData.__qualname__, {}).get("seeds", [])
     for k, seed in enumerate(seeds):
-        one = {key: value for key, value in batch.items() if key not in ("state_dict", "optimizer_states")}
+        one = {key: value for key, value in batch.items()
+               if key not in ("state_dict", "optimizer_states", StackedData.__qualname__)}
+        if k < len(data):  # the seed's training stream, where its single run keeps it
+            one[TensorDataModule.__qualname__] = data[k]
         state = {}
         for key, value in batch["state_dict"].items():
             head, _, rest = key.partition(".")

@@ -186,6 +186,14 @@ class StackedData(pl.LightningDataModule):
     def test_dataloader(self):
         return StackedBatches([dm.test_dataloader() for dm in self.datamodules])
 
+    def state_dict(self) -> dict:
+        """Each seed's data module's state (its training stream's position), in seed order."""
+        return {"seeds": [dm.state_dict() for dm in self.datamodules]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for dm, state in zip(self.datamodules, state_dict.get("seeds", []), strict=False):
+            dm.load_state_dict(state)
+
 
 def stack_data(datamodules: list) -> pl.LightningDataModule:
     """One data module for the K seeds: the seed's own at K = 1, else a StackedData."""
