@@ -4,7 +4,14 @@ top-level conf/ mapped into the package by pyproject.toml's package-dir, and its
 sees every folder of an importable package as a (namespace) package and warns about each one it is not
 told of. The rest is in pyproject.toml."""
 
+import warnings
+
 from setuptools import find_namespace_packages, find_packages, setup
+from setuptools.warnings import InformationOnly
+
+# An editable install always ends with setuptools' note on how it links the sources (not a problem, just
+# information); silenced so the set-up scripts print nothing unless something is wrong.
+warnings.filterwarnings("ignore", category=InformationOnly)
 
 configs = ["xentlab.conf", *(f"xentlab.conf.{group}" for group in find_namespace_packages(where="conf"))]
 setup(packages=[*find_packages(include=["xentlab", "xentlab.*"]), *configs],

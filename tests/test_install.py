@@ -33,17 +33,21 @@ def run(command: list[str], cwd: Path, timeout: float = 240, quiet_warnings: boo
     return result
 
 
-@pytest.fixture(scope="module")
-def wheel_env(tmp_path_factory) -> Path:
-    """A fresh venv with the freshly built wheel installed (no dependencies of its own)."""
-    tmp = tmp_path_factory.mktemp("install")
-    source = tmp / "source"
+def copy_of_the_sources(source: Path) -> Path:
     source.mkdir()
     for name in SOURCES:
         if (ROOT / name).is_dir():
             shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(ROOT / name, source / name)
+    return source
+
+
+@pytest.fixture(scope="module")
+def wheel_env(tmp_path_factory) -> Path:
+    """A fresh venv with the freshly built wheel installed (no dependencies of its own)."""
+    tmp = tmp_path_factory.mktemp("install")
+    source = copy_of_the_sources(tmp / "source")
     pip = [sys.executable, "-m", "pip"]
     # Built with Python's own warning filters, as `pip install .` builds it: setuptools reports what it
     # finds wrong in the packaging (a license table, config folders it is not told of) as warnings that
@@ -53,16 +57,33 @@ def wheel_env(tmp_path_factory) -> Path:
     assert "Warning" not in built.stdout + built.stderr, built.stdout + built.stderr
     (wheel,) = (tmp / "dist").glob("xentlab-*.whl")
     venv = tmp / "venv"
-    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp)
+    python = venv_with_our_dependencies(venv)
+    run([*pip, "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)], tmp)
+    return venv
+
+
+def venv_with_our_dependencies(venv: Path) -> Path:
+    """A fresh venv (its python returned) that sees this environment's packages after its own."""
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], venv.parent)
     python = venv / "bin" / "python"
     purelib = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                       tmp).stdout.strip())
+                       venv.parent).stdout.strip())
     # This environment's site-packages come after the venv's own: its dependencies, not its xentlab (an
     # editable install there is a .pth hook, which only runs in a site directory, not a .pth-added path).
     ours = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"]])
     (purelib / "xentlab-test-deps.pth").write_text("\n".join(ours) + "\n")
-    run([*pip, "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)], tmp)
-    return venv
+    return python
+
+
+def test_an_editable_install_prints_nothing(tmp_path):
+    """The set-up scripts install the clone editable with `pip -q`; a recent pip passes on setuptools'
+    closing note about how an editable install links the sources, a dozen lines on every set-up."""
+    source = copy_of_the_sources(tmp_path / "source")
+    python = venv_with_our_dependencies(tmp_path / "venv")
+    installed = run([sys.executable, "-m", "pip", "--python", str(python), "install",
+                     "--no-deps", "--no-build-isolation", "--no-index", "-q", "-e", str(source)], tmp_path,
+                    quiet_warnings=False)
+    assert installed.stdout + installed.stderr == "", installed.stdout + installed.stderr
 
 
 def test_the_wheel_is_what_runs_and_ships_the_configs(wheel_env, tmp_path):
