@@ -126,26 +126,34 @@ def test_a_seed_batch_killed_mid_epoch_resumes_to_the_uninterrupted_batch(tmp_pa
         assert torch.equal(batch["state_dict"][name], value), name
 
 
-def test_a_run_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train(composed(), run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("stopped_epoch", [1, STOPPED_EPOCH, 3])  # after one, two or three saved epochs
+def test_a_run_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_run(
+        tmp_path, monkeypatch, uninterrupted_run, stopped_epoch):
     from xentlab.lab.module import ClassifierModule
 
-    train(composed(), tmp_path / "uninterrupted")
     step = ClassifierModule.training_step
 
-    def sigterm_in_third_epoch(self, batch, batch_idx):
-        if self.current_epoch == STOPPED_EPOCH and batch_idx == 1:
+    def sigterm_mid_epoch(self, batch, batch_idx):
+        if self.current_epoch == stopped_epoch and batch_idx == 1:
             for logger in self.loggers:
                 logger.experiment.flush()  # the epoch's first points reach the event files
             os.kill(os.getpid(), signal.SIGTERM)  # noted here, raised when the next batch starts
         return step(self, batch, batch_idx)
 
-    monkeypatch.setattr(ClassifierModule, "training_step", sigterm_in_third_epoch)
+    monkeypatch.setattr(ClassifierModule, "training_step", sigterm_mid_epoch)
     with pytest.raises(RunInterrupted, match="interrupted by SIGTERM"):
         train(composed(), tmp_path / "run")
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert record["status"] == "interrupted" and record["epochs"] == STOPPED_EPOCH
+    assert record["status"] == "interrupted" and record["epochs"] == stopped_epoch
     monkeypatch.setattr(ClassifierModule, "training_step", step)
 
     (resumed,) = train(composed("ckpt_path=last"), tmp_path / "run")
     assert resumed["status"] == "completed"
-    assert_same_run(tmp_path / "run", tmp_path / "uninterrupted")
+    assert_same_run(tmp_path / "run", uninterrupted_run)
