@@ -112,6 +112,15 @@ def test_preempted_job_is_requeued_and_resumes_from_its_checkpoint(cluster, tmp_
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == "last.ckpt"
     assert not list(run_dir.rglob("hpc_ckpt_*")), list(run_dir.rglob("*"))
     assert "[1/1] " in output and "sacct" not in output
+    # The preempted run is the run that was never stopped: the same job straight through, same numbers.
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    finish(xentlab_train(cluster, args, straight), cluster)
+    (straight_dir,) = [p.parent.parent for p in straight.glob("outputs/multirun/*/*/*/checkpoints/last.ckpt")]
+    assert json.loads((straight_dir / "metrics.json").read_text())["metrics"] == record["metrics"]
+    reference = torch.load(straight_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for name, value in reference.items():
+        assert torch.equal(last["state_dict"][name], value), f"parameter {name} differs"
 
 
 def test_readme_cluster_example_runs_as_printed(cluster, tmp_path):
