@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _interrupting import signal_during_training
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -136,23 +137,12 @@ def uninterrupted_run(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("stopped_epoch", [1, STOPPED_EPOCH, 3])  # after one, two or three saved epochs
 def test_a_run_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_run(
         tmp_path, monkeypatch, uninterrupted_run, stopped_epoch):
-    from xentlab.lab.module import ClassifierModule
-
-    step = ClassifierModule.training_step
-
-    def sigterm_mid_epoch(self, batch, batch_idx):
-        if self.current_epoch == stopped_epoch and batch_idx == 1:
-            for logger in self.loggers:
-                logger.experiment.flush()  # the epoch's first points reach the event files
-            os.kill(os.getpid(), signal.SIGTERM)  # noted here, raised when the next batch starts
-        return step(self, batch, batch_idx)
-
-    monkeypatch.setattr(ClassifierModule, "training_step", sigterm_mid_epoch)
+    signal_during_training(monkeypatch, signal.SIGTERM, epoch=stopped_epoch, batch_idx=1, flush=True)
     with pytest.raises(RunInterrupted, match="interrupted by SIGTERM"):
         train(composed(), tmp_path / "run")
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["status"] == "interrupted" and record["epochs"] == stopped_epoch
-    monkeypatch.setattr(ClassifierModule, "training_step", step)
+    monkeypatch.undo()
 
     (resumed,) = train(composed("ckpt_path=last"), tmp_path / "run")
     assert resumed["status"] == "completed"

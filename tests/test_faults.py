@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _interrupting import signal_during_training
 from hydra import compose, initialize_config_dir
 
 from xentlab.lab.atomic import atomic_open, atomic_write, remove_staging_files
@@ -339,16 +340,7 @@ def test_a_sweep_that_dies_inside_hydra_still_reports_what_exists(tmp_path):
 
 @pytest.mark.parametrize(("sig", "cause"), [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")])
 def test_a_signal_during_training_is_recorded_as_interrupted(tmp_path, monkeypatch, sig, cause):
-    from xentlab.lab.module import ClassifierModule
-
-    original = ClassifierModule.training_step
-
-    def signal_in_second_epoch(self, batch, batch_idx):
-        if self.current_epoch == 1 and batch_idx == 0:
-            os.kill(os.getpid(), sig)  # noted here, raised when the next batch starts
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(ClassifierModule, "training_step", signal_in_second_epoch)
+    signal_during_training(monkeypatch, sig, epoch=1)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(RunInterrupted, match=f"interrupted by {cause}.*in epoch 2; recorded in") as raised:
         train(composed("trainer.max_epochs=5"), tmp_path)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _interrupting import signal_during_training
 from hydra import compose, initialize_config_dir
 from torch import nn
 
@@ -421,17 +422,9 @@ def test_a_seed_that_diverges_with_a_finite_loss_is_flagged_as_a_single_run_is(t
 @pytest.mark.parametrize(("sig", "cause"), [(signal.SIGINT, r"SIGINT \(Ctrl-C\)"),
                                            (signal.SIGTERM, "SIGTERM")])
 def test_an_interrupted_batch_records_every_unfinished_seed(tmp_path, monkeypatch, sig, cause):
-    from xentlab.lab.module import ClassifierModule
     from xentlab.lab.runs import RunInterrupted
 
-    original = ClassifierModule.training_step
-
-    def signal_in_second_epoch(self, batch, batch_idx):
-        if self.current_epoch == 1 and batch_idx == 0:
-            os.kill(os.getpid(), sig)  # noted here, raised when the next batch starts
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(ClassifierModule, "training_step", signal_in_second_epoch)
+    signal_during_training(monkeypatch, sig, epoch=1)
     poison_seed(monkeypatch, 1)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(RunInterrupted, match=f"interrupted by {cause} in epoch 2; recorded in") as raised:
