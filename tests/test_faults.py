@@ -476,7 +476,10 @@ def test_a_second_writer_is_refused_while_the_first_runs_and_a_killed_one_leaves
     from xentlab.lab.lock import hold, release
 
     sweep_dir = tmp_path / "sweep"
-    first = cli(["-m", *TINY, "trainer.max_epochs=500", "seed=0,1", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    # Epochs enough that its first job is still running when the last refusal is tried, however fast the
+    # machine (it is killed at the end).
+    busy = "trainer.max_epochs=100000"
+    first = cli(["-m", *TINY, busy, "seed=0,1", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
     try:
         deadline = time.monotonic() + 120
         while not list(sweep_dir.glob("*/checkpoints/last.ckpt")) and first.poll() is None:
@@ -486,9 +489,9 @@ def test_a_second_writer_is_refused_while_the_first_runs_and_a_killed_one_leaves
         before = hydra_files(sweep_dir)
         # Another sweep into the folder, resuming it or not, and a single run into the running job's folder.
         for args in (["-m", *TINY, "trainer.max_epochs=2", "seed=0,1", f"hydra.sweep.dir={sweep_dir}"],
-                     ["-m", *TINY, "trainer.max_epochs=500", "seed=0,1", f"hydra.sweep.dir={sweep_dir}",
+                     ["-m", *TINY, busy, "seed=0,1", f"hydra.sweep.dir={sweep_dir}",
                       "ckpt_path=last"],
-                     [*TINY, "trainer.max_epochs=500", "seed=0", f"hydra.run.dir='{job}'", "ckpt_path=last"]):
+                     [*TINY, busy, "seed=0", f"hydra.run.dir='{job}'", "ckpt_path=last"]):
             second = cli(args, tmp_path)
             output = second.communicate(timeout=120)[0]
             assert second.returncode == 2, output[-3000:]
