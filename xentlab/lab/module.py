@@ -366,27 +366,28 @@ class ClassifierModule(pl.LightningModule):
                 purge_from(writer, checkpoint["global_step"])
 
 
+SEED_AXIS_TO_SINGLE_RUN = (("losses.0.", "loss."), ("metrics.0.", "metrics."))
+
+
+def _with_prefixes_renamed(state: dict, renames: tuple[tuple[str, str], ...]) -> dict:
+    renamed = {}
+    for key, value in state.items():
+        for old, new in renames:
+            if key.startswith(old):
+                key = new + key.removeprefix(old)
+        renamed[key] = value
+    return renamed
+
+
 def single_run_layout(state: dict) -> dict:
     """A one-seed module's state dict under a single run's names: `losses.0.x` as `loss.x`, `metrics.0.x`
     as `metrics.x` (the model's `model.x` is the same)."""
-    renamed = {}
-    for key, value in state.items():
-        for many, one in (("losses.0.", "loss."), ("metrics.0.", "metrics.")):
-            if key.startswith(many):
-                key = one + key.removeprefix(many)
-        renamed[key] = value
-    return renamed
+    return _with_prefixes_renamed(state, SEED_AXIS_TO_SINGLE_RUN)
 
 
 def seed_axis_layout(state: dict) -> dict:
     """The inverse of `single_run_layout`: a single run's checkpoint loaded into a one-seed module."""
-    renamed = {}
-    for key, value in state.items():
-        for one, many in (("loss.", "losses.0."), ("metrics.", "metrics.0.")):
-            if key.startswith(one):
-                key = many + key.removeprefix(one)
-        renamed[key] = value
-    return renamed
+    return _with_prefixes_renamed(state, tuple((one, many) for many, one in SEED_AXIS_TO_SINGLE_RUN))
 
 
 def posthoc_metrics(val: tuple[torch.Tensor, torch.Tensor] | None, logits: torch.Tensor, target: torch.Tensor,
