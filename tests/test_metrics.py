@@ -14,14 +14,16 @@ import torchmetrics
 from pytorch_lightning.loggers import TensorBoardLogger
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
+from torchmetrics import classification as tmc
 
 from xentlab import functional as xF
 from xentlab.lab import plots
 from xentlab.lab.metrics import (
     N_BINS,
-    SeedStages,
     StageMetrics,
     bin_index,
+    counted_metrics,
+    decision_stats,
     fit_temperature,
     logit_adjusted,
     loss_curve,
@@ -51,11 +53,12 @@ def fixed_predictions(n: int, c: int, seed: int, multilabel: bool = False):
 
 
 def computed(task, logits, target, chunks=3, hold_elements=1 << 20, probability_map="softmax"):
+    """A one-seed StageMetrics streamed (N, C) logits in `chunks` batches, and its values."""
     metrics = StageMetrics(task, logits.shape[1], keep_predictions=True, hold_elements=hold_elements,
                            probability_map=probability_map)
     for part_logits, part_target in zip(logits.chunk(chunks), target.chunk(chunks), strict=True):  # streaming
-        metrics.update(part_logits, part_target, torch.tensor(0.0))
-    return metrics, metrics.compute()
+        metrics.update(part_logits[None], part_target[None], torch.zeros(1))
+    return metrics, metrics.compute()[0]
 
 
 def sklearn_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> float:
@@ -119,7 +122,7 @@ def test_multilabel_metrics_agree_with_sklearn():
 def test_confusion_matrix_agrees_with_sklearn(task, c):
     logits, target = fixed_predictions(300, c, seed=5, multilabel=task == "multilabel")
     metrics, _ = computed(task, logits, target)
-    matrix = metrics.confusion_matrix().numpy()
+    matrix = metrics.confusion_matrix()[0].numpy()
     if task == "multilabel":
         predicted = (torch.sigmoid(logits) >= 0.5).int().numpy()
         expected = skm.multilabel_confusion_matrix(target.int().numpy(), predicted)
@@ -135,13 +138,13 @@ def test_folding_batches_early_changes_no_value_and_bounds_what_is_held(task, c)
     hold = 2 * 30 * c  # two of the ten batches
     metrics = StageMetrics(task, c, keep_predictions=True, hold_elements=hold)
     for part_logits, part_target in zip(logits.chunk(10), target.chunk(10), strict=True):
-        metrics.update(part_logits, part_target, torch.tensor(0.0))
+        metrics.update(part_logits[None], part_target[None], torch.zeros(1))
         assert metrics._held_elements < hold
-    folded = metrics.compute()
+    folded = metrics.compute()[0]
     assert folded.keys() == held.keys()
     for name in held:
         assert folded[name] == pytest.approx(held[name], rel=1e-6, abs=1e-9), name
-    probs, kept_target = metrics.kept_predictions()
+    (probs,), (kept_target,) = metrics.kept_predictions()
     np.testing.assert_allclose(probs.numpy(), probabilities(logits, task).numpy(), rtol=1e-6)
     np.testing.assert_array_equal(kept_target.numpy(), target.numpy())
 
@@ -150,21 +153,22 @@ def test_reset_forgets_the_previous_epoch():
     logits, target = fixed_predictions(200, 3, seed=2)
     metrics, first = computed("multiclass", logits, target)
     metrics.reset()
-    metrics.update(logits[:50], target[:50], torch.tensor(0.0))
-    assert metrics.compute()["accuracy"] == pytest.approx(
+    metrics.update(logits[None, :50], target[None, :50], torch.zeros(1))
+    assert metrics.compute()[0]["accuracy"] == pytest.approx(
         skm.accuracy_score(target[:50].numpy(), logits[:50].argmax(1).numpy()), abs=1e-6)
-    assert len(metrics.kept_predictions()[1]) == 50
+    assert metrics.kept_predictions()[1].shape == (1, 50)
 
 
 def test_loss_is_the_sample_mean_over_uneven_batches_and_keeps_nan():
     logits, target = fixed_predictions(100, 3, seed=3)
     metrics = StageMetrics("multiclass", 3, full=False)
     for batch in (slice(0, 10), slice(10, 100)):
-        metrics.update(logits[batch], target[batch], F.cross_entropy(logits[batch], target[batch]))
+        metrics.update(logits[None, batch], target[None, batch],
+                       F.cross_entropy(logits[batch], target[batch]).reshape(1))
     expected = F.cross_entropy(logits, target)
-    assert metrics.compute()["loss"] == pytest.approx(float(expected), rel=1e-6)
-    metrics.update(logits[:5], target[:5], torch.tensor(float("nan")))
-    assert math.isnan(metrics.compute()["loss"])
+    assert metrics.compute()[0]["loss"] == pytest.approx(float(expected), rel=1e-6)
+    metrics.update(logits[None, :5], target[None, :5], torch.tensor([float("nan")]))
+    assert math.isnan(metrics.compute()[0]["loss"])
 
 
 def test_calibration_bins_are_left_closed_and_the_last_includes_one():
@@ -315,7 +319,7 @@ def test_calibration_and_scores_use_the_loss_probability_map(probability_map, no
         assert values[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     other = hand_scores(ROWS, TARGET, softmax_row if probability_map == "sigmoid" else normalised_sigmoid)
     assert values["nll"] != pytest.approx(other["nll"], rel=1e-3)  # the two maps really differ here
-    probs, _ = metrics.kept_predictions()
+    (probs,), _ = metrics.kept_predictions()
     np.testing.assert_allclose(probs.numpy(), [normalise(row) for row in ROWS], rtol=1e-5)
 
 
@@ -332,9 +336,9 @@ def test_module_measures_with_the_probability_map_its_loss_declares():
     loss = torch.nn.BCEWithLogitsLoss()
     loss.probability_map = "sigmoid"
     module = single_run_module(torch.nn.Linear(3, 4), loss)
-    assert {m.probability_map for m in module.metrics[0].values()} == {"sigmoid"}
+    assert {m.probability_map for m in module.metrics.values()} == {"sigmoid"}
     plain = single_run_module(torch.nn.Linear(3, 4), torch.nn.CrossEntropyLoss())
-    assert {m.probability_map for m in plain.metrics[0].values()} == {"softmax"}
+    assert {m.probability_map for m in plain.metrics.values()} == {"softmax"}
 
 
 def planted(temperature: float, probability_map: str, n: int = 20000, c: int = 4, seed: int = 0):
@@ -418,8 +422,8 @@ def test_prior_correction_removes_the_miscalibration_a_prior_shift_causes(probab
         logits = torch.log(q / (1 - q))
     values = shift_calibration(logits, target, "multiclass", probability_map, counts)
     raw = StageMetrics("multiclass", 4, probability_map=probability_map)
-    raw.update(logits, target, torch.tensor(0.0))
-    assert raw.compute()["ece"] > 0.15
+    raw.update(logits[None], target[None], torch.zeros(1))
+    assert raw.compute()[0]["ece"] > 0.15
     assert values["prior_corrected_ece"] < 0.015
 
 
@@ -443,15 +447,17 @@ def test_the_prior_a_model_carries_follows_its_sampler_and_loss():
 @pytest.mark.parametrize("task, probability_map, full", [
     ("multiclass", "softmax", True), ("multiclass", "sigmoid", True), ("multiclass", "softmax", False),
     ("multilabel", "sigmoid", True)])
-def test_a_seed_batch_folds_every_seed_to_the_values_it_has_alone(task, probability_map, full):
-    # Three seeds' batches held stacked and folded in one pass give each seed, to the bit, what its own
-    # StageMetrics gives it from the same batches (NaN logits of one seed included).
+def test_a_seed_batch_gives_every_seed_the_values_it_has_alone(task, probability_map, full):
+    # Three seeds' batches folded in one pass give each seed what a one-seed StageMetrics gives it from the
+    # same batches (NaN logits of one seed included): the counts' metrics and the kept logits to the bit;
+    # sums of probabilities within float32 rounding (an elementwise exp may round a value differently
+    # where it falls in a vector register).
     torch.manual_seed(3)
     seeds, classes = 3, 4
     alone = [StageMetrics(task, classes, full=full, keep_predictions=full, probability_map=probability_map)
              for _ in range(seeds)]
-    batched = SeedStages([StageMetrics(task, classes, full=full, keep_predictions=full,
-                                       probability_map=probability_map) for _ in range(seeds)])
+    batched = StageMetrics(task, classes, seeds, full=full, keep_predictions=full,
+                           probability_map=probability_map)
     for size in (17, 64, 5):
         logits = torch.randn(seeds, size, classes) * 3
         if size == 5:
@@ -461,17 +467,63 @@ def test_a_seed_batch_folds_every_seed_to_the_values_it_has_alone(task, probabil
         losses = torch.rand(seeds)
         batched.update(logits, target, losses)
         for k in range(seeds):
-            alone[k].update(logits[k], target[k], losses[k])
-    batched.fold()
-    for own, seed in zip(alone, batched.stages, strict=True):
-        expected, got = own.compute(), seed.compute()
+            alone[k].update(logits[k:k + 1], target[k:k + 1], losses[k:k + 1])
+    summed = {"loss", "nll", "brier", "ece", "overconfidence", "map"}
+    for own, got in zip(alone, batched.compute(), strict=True):
+        expected = own.compute()[0]
         assert list(got) == list(expected)
-        assert all(g == e or (math.isnan(g) and math.isnan(e))
-                   for g, e in zip(got.values(), expected.values(), strict=True))
+        for name, value in expected.items():
+            if name in summed:
+                assert got[name] == pytest.approx(value, rel=1e-6, nan_ok=True), name
+            else:
+                assert got[name] == value or (math.isnan(got[name]) and math.isnan(value)), name
+    for k, own in enumerate(alone):
+        torch.testing.assert_close(batched.confusion_matrix()[k], own.confusion_matrix()[0], rtol=0, atol=0)
         if full:
-            for g, e in zip(seed.kept_logits(), own.kept_logits(), strict=True):
-                torch.testing.assert_close(g, e, rtol=0, atol=0, equal_nan=True)
+            for g, e in zip(batched.kept_logits(), own.kept_logits(), strict=True):
+                torch.testing.assert_close(g[k], e[0], rtol=0, atol=0, equal_nan=True)
     batched.update(logits, target, losses)
     batched.reset()  # drops what it holds as well as what every seed counted
-    batched.fold()
-    assert all(int(seed.loss.n) == 0 for seed in batched.stages)
+    assert not batched._held and int(batched.tally.rows) == 0 and not batched.tally.counts.any()
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_the_counted_metrics_are_torchmetrics_own_values_to_the_bit(task):
+    # Each seed's row of counts reduced at once gives what torchmetrics' metric class gives that seed's
+    # decisions alone.
+    torch.manual_seed(5)
+    seeds, classes, n = 4, 5, 300
+    logits = torch.randn(seeds, n, classes) * 2
+    if task == "multilabel":
+        target = (torch.rand(seeds, n, classes) < 0.3).long()
+        target[1, :, 2] = 0  # a label that is never on
+        reference = {"hamming_loss": tmc.MultilabelHammingDistance(classes, average="micro"),
+                     "micro_f1": tmc.MultilabelF1Score(classes, average="micro"),
+                     "macro_f1": tmc.MultilabelF1Score(classes, average="macro"),
+                     "recall": tmc.MultilabelRecall(classes, average="none"),
+                     "specificity": tmc.MultilabelSpecificity(classes, average="none")}
+        decided = [torch.sigmoid(logits[k]) for k in range(seeds)]
+    else:
+        target = torch.multinomial(torch.tensor([0.6, 0.25, 0.1, 0.05, 0.0]), seeds * n, replacement=True)
+        target = target.view(seeds, n)  # class 4 never occurs: macro averages must leave it out
+        reference = {"accuracy": tmc.MulticlassAccuracy(classes, average="micro"),
+                     "balanced_accuracy": tmc.MulticlassAccuracy(classes, average="macro"),
+                     "macro_f1": tmc.MulticlassF1Score(classes, average="macro"),
+                     "recall": tmc.MulticlassRecall(classes, average="none")}
+        decided = [logits[k].argmax(1) for k in range(seeds)]
+    metrics = StageMetrics(task, classes, seeds)
+    metrics.update(logits, target, torch.zeros(seeds))
+    stats = decision_stats(metrics.confusion_matrix(), task)
+    counted = counted_metrics(task, full=True)
+    assert set(counted) == set(reference)
+    for name, metric in reference.items():
+        got = counted[name](*stats)
+        for k in range(seeds):
+            metric.reset()
+            torch.testing.assert_close(got[k], metric(decided[k], target[k]), rtol=0, atol=0, msg=name)
+
+
+def test_stage_metrics_refuse_batches_without_their_seed_axis():
+    metrics = StageMetrics("multiclass", 3, 2)
+    with pytest.raises(ValueError, match=r"expected logits of shape \(2, batch, classes\), got \(5, 3\)"):
+        metrics.update(torch.zeros(5, 3), torch.zeros(5, dtype=torch.long), torch.zeros(2))

@@ -1,12 +1,14 @@
 """Evaluation metrics for imbalanced classification, built on torchmetrics; conventions in docs/metrics.md.
 
-`StageMetrics` holds one stage's (train / val / test) streaming metrics and returns plain
-`name -> float` dicts; per-class vectors are expanded to `recall_class_<c>`. The scores torchmetrics
-lacks (NLL, Brier, binned calibration) are small `torchmetrics.Metric`s here, so they sync across
-processes like the rest. Probabilities follow the loss's `probability_map` ("softmax", or "sigmoid":
-normalised one-vs-rest sigmoids) and use torch's own functions, never the losses under study.
-`temperature_scaled` and `logit_adjusted` are the post-hoc adjustments logged at test, `shift_calibration`
-the calibration figures that separate a train/test prior shift from miscalibration.
+`StageMetrics` holds one stage's (train / val / test) streaming metrics for the K >= 1 seeds of a run, with
+a leading seed axis, and returns one plain `name -> float` dict per seed; per-class vectors are expanded
+to `recall_class_<c>`. Every seed's metrics come out of one vectorised pass: one count of the decisions
+((K, C, C) confusion counts), one log-softmax, one set of reliability bins for all seeds, and torchmetrics'
+own reductions of the counts applied to every seed's row at once. Probabilities follow the loss's
+`probability_map` ("softmax", or "sigmoid": normalised one-vs-rest sigmoids) and use torch's own
+functions, never the losses under study. `temperature_scaled` and `logit_adjusted` are the post-hoc
+adjustments logged at test, `shift_calibration` the calibration figures that separate a train/test prior
+shift from miscalibration.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import nn
-from torchmetrics import classification as tmc
 from torchmetrics.functional import classification as tmf
+from torchmetrics.functional.classification.accuracy import _accuracy_reduce
+from torchmetrics.functional.classification.f_beta import _fbeta_reduce
+from torchmetrics.functional.classification.hamming import _hamming_distance_reduce
+from torchmetrics.functional.classification.precision_recall import _precision_recall_reduce
+from torchmetrics.functional.classification.specificity import _specificity_reduce
+from torchmetrics.utilities import dim_zero_cat
 
 N_BINS = 15
 PROBABILITY_MAPS = ("softmax", "sigmoid")
@@ -40,7 +47,7 @@ def _float(logits: torch.Tensor) -> torch.Tensor:
 
 
 def log_probabilities(logits: torch.Tensor, probability_map: str = "softmax") -> torch.Tensor:
-    """Single-label log-probabilities log q of (N, C) logits, in float32 (float64 stays float64).
+    """Single-label log-probabilities log q of (..., N, C) logits, in float32 (float64 stays float64).
 
     softmax: q = softmax(z). sigmoid (a one-vs-rest model: bce, sigmoid focal, mse on logits):
     q_c = sigmoid(z_c) / sum_k sigmoid(z_k), computed as log sigmoid(z_c) - logsumexp_k log sigmoid(z_k).
@@ -48,8 +55,8 @@ def log_probabilities(logits: torch.Tensor, probability_map: str = "softmax") ->
     logits = _float(logits)
     if check_probability_map(probability_map) == "sigmoid":
         log_s = F.logsigmoid(logits)
-        return log_s - torch.logsumexp(log_s, dim=1, keepdim=True)
-    return torch.log_softmax(logits, dim=1)
+        return log_s - torch.logsumexp(log_s, dim=-1, keepdim=True)
+    return torch.log_softmax(logits, dim=-1)
 
 
 def probabilities(logits: torch.Tensor, task: str, probability_map: str = "softmax") -> torch.Tensor:
@@ -62,60 +69,39 @@ def probabilities(logits: torch.Tensor, task: str, probability_map: str = "softm
 
 def nll_sum(logits: torch.Tensor, target: torch.Tensor, task: str, probability_map: str = "softmax",
             log_q: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """(sum, count) of the negative log-likelihood: -log q_y per sample (single-label, q as in
-    `log_probabilities`, or `log_q` when already computed), or -[t log s + (1-t) log(1-s)],
-    s = sigmoid(z), per (sample, label) element."""
+    """(sum, count) of the negative log-likelihood over the samples of (..., N, C) logits, one sum per
+    leading index: -log q_y per sample (single-label, q as in `log_probabilities`, or `log_q` when already
+    computed), or -[t log s + (1-t) log(1-s)], s = sigmoid(z), per (sample, label) element."""
     if task == "multilabel":
         logits = _float(logits)
-        total = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="sum")
-        return total, target.numel()
+        each = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
+        return each.flatten(-2).sum(-1), target.shape[-2] * target.shape[-1]
     log_q = log_probabilities(logits, probability_map) if log_q is None else log_q
-    return -log_q.gather(1, target.long().unsqueeze(1)).sum(), len(target)
+    return -log_q.gather(-1, target.long().unsqueeze(-1)).squeeze(-1).sum(-1), target.shape[-1]
 
 
 def brier_sum(logits: torch.Tensor, target: torch.Tensor, task: str, probability_map: str = "softmax",
               probs: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """(sum, count) of the Brier score: sum_c (q_c - [c = y])^2 per sample (single-label), or (s - t)^2
-    per (sample, label) element (multilabel); `probs`: `probabilities` when already computed."""
+    """(sum, count) of the Brier score over the samples of (..., N, C) logits, one sum per leading index:
+    sum_c (q_c - [c = y])^2 per sample (single-label), or (s - t)^2 per (sample, label) element
+    (multilabel); `probs`: `probabilities` when already computed."""
     probs = probabilities(logits, task, probability_map) if probs is None else probs
     if task == "multilabel":
-        return ((probs - target.to(probs.dtype)) ** 2).sum(), target.numel()
-    one_hot = F.one_hot(target.long(), logits.shape[1]).to(probs.dtype)
-    return ((probs - one_hot) ** 2).sum(), len(target)
+        squares = (probs - target.to(probs.dtype)) ** 2
+        return squares.flatten(-2).sum(-1), target.shape[-2] * target.shape[-1]
+    one_hot = F.one_hot(target.long(), logits.shape[-1]).to(probs.dtype)
+    return ((probs - one_hot) ** 2).flatten(-2).sum(-1), target.shape[-1]
 
 
 def top_label(probs: torch.Tensor, target: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(confidence, correct) of each decision: the top class for single-label data, each (sample, label)
-    pair's 0/1 decision for multilabel data (confidence max(p, 1 - p), threshold 0.5)."""
+    """(confidence, correct) of each decision, over the last axis: the top class of each sample of
+    (..., N, C) single-label probabilities, each (sample, label) pair's 0/1 decision for multilabel data
+    (confidence max(p, 1 - p); on where p > 0.5, as torchmetrics decides)."""
     if task == "multilabel":
-        p, t = probs.flatten(), target.flatten()
-        return torch.maximum(p, 1 - p), ((p >= 0.5) == (t >= 0.5)).float()
-    confidence, predicted = probs.max(dim=1)
+        p, t = probs.flatten(-2), target.flatten(-2)
+        return torch.maximum(p, 1 - p), ((p > 0.5) == (t > 0.5)).float()
+    confidence, predicted = probs.max(dim=-1)
     return confidence, (predicted == target).float()
-
-
-class Reliability(NamedTuple):
-    """Per-bin mean confidence, accuracy (fraction correct) and count; empty bins hold 0."""
-
-    confidence: torch.Tensor
-    accuracy: torch.Tensor
-    count: torch.Tensor
-
-    @property
-    def ece(self) -> float:
-        """ECE = sum_b (n_b / N) * |accuracy_b - confidence_b|."""
-        total = self.count.sum()
-        if not total:
-            return float("nan")
-        return float((self.count / total * (self.accuracy - self.confidence).abs()).sum())
-
-    @property
-    def overconfidence(self) -> float:
-        """Mean top-label confidence minus accuracy over all decisions (> 0: over-confident)."""
-        total = self.count.sum()
-        if not total:
-            return float("nan")
-        return float((self.count * (self.confidence - self.accuracy)).sum() / total)
 
 
 def bin_index(confidence: torch.Tensor, n_bins: int = N_BINS) -> torch.Tensor:
@@ -124,212 +110,251 @@ def bin_index(confidence: torch.Tensor, n_bins: int = N_BINS) -> torch.Tensor:
     return torch.bucketize(confidence, edges, right=True)
 
 
-class CalibrationBins(torchmetrics.Metric):
-    """Streaming reliability bins on top-label confidence (B equal-width bins); `compute` gives ECE."""
-
-    full_state_update = False
-
-    def __init__(self, task: str, n_bins: int = N_BINS, **kwargs):
-        super().__init__(**kwargs)
-        self.task, self.n_bins = task, n_bins
-        for name in ("confidence_sum", "correct_sum", "count"):
-            self.add_state(name, torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
-        confidence, correct = top_label(probs, target, self.task)
-        index = bin_index(confidence, self.n_bins)
-        self.confidence_sum.index_add_(0, index, confidence.double())
-        self.correct_sum.index_add_(0, index, correct.double())
-        self.count.index_add_(0, index, torch.ones_like(confidence, dtype=torch.float64))
-
-    def bins(self) -> Reliability:
-        """The bins so far (mean confidence, accuracy, count per bin)."""
-        safe = self.count.clamp(min=1)
-        return Reliability(self.confidence_sum / safe, self.correct_sum / safe, self.count)
-
-    def compute(self) -> torch.Tensor:
-        return torch.tensor(self.bins().ece)
+def reliability_sums(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = N_BINS) -> torch.Tensor:
+    """(..., 3, n_bins) float64 sums over the last axis of (..., M) decisions, per equal-width confidence
+    bin (`bin_index`): their confidence, their correctness (0/1) and their count, in one scatter for
+    every leading index."""
+    lead = confidence.shape[:-1]
+    offsets = n_bins * torch.arange(lead.numel(), device=confidence.device).view(*lead, 1)
+    index = (bin_index(confidence, n_bins) + offsets).flatten()
+    values = torch.stack([confidence, correct, torch.ones_like(correct)]).double()
+    sums = torch.zeros(3, lead.numel() * n_bins, dtype=torch.float64, device=confidence.device)
+    sums.index_add_(1, index, values.flatten(1))
+    return sums.view(3, *lead, n_bins).movedim(0, -2)
 
 
-class RunningMean(torchmetrics.Metric):
-    """A mean kept as a running (sum, count) in float64. NaN is not checked for, so it propagates and
-    costs no device sync."""
+class Reliability(NamedTuple):
+    """Per-bin mean confidence, accuracy (fraction correct) and count over the last axis (empty bins
+    hold 0), with any leading axes (one row per seed)."""
 
-    full_state_update = False
+    confidence: torch.Tensor
+    accuracy: torch.Tensor
+    count: torch.Tensor
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("n", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+    @classmethod
+    def of(cls, sums: torch.Tensor) -> Reliability:
+        """From `reliability_sums`."""
+        confidence_sum, correct_sum, count = sums.unbind(-2)
+        safe = count.clamp(min=1)
+        return cls(confidence_sum / safe, correct_sum / safe, count)
 
-    def add(self, total: torch.Tensor, n: int) -> None:
-        self.total += total.double()
-        self.n += n
+    def seed(self, k: int) -> Reliability:
+        return Reliability(self.confidence[k], self.accuracy[k], self.count[k])
 
-    def update(self, total: torch.Tensor, n: int) -> None:
-        """Adds items whose values sum to `total`."""
-        self.add(total, n)
+    @property
+    def ece(self) -> torch.Tensor:
+        """ECE = sum_b (n_b / N) * |accuracy_b - confidence_b| (NaN without decisions)."""
+        share = self.count / self.count.sum(-1, keepdim=True)
+        return (share * (self.accuracy - self.confidence).abs()).sum(-1)
 
-    def compute(self) -> torch.Tensor:
-        return self.total / self.n
-
-
-class BatchMean(RunningMean):
-    """The mean over samples of per-batch means, each weighted by its batch size. (torchmetrics'
-    MeanMetric ignores the weights when its NaN check is off, as of 1.9, and the check syncs.)"""
-
-    def update(self, batch_means: torch.Tensor, batch_sizes: torch.Tensor) -> None:
-        """Adds k batches: their means and sizes, two tensors of shape (k,)."""
-        sizes = batch_sizes.to(device=batch_means.device, dtype=torch.float64)
-        self.add((batch_means.double() * sizes).sum(), int(batch_sizes.sum()))
+    @property
+    def overconfidence(self) -> torch.Tensor:
+        """Mean top-label confidence minus accuracy over all decisions (> 0: over-confident)."""
+        return (self.count * (self.confidence - self.accuracy)).sum(-1) / self.count.sum(-1)
 
 
-class Predictions(torchmetrics.Metric):
-    """Every logit row and target of the stage, concatenated (PR curves, confusion matrices, post-hoc)."""
-
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("logits", [], dist_reduce_fx="cat")
-        self.add_state("target", [], dist_reduce_fx="cat")
-
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        self.logits.append(logits)
-        self.target.append(target)
-
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        cat = torchmetrics.utilities.dim_zero_cat
-        return cat(self.logits), cat(self.target)
+def reliability(probs: torch.Tensor, target: torch.Tensor, task: str, n_bins: int = N_BINS) -> Reliability:
+    """The reliability bins of one set of predictions (`top_label`, `reliability_sums`)."""
+    return Reliability.of(reliability_sums(*top_label(probs, target, task), n_bins))
 
 
-def _probability_metrics(task: str, num_classes: int, full: bool) -> dict[str, torchmetrics.Metric]:
-    """torchmetrics metrics updated with the probabilities (multilabel data) or with the predicted classes,
-    their argmax (single-label data: every one here counts decisions, and the argmax is taken once for
-    all of them; a single-label metric that needs the probabilities themselves goes beside `calibration`
-    in `StageMetrics.add`)."""
-    # torchmetrics' multiclass default is average="macro"; every average is spelled out on purpose.
+def decision_stats(counts: torch.Tensor, task: str) -> tuple[torch.Tensor, ...]:
+    """(tp, fp, tn, fn), each (K, C), from the decision counts of `StageMetrics`: (K, C, C) confusion
+    counts (rows = true class) or, for multilabel data, (K, L, 2, 2) per-label [[TN, FP], [FN, TP]]."""
     if task == "multilabel":
-        light = {"hamming_loss": tmc.MultilabelHammingDistance(num_classes, average="micro")}
-        more = {"micro_f1": tmc.MultilabelF1Score(num_classes, average="micro"),
-                "macro_f1": tmc.MultilabelF1Score(num_classes, average="macro"),
-                "map": tmc.MultilabelAveragePrecision(num_classes, average="macro"),
-                "exact_match": tmc.MultilabelExactMatch(num_classes),
-                "recall": tmc.MultilabelRecall(num_classes, average="none"),
-                "specificity": tmc.MultilabelSpecificity(num_classes, average="none")}
+        return counts[..., 1, 1], counts[..., 0, 1], counts[..., 0, 0], counts[..., 1, 0]
+    tp = counts.diagonal(dim1=-2, dim2=-1)
+    fp, fn = counts.sum(-2) - tp, counts.sum(-1) - tp
+    return tp, fp, counts.sum((-2, -1)).unsqueeze(-1) - tp - fp - fn, fn
+
+
+Reduction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def counted_metrics(task: str, full: bool) -> dict[str, Reduction]:
+    """The metrics of the decision counts: name -> torchmetrics' own reduction of (tp, fp, tn, fn), applied
+    to every seed's row at once (multidim_average="samplewise" reduces the last axis of (K, C) counts), so
+    each value is the one torchmetrics' metric class gives (tests/test_metrics.py)."""
+    multilabel = task == "multilabel"
+    each = {"multidim_average": "samplewise", "multilabel": multilabel}
+
+    def recall(*stats):
+        return _precision_recall_reduce("recall", *stats, average="none", **each)
+
+    # torchmetrics' multiclass default is average="macro"; every average is spelled out on purpose.
+    if multilabel:
+        light = {"hamming_loss": lambda *s: _hamming_distance_reduce(*s, average="micro", **each)}
+        more = {"micro_f1": lambda *s: _fbeta_reduce(*s, 1.0, average="micro", **each),
+                "macro_f1": lambda *s: _fbeta_reduce(*s, 1.0, average="macro", **each),
+                "recall": recall,
+                "specificity": lambda *s: _specificity_reduce(*s, average="none", **each)}
     else:
-        light = {"accuracy": tmc.MulticlassAccuracy(num_classes, average="micro"),
-                 "balanced_accuracy": tmc.MulticlassAccuracy(num_classes, average="macro")}
-        more = {"macro_f1": tmc.MulticlassF1Score(num_classes, average="macro"),
-                "recall": tmc.MulticlassRecall(num_classes, average="none")}
+        light = {"accuracy": lambda *s: _accuracy_reduce(*s, average="micro", **each),
+                 "balanced_accuracy": lambda *s: _accuracy_reduce(*s, average="macro", **each)}
+        more = {"macro_f1": lambda *s: _fbeta_reduce(*s, 1.0, average="macro", **each), "recall": recall}
     return {**light, **more} if full else light
 
 
-class StageMetrics(nn.Module):
-    """One stage's metrics. `full=False` keeps the cheap ones (for training steps); `keep_predictions`
-    also stores logits and targets for PR curves, the confusion matrix and post-hoc adjustments.
-    `probability_map` is the loss's ("softmax" or "sigmoid", see `log_probabilities`).
+class Tally(torchmetrics.Metric):
+    """The sums a stage's metrics are computed from, as torchmetrics states, so they are summed (counts)
+    or concatenated (kept predictions, rows first) across processes in `compute`, which returns them."""
 
-    Batches are held back and folded into the metrics together, once `hold_elements` logits are
-    waiting and before every `compute`: a torchmetrics update costs 30-400 µs whatever the batch size,
-    and with ten metrics that is more than a small model's whole training step. Held batches are views
-    of tensors the step made anyway, so holding them costs at most `hold_elements` logits of memory.
+    full_state_update = False
+
+    def __init__(self, sums: dict[str, tuple[tuple[int, ...], torch.dtype]], kept: tuple[str, ...] = ()):
+        super().__init__()
+        for name, (shape, dtype) in sums.items():
+            self.add_state(name, torch.zeros(shape, dtype=dtype), dist_reduce_fx="sum")
+        for name in kept:
+            self.add_state(name, [], dist_reduce_fx="cat")
+
+    def update(self, **increments) -> None:
+        for name, value in increments.items():
+            state = getattr(self, name)
+            if isinstance(state, list):
+                state.append(value)
+            else:
+                state.add_(value)
+
+    def compute(self) -> dict[str, torch.Tensor | None]:
+        return {name: dim_zero_cat(value) if isinstance(value, torch.Tensor) or value else None
+                for name, value in ((name, getattr(self, name)) for name in self._defaults)}
+
+
+class StageMetrics(nn.Module):
+    """One stage's metrics for `num_seeds` seeds: batches come with a leading seed axis ((K, B, C) logits,
+    (K, B) or (K, B, L) targets, (K,) losses) and `compute` gives one dict per seed. `full=False` keeps the
+    cheap ones (for training steps); `keep_predictions` also stores logits and targets for PR curves and
+    the post-hoc adjustments (multilabel mAP keeps them anyway). `probability_map` is the loss's ("softmax"
+    or "sigmoid", see `log_probabilities`).
+
+    The predicted class of single-label data is the top logit, the top probability under either map; a
+    multilabel label is predicted on where its sigmoid exceeds 0.5, as torchmetrics decides. Batches are
+    held back and folded in together, once `hold_elements` logits a seed are waiting and before every
+    `compute`: each fold is a fixed number of tensor operations for all seeds, whatever their number, so
+    folding an epoch at once makes the metrics' cost per seed and epoch a few microseconds plus the
+    arithmetic. Held batches are views of tensors the step made anyway.
     """
 
-    def __init__(self, task: str, num_classes: int, *, full: bool = True, keep_predictions: bool = False,
-                 hold_elements: int = 1 << 20, probability_map: str = "softmax"):
+    def __init__(self, task: str, num_classes: int, num_seeds: int = 1, *, full: bool = True,
+                 keep_predictions: bool = False, hold_elements: int = 1 << 20,
+                 probability_map: str = "softmax"):
         super().__init__()
-        self.task, self.num_classes, self.hold_elements = task, num_classes, hold_elements
+        self.task, self.num_classes, self.num_seeds, self.full = task, num_classes, num_seeds, full
+        self.hold_elements = hold_elements
         self.probability_map = check_probability_map(probability_map)
-        self.loss = BatchMean()  # the loss under study, averaged over the stage's samples
-        self.on_probs = nn.ModuleDict(_probability_metrics(task, num_classes, full))
-        # Means of `nll_sum` and `brier_sum`, fed from the probabilities every metric shares (`add`).
-        self.on_logits = nn.ModuleDict({"nll": RunningMean(), "brier": RunningMean()} if full else {})
-        self.calibration = CalibrationBins(task) if full else None
-        self.predictions = Predictions() if keep_predictions else None
+        self.counted = counted_metrics(task, full)
+        k, c, f64 = num_seeds, num_classes, torch.float64
+        counts = (k, c, 2, 2) if task == "multilabel" else (k, c, c)
+        sums = {"loss": ((k,), f64), "rows": ((), torch.long), "counts": (counts, torch.long)}
+        if full:
+            sums.update(nll=((k,), f64), brier=((k,), f64), bins=((k, 3, N_BINS), f64))
+            if task == "multilabel":
+                sums["exact"] = ((k,), torch.long)
+        self.keeps = keep_predictions or (full and task == "multilabel")
+        self.tally = Tally(sums, ("logits", "target") if self.keeps else ())
+        labels = (num_classes,) if task == "multilabel" else ()
+        self._shapes = {name: shape for name, (shape, _) in sums.items()} | {
+            "logits": (-1, k, c), "target": (-1, k, *labels)}
         self._held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._held_elements = 0
 
-    def update(self, logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
-        """Adds a batch: its (detached) logits, targets and the value of the batch-mean loss under study."""
-        self._held.append((logits, target, loss))
+    def update(self, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor) -> None:
+        """Adds a batch: its (detached) logits, targets and each seed's value of the batch-mean loss."""
+        if logits.dim() != 3 or logits.shape[0] != self.num_seeds:
+            raise ValueError(f"expected logits of shape ({self.num_seeds}, batch, classes), got "
+                             f"{tuple(logits.shape)}")
+        self._held.append((logits, target, losses))
         self._held_elements += logits.numel()
-        if self._held_elements >= self.hold_elements:
+        if self._held_elements >= self.hold_elements * self.num_seeds:
             self._fold()
 
     def _fold(self) -> None:
-        """Updates every metric once with all held batches."""
+        """Adds every held batch to the tally, all seeds at once."""
         if not self._held:
             return
         logits, target, losses = zip(*self._held, strict=True)
         self._held, self._held_elements = [], 0
-        sizes = torch.tensor([len(t) for t in target])
-        self.add(torch.cat(logits), torch.cat(target), torch.stack(losses), sizes)
-
-    def shared_log_q(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """Softmax log-probabilities of (..., N, C) logits with any leading axes (a seed axis) in one call,
-        or None where the map is elementwise (sigmoid, multilabel). A row-wise kernel gives every row the
-        bits it gets alone; an elementwise one (exp, sigmoid) may round a value differently where it
-        falls in a vector register, so `add` applies those per seed."""
-        if self.task == "multilabel" or self.probability_map != "softmax":
-            return None
-        return log_probabilities(logits.reshape(-1, logits.shape[-1])).reshape(logits.shape)
-
-    def add(self, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor, sizes: torch.Tensor,
-            log_q: torch.Tensor | None = None) -> None:
-        """Updates every metric with a stage's batches at once: their logits and targets concatenated, each
-        batch's mean loss and size, and `log_q`, the log-probabilities when already computed. The
-        probabilities and the predicted classes are computed once for all metrics."""
-        self.loss.update(losses, sizes)
+        sizes = torch.tensor([t.shape[1] for t in target], dtype=torch.float64, device=losses[0].device)
+        logits, target = torch.cat(logits, dim=1), torch.cat(target, dim=1)
+        k, n, c = logits.shape
+        seeds = torch.arange(k, device=logits.device).view(k, 1, *(1,) * (target.dim() - 2))
+        sums = {"loss": (torch.stack(losses, dim=1).double() * sizes).sum(-1), "rows": n}
         if self.task == "multilabel":
-            probs, decided, probs_target = probabilities(logits, self.task), None, target.long()
+            probs = probabilities(logits, self.task)
+            decided, truth = (probs > 0.5).long(), target.long()
+            labels = torch.arange(c, device=logits.device)
+            cells = (((seeds * c + labels) * 2 + truth) * 2 + decided).flatten()
+            if self.full:
+                sums["exact"] = (decided == truth).all(-1).sum(-1)
+            log_q = None
         else:
-            log_q = log_probabilities(logits, self.probability_map) if log_q is None else log_q
-            probs = log_q.exp()
-            # What torchmetrics does with probabilities, once for all its metrics.
-            decided = probs.argmax(dim=1)
-            probs_target = target
-        for metric in self.on_probs.values():
-            metric.update(probs if decided is None else decided, probs_target)
-        if self.on_logits:
+            cells = ((seeds * c + target) * c + logits.argmax(-1)).flatten()
+            log_q = log_probabilities(logits, self.probability_map) if self.full else None
+            probs = log_q.exp() if self.full else None
+        sums["counts"] = torch.bincount(cells, minlength=self.tally.counts.numel()).view_as(self.tally.counts)
+        if self.full:
             task, probability_map = self.task, self.probability_map
-            self.on_logits["nll"].update(*nll_sum(logits, target, task, probability_map, log_q=log_q))
-            self.on_logits["brier"].update(*brier_sum(logits, target, task, probability_map, probs=probs))
-        if self.calibration is not None:
-            self.calibration.update(probs, target)
-        if self.predictions is not None:
-            self.predictions.update(logits, target)
+            sums["nll"] = nll_sum(logits, target, task, probability_map, log_q=log_q)[0].double()
+            sums["brier"] = brier_sum(logits, target, task, probability_map, probs=probs)[0].double()
+            sums["bins"] = reliability_sums(*top_label(probs, target, self.task))
+        if self.keeps:  # rows first, as torchmetrics concatenates across processes
+            sums["logits"], sums["target"] = logits.movedim(1, 0), target.movedim(1, 0)
+        self.tally.update(**sums)
 
-    def compute(self) -> dict[str, float]:
-        """name -> value; `recall` becomes `recall_class_<c>`, and for multilabel data
-        balanced_accuracy = mean_l (recall_l + specificity_l) / 2."""
+    def _tallied(self) -> dict[str, torch.Tensor | None]:
+        """The tally over every batch so far (and every process): a collective under DDP."""
         self._fold()
-        values = {name: metric.compute()
-                  for name, metric in {"loss": self.loss, **self.on_probs, **self.on_logits}.items()}
-        if self.calibration is not None:
-            bins = self.calibration.bins()
+        # torchmetrics squeezes one-element results (a seed axis of one): every tally keeps its shape here.
+        return {name: None if value is None else value.reshape(self._shapes[name])
+                for name, value in self.tally.compute().items()}
+
+    def compute(self) -> list[dict[str, float]]:
+        """Each seed's name -> value; `recall` becomes `recall_class_<c>`, and for multilabel data
+        balanced_accuracy = mean_l (recall_l + specificity_l) / 2."""
+        return self._values(self._tallied())
+
+    def _values(self, tally: dict[str, torch.Tensor | None]) -> list[dict[str, float]]:
+        stats = decision_stats(tally["counts"], self.task)
+        values = {"loss": tally["loss"] / tally["rows"]}
+        values.update({name: reduce(*stats) for name, reduce in self.counted.items()})
+        if self.full:
+            per_row = tally["rows"] * (self.num_classes if self.task == "multilabel" else 1)
+            if self.task == "multilabel":
+                # Average precision ranks every score; it stays per seed.
+                values["map"] = torch.stack([
+                    tmf.multilabel_average_precision(probs, target.long(), self.num_classes, average="macro")
+                    for probs, target in zip(*self.kept_predictions(), strict=True)])
+                values["exact_match"] = tally["exact"] / tally["rows"]
+            values["nll"], values["brier"] = tally["nll"] / per_row, tally["brier"] / per_row
+            bins = Reliability.of(tally["bins"])
             values["ece"], values["overconfidence"] = bins.ece, bins.overconfidence
         if "specificity" in values:
-            values["balanced_accuracy"] = ((values["recall"] + values.pop("specificity")) / 2).mean()
-        out = {}
-        for name, value in values.items():
-            if name == "recall":
-                out.update({f"recall_class_{c}": float(v) for c, v in enumerate(value)})
-            else:
-                out[name] = float(value)
-        return out
+            values["balanced_accuracy"] = ((values["recall"] + values.pop("specificity")) / 2).mean(-1)
+        columns = {name: value.tolist() for name, value in values.items()}
+        seeds = []
+        for k in range(self.num_seeds):
+            out = {}
+            for name, column in columns.items():
+                if name == "recall":
+                    out.update({f"recall_class_{c}": float(v) for c, v in enumerate(column[k])})
+                else:
+                    out[name] = float(column[k])
+            seeds.append(out)
+        return seeds
 
     def confusion_matrix(self) -> torch.Tensor:
-        """(C, C) counts, rows = true class; for multilabel (L, 2, 2) per label, [[TN, FP], [FN, TP]]."""
-        probs, target = self.kept_predictions()
-        if self.task == "multilabel":
-            return tmf.multilabel_confusion_matrix(probs, target.long(), self.num_classes)
-        return tmf.multiclass_confusion_matrix(probs, target, self.num_classes)
+        """(K, C, C) counts, rows = true class; multilabel: (K, L, 2, 2) per label, [[TN, FP], [FN, TP]]."""
+        return self._tallied()["counts"]
+
+    def reliability(self) -> Reliability:
+        """Each seed's reliability bins (`full=True` only)."""
+        return Reliability.of(self._tallied()["bins"])
 
     def kept_logits(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every logit row and target of the stage so far (`keep_predictions=True` only)."""
-        self._fold()
-        return self.predictions.compute()
+        """Every logit row and target of the stage so far, (K, N, C) and (K, N[, L]) (`keep_predictions`)."""
+        tally = self._tallied()
+        return tally["logits"].movedim(0, 1), tally["target"].movedim(0, 1)
 
     def kept_predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every probability row (the model's probability map) and target of the stage so far."""
@@ -338,49 +363,7 @@ class StageMetrics(nn.Module):
 
     def reset(self) -> None:
         self._held, self._held_elements = [], 0
-        for metric in self.modules():
-            if isinstance(metric, torchmetrics.Metric):
-                metric.reset()
-
-
-class SeedStages:
-    """One stage's metrics for the K seeds of a batch, `stages[k]` seed k's `StageMetrics`: a step's batch
-    is held once for all seeds ((K, B, C) logits, (K, B) targets, (K,) losses), and at the fold the
-    batches are joined and the softmax log-probabilities computed for all seeds in one pass
-    (`StageMetrics.shared_log_q`) before each seed's metrics take their slice. Seed k's values are, to the
-    bit, those its `StageMetrics` computes alone (tests/test_metrics.py). Fold before reading any seed's
-    metrics."""
-
-    def __init__(self, stages: list[StageMetrics]):
-        self.stages, self._held, self._held_elements = list(stages), [], 0
-        first = self.stages[0]
-        # Seeds whose metrics map logits to probabilities alike share the computation.
-        self._shared = all((s.task, s.probability_map) == (first.task, first.probability_map)
-                           for s in self.stages)
-
-    def update(self, logits: torch.Tensor, target: torch.Tensor, losses: torch.Tensor) -> None:
-        self._held.append((logits, target, losses))
-        self._held_elements += logits.numel()
-        if self._held_elements >= self.stages[0].hold_elements * len(self.stages):
-            self.fold()
-
-    def fold(self) -> None:
-        """Updates every seed's metrics with all held batches."""
-        if not self._held:
-            return
-        logits, target, losses = zip(*self._held, strict=True)
-        self._held, self._held_elements = [], 0
-        sizes = torch.tensor([t.shape[1] for t in target])
-        logits, target = torch.cat(logits, dim=1), torch.cat(target, dim=1)
-        losses = torch.stack(losses, dim=1)  # (K, batches)
-        log_q = self.stages[0].shared_log_q(logits) if self._shared else None
-        for k, stage in enumerate(self.stages):
-            stage.add(logits[k], target[k], losses[k], sizes, None if log_q is None else log_q[k])
-
-    def reset(self) -> None:
-        self._held, self._held_elements = [], 0
-        for stage in self.stages:
-            stage.reset()
+        self.tally.reset()
 
 
 # --- post-hoc adjustments (fitted or applied after training; docs/metrics.md) ---------------------------
@@ -389,10 +372,8 @@ def calibration_scores(logits: torch.Tensor, target: torch.Tensor, task: str,
                        probability_map: str = "softmax") -> dict[str, float]:
     """ECE, overconfidence (mean confidence - accuracy), NLL and Brier of one set of predictions,
     by the same definitions as `StageMetrics`."""
-    bins = CalibrationBins(task).to(logits.device)
-    bins.update(probabilities(logits, task, probability_map), target)
-    reliability = bins.bins()
-    scores = {"ece": reliability.ece, "overconfidence": reliability.overconfidence}
+    bins = reliability(probabilities(logits, task, probability_map), target, task)
+    scores = {"ece": float(bins.ece), "overconfidence": float(bins.overconfidence)}
     for name, score in (("nll", nll_sum), ("brier", brier_sum)):
         total, count = score(logits, target, task, probability_map)
         scores[name] = float(total) / count
@@ -505,9 +486,7 @@ def shift_calibration(logits: torch.Tensor, target: torch.Tensor, task: str, pro
     if (prior <= 0).any() or (test_counts <= 0).any():
         return values  # a class absent from one split has no prior ratio
     log_q = prior_corrected(logits, probability_map, prior, test_counts / test_counts.sum())
-    bins = CalibrationBins(task).to(logits.device)
-    bins.update(log_q.exp(), target)
-    return {**values, "prior_corrected_ece": bins.bins().ece}
+    return {**values, "prior_corrected_ece": float(reliability(log_q.exp(), target, task).ece)}
 
 
 def loss_curve(loss: Callable, p_true: torch.Tensor, *, task: str, num_classes: int, true_class: int = 0,

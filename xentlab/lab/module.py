@@ -10,12 +10,14 @@ Conventions: docs/metrics.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -27,7 +29,7 @@ from xentlab import functional as xF
 from xentlab.lab import plots
 from xentlab.lab.board import HPARAMS_RUN, board_tag, purge_from
 from xentlab.lab.metrics import (
-    SeedStages,
+    Reliability,
     StageMetrics,
     logit_adjusted,
     loss_curve,
@@ -117,17 +119,15 @@ class ClassifierModule(pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.figure_every_n_epochs = figure_every_n_epochs
         self.shared_dir = None if shared_dir is None else Path(shared_dir)
-        # Each seed's metrics on its loss's probabilities (calibration, NLL and Brier are measured on those).
-        # ModuleDict keys may not shadow nn.Module.train, hence the trailing underscore.
-        maps = [getattr(loss, "probability_map", "softmax") for loss in losses]
-        self.metrics = nn.ModuleList(nn.ModuleDict({
-            "train_": StageMetrics(task, num_classes, full=False, probability_map=m),
-            "val_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=m),
-            "test_": StageMetrics(task, num_classes, keep_predictions=True, probability_map=m),
-        }) for m in maps)
-        # Each stage's batches held and folded for all seeds at once.
-        self._stages = {stage: SeedStages([seed[f"{stage}_"] for seed in self.metrics])
-                        for stage in ("train", "val", "test")}
+        # Metrics on the loss's probabilities (calibration, NLL and Brier are measured on those), every seed's
+        # in one pass. ModuleDict keys may not shadow nn.Module.train, hence the trailing underscore.
+        maps = {getattr(loss, "probability_map", "softmax") for loss in losses}
+        if len(maps) > 1:
+            raise ValueError(f"the seeds' losses map logits to probabilities differently ({sorted(maps)}); "
+                             "a seed batch trains one loss")
+        stage = functools.partial(StageMetrics, task, num_classes, self.num_seeds, probability_map=maps.pop())
+        self.metrics = nn.ModuleDict({"train_": stage(full=False), "val_": stage(keep_predictions=True),
+                                      "test_": stage(keep_predictions=True)})
         self._logit_grad_norms: torch.Tensor | None = None
         # None: one call may serve all seeds, checked at the first step (`_seed_losses`); False: it may not.
         self._shared_loss: bool | None = None if interchangeable(list(losses)) else False
@@ -177,7 +177,7 @@ class ClassifierModule(pl.LightningModule):
         every = self.trainer.log_every_n_steps
         if logits.requires_grad and self.logger is not None and every and (self.global_step + 1) % every == 0:
             logits.register_hook(self._record_logit_grads)
-        self._stages[stage].update(logits.detach(), y, values.detach())
+        self.metrics[f"{stage}_"].update(logits.detach(), y, values.detach())
         return values
 
     def _seed_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -250,9 +250,8 @@ class ClassifierModule(pl.LightningModule):
             writer.add_image("loss_curves", images[key], 0, dataformats="HWC")
 
     def on_train_epoch_end(self) -> None:
-        self._stages["train"].fold()
-        for k, run in enumerate(self.runs):
-            loss = self._log_stage(k, "train", step=self.global_step - 1)["loss"]
+        losses = [values["loss"] for values in self._log_stage("train", step=self.global_step - 1)]
+        for run, loss in zip(self.runs, losses, strict=True):
             error = nonfinite_loss(loss, self.current_epoch, self.global_step)
             if run.error is None and error is not None:
                 # A single run fails with it; a batch's other seeds are unaffected and train on.
@@ -264,15 +263,15 @@ class ClassifierModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
-            self._stages["val"].reset()
+            self.metrics["val_"].reset()
             return
-        self._stages["val"].fold()
         epoch, every = self.current_epoch + 1, self.figure_every_n_epochs
         figures = epoch == self.trainer.max_epochs or (every > 0 and epoch % every == 0)
+        # Kept for the post-hoc fits at test time; the last epoch's logits are the tested model's.
+        logits, target = self.metrics["val_"].kept_logits()
         for k, run in enumerate(self.runs):
-            # Kept for the post-hoc fits at test time; the last epoch's logits are the tested model's.
-            run.val_logits = self.metrics[k]["val_"].kept_logits()
-            self._log_stage(k, "val", figures=figures, step=self.global_step - 1)
+            run.val_logits = logits[k], target[k]
+        self._log_stage("val", figures=figures, step=self.global_step - 1)
 
     def objective_values(self, key: str) -> list[float]:
         """Each seed's latest value of a logged metric (`xentlab.lab.selection`); NaN for a seed that failed
@@ -280,15 +279,15 @@ class ClassifierModule(pl.LightningModule):
         return [float(run.final.get(key, math.nan)) if run.error is None else math.nan for run in self.runs]
 
     def on_test_epoch_end(self) -> None:
-        self._stages["test"].fold()
+        metrics = self.metrics["test_"]
+        logits, target = metrics.kept_logits()
+        self._log_stage("test", figures=True)
         for k, run in enumerate(self.runs):
-            metrics = self.metrics[k]["test_"]
-            posthoc = posthoc_metrics(run.val_logits, *metrics.kept_logits(), task=self.task,
+            posthoc = posthoc_metrics(run.val_logits, logits[k], target[k], task=self.task,
                                       probability_map=metrics.probability_map,
                                       class_counts=getattr(run.datamodule, "class_counts", None),
                                       loss=self.losses[k],
                                       sampler=getattr(run.datamodule, "sampler", "instance"))
-            self._log_stage(k, "test", figures=True)
             self._log(run, {f"test/{name}": value for name, value in posthoc.items()})
 
     def on_test_end(self) -> None:
@@ -301,24 +300,30 @@ class ClassifierModule(pl.LightningModule):
             if writer is not None:
                 write_hparams(writer, run.run_params, final, self.global_step, run.overrides, run.varied)
 
-    def _log_stage(self, k: int, stage: str, figures: bool = False,
-                   step: int | None = None) -> dict[str, float]:
-        """Seed k's epoch metrics of `stage` to its logger at `step` (default: the global step) and its
-        figures; resets them, returns the values. The values are already global (torchmetrics syncs in
-        compute), so under DDP every process holds the same numbers. Training and validation metrics go
+    def _log_stage(self, stage: str, figures: bool = False,
+                   step: int | None = None) -> list[dict[str, float]]:
+        """Every seed's epoch metrics of `stage` to its logger at `step` (default: the global step) and its
+        figures; resets them, returns each seed's values. The values are already global (torchmetrics syncs
+        in compute), so under DDP every process holds the same numbers. Training and validation metrics go
         at the last step trained, global step - 1 (where Lightning logs epoch-end training metrics): all
         an epoch logs lies below the global step its checkpoint holds, which a resume purges from
         (`purge_from`)."""
-        run, metrics = self.runs[k], self.metrics[k][f"{stage}_"]
-        values = metrics.compute()
-        if f"recall_class_{run.minority}" in values:
-            values["minority_recall"] = values[f"recall_class_{run.minority}"]
-        self._log(run, {f"{stage}/{name}": value for name, value in values.items()}, step=step)
+        metrics = self.metrics[f"{stage}_"]
+        seeds = metrics.compute()
         if figures:
-            log_figures(self._writer(run), self.global_step if step is None else step, stage, metrics,
-                        task=self.task, num_classes=self.num_classes, redrawn=self._redrawn)
+            confusion, reliability = metrics.confusion_matrix().cpu().numpy(), metrics.reliability()
+            probs, target = (t.cpu() for t in metrics.kept_predictions())
+        for k, (run, values) in enumerate(zip(self.runs, seeds, strict=True)):
+            if f"recall_class_{run.minority}" in values:
+                values["minority_recall"] = values[f"recall_class_{run.minority}"]
+            self._log(run, {f"{stage}/{name}": value for name, value in values.items()}, step=step)
+            writer = self._writer(run)
+            if figures and writer is not None:
+                log_figures(writer, self.global_step if step is None else step, stage, confusion[k],
+                            reliability.seed(k), probs[k], target[k], task=self.task,
+                            num_classes=self.num_classes, redrawn=self._redrawn)
         metrics.reset()
-        return values
+        return seeds
 
     def _log(self, run: SeedRun, values: dict[str, float], final: bool = True,
              step: int | None = None) -> None:
@@ -366,7 +371,7 @@ class ClassifierModule(pl.LightningModule):
                 purge_from(writer, checkpoint["global_step"])
 
 
-SEED_AXIS_TO_SINGLE_RUN = (("losses.0.", "loss."), ("metrics.0.", "metrics."))
+SEED_AXIS_TO_SINGLE_RUN = (("losses.0.", "loss."),)
 
 
 def _with_prefixes_renamed(state: dict, renames: tuple[tuple[str, str], ...]) -> dict:
@@ -380,8 +385,8 @@ def _with_prefixes_renamed(state: dict, renames: tuple[tuple[str, str], ...]) ->
 
 
 def single_run_layout(state: dict) -> dict:
-    """A one-seed module's state dict under a single run's names: `losses.0.x` as `loss.x`, `metrics.0.x`
-    as `metrics.x` (the model's `model.x` is the same)."""
+    """A one-seed module's state dict under a single run's names: `losses.0.x` as `loss.x` (the model's
+    `model.x` is the same; metrics keep no state in checkpoints)."""
     return _with_prefixes_renamed(state, SEED_AXIS_TO_SINGLE_RUN)
 
 
@@ -417,24 +422,17 @@ def write_data_description(writer, datamodule) -> None:
         writer.add_text("data/class_counts", "    " + datamodule.describe().replace("\n", "\n    "), 0)
 
 
-def log_figures(writer, step: int, stage: str, metrics: StageMetrics, *, task: str, num_classes: int,
+def log_figures(writer, step: int, stage: str, confusion: np.ndarray, bins: Reliability, probs: torch.Tensor,
+                target: torch.Tensor, *, task: str, num_classes: int,
                 redrawn: plots.Redrawn | None = None) -> None:
-    """Confusion matrix, reliability diagram and per-class PR curves of the stage so far; `redrawn` keeps
-    the figures to draw the next stage's (or seed's) into.
-
-    Collective under DDP: every rank gathers the predictions; only a rank with a `writer` draws.
-    """
-    confusion = metrics.confusion_matrix().cpu().numpy()
-    probs, target = (t.cpu() for t in metrics.kept_predictions())
-    bins = metrics.calibration.bins()
-    if writer is None:
-        return
+    """One seed's confusion matrix (`StageMetrics.confusion_matrix`), reliability diagram and per-class PR
+    curves of a stage; `redrawn` keeps the figures to draw the next stage's (or seed's) into."""
     redrawn, title = redrawn or plots.Redrawn(), f"{stage} confusion"
     if task == "multilabel":
         confusion_image = plots.to_image(plots.multilabel_confusion_figure(confusion, title=title))
     else:
         confusion_image = redrawn.confusion_matrix(confusion, title=title)
-    reliability = redrawn.reliability(*(b.cpu().numpy() for b in bins), bins.ece,
+    reliability = redrawn.reliability(*(b.cpu().numpy() for b in bins), float(bins.ece),
                                       title=f"{stage} reliability")
     for tag, image in (("confusion_matrix", confusion_image), ("reliability", reliability)):
         writer.add_image(board_tag(f"{stage}/{tag}"), image, step, dataformats="HWC")

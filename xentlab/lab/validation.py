@@ -487,15 +487,15 @@ def reported_metrics(task: str, num_classes: int) -> dict[str, tuple[str, ...]]:
     logits = torch.tensor([[2.0] + [0.0] * (num_classes - 1), [0.0] * (num_classes - 1) + [2.0]])
     target = torch.eye(num_classes)[[0, -1]] if task == "multilabel" else torch.tensor([0, num_classes - 1])
     epoch = StageMetrics(task, num_classes)
-    epoch.update(logits, target, torch.tensor(1.0))
-    full = [*epoch.compute(), "minority_recall"]
+    epoch.update(logits[None], target[None], torch.ones(1))
+    full = [*epoch.compute()[0], "minority_recall"]
     step = StageMetrics(task, num_classes, full=False)
-    step.update(logits, target, torch.tensor(1.0))
+    step.update(logits[None], target[None], torch.ones(1))
     posthoc = list(temperature_scaled(logits, target, logits, target, task))
     if task != "multilabel":
         posthoc += list(logit_adjusted(logits, target, torch.ones(num_classes)))
     tested = tuple(full + posthoc)
-    return {"train": tuple(step.compute()), "val": tuple(full), "test": tested,
+    return {"train": tuple(step.compute()[0]), "val": tuple(full), "test": tested,
             "hp": tuple(n for n in tested if n != "loss")}
 
 
