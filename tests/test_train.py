@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from xentlab.lab.run import build_run, train
+from xentlab.lab.run import Unprofiled, build_run, train
 from xentlab.lab.validation import ConfigError, check_config, sweep_jobs_to_check
 from xentlab.train import CONFIG_DIR
 
@@ -140,8 +140,16 @@ def test_every_trainer_argument_and_loss_parameter_is_settable_without_plus(tmp_
     trainer, module, _ = build_run(cfg, tmp_path)
     assert (trainer.gradient_clip_val, trainer.accumulate_grad_batches) == (0.5, 2)
     assert trainer.progress_bar_callback is None  # enable_progress_bar: null, and stdout is no terminal
+    assert isinstance(trainer.profiler, Unprofiled)  # no profiler unless asked for, and none of its cost
     (loss,) = module.losses
     assert (loss.reduction, loss.backend, loss.ignore_index) == ("sum", "reference", -1)
+
+
+def test_a_profiler_the_user_asks_for_is_the_one_the_trainer_runs(tmp_path):
+    from pytorch_lightning.profilers import SimpleProfiler
+
+    trainer, _, _ = build_run(composed("+trainer.profiler=simple"), tmp_path)
+    assert isinstance(trainer.profiler, SimpleProfiler)
 
 
 def test_ddp_on_two_cpu_processes_shards_training_and_reports_global_metrics(tmp_path):

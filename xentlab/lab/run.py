@@ -17,6 +17,7 @@ refreshed every epoch, holds every seed; a batch also leaves each seed its own, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -33,6 +34,7 @@ from hydra.utils import instantiate
 from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.profilers import PassThroughProfiler
 from torch import nn
 
 from xentlab.lab.checkpoint import RandomStates, SafeCheckpointIO, load_checkpoint
@@ -171,12 +173,27 @@ def build_run(cfg: DictConfig, output_dir: str | Path, overrides=(), shared_dir:
     if cfg.trainer.get("enable_checkpointing", True):
         # last.ckpt, refreshed at every epoch's end (never mid-epoch, whatever trainer.val_check_interval),
         # is what `ckpt_path=last` resumes from: the interrupted epoch is trained again from its start.
+        # It is the only file: Lightning's default top-1 copy (epoch=<e>-step=<s>.ckpt) would hold the same
+        # state and double every epoch's write.
         callbacks.append(ModelCheckpoint(dirpath=Path(output_dir) / CHECKPOINT_DIR, save_last=True,
-                                         save_on_train_epoch_end=True))
+                                         save_top_k=0, save_on_train_epoch_end=True))
     arguments = trainer_arguments(cfg, train_batches=len(data.train_dataloader()))
+    if arguments.get("profiler") is None:  # trainer.profiler=simple|advanced|... is the user's to choose
+        arguments["profiler"] = Unprofiled()
     trainer = pl.Trainer(**arguments, logger=[run.logger for run in runs], callbacks=callbacks,
                          default_root_dir=str(output_dir), plugins=[SafeCheckpointIO(), *lightning_plugins()])
     return trainer, module, data
+
+
+class Unprofiled(PassThroughProfiler):
+    """Lightning's default of no profiler, without its cost: Lightning enters `profile(name)` around each
+    hook of the module and of every callback, ~100 times a training step, and the default's generator-based
+    context manager costs a few microseconds each time, as much as a small model's forward."""
+
+    _nothing = contextlib.nullcontext()
+
+    def profile(self, action_name: str) -> contextlib.nullcontext:
+        return self._nothing
 
 
 def trainer_arguments(cfg: DictConfig, train_batches: int | None = None) -> dict:
