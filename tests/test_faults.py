@@ -523,15 +523,105 @@ def every_file(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("multirun", [False, True])
-def test_a_refused_resume_leaves_every_file_of_its_folder_as_it_was(tmp_path, multirun):
+def test_a_refused_resume_or_fresh_start_leaves_every_file_of_its_folder_as_it_was(tmp_path, multirun):
     folder = tmp_path / "runs"
     mode, where = (["-m"], ["seed=0,1", f"hydra.sweep.dir={folder}"]) if multirun \
         else ([], [f"hydra.run.dir={folder}"])
     started = cli([*mode, *TINY, "trainer.max_epochs=2", *where], tmp_path)
     assert started.wait(timeout=240) == 0, started.communicate()[0][-3000:]
     before = every_file(folder)
-    for changed in (["trainer.max_epochs=1"], ["trainer.max_epochs=2", "loss=focal"]):
-        resumed = cli([*mode, *TINY, *changed, *where, "ckpt_path=last"], tmp_path)
+    # A resume that would shrink the run, one of another configuration, and a fresh start over the run.
+    for changed in (["trainer.max_epochs=1", "ckpt_path=last"], ["trainer.max_epochs=2", "loss=focal",
+                    "ckpt_path=last"], ["trainer.max_epochs=3"]):
+        resumed = cli([*mode, *TINY, *changed, *where], tmp_path)
         output = resumed.communicate(timeout=240)[0]
         assert resumed.returncode == 2, output[-3000:]
         assert every_file(folder) == before, changed
+
+
+# --- a fresh start into a folder that holds a run ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory) -> Path:
+    """A single run (`single/`) and a seed batch (`batch/`), each completed in 2 epochs."""
+    root = tmp_path_factory.mktemp("finished")
+    for name, seeds in (("single", 1), ("batch", 2)):
+        started = cli([*TINY, "trainer.max_epochs=2", f"seeds={seeds}", f"hydra.run.dir={root / name}"], root)
+        assert started.wait(timeout=240) == 0, started.communicate()[0][-3000:]
+    return root
+
+
+@pytest.mark.parametrize(("folder", "seeds", "record"), [
+    ("single", 1, "single/metrics.json"), ("single", 2, "single/metrics.json"),
+    ("batch", 2, "batch/seed=0/metrics.json"), ("batch", 1, "batch/seed=0/metrics.json")])
+def test_a_fresh_start_in_a_folder_holding_a_run_is_refused_before_anything_is_written(
+        finished_runs, folder, seeds, record):
+    run_dir = finished_runs / folder
+    before = every_file(run_dir)
+    line = refusal([*TINY, "trainer.max_epochs=3", f"seeds={seeds}", f"hydra.run.dir={run_dir}"],
+                   finished_runs)  # overrides Hydra writes unlike the run's, to be put back
+    assert f"{run_dir} already holds a run ({finished_runs / record} records a completed run of 2 epochs), " \
+           "which a fresh start would overwrite: resume it with ckpt_path=last" in line
+    assert "another folder (hydra.run.dir=" in line
+    assert every_file(run_dir) == before  # the record, checkpoints, events and Hydra's files alike
+    assert not list(run_dir.rglob("last-v*.ckpt"))
+
+
+def test_a_finished_run_resumed_with_ckpt_path_last_is_not_trained_again(finished_runs):
+    run_dir = finished_runs / "single"
+
+    def results() -> dict[str, bytes]:  # all but what Hydra writes at every start
+        return {name: data for name, data in every_file(run_dir).items()
+                if not name.startswith(".hydra/") and not name.endswith(".log")}
+
+    before = results()
+    resumed = cli([*TINY, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}", "ckpt_path=last"],
+                  finished_runs)
+    output = resumed.communicate(timeout=240)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert "[xentlab] completed: test balanced_accuracy" in output
+    assert results() == before
+
+
+def test_a_run_refused_while_it_was_built_is_rerun_in_its_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    line = refusal([*TINY, "data.n_informative=100", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert "data.n_informative=100 must be <= data.n_features" in line
+    failed = json.loads((run_dir / "metrics.json").read_text())
+    assert failed["status"] == "failed" and failed["epochs"] == 0
+    rerun = cli([*TINY, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"], tmp_path)
+    output = rerun.communicate(timeout=240)[0]
+    assert rerun.returncode == 0, output[-3000:]
+    record = json.loads((run_dir / "metrics.json").read_text())
+    assert record["status"] == "completed" and record["config"]["data"]["n_informative"] != 100
+    assert "n_informative" not in (run_dir / ".hydra" / "overrides.yaml").read_text()  # the rerun's own
+
+
+@pytest.mark.parametrize(("record", "refused"), [
+    ({"status": "completed", "epochs": 3}, "records a completed run of 3 epochs"),
+    ({"status": "failed", "epochs": 1}, "records a run that failed after 1 epoch"),
+    ({"status": "interrupted", "epochs": 2}, "records a run interrupted after 2 epochs"),
+    ({"status": "failed", "epochs": 0}, None),  # refused while it was built: no result to keep
+    ({"status": "interrupted", "epochs": 0}, None),  # stopped in its first epoch, before any checkpoint
+    ({"status": "failed"}, None),  # a sweep job that failed before it trained (recorded by run_job)
+    ("not a record", "is a record that cannot be read"),
+])
+def test_which_records_a_fresh_start_keeps(tmp_path, record, refused):
+    from xentlab.lab.runs import FolderHoldsARun, check_fresh_start
+
+    for folder in (tmp_path / "single", tmp_path / "batch" / "seed=1"):
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps(record))
+    for run_dir in (tmp_path / "single", tmp_path / "batch"):
+        if refused is None:
+            check_fresh_start(composed(), run_dir)
+        else:
+            with pytest.raises(FolderHoldsARun, match=refused):
+                check_fresh_start(composed(), run_dir)
+        check_fresh_start(composed("ckpt_path=last"), run_dir)  # a resume is resume_point's to check
+    (tmp_path / "batch" / "checkpoints").mkdir()
+    (tmp_path / "batch" / "checkpoints" / "epoch=0-step=9.ckpt").write_bytes(b"")  # any checkpoint
+    with pytest.raises(FolderHoldsARun, match=r"epoch=0-step=9\.ckpt is a run's checkpoint" if refused is None
+                       else refused):
+        check_fresh_start(composed(), tmp_path / "batch")

@@ -86,8 +86,24 @@ def test_a_resumed_job_reuses_its_tuning(tuned, monkeypatch):
         raise AssertionError("tuned again")
 
     monkeypatch.setattr("xentlab.lab.run.train", no_training)
-    again = tune(config(*GRID, ONE_GAMMA), folder, say=lambda *a, **k: None)
+    again = tune(config(*GRID, ONE_GAMMA, "ckpt_path=last"), folder, say=lambda *a, **k: None)
     assert again.tune.result == cfg.tune.result
+
+
+def test_a_fresh_job_in_a_tuned_runs_folder_is_refused_before_its_candidates_train(tuned, monkeypatch):
+    from xentlab.lab.runs import FolderHoldsARun
+
+    folder, _, _ = tuned
+    written = (folder / TUNING_FILE).read_bytes()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a candidate trained")
+
+    monkeypatch.setattr("xentlab.lab.run.train", no_training)
+    wider = "tune.grid={optimizer.lr: [0.0001, 0.01, 0.03]}"  # a new plan: its candidates would train
+    with pytest.raises(FolderHoldsARun, match=r"seed=0/metrics\.json records a completed run of 3 epochs"):
+        tune(config(wider, ONE_GAMMA), folder, say=lambda *a, **k: None)
+    assert (folder / TUNING_FILE).read_bytes() == written
 
 
 def test_the_report_names_each_losss_tuned_setting(tuned, capsys):

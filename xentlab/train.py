@@ -139,7 +139,9 @@ def run_held_job(cfg: DictConfig) -> float:
                     refuse(str(error))  # here, not in main(): Hydra would first print "Error executing job"
             raise
         if isinstance(error, FolderHoldsAnotherRun):
-            raise  # the sweep was resumed with other settings: stop it, leaving that folder's record alone
+            # Resumed with other settings, or started afresh over a run (FolderHoldsARun): stop the sweep,
+            # leaving that folder's record alone.
+            raise
         # In a sweep one failing job must not stop the others: record it for the report and move on.
         message = f"{type(error).__name__}: {error}"
         if not getattr(error, "xentlab_recorded", False) and not isinstance(error, RunNotRecorded):

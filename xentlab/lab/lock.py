@@ -71,9 +71,10 @@ def release(folder: str | Path) -> None:
         os.close(descriptor)
 
 
-# What Hydra has written in a run or sweep folder before a resume (`ckpt_path=last`) starts there: file ->
-# its bytes (`.hydra/` files, `multirun.yaml`) or its size (logs, which only grow). Hydra rewrites these
-# before any job can check the folder; a refused resume puts them back (`restore_refused`).
+# What Hydra has written in a run or sweep folder before a run or sweep starts there again (a resume with
+# `ckpt_path=last`, or a fresh start that `xentlab.lab.runs.check_fresh_start` may refuse): file -> its
+# bytes (`.hydra/` files, `multirun.yaml`) or its size (logs, which only grow). Hydra rewrites these before
+# any job can check the folder; a refused run or sweep puts them back (`restore_refused`).
 _BEFORE: dict[Path, bytes | int | None] = {}
 
 
@@ -111,13 +112,11 @@ class FolderLock(Callback):
 
     def on_run_start(self, config, **kwargs) -> None:
         claim(config.hydra.run.dir, "hydra.run.dir")
-        if config.get("ckpt_path") == "last":
-            remember(config.hydra.run.dir)
+        remember(config.hydra.run.dir)
 
     def on_multirun_start(self, config, **kwargs) -> None:
         claim(config.hydra.sweep.dir, "hydra.sweep.dir")
-        if config.get("ckpt_path") == "last":
-            remember(config.hydra.sweep.dir)
+        remember(config.hydra.sweep.dir)
 
     def on_run_end(self, config, **kwargs) -> None:
         release(config.hydra.run.dir)

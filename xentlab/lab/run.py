@@ -52,6 +52,7 @@ from xentlab.lab.runs import (
     RunInterrupted,
     RunNotRecorded,
     RunRecord,
+    check_fresh_start,
     divergence_warnings,
     folder_state,
     nothing_to_resume,
@@ -252,7 +253,9 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
     optimizer state and the TensorBoard curves carry on) after the checks of `resume_point`; a run whose
     seeds all completed `trainer.max_epochs` epochs is not trained again, so a resumed sweep redoes only
     its unfinished jobs. Without a checkpoint this is an error, or a fresh start if
-    `fresh_if_nothing_to_resume` (a resumed sweep's jobs that never reached one). `overrides` (the job's
+    `fresh_if_nothing_to_resume` (a resumed sweep's jobs that never reached one). Without `ckpt_path`, a
+    folder (or seed folder) that holds a run's results is refused before anything is built or written
+    (`xentlab.lab.runs.check_fresh_start`): resume it, or start in another folder. `overrides` (the job's
     command-line overrides) are stored for the report; `threads`, if given, sets torch's intra-op
     threads first; `shared_dir` and `varied` are a multirun's sweep folder and the keys it varies (for
     TensorBoard's HParams columns). `announce()`, if given, is called once the run is built (and so its
@@ -262,6 +265,7 @@ def train(cfg: DictConfig, output_dir: str | Path, *, overrides: list[str] | tup
         torch.set_num_threads(threads)
     output_dir = Path(output_dir)
     seeds = plan_seeds(cfg, output_dir, overrides)
+    check_fresh_start(cfg, output_dir)  # a fresh start never overwrites a run: refused before any building
     if len(seeds) > 1:
         try:
             check_batch(cfg, instantiate(cfg.optimizer))  # refused before anything is written

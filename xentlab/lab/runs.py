@@ -1,5 +1,6 @@
 """A run's record, `<run dir>/metrics.json`, and what it says beyond the metrics: which configuration a
-folder holds (and whether it finished), whether training diverged, and whether a signal stopped it.
+folder holds (and whether it finished, or holds results a fresh start must not overwrite), whether
+training diverged, and whether a signal stopped it.
 `RunRecord` is the one writer of a record, for every seed of every run (`xentlab.lab.run`); nothing here
 imports torch or Lightning, so the Hydra entry point can record a job that failed before training."""
 
@@ -42,6 +43,10 @@ DIVERGED_FACTOR = 2.0
 
 class FolderHoldsAnotherRun(ConfigError):
     """`ckpt_path=last` found a record or checkpoint of a different configuration in the job's folder."""
+
+
+class FolderHoldsARun(FolderHoldsAnotherRun):
+    """A fresh start (no `ckpt_path`) found a run's results in its folder, which it would overwrite."""
 
 
 def config_differences(recorded: dict, current: dict) -> list[str]:
@@ -309,6 +314,48 @@ def folder_state(cfg: DictConfig, output_dir: Path) -> tuple[dict | None, str | 
             "(ckpt_path=null).")
     finished = completed and record.get("epochs") == cfg.trainer.max_epochs
     return (record if finished else None), (str(checkpoint) if checkpoint.exists() else None)
+
+
+def check_fresh_start(cfg: DictConfig, output_dir: Path) -> None:
+    """Refuses (`FolderHoldsARun`) a fresh start (no `ckpt_path`) in a folder that holds a run's results,
+    before anything is built or written: its record and checkpoints would be overwritten (Lightning would
+    write `last-v1.ckpt` beside the old `last.ckpt`) and its TensorBoard curves mixed with the new run's.
+
+    Results are a checkpoint under `checkpoints/` or a record of a run that trained (a completed record, or
+    one of a run that failed or was interrupted after an epoch or more), in the folder or in any of its
+    seed folders (`seed=<s>/`, a batch's). A record of a run that never finished an epoch (e.g. a setting
+    refused while the run was built) is no result: rerunning it with the setting fixed is normal. Hydra's
+    default folders are new ones, so only a folder named on the command line can be refused."""
+    if cfg.get("ckpt_path") is not None:
+        return
+    folders = [output_dir, *sorted(output_dir.glob("seed=*"))]
+    records = [said for said in map(trained_record, folders) if said is not None]
+    checkpoints = [path for folder in folders for path in sorted((folder / CHECKPOINT_DIR).glob("*.ckpt"))]
+    if records or checkpoints:
+        held = records[0] if records else f"{checkpoints[0]} is a run's checkpoint"
+        raise FolderHoldsARun(
+            f"{output_dir} already holds a run ({held}), which a fresh start would overwrite: resume it "
+            "with ckpt_path=last (and the overrides it was started with), or start this run in another "
+            "folder (hydra.run.dir=, or hydra.sweep.dir= for a sweep), or delete that folder first.")
+
+
+def trained_record(folder: Path) -> str | None:
+    """What the record in `folder` says of a run that trained (see `check_fresh_start`), else None."""
+    path = folder / METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = read_record(path)
+    except ValueError:
+        return f"{path} is a record that cannot be read"
+    status, epochs = record.get("status"), record.get("epochs")
+    epochs = epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else 0
+    if status != "completed" and epochs < 1:
+        return None
+    counted = f"{epochs} epoch{'s' if epochs != 1 else ''}"
+    what = {"completed": f"a completed run of {counted}", "failed": f"a run that failed after {counted}",
+            "interrupted": f"a run interrupted after {counted}"}.get(status, f"a {status} run of {counted}")
+    return f"{path} records {what}"
 
 
 def stamped_config(checkpoint: dict) -> dict | None:

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from xentlab.lab.atomic import atomic_write
 from xentlab.lab.report.options import higher_is_better
+from xentlab.lab.runs import check_fresh_start
 from xentlab.lab.validation import ConfigError, grid_of
 
 TUNING_FILE = "tuning.json"
@@ -64,6 +65,7 @@ def tune(cfg: DictConfig, output_dir: Path, *, threads: int | None = None, say=p
     grid = grid_of(cfg)
     if not grid:
         return cfg
+    check_fresh_start(cfg, output_dir)  # train's own check, made before the candidates train
     seeds, objective = tuning_seeds(cfg), str(cfg.objective)
     plan = {"grid": grid, "objective": objective, "tuning_seeds": seeds,
             "checkpoint": cfg.get("checkpoint", "last")}
