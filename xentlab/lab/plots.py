@@ -144,7 +144,6 @@ class _Blitted:
 
     def __init__(self, figure: Figure, artists: list):
         self.figure, self.canvas, self.artists = figure, FigureCanvasAgg(figure), artists
-        self.canvas.draw()  # places the ticks
         marks = [artist for artist in artists if isinstance(artist, _TickMarks)]
         for artist in artists:
             if isinstance(artist, _TickMarks):
