@@ -174,10 +174,8 @@ def build_run(cfg: DictConfig, output_dir: str | Path, overrides=(), shared_dir:
     if cfg.trainer.get("enable_checkpointing", True):
         # last.ckpt, refreshed at every epoch's end (never mid-epoch, whatever trainer.val_check_interval),
         # is what `ckpt_path=last` resumes from: the interrupted epoch is trained again from its start.
-        # It is the only file: Lightning's default top-1 copy (epoch=<e>-step=<s>.ckpt) would hold the same
-        # state and double every epoch's write.
         callbacks.append(ModelCheckpoint(dirpath=Path(output_dir) / CHECKPOINT_DIR, save_last=True,
-                                         save_top_k=0, save_on_train_epoch_end=True))
+                                         save_on_train_epoch_end=True))
     arguments = trainer_arguments(cfg, train_batches=len(data.train_dataloader()))
     if arguments.get("profiler") is None:  # trainer.profiler=simple|advanced|... is the user's to choose
         arguments["profiler"] = Unprofiled()
