@@ -111,7 +111,6 @@ class _SoftmaxIndex:
     row_loss: spec.RowLoss
     transform: spec.LogitTransform | None
     elementwise = False
-    nan_when_weightless = True  # kept rows whose weights sum to 0 get PyTorch's NaN `mean` gradient
 
     @property
     def slots(self) -> int:
