@@ -321,13 +321,12 @@ def duplicates(runs: list[Run]) -> list[list[Run]]:
 
 @dataclass
 class Plan:
-    """One sweep's `multirun.yaml`: its planned grid (None when there is none to check), a note on why
-    not (`problem` when the file broke a bound or had the wrong shape), its `report.baseline` and the
-    command that launched it."""
+    """One sweep's `multirun.yaml`: its planned grid (None when there is none to check: another sweeper
+    than the basic one, or a `problem` when the file broke a bound or had the wrong shape), its
+    `report.baseline` and the command that launched it."""
 
     path: Path
     jobs: list | None
-    note: str = ""
     baseline: str | None = None
     command: str | None = None
     problem: str = ""
@@ -361,19 +360,19 @@ def read_plan(file: Path) -> Plan:
         command = shlex.join(["xentlab-train", "-m", *task])
     sweeper = hydra.get("sweeper") if isinstance(hydra.get("sweeper"), dict) else {}
     target = str(sweeper.get("_target_", ""))
-    if not target.endswith("BasicSweeper"):
-        return Plan(file, None, f"sweeper {target or 'unknown'} has no fixed grid", baseline, command)
+    if not target.endswith("BasicSweeper"):  # Optuna and the like have no fixed grid to check
+        return Plan(file, None, baseline, command)
     params = sweeper.get("params") or {}
     if not isinstance(params, dict) or command is None:
-        return Plan(file, None, "", baseline, command,
+        return Plan(file, None, baseline, command,
                     "hydra.sweeper.params or hydra.overrides.task has the wrong type; planned grid not read")
     try:
-        return Plan(file, expand_grid([f"{k}={v}" for k, v in params.items()] + list(task)), "", baseline,
+        return Plan(file, expand_grid([f"{k}={v}" for k, v in params.items()] + list(task)), baseline,
                     command)
     except Untrusted as error:
-        return Plan(file, None, "", baseline, command, f"planned grid not expanded: {error}")
+        return Plan(file, None, baseline, command, f"planned grid not expanded: {error}")
     except Exception as error:  # noqa: BLE001 - any bad content is reported, never raised
-        return Plan(file, None, "", baseline, command, f"planned grid not expanded: {type(error).__name__}: "
+        return Plan(file, None, baseline, command, f"planned grid not expanded: {type(error).__name__}: "
                     f"{one_line(str(error))}")
 
 
