@@ -486,8 +486,6 @@ def _check_eval_size(n_val: int, n_test: int, val_fraction: float, test_fraction
                          f"{source}); raise the fractions or the number of samples")
 
 
-
-
 def check_sampler(sampler: str, task: str) -> None:
     """Refuse an unknown `data.sampler`, or re-sampling by class for multilabel data."""
     if sampler not in SAMPLERS:
