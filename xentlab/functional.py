@@ -341,9 +341,11 @@ def _check_tensor(name: str, value) -> None:
         raise TypeError(f"{name} is a meta tensor (a shape and dtype without data); a loss needs real values")
 
 
-def _check_constant(name: str, value: Tensor) -> None:
-    """weight, alpha, pos_weight and the transform's tensors are constants of the loss, as PyTorch treats
-    weight and pos_weight: one that requires grad is refused rather than silently given no gradient."""
+def _check_constant(name: str, value) -> None:
+    """A tensor (`_check_tensor`) that is a constant of the loss: weight, alpha, pos_weight and the
+    transform's tensors, as PyTorch treats weight and pos_weight; one that requires grad is refused rather
+    than silently given no gradient."""
+    _check_tensor(name, value)
     if value.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{name} requires grad, but xentlab's losses take it as a constant (PyTorch refuses "
                          f"a weight or pos_weight that requires grad too); pass {name}.detach()")
@@ -404,7 +406,6 @@ def _class_values(name: str, value, n_classes: int, input: Tensor, nonnegative: 
             value = torch.as_tensor(value)
         except (TypeError, ValueError, RuntimeError) as err:
             raise TypeError(f"{name} must be a tensor or a sequence of numbers, got {value!r}") from err
-    _check_tensor(name, value)
     _check_constant(name, value)
     if tuple(value.shape) != (n_classes,):
         raise ValueError(f"{name} must have shape (C,) = ({n_classes},), got {tuple(value.shape)}")
@@ -420,7 +421,6 @@ def _transform(transform, n_classes: int, input: Tensor):
     for name in ("scale", "bias", "margin"):
         value = getattr(transform, name)
         if isinstance(value, Tensor):
-            _check_tensor(f"transform.{name}", value)
             _check_constant(f"transform.{name}", value)
             if tuple(value.shape) not in ((n_classes,), ()):
                 raise ValueError(f"transform.{name} must have shape (C,) = ({n_classes},), got "
@@ -493,7 +493,6 @@ def _elementwise_weight(weight, input: Tensor) -> Tensor | None:
     """A weight broadcastable to the input, finite and >= 0, returned broadcastable to the (rows, K) view."""
     if weight is None:
         return None
-    _check_tensor("weight", weight)
     _check_constant("weight", weight)
     try:
         shape = torch.broadcast_shapes(weight.shape, input.shape)
@@ -511,7 +510,6 @@ def _pos_weight(pos_weight, input: Tensor) -> Tensor | None:
     """One positive-class weight per entry of the input's last dimension (a scalar is repeated)."""
     if pos_weight is None:
         return None
-    _check_tensor("pos_weight", pos_weight)
     _check_constant("pos_weight", pos_weight)
     n_labels = input.shape[-1] if input.dim() > 0 else 1
     if pos_weight.dim() > 1 or pos_weight.numel() not in (1, n_labels):
