@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import math
 import os
 import shlex
@@ -22,7 +21,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xentlab.lab.board import board_tag
+from xentlab.lab.board import board_tag, read_scalars
 
 # Same name as xentlab.lab.runs.METRICS_FILE; not imported from there, which would pull OmegaConf in.
 METRICS_FILE = "metrics.json"
@@ -440,30 +439,12 @@ def never_started(planned: list[dict[str, str]], started: list[dict[str, str]]) 
 
 def read_curve(job_dir: Path, tag: str) -> list[float]:
     """A run's per-validation-epoch values of the scalar `tag` from the TensorBoard event files in its
-    folder, read with TensorBoard's own EventAccumulator; [] when there are none, or when an event file is
-    not one the report reads (`scan` lists those).
-
-    Steps logged twice (a resumed run rewrites the epoch it was interrupted in) keep the last value.
-    """
+    folder (`xentlab.lab.board.read_scalars`: a step logged twice keeps its last value); [] when there are
+    none, or when an event file is not one the report reads (`scan` lists those)."""
     files = list(job_dir.glob(EVENTS_PREFIX + "*"))
     if not files or any(unreadable_file(file, MAX_EVENTS_BYTES) for file in files):
         return []
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    # Its directory watcher logs every file switch at INFO, which Hydra's logging would print per run.
-    logging.getLogger("tensorboard").setLevel(logging.WARNING)
-    # Only scalars are kept in memory; images, histograms and PR curves are skipped while reading.
-    guidance = {"scalars": 0, "images": 1, "histograms": 1, "tensors": 1, "audio": 1,
-                "compressedHistograms": 1}
-    accumulator = EventAccumulator(str(job_dir), size_guidance=guidance)
-    try:
-        accumulator.Reload()
-    except Exception:  # noqa: BLE001 - a truncated or foreign event file means no curve, not a crash
-        return []
+    scalars = read_scalars(job_dir)
     # xentlab's TensorBoard tag of the name (`val/x` is `1_val/x`), or the plain name in older runs.
-    scalars = accumulator.Tags().get("scalars", [])
-    tag = next((t for t in (board_tag(tag), tag) if t in scalars), None)
-    if tag is None:
-        return []
-    by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
-    return [float(by_step[step]) for step in sorted(by_step)]
+    by_step = scalars.get(board_tag(tag), scalars.get(tag, {}))
+    return [by_step[step] for step in sorted(by_step)]
