@@ -469,12 +469,8 @@ def write_hparams(writer, run_params: dict, final: dict[str, float], step: int,
 def hparam_values(params: dict) -> dict:
     """Config values as the HParams plugin takes them: numbers, strings and booleans as they are,
     None as "None" (so the column shows it), anything else as its string."""
-    def plain(value):
-        if value is None:
-            return "None"
-        return value if isinstance(value, (bool, int, float, str)) else str(value)
-
-    return {key: plain(value) for key, value in params.items()}
+    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+            for key, value in params.items()}
 
 
 def session_hparams(params: dict, overrides: Sequence[str] = (), varied: Sequence[str] | None = None) -> dict:
