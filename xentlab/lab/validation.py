@@ -366,18 +366,14 @@ def check_trainer(trainer: DictConfig) -> None:
     if accelerator not in ACCELERATORS:
         raise ConfigError(f"trainer.accelerator must be one of {', '.join(ACCELERATORS)} (Lightning's "
                           f"others, e.g. tpu, need their own packages and hardware), got {accelerator!r}")
-    if accelerator == "mps":
+    if accelerator == "mps" or accelerator in GPU_ACCELERATORS:
         import torch
 
-        if not torch.backends.mps.is_available():
-            raise ConfigError("trainer.accelerator=mps, but torch finds no Apple GPU on this machine; train "
-                              "on the CPU with trainer=cpu (or trainer.accelerator=cpu)")
-    if accelerator in GPU_ACCELERATORS:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.accelerator={accelerator}, but torch finds no CUDA GPU on this "
-                              f"machine; train on the CPU with trainer=cpu (or trainer.accelerator=cpu)")
+        apple = accelerator == "mps"
+        if not (torch.backends.mps.is_available() if apple else torch.cuda.is_available()):
+            raise ConfigError(f"trainer.accelerator={accelerator}, but torch finds no "
+                              f"{'Apple' if apple else 'CUDA'} GPU on this machine; train on the CPU with "
+                              "trainer=cpu (or trainer.accelerator=cpu)")
 
 
 def check_loss(loss: DictConfig, task: str | None = None, num_classes: int | None = None) -> None:
