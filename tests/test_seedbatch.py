@@ -249,7 +249,6 @@ def test_stacked_model_applies_model_k_to_slice_k(layers):
         model(x[k]).sum().backward()
         for name, param in model.named_parameters():
             torch.testing.assert_close(dict(stacked.model.named_parameters())[name].grad[k], param.grad)
-        assert stacked.unstacked(k).keys() == model.state_dict().keys()
 
 
 @pytest.mark.parametrize(("overrides", "fragment"), [

@@ -53,13 +53,10 @@ def report_command(args: argparse.Namespace) -> int:
         request = Request.parse(args.metrics, args.format, args.dedupe)
         report = write_report(args.sweep_dir, baseline=args.baseline, request=request, out=args.out,
                               overwrite=args.overwrite)
-    except ReportWriteError as error:
-        errors.print(f"[red]xentlab report:[/] {escape(one_line(str(error)))}", soft_wrap=True)
-        return 1
-    except ValueError as error:
+    except (ReportWriteError, ValueError) as error:
         # Not wrapped at the terminal width: the message holds a path to copy.
         errors.print(f"[red]xentlab report:[/] {escape(one_line(str(error)))}", soft_wrap=True)
-        return 2
+        return 1 if isinstance(error, ReportWriteError) else 2
     if not report.complete and not args.allow_partial:
         errors.print("[red]xentlab report:[/] the sweep is incomplete (failed, unreadable, unfinished or "
                      "never-started jobs above); exit status 1 (--allow-partial: 0)", soft_wrap=True)

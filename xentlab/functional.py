@@ -330,8 +330,10 @@ def _backend_for(backend: str, input: Tensor, target: Tensor):
     return module
 
 
-def _check_dense(name: str, value: Tensor) -> None:
-    """Sparse and meta tensors are refused up front, not deep inside a kernel."""
+def _check_tensor(name: str, value) -> None:
+    """A torch.Tensor, dense: sparse and meta tensors are refused up front, not deep inside a kernel."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}; convert it "
                         f"with .to_dense()")
@@ -339,18 +341,18 @@ def _check_dense(name: str, value: Tensor) -> None:
         raise TypeError(f"{name} is a meta tensor (a shape and dtype without data); a loss needs real values")
 
 
-def _check_constant(name: str, value: Tensor) -> None:
-    """weight, alpha, pos_weight and the transform's tensors are constants of the loss, as PyTorch treats
-    weight and pos_weight: one that requires grad is refused rather than silently given no gradient."""
+def _check_constant(name: str, value) -> None:
+    """A tensor (`_check_tensor`) that is a constant of the loss: weight, alpha, pos_weight and the
+    transform's tensors, as PyTorch treats weight and pos_weight; one that requires grad is refused rather
+    than silently given no gradient."""
+    _check_tensor(name, value)
     if value.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{name} requires grad, but xentlab's losses take it as a constant (PyTorch refuses "
                          f"a weight or pos_weight that requires grad too); pass {name}.detach()")
 
 
 def _check_float_input(input) -> None:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    _check_dense("input", input)
+    _check_tensor("input", input)
     if input.dtype not in FLOAT_DTYPES:
         raise TypeError(f"input dtype must be one of float16, bfloat16, float32, float64, got {input.dtype}")
 
@@ -404,7 +406,6 @@ def _class_values(name: str, value, n_classes: int, input: Tensor, nonnegative: 
             value = torch.as_tensor(value)
         except (TypeError, ValueError, RuntimeError) as err:
             raise TypeError(f"{name} must be a tensor or a sequence of numbers, got {value!r}") from err
-    _check_dense(name, value)
     _check_constant(name, value)
     if tuple(value.shape) != (n_classes,):
         raise ValueError(f"{name} must have shape (C,) = ({n_classes},), got {tuple(value.shape)}")
@@ -420,7 +421,6 @@ def _transform(transform, n_classes: int, input: Tensor):
     for name in ("scale", "bias", "margin"):
         value = getattr(transform, name)
         if isinstance(value, Tensor):
-            _check_dense(f"transform.{name}", value)
             _check_constant(f"transform.{name}", value)
             if tuple(value.shape) not in ((n_classes,), ()):
                 raise ValueError(f"transform.{name} must have shape (C,) = ({n_classes},), got "
@@ -436,9 +436,7 @@ def _transform(transform, n_classes: int, input: Tensor):
 def _softmax_target(target, input: Tensor, n_classes: int, ignore_index: int, allow_probs: bool) -> Tensor:
     """Validates class indices (shape of input without the class dim) or probabilities (input's shape/dtype)
     and returns them flattened like the input rows."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    _check_dense("target", target)
+    _check_tensor("target", target)
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
     dtype = target.dtype
@@ -472,9 +470,7 @@ def _probability_target(target: Tensor, input: Tensor, ignore_index: int) -> Ten
 def _binary_target(target, input: Tensor) -> Tensor:
     """Same shape as the input, values in [0, 1]; integer/bool multi-hot targets are converted to the input
     dtype."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    _check_dense("target", target)
+    _check_tensor("target", target)
     if target.shape != input.shape:
         raise ValueError(f"target shape {tuple(target.shape)} must equal input shape {tuple(input.shape)}")
     if target.device != input.device:
@@ -497,9 +493,6 @@ def _elementwise_weight(weight, input: Tensor) -> Tensor | None:
     """A weight broadcastable to the input, finite and >= 0, returned broadcastable to the (rows, K) view."""
     if weight is None:
         return None
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    _check_dense("weight", weight)
     _check_constant("weight", weight)
     try:
         shape = torch.broadcast_shapes(weight.shape, input.shape)
@@ -517,9 +510,6 @@ def _pos_weight(pos_weight, input: Tensor) -> Tensor | None:
     """One positive-class weight per entry of the input's last dimension (a scalar is repeated)."""
     if pos_weight is None:
         return None
-    if not isinstance(pos_weight, Tensor):
-        raise TypeError(f"pos_weight must be a torch.Tensor, got {type(pos_weight).__name__}")
-    _check_dense("pos_weight", pos_weight)
     _check_constant("pos_weight", pos_weight)
     n_labels = input.shape[-1] if input.dim() > 0 else 1
     if pos_weight.dim() > 1 or pos_weight.numel() not in (1, n_labels):

@@ -213,9 +213,6 @@ class LogitTransform:
         return z
 
 
-IDENTITY = LogitTransform()
-
-
 def is_nll(row_loss: RowLoss) -> bool:
     """Whether the row loss is -log p_y exactly (focal with gamma 0 and Poly-1 with epsilon 0 are, bit for
     bit), so a backend may run plain cross-entropy for it."""

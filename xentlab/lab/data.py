@@ -106,8 +106,6 @@ def image_splits(splits: dict, mean, std, augment: bool, crop_padding: int) -> t
     for key, value in (("mean", mean), ("std", std)):
         if len(value) != channels:
             raise ValueError(f"data.{key} needs one value per channel ({channels}), got {list(value)}")
-    if min(std) <= 0:
-        raise ValueError(f"data.std must be positive, got {list(std)}")
     transforms = {name: ImageTransform(list(mean), list(std), augment and name == "train", crop_padding)
                   for name in splits}
     return tensors, transforms

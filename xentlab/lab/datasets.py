@@ -486,8 +486,6 @@ def _check_eval_size(n_val: int, n_test: int, val_fraction: float, test_fraction
                          f"{source}); raise the fractions or the number of samples")
 
 
-
-
 def check_sampler(sampler: str, task: str) -> None:
     """Refuse an unknown `data.sampler`, or re-sampling by class for multilabel data."""
     if sampler not in SAMPLERS:
@@ -532,7 +530,6 @@ def check_settings(name: str | None = None, *, val_fraction: float = 0.2, test_f
         from xentlab.lab.sources import check_factory_params
 
         check_factory_params(_target_, {k: v for k, v in params.items() if k not in defaults})
-        given = defaults | params
     else:
         unknown = sorted(set(params) - set(defaults))
         if unknown:
@@ -540,15 +537,15 @@ def check_settings(name: str | None = None, *, val_fraction: float = 0.2, test_f
                             f"{', '.join(sorted(defaults))} (plus seed, val_fraction, test_fraction, "
                             "eval_split, sampler, batch_size, eval_batch_size"
                             f"{', label_noise' if task != 'multilabel' else ''})")
-        given = defaults | params
+    given = defaults | params
     if name == "table" and (isinstance(given.get("target"), (list, tuple)) and len(given["target"]) > 1
                             or given.get("label_separator") is not None):
         task = "multilabel"
-    if "imbalance_ratio" in given and given["imbalance_ratio"] is not None:
-        ratio = given["imbalance_ratio"]
+    ratio = given.get("imbalance_ratio")
+    if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
             raise ValueError(f"data.imbalance_ratio must be a number >= 1 (majority:minority), got {ratio!r}")
-        profile_shares(2, given["imbalance_ratio"], given.get("profile", "exponential"))
+        profile_shares(2, ratio, given.get("profile", "exponential"))
     if name in GIVEN_SPLITS and eval_split != GIVEN_SPLITS[name]:
         raise ValueError(f"dataset {name!r} comes with its own test split, so data.eval_split is "
                          f"{GIVEN_SPLITS[name]}, not {eval_split!r}")

@@ -15,8 +15,8 @@ from pytorch_lightning.loggers import Logger
 from xentlab.lab.module import BoardLogger
 
 LOGGERS = ("tensorboard", "csv", "wandb", "mlflow")
-# Lightning's loggers need these packages; the extra that brings them.
-PACKAGES = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+# Lightning's loggers that need a package of their own name, brought by xentlab's extra of that name.
+NEED_PACKAGE = ("wandb", "mlflow")
 
 
 class RunLogger(BoardLogger):
@@ -48,9 +48,7 @@ class RunLogger(BoardLogger):
             extra.finalize(status)
 
 
-
-def build_logger(settings: dict, run_dir: str | Path, params: dict | None = None,
-                 run_name: str | None = None) -> RunLogger:
+def build_logger(settings: dict, run_dir: str | Path, params: dict | None = None) -> RunLogger:
     """The run's logger: TensorBoard into `run_dir`, plus the `logger.name` logger (one of LOGGERS) with
     `settings`' other keys, given `params` (the run's flat settings) as its hyperparameters."""
     settings = dict(settings)
@@ -59,7 +57,7 @@ def build_logger(settings: dict, run_dir: str | Path, params: dict | None = None
     run_dir = Path(run_dir)
     if name == "tensorboard":
         return RunLogger(save_dir=str(run_dir), name="", version="", **settings)
-    extra = _extra_logger(name, settings, run_dir, params or {}, run_name or run_dir.name)
+    extra = _extra_logger(name, settings, run_dir, params or {}, run_dir.name)
     if name != "wandb":  # W&B got them as its run's config when it started
         extra.log_hyperparams(params or {})
     return RunLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False, extras=[extra])
@@ -71,9 +69,8 @@ def check_logger(name: str) -> None:
 
     if name not in LOGGERS:
         raise ValueError(f"logger={name} is not a logger; choose one of {', '.join(LOGGERS)}")
-    if name in PACKAGES and importlib.util.find_spec(PACKAGES[name][0]) is None:
-        extra = PACKAGES[name][1]
-        raise ImportError(f"logger={name} needs the optional extra: pip install 'xentlab[{extra}]'")
+    if name in NEED_PACKAGE and importlib.util.find_spec(name) is None:
+        raise ImportError(f"logger={name} needs the optional extra: pip install 'xentlab[{name}]'")
 
 
 def _extra_logger(name: str, settings: dict, run_dir: Path, params: dict, run_name: str) -> Logger:

@@ -371,28 +371,20 @@ class ClassifierModule(pl.LightningModule):
                 purge_from(writer, checkpoint["global_step"])
 
 
-SEED_AXIS_TO_SINGLE_RUN = (("losses.0.", "loss."),)
-
-
-def _with_prefixes_renamed(state: dict, renames: tuple[tuple[str, str], ...]) -> dict:
-    renamed = {}
-    for key, value in state.items():
-        for old, new in renames:
-            if key.startswith(old):
-                key = new + key.removeprefix(old)
-        renamed[key] = value
-    return renamed
+def _with_prefix_renamed(state: dict, old: str, new: str) -> dict:
+    return {new + key.removeprefix(old) if key.startswith(old) else key: value
+            for key, value in state.items()}
 
 
 def single_run_layout(state: dict) -> dict:
     """A one-seed module's state dict under a single run's names: `losses.0.x` as `loss.x` (the model's
     `model.x` is the same; metrics keep no state in checkpoints)."""
-    return _with_prefixes_renamed(state, SEED_AXIS_TO_SINGLE_RUN)
+    return _with_prefix_renamed(state, "losses.0.", "loss.")
 
 
 def seed_axis_layout(state: dict) -> dict:
     """The inverse of `single_run_layout`: a single run's checkpoint loaded into a one-seed module."""
-    return _with_prefixes_renamed(state, tuple((one, many) for many, one in SEED_AXIS_TO_SINGLE_RUN))
+    return _with_prefix_renamed(state, "loss.", "losses.0.")
 
 
 def posthoc_metrics(val: tuple[torch.Tensor, torch.Tensor] | None, logits: torch.Tensor, target: torch.Tensor,
@@ -477,12 +469,8 @@ def write_hparams(writer, run_params: dict, final: dict[str, float], step: int,
 def hparam_values(params: dict) -> dict:
     """Config values as the HParams plugin takes them: numbers, strings and booleans as they are,
     None as "None" (so the column shows it), anything else as its string."""
-    def plain(value):
-        if value is None:
-            return "None"
-        return value if isinstance(value, (bool, int, float, str)) else str(value)
-
-    return {key: plain(value) for key, value in params.items()}
+    return {key: value if isinstance(value, (bool, int, float, str)) else str(value)
+            for key, value in params.items()}
 
 
 def session_hparams(params: dict, overrides: Sequence[str] = (), varied: Sequence[str] | None = None) -> dict:

@@ -64,7 +64,7 @@ from xentlab.lab.schedules import build_scheduler
 from xentlab.lab.selection import SELECTED_EPOCH, BestEpoch, best_epoch_callback, restore_best, seed_part
 from xentlab.lab.slurm import lightning_plugins
 from xentlab.lab.stacking import StackedData, check_optimizer, stack_data, stack_models, stacking_problem
-from xentlab.lab.validation import ConfigError, flatten
+from xentlab.lab.validation import ConfigError, check_seeds, flatten
 from xentlab.losses import build_loss
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,6 @@ class Seed:
     dir: Path
     cfg: DictConfig
     overrides: list[str]
-
-
-def check_seeds(seeds) -> int:
-    """`seeds` as a positive int, else a ConfigError (a ValueError) naming the value."""
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ConfigError(f"seeds (how many seeds to train together: seed, seed+1, ...) must be an integer "
-                         f">= 1, got {seeds!r}")
-    return seeds
 
 
 def plan_seeds(cfg: DictConfig, output_dir: str | Path, overrides=()) -> list[Seed]:

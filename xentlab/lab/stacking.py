@@ -89,10 +89,6 @@ class StackedModel(nn.Module):
             return x
         return self._forward(dict(self.model.named_parameters()), dict(self.model.named_buffers()), x)
 
-    def unstacked(self, k: int) -> dict[str, torch.Tensor]:
-        """Model k's state dict, as the single model's `state_dict()` would hold it."""
-        return {name: value[k] for name, value in self.model.state_dict().items()}
-
 
 def stacking_problem(model: nn.Module, x: torch.Tensor) -> str | None:
     """Why copies of `model` cannot train as one `StackedModel`, or None when they can: two copies run

@@ -200,7 +200,6 @@ def job_line(hydra_cfg: DictConfig, text: str, seconds: float) -> str:
     return f"[{number}] {name} {text} ({seconds:.1f} s)"
 
 
-
 def sweep_keys() -> list[str] | None:
     """The keys the running multirun varies (set by SweepProgress), None outside one."""
     return json.loads(os.environ.get(SWEEP_ENV, "{}")).get("keys")

@@ -44,10 +44,6 @@ def _at_least(low: int, *, none_ok: bool = False):
     return lambda value: (none_ok and value is None) or (_integer(value) and value >= low)
 
 
-def _boolean(*, none_ok: bool = False):
-    return lambda value: isinstance(value, bool) or (none_ok and value is None)
-
-
 def _batches(value) -> bool:
     """A `limit_*_batches` value: a count of batches or a fraction of them."""
     return value is None or (_integer(value) and value >= 0) \
@@ -96,7 +92,7 @@ TRAINER_VALUES = {
     "fast_dev_run": (lambda v: isinstance(v, bool) or _at_least(0)(v), "true, false or a number of batches"),
     **{f"limit_{stage}_batches": (_batches, "a number of batches (an integer >= 0), a fraction in [0, 1] "
                                             "or null") for stage in ("train", "val", "test", "predict")},
-    **{key: (_boolean(none_ok=True), "true, false or null") for key in (
+    **{key: (lambda v: v is None or isinstance(v, bool), "true, false or null") for key in (
         "enable_checkpointing", "enable_progress_bar", "enable_model_summary", "benchmark", "inference_mode",
         "detect_anomaly", "barebones", "sync_batchnorm", "use_distributed_sampler")},
 }
@@ -370,18 +366,14 @@ def check_trainer(trainer: DictConfig) -> None:
     if accelerator not in ACCELERATORS:
         raise ConfigError(f"trainer.accelerator must be one of {', '.join(ACCELERATORS)} (Lightning's "
                           f"others, e.g. tpu, need their own packages and hardware), got {accelerator!r}")
-    if accelerator == "mps":
+    if accelerator == "mps" or accelerator in GPU_ACCELERATORS:
         import torch
 
-        if not torch.backends.mps.is_available():
-            raise ConfigError("trainer.accelerator=mps, but torch finds no Apple GPU on this machine; train "
-                              "on the CPU with trainer=cpu (or trainer.accelerator=cpu)")
-    if accelerator in GPU_ACCELERATORS:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.accelerator={accelerator}, but torch finds no CUDA GPU on this "
-                              f"machine; train on the CPU with trainer=cpu (or trainer.accelerator=cpu)")
+        apple = accelerator == "mps"
+        if not (torch.backends.mps.is_available() if apple else torch.cuda.is_available()):
+            raise ConfigError(f"trainer.accelerator={accelerator}, but torch finds no "
+                              f"{'Apple' if apple else 'CUDA'} GPU on this machine; train on the CPU with "
+                              "trainer=cpu (or trainer.accelerator=cpu)")
 
 
 def check_loss(loss: DictConfig, task: str | None = None, num_classes: int | None = None) -> None:
@@ -424,13 +416,10 @@ def loss_source(params: dict) -> str:
     from xentlab.losses.registry import BUILTIN
 
     for entry in list_losses():
-        if entry.name == params.get("name") or _qualified(entry.cls) == params.get("_target_"):
+        qualified = f"{entry.cls.__module__}.{entry.cls.__qualname__}"
+        if entry.name == params.get("name") or qualified == params.get("_target_"):
             return "" if entry.source == BUILTIN else f" (plugin {entry.source})"
     return ""
-
-
-def _qualified(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def check_optimizer_arguments(optimizer: DictConfig) -> None:

@@ -306,7 +306,8 @@ def class_vector(name: str, value, beta: float, class_counts: Tensor | None) -> 
         if value not in weights.METHODS:
             raise ValueError(f"{name} must be a list of per-class values or one of {_weights_rules()}, "
                              f"got {value!r}")
-        return weights.class_weights(_needs_counts(name, value, class_counts), value, beta=beta)
+        counts = _counts_for(f"{name}={value!r}", class_counts, " or give explicit values")
+        return weights.class_weights(counts, value, beta=beta)
     return _float_vector(name, value)
 
 
@@ -317,7 +318,7 @@ def _pos_weight(value, class_counts: Tensor | None, num_examples: int | None) ->
         if value not in POS_WEIGHT_RULES:
             raise ValueError(f"pos_weight must be a list of per-label values or one of {POS_WEIGHT_RULES}, "
                              f"got {value!r}")
-        counts = _needs_counts("pos_weight", value, class_counts)
+        counts = _counts_for(f"pos_weight={value!r}", class_counts, " or give explicit values")
         if num_examples is None:
             raise ValueError(f"pos_weight={value!r} needs num_examples, the training split's size, next to "
                              f"its class counts (build the loss with build_loss or xentlab-train)")
@@ -325,18 +326,11 @@ def _pos_weight(value, class_counts: Tensor | None, num_examples: int | None) ->
     return _float_vector("pos_weight", value)
 
 
-def _needs_counts(name: str, rule: str, class_counts: Tensor | None) -> Tensor:
+def _counts_for(what: str, class_counts: Tensor | None, alternative: str = "") -> Tensor:
+    """The class counts `what` (a loss, or a setting such as `alpha='inverse_frequency'`) is derived from."""
     if class_counts is None:
-        raise ValueError(f"{name}={rule!r} is derived from the training split's class counts, which were "
-                         f"not given; pass them as class_counts (build_loss and xentlab-train do) or give "
-                         f"explicit values")
-    return torch.as_tensor(class_counts)
-
-
-def _counts_for(loss: str, class_counts: Tensor | None) -> Tensor:
-    if class_counts is None:
-        raise ValueError(f"{loss} is derived from the training split's class counts, which were not given; "
-                         f"pass them as class_counts (build_loss and xentlab-train do)")
+        raise ValueError(f"{what} is derived from the training split's class counts, which were not given; "
+                         f"pass them as class_counts (build_loss and xentlab-train do){alternative}")
     return torch.as_tensor(class_counts)
 
 

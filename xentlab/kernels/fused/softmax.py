@@ -111,7 +111,6 @@ class _SoftmaxIndex:
     row_loss: spec.RowLoss
     transform: spec.LogitTransform | None
     elementwise = False
-    nan_when_weightless = True  # kept rows whose weights sum to 0 get PyTorch's NaN `mean` gradient
 
     @property
     def slots(self) -> int:
@@ -209,8 +208,6 @@ def checks_targets(input: Tensor) -> bool:
     return sizes.is_one_shot(input)
 
 
-
-
 def _small_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):
     """(Weighted, label-smoothed) cross-entropy at training shapes is PyTorch's own op, log_softmax + nll_loss
     with native autograd nodes: at 128 x 5 a whole forward and backward costs about thirty microseconds,
@@ -246,7 +243,6 @@ def _row_loss_by_autograd(input, target, row_loss, weight, transform, ignore_ind
     if reduction != "none":
         loss = loss.sum() if reduction == "sum" else loss.sum() / w_y.sum()
     return reduced(loss, input.dtype)
-
 
 
 class _SmallSoftmax(torch.autograd.Function):
@@ -337,7 +333,6 @@ class _SoftmaxProbs:
             p = logp.exp_()
             p.mul_(wt.sum(1, keepdim=True) * s).addcmul_(wt, s, value=-1)
         return loss
-
 
 
 def cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing):

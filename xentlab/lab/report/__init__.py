@@ -87,7 +87,6 @@ class Report:
     problems: list
     pending: list
     unstarted: list
-    grid_note: str
     baseline: dict
     convergence: Convergence | None = None
     files: list = field(default_factory=list)
@@ -146,11 +145,10 @@ def build_report(sweep_dir: str | Path, baseline: str | None = None,
     skipped = list(dict.fromkeys(folder.skipped + [f"{relative(p.path, sweep_dir)}: {p.problem}"
                                                    for p in plans if p.problem]))
     problems = [run for run in runs if run.status != "completed"]
-    note = "; ".join(p.note for p in plans if p.note) or ("" if plans else "no multirun.yaml")
     comparisons = compare(groups, metrics, spec, sweep_margins(plans))
     trained = [g for g in groups if g.derived is None]
-    return Report(sweep_dir, groups, comparisons, metrics, problems, pending, unstarted,
-                  note, spec, convergence(trained, spec), request=request,
+    return Report(sweep_dir, groups, comparisons, metrics, problems, pending, unstarted, spec,
+                  convergence(trained, spec), request=request,
                   sweeps=[p.sweep_dir for p in plans], plans=plans, skipped=skipped, dropped=dropped,
                   tables=rank_tables(groups, metrics))
 

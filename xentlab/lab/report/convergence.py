@@ -56,17 +56,6 @@ class Convergence:
                          f"on {d.n} seed(s) ({d.test} p = {d.p:.2g}{adjusted})")
         return texts
 
-    def markdown(self) -> list[str]:
-        lines = ["## Convergence", "", self.header() + ".", ""]
-        if any(g.context for g, _, _ in self.rows):
-            lines += ["| context | group | epochs to threshold | epochs run |", "|---|---|---|---|"]
-            lines += [f"| {g.context} | {g.label} | {s.text(1)} | {n} |" for g, s, n in self.rows]
-        else:
-            lines += ["| group | epochs to threshold | epochs run |", "|---|---|---|"]
-            lines += [f"| {g.label} | {s.text(1)} | {n} |" for g, s, n in self.rows]
-        texts = self.comparison_text()
-        return lines + ([""] + [f"- {t}" for t in texts] if texts else [])
-
 
 def convergence(groups: list, baseline: dict) -> Convergence | None:
     """Epochs-to-threshold per group from the runs' event files; None when no run logged ≥ 2 epochs."""

@@ -82,11 +82,6 @@ class Summary:
     std: float
     n: int
 
-    @property
-    def half_width(self) -> float:
-        """The unclipped t half-width t_{0.975, n-1} · s / √n (NaN for fewer than two values)."""
-        return t_half_width(self.std, self.n)
-
     def text(self, digits: int = 3) -> str:
         """`mean [low, high]`; one value alone, or values all equal, say so instead of an empty interval."""
         if self.n == 0:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import math
 import os
 import shlex
@@ -22,7 +21,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xentlab.lab.board import board_tag
+from xentlab.lab.board import board_tag, read_scalars
 
 # Same name as xentlab.lab.runs.METRICS_FILE; not imported from there, which would pull OmegaConf in.
 METRICS_FILE = "metrics.json"
@@ -321,13 +320,12 @@ def duplicates(runs: list[Run]) -> list[list[Run]]:
 
 @dataclass
 class Plan:
-    """One sweep's `multirun.yaml`: its planned grid (None when there is none to check), a note on why
-    not (`problem` when the file broke a bound or had the wrong shape), its `report.baseline` and the
-    command that launched it."""
+    """One sweep's `multirun.yaml`: its planned grid (None when there is none to check: another sweeper
+    than the basic one, or a `problem` when the file broke a bound or had the wrong shape), its
+    `report.baseline` and the command that launched it."""
 
     path: Path
     jobs: list | None
-    note: str = ""
     baseline: str | None = None
     command: str | None = None
     problem: str = ""
@@ -361,19 +359,19 @@ def read_plan(file: Path) -> Plan:
         command = shlex.join(["xentlab-train", "-m", *task])
     sweeper = hydra.get("sweeper") if isinstance(hydra.get("sweeper"), dict) else {}
     target = str(sweeper.get("_target_", ""))
-    if not target.endswith("BasicSweeper"):
-        return Plan(file, None, f"sweeper {target or 'unknown'} has no fixed grid", baseline, command)
+    if not target.endswith("BasicSweeper"):  # Optuna and the like have no fixed grid to check
+        return Plan(file, None, baseline, command)
     params = sweeper.get("params") or {}
     if not isinstance(params, dict) or command is None:
-        return Plan(file, None, "", baseline, command,
+        return Plan(file, None, baseline, command,
                     "hydra.sweeper.params or hydra.overrides.task has the wrong type; planned grid not read")
     try:
-        return Plan(file, expand_grid([f"{k}={v}" for k, v in params.items()] + list(task)), "", baseline,
+        return Plan(file, expand_grid([f"{k}={v}" for k, v in params.items()] + list(task)), baseline,
                     command)
     except Untrusted as error:
-        return Plan(file, None, "", baseline, command, f"planned grid not expanded: {error}")
+        return Plan(file, None, baseline, command, f"planned grid not expanded: {error}")
     except Exception as error:  # noqa: BLE001 - any bad content is reported, never raised
-        return Plan(file, None, "", baseline, command, f"planned grid not expanded: {type(error).__name__}: "
+        return Plan(file, None, baseline, command, f"planned grid not expanded: {type(error).__name__}: "
                     f"{one_line(str(error))}")
 
 
@@ -441,30 +439,12 @@ def never_started(planned: list[dict[str, str]], started: list[dict[str, str]]) 
 
 def read_curve(job_dir: Path, tag: str) -> list[float]:
     """A run's per-validation-epoch values of the scalar `tag` from the TensorBoard event files in its
-    folder, read with TensorBoard's own EventAccumulator; [] when there are none, or when an event file is
-    not one the report reads (`scan` lists those).
-
-    Steps logged twice (a resumed run rewrites the epoch it was interrupted in) keep the last value.
-    """
+    folder (`xentlab.lab.board.read_scalars`: a step logged twice keeps its last value); [] when there are
+    none, or when an event file is not one the report reads (`scan` lists those)."""
     files = list(job_dir.glob(EVENTS_PREFIX + "*"))
     if not files or any(unreadable_file(file, MAX_EVENTS_BYTES) for file in files):
         return []
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    # Its directory watcher logs every file switch at INFO, which Hydra's logging would print per run.
-    logging.getLogger("tensorboard").setLevel(logging.WARNING)
-    # Only scalars are kept in memory; images, histograms and PR curves are skipped while reading.
-    guidance = {"scalars": 0, "images": 1, "histograms": 1, "tensors": 1, "audio": 1,
-                "compressedHistograms": 1}
-    accumulator = EventAccumulator(str(job_dir), size_guidance=guidance)
-    try:
-        accumulator.Reload()
-    except Exception:  # noqa: BLE001 - a truncated or foreign event file means no curve, not a crash
-        return []
+    scalars = read_scalars(job_dir)
     # xentlab's TensorBoard tag of the name (`val/x` is `1_val/x`), or the plain name in older runs.
-    scalars = accumulator.Tags().get("scalars", [])
-    tag = next((t for t in (board_tag(tag), tag) if t in scalars), None)
-    if tag is None:
-        return []
-    by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
-    return [float(by_step[step]) for step in sorted(by_step)]
+    by_step = scalars.get(board_tag(tag), scalars.get(tag, {}))
+    return [by_step[step] for step in sorted(by_step)]
