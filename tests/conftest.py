@@ -11,6 +11,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One intra-op thread in the test process, as xentlab-train gives one job and xentlab.testing its toy
+# tensors: the tests' tensors are tiny, and a second thread only adds a hand-off to every op, which on two
+# busy cores grows to milliseconds (gradgradcheck of a 6x5 input ~6x slower). Runs the tests start as
+# processes choose their own threads, as they do for users.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(params=["tiny-chunks", "one-shot", "default-chunks"])
 def chunking(request, monkeypatch):

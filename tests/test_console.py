@@ -51,30 +51,38 @@ def assert_one_line_refusal(result: subprocess.CompletedProcess, fragment: str, 
     assert [p for p in tmp_path.glob("outputs/*/*") if p.is_dir()] == []
 
 
-@pytest.mark.parametrize(
-    ("overrides", "fragment", "loaded"),
-    [
-        # Settings a look at the config decides: no torch, no Lightning, no scikit-learn.
-        (["data.imbalance_ratio=0"], "data.imbalance_ratio must be >= 1", []),
-        (["data.imbalance_ratio=abc"], "data.imbalance_ratio must be a number", []),
-        (["seed=abc"], "seed must be an integer, got 'abc'", []),
-        (["data.name=imagenet"], "unknown dataset 'imagenet'; choose one of", []),
-        (["data=moons", "+data.n_classes=3"], "dataset 'moons' has no parameter(s) n_classes", []),
-        (["data.sampler=often"], "data.sampler must be one of instance", []),
-        (["data.batch_size=0"], "data.batch_size must be a positive integer, got 0", []),
-        (["seeds=2", "data.imbalance_ratio=0"], "data.imbalance_ratio must be >= 1", []),
-        # The loss is checked by building it (torch), for the dataset's task, still without Lightning.
-        (["data=multilabel"], "loss 'ce' does not support multilabel data", ["torch"]),
-        (["loss=focal", "loss.gamma=-1"], "loss 'focal': gamma", ["torch"]),
-        (["seeds=2", "data=multilabel"], "loss 'ce' does not support multilabel data", ["torch"]),
-        # Found once Lightning configured the optimizer, with a traceback and exit status 1, before.
-        (["optimizer.lr=-1"], "optimizer.lr must be a finite number > 0", ["torch"]),
-    ],
-)
-def test_a_setting_wrong_whatever_the_data_is_refused_before_lightning(tmp_path, overrides, fragment, loaded):
-    result, imported = watched(tmp_path, *overrides)
-    assert_one_line_refusal(result, fragment, tmp_path)
-    assert imported == loaded
+WRONG_WHATEVER_THE_DATA = [
+    # Settings a look at the config decides: no torch, no Lightning, no scikit-learn.
+    (["data.imbalance_ratio=0"], "data.imbalance_ratio must be >= 1", []),
+    (["data.imbalance_ratio=abc"], "data.imbalance_ratio must be a number", []),
+    (["seed=abc"], "seed must be an integer, got 'abc'", []),
+    (["data.name=imagenet"], "unknown dataset 'imagenet'; choose one of", []),
+    (["data=moons", "+data.n_classes=3"], "dataset 'moons' has no parameter(s) n_classes", []),
+    (["data.sampler=often"], "data.sampler must be one of instance", []),
+    (["data.batch_size=0"], "data.batch_size must be a positive integer, got 0", []),
+    (["seeds=2", "data.imbalance_ratio=0"], "data.imbalance_ratio must be >= 1", []),
+    # The loss is checked by building it (torch), for the dataset's task, still without Lightning.
+    (["data=multilabel"], "loss 'ce' does not support multilabel data", ["torch"]),
+    (["loss=focal", "loss.gamma=-1"], "loss 'focal': gamma", ["torch"]),
+    (["seeds=2", "data=multilabel"], "loss 'ce' does not support multilabel data", ["torch"]),
+    # Found once Lightning configured the optimizer, with a traceback and exit status 1, before.
+    (["optimizer.lr=-1"], "optimizer.lr must be a finite number > 0", ["torch"]),
+]
+
+
+@pytest.fixture(scope="module")
+def wrong_whatever_the_data(tmp_path_factory) -> dict[tuple[str, ...], dict]:
+    """Each case of WRONG_WHATEVER_THE_DATA run once, in children forked from one process that has imported
+    xentlab.train and nothing heavy, so each child imports what its own check needs."""
+    return forked_runs(tmp_path_factory.mktemp("wrong"), [o for o, _, _ in WRONG_WHATEVER_THE_DATA], False)
+
+
+@pytest.mark.parametrize(("overrides", "fragment", "loaded"), WRONG_WHATEVER_THE_DATA)
+def test_a_setting_wrong_whatever_the_data_is_refused_before_lightning(wrong_whatever_the_data, overrides,
+                                                                       fragment, loaded):
+    run = wrong_whatever_the_data[tuple(overrides)]
+    assert_one_line_refusal(run["result"], fragment, run["folder"])
+    assert run["heavy"] == loaded
 
 
 # Every bad setting of the audit that once gave a traceback, a late refusal or exit 0. Lightning's trainer
@@ -115,48 +123,72 @@ WITH_TORCH = [
     (["ckpt_path=last"], "ckpt_path=last: nothing to resume in"),
 ]
 
-# Runs main() once per case, each in a child forked from this process after the imports the cases share
-# (with torch: the loss and metric code too), and writes the case's stdout, stderr, exit status and
-# the heavy packages imported by then into <folder>/<n>.json: one start-up for many refusals.
+# Runs main() once per argument list, each in a child forked from this process after the imports the runs
+# share (with torch: the loss and metric code too), with the child's stdout and stderr (file descriptors 1
+# and 2, whatever writes to them) in <folder>/<n>.stdout and .stderr and its exit status and the heavy
+# packages imported by then in <folder>/<n>.json: one start-up for many refusals.
 FORKING = f"""
-import contextlib, io, json, os, sys
-folder, cases, with_torch = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "torch"
+import json, os, sys, traceback
+folder, runs, with_torch = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "torch"
 if with_torch:
     __import__("torch").set_num_threads(1)  # a forked child must not wait on its parent's thread pool
     import xentlab.lab.metrics, xentlab.losses
 from xentlab.train import main
-for number, overrides in enumerate(cases):
+for number, overrides in enumerate(runs):
+    sys.stdout.flush()
+    sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         os.chdir(os.path.join(folder, str(number)))
-        out, err, code = io.StringIO(), io.StringIO(), 0
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            sys.argv = ["xentlab-train", *overrides]
-            try:
-                main()
-            except SystemExit as stop:
-                code = stop.code
+        for fd, stream in ((1, "stdout"), (2, "stderr")):
+            os.dup2(os.open(os.path.join(folder, f"{{number}}.{{stream}}"), os.O_WRONLY | os.O_CREAT), fd)
+        sys.argv = ["xentlab-train", *overrides]
+        code = 0
+        try:
+            main()
+        except SystemExit as stop:  # as the interpreter exits on it
+            code = stop.code
+            if code is None:
+                code = 0
+            elif not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
         heavy = [m for m in {HEAVY!r} if m in sys.modules]
         with open(os.path.join(folder, f"{{number}}.json"), "w") as file:
-            json.dump({{"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "heavy": heavy}},
-                      file)
+            json.dump({{"code": code, "heavy": heavy}}, file)
         os._exit(0)
     os.waitpid(pid, 0)
 """
 
 
-def refused_in_forks(folder: Path, cases: list[tuple[list[str], str]], with_torch: bool) -> list[dict]:
-    for number in range(len(cases)):
+def forked_runs(folder: Path, runs: list[list[str]], with_torch: bool) -> dict[tuple[str, ...], dict]:
+    """{overrides: {"result": a CompletedProcess, "heavy": the heavy packages it imported, "folder": its
+    working folder}} of each run of xentlab-train's main() with `overrides`, in children forked from one
+    process (FORKING)."""
+    for number in range(len(runs)):
         (folder / str(number)).mkdir(parents=True)
-    subprocess.run([sys.executable, "-c", FORKING, str(folder), json.dumps([o for o, _ in cases]),
+    subprocess.run([sys.executable, "-c", FORKING, str(folder), json.dumps(runs),
                     "torch" if with_torch else "plain"], env=environment(), check=True, timeout=300)
-    results = []
-    for number, (overrides, fragment) in enumerate(cases):
-        result = json.loads((folder / f"{number}.json").read_text())
-        completed = subprocess.CompletedProcess(overrides, result["code"], result["stdout"], result["stderr"])
-        assert_one_line_refusal(completed, fragment, folder / str(number))
-        results.append(result)
-    return results
+    found = {}
+    for number, overrides in enumerate(runs):
+        ended = json.loads((folder / f"{number}.json").read_text())
+        stdout, stderr = ((folder / f"{number}.{stream}").read_text() for stream in ("stdout", "stderr"))
+        result = subprocess.CompletedProcess(overrides, ended["code"], stdout, stderr)
+        found[tuple(overrides)] = {"result": result, "heavy": ended["heavy"], "folder": folder / str(number)}
+    return found
+
+
+def refused_in_forks(folder: Path, cases: list[tuple[list[str], str]], with_torch: bool) -> list[dict]:
+    runs = forked_runs(folder, [overrides for overrides, _ in cases], with_torch)
+    for overrides, fragment in cases:
+        run = runs[tuple(overrides)]
+        assert_one_line_refusal(run["result"], fragment, run["folder"])
+    return [runs[tuple(overrides)] for overrides, _ in cases]
 
 
 def test_every_bad_setting_is_one_line_before_lightning(tmp_path):
@@ -181,24 +213,31 @@ def test_a_missing_gpu_is_refused_before_lightning(tmp_path):
     assert "pytorch_lightning" not in imported and "lightning" not in imported
 
 
-@pytest.mark.parametrize(
-    ("overrides", "fragment"),
-    [
-        # digits has 174 samples of its rarest digit: ratio 200 leaves the tail class none. A bundled
-        # dataset cannot be given more samples: the advice names what can change.
-        (["data=digits", "data.imbalance_ratio=200"],
-         "leaves class 9 with 0 samples, fewer than data.min_class_samples=10; lower the ratio or "
-         "data.min_class_samples (this dataset has no more samples)"),
-        (["data=digits", "data.imbalance_ratio=200", "seeds=2"], "leaves class 9 with 0 samples"),
-        # The data is built, the model refused: no class-count table before the refusal.
-        (["model.hidden_sizes=abc"], "model.hidden_sizes must be a list of positive integers"),
-    ],
-)
-def test_a_setting_refused_while_building_is_one_line_without_a_run_folder(tmp_path, overrides, fragment):
-    # Only the data (or the data's shape) can tell: these checks may import what building needs, and
-    # their refusal looks like any other.
-    result, _ = watched(tmp_path, *overrides)
-    assert_one_line_refusal(result, fragment, tmp_path)
+# Only the data (or the data's shape) can tell: these checks may import what building needs, and their refusal
+# looks like any other.
+REFUSED_WHILE_BUILDING = [
+    # digits has 174 samples of its rarest digit: ratio 200 leaves the tail class none. A bundled
+    # dataset cannot be given more samples: the advice names what can change.
+    (["data=digits", "data.imbalance_ratio=200"],
+     "leaves class 9 with 0 samples, fewer than data.min_class_samples=10; lower the ratio or "
+     "data.min_class_samples (this dataset has no more samples)"),
+    (["data=digits", "data.imbalance_ratio=200", "seeds=2"], "leaves class 9 with 0 samples"),
+    # The data is built, the model refused: no class-count table before the refusal.
+    (["model.hidden_sizes=abc"], "model.hidden_sizes must be a list of positive integers"),
+]
+
+
+@pytest.fixture(scope="module")
+def refused_while_building(tmp_path_factory) -> dict[tuple[str, ...], dict]:
+    """Each case of REFUSED_WHILE_BUILDING run once, in children forked from one process with torch."""
+    return forked_runs(tmp_path_factory.mktemp("building"), [o for o, _ in REFUSED_WHILE_BUILDING], True)
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), REFUSED_WHILE_BUILDING)
+def test_a_setting_refused_while_building_is_one_line_without_a_run_folder(refused_while_building, overrides,
+                                                                           fragment):
+    run = refused_while_building[tuple(overrides)]
+    assert_one_line_refusal(run["result"], fragment, run["folder"])
 
 
 def run_in_terminal(args: list[str], cwd: Path) -> tuple[int, str]:

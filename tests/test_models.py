@@ -105,17 +105,7 @@ def test_resnet32_is_the_papers_network():
         build_model("resnet32", in_features=20, num_outputs=3)
 
 
-@pytest.fixture
-def one_thread():
-    """torch's intra-op threads at 1, as xentlab-train sets them for one job: a second thread on two busy
-    cores makes a ResNet step ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_resnet32_takes_a_training_step(one_thread):
+def test_resnet32_takes_a_training_step():
     torch.manual_seed(0)
     model = build_model("resnet32", input_shape=(3, 32, 32), num_outputs=10)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -140,7 +130,7 @@ def compose_run(overrides):
         return compose(config_name="config", overrides=overrides)
 
 
-def test_resnet32_trains_an_epoch_on_fake_cifar10_lt(fake_cifar, tmp_path, one_thread):
+def test_resnet32_trains_an_epoch_on_fake_cifar10_lt(fake_cifar, tmp_path):
     cfg = compose_run(["data=cifar10_lt", f"data.root={fake_cifar}", "data.imbalance_ratio=100",
                        "model=resnet32", "optimizer=sgd", "trainer.max_epochs=1",
                        "trainer.log_every_n_steps=1"])
@@ -272,8 +262,7 @@ def test_a_target_on_a_built_in_group_points_to_the_custom_one(nets_module, grou
             check_data(cfg.data)
 
 
-def test_timm_models_are_wired_and_a_missing_timm_is_named(nets_module, fake_cifar, monkeypatch, tmp_path,
-                                                           one_thread):
+def test_timm_models_are_wired_and_a_missing_timm_is_named(nets_module, fake_cifar, monkeypatch, tmp_path):
     import sys
 
     # timm itself needs torchvision, which cannot sit beside this torch build: a stand-in on sys.path
